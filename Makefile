@@ -1,0 +1,41 @@
+# mailshim: `make demo` and `make test` do everything on a fresh machine.
+PYTHON ?= $(shell command -v /usr/bin/python3 || command -v python3)
+VENV ?= .venv
+BIN = $(VENV)/bin
+VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.PHONY: venv demo test lint typecheck unit compat bench clean
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,sink,dev]'
+	touch $@
+
+demo: venv
+	bash scripts/demo.sh
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: venv
+	$(BIN)/mypy src
+
+unit: venv
+	$(BIN)/pytest
+
+test: lint typecheck unit
+
+compat: venv
+	bash tests/compat/run-bookworm.sh
+
+bench: venv
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+-include mk/packaging.mk

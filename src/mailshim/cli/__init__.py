@@ -1,0 +1,1 @@
+"""Command-line front ends: the only code that calls sys.exit."""

@@ -1,0 +1,548 @@
+"""Find, read and validate the configuration; the result is a plain, read-only ``Config``.
+
+Lookup order: ``-C FILE``, ``$MAILSHIM_CONFIG``, the per-user file (when it exists),
+``/etc/mailshim/config.toml``, built-in defaults. Only the first file found is read: files
+are not merged, so what ``mailshim config`` shows is the whole story.
+
+Parsing TOML costs more than the rest of ``sendmail`` start-up (``tomllib`` pulls in ``re``,
+``typing`` and ``datetime``), so the parsed table is cached with ``marshal`` in the caller's
+cache folder, keyed on the file's identity (device, inode, size, mtime, ctime). The cache is
+only trusted when it and its folder belong to the caller (or root) and nobody else can write
+them; the table read from it is validated again like a freshly parsed one.
+
+Trust: runs as every user. The file named by ``-C`` or ``$MAILSHIM_CONFIG`` is the caller's
+choice and only affects the caller's own submission; the secret named by ``password_file`` is
+refused when others can read it.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+import sys
+from mailshim import paths
+from mailshim.errors import ConfigError, NoPermError
+
+# typing costs ~8 ms at start-up; mypy treats this name like typing.TYPE_CHECKING.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Table = dict[str, object]
+
+DEFAULT_RETRY = (60, 300, 900, 1800, 3600, 7200)
+TLS_MODES = ("none", "starttls", "tls")
+PROTOCOLS = ("smtp", "lmtp")
+FROM_MODES = ("add", "rewrite-local", "force")
+DELIVERY_MODES = ("background", "interactive", "queue")
+_CACHE_VERSION = 1
+
+
+class RelayConfig:
+    """One listener to hand messages to."""
+
+    __slots__ = (
+        "ca_file",
+        "helo",
+        "host",
+        "name",
+        "password_file",
+        "port",
+        "protocol",
+        "retry_after_failure",
+        "socket",
+        "timeout",
+        "tls",
+        "username",
+        "verify",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.host: str | None = "127.0.0.1"
+        self.port = 10025
+        self.socket: str | None = None
+        self.tls = "none"
+        self.verify = True
+        self.ca_file: str | None = None
+        self.username: str | None = None
+        self.password_file: str | None = None
+        self.timeout = 30.0
+        self.helo: str | None = None
+        self.protocol = "smtp"
+        self.retry_after_failure = 30.0
+
+    def password(self) -> str | None:
+        """Read the AUTH secret, refusing a file that group or others can read."""
+        if self.password_file is None:
+            return None
+        try:
+            fd = os.open(self.password_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+        except OSError as exc:
+            raise ConfigError(
+                f"[{self.name}] password_file {self.password_file}: {exc.strerror}"
+            ) from None
+        try:
+            st = os.fstat(fd)
+            if st.st_mode & 0o077:
+                raise NoPermError(
+                    f"[{self.name}] password_file {self.password_file} is readable by others "
+                    f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 it"
+                )
+            data = os.read(fd, 65536)
+        finally:
+            os.close(fd)
+        return data.decode("utf-8", "replace").strip("\r\n")
+
+    def describe(self) -> str:
+        if self.socket:
+            return f"{self.name}[{self.socket}]"
+        return f"{self.name}[{self.host}]:{self.port}"
+
+
+class Config:
+    """The effective configuration. Treat as read-only."""
+
+    __slots__ = (
+        "_domain",
+        "aliases",
+        "aliases_file",
+        "delivery_mode",
+        "from_header",
+        "helo",
+        "lifetime",
+        "max_recipients",
+        "max_size",
+        "path",
+        "queue_dir",
+        "relays",
+        "retry",
+        "sender",
+        "sources",
+        "trusted_users",
+        "warn_after",
+    )
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.sources: dict[str, str] = {}
+        self.relays: tuple[RelayConfig, ...] = (RelayConfig("relay"),)
+        self._domain: str | None = None
+        self.sender: str | None = None
+        self.aliases_file: str | None = None
+        self.from_header = "add"
+        self.aliases: dict[str, tuple[str, ...]] = {}
+        self.queue_dir: str | None = None
+        self.retry: tuple[int, ...] = DEFAULT_RETRY
+        self.lifetime = 5 * 86400
+        self.warn_after = 4 * 3600
+        self.delivery_mode = "background"
+        self.max_size = 50 * 1000 * 1000
+        self.max_recipients = 10000
+        self.trusted_users: tuple[str, ...] = ("root",)
+        self.helo: str | None = None
+
+    @property
+    def domain(self) -> str:
+        """The default domain: configured, else this host's FQDN (looked up on first use)."""
+        if self._domain is None:
+            self._domain = paths.fqdn()
+        return self._domain
+
+    @property
+    def helo_name(self) -> str:
+        return self.relays[0].helo or self.helo or paths.fqdn()
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, "default")
+
+
+# --- value checkers: each returns the converted value or raises ValueError(reason) ---
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_show(value)}")
+    if any(ch in value for ch in "\r\n\x00"):
+        raise ValueError("must not contain line breaks or NUL")
+    return value
+
+
+def _nonempty(value: object) -> str:
+    text = _str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"expected an integer from 1 to 65535, got {_show(value)}")
+    return value
+
+
+def _positive_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"expected a number of seconds above 0, got {_show(value)}")
+    return float(value)
+
+
+def _nonneg_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"expected a number of seconds, got {_show(value)}")
+    return float(value)
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"expected a whole number above 0, got {_show(value)}")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {_show(value)}")
+        return str(value)
+
+    return check
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def parse_duration(value: object) -> int:
+    """Seconds from an integer or a string such as "90s", "15m", "4h", "5d", "1h30m".
+
+    >>> parse_duration("1h30m")
+    5400
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f'expected a duration such as "15m", "4h" or "5d", got {_show(value)}')
+    text = value.strip().lower()
+    total = 0
+    digits = ""
+    for ch in text:
+        if ch.isdigit() and ch.isascii():
+            digits += ch
+        elif ch in _UNITS and digits:
+            total += int(digits) * _UNITS[ch]
+            digits = ""
+        else:
+            raise ValueError(f'expected a duration such as "15m", "4h" or "5d", got {_show(value)}')
+    if digits:
+        total += int(digits)
+    return total
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer or "50M", "10MB", "1GiB", "512k"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().removesuffix("b")
+        num = text.rstrip("kmgi")
+        unit = text[len(num) :]
+        if num.isdigit() and num.isascii() and unit in _SIZE_UNITS and int(num) > 0:
+            return int(num) * _SIZE_UNITS[unit]
+    raise ValueError(f'expected a size such as "50M" or a number of bytes, got {_show(value)}')
+
+
+def _retry(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f'expected a list of durations such as ["1m", "5m"], got {_show(value)}')
+    steps = tuple(parse_duration(v) for v in value)
+    if any(s <= 0 for s in steps):
+        raise ValueError("every retry interval must be above 0")
+    return steps
+
+
+def _str_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (_nonempty(value),)
+    if isinstance(value, list) and value:
+        return tuple(_nonempty(v) for v in value)
+    raise ValueError(f"expected a string or a non-empty list of strings, got {_show(value)}")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_RELAY_KEYS: dict[str, Callable[[object], object]] = {
+    "name": _nonempty,
+    "host": _nonempty,
+    "port": _port,
+    "socket": _nonempty,
+    "tls": _choice(TLS_MODES),
+    "verify": _bool,
+    "ca_file": _nonempty,
+    "username": _nonempty,
+    "password_file": _nonempty,
+    "timeout": _positive_number,
+    "helo": _nonempty,
+    "protocol": _choice(PROTOCOLS),
+    "retry_after_failure": _nonneg_number,
+}
+
+# section -> key -> (attribute on Config, checker)
+_SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
+    "addresses": {
+        "domain": ("_domain", _nonempty),
+        "sender": ("sender", _nonempty),
+        "aliases_file": ("aliases_file", _nonempty),
+        "from_header": ("from_header", _choice(FROM_MODES)),
+    },
+    "queue": {
+        "dir": ("queue_dir", _nonempty),
+        "retry": ("retry", _retry),
+        "lifetime": ("lifetime", parse_duration),
+        "warn_after": ("warn_after", parse_duration),
+    },
+    "delivery": {"mode": ("delivery_mode", _choice(DELIVERY_MODES))},
+    "submission": {
+        "max_size": ("max_size", parse_size),
+        "max_recipients": ("max_recipients", _positive_int),
+        "trusted_users": ("trusted_users", _str_list),
+        "helo": ("helo", _nonempty),
+    },
+}
+
+
+def _build_relay(table: object, name: str, where: str) -> RelayConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    relay = RelayConfig(name)
+    for key, value in table.items():
+        check = _RELAY_KEYS.get(key)
+        if check is None:
+            raise ConfigError(
+                f"{where}: [{name}] unknown key {key!r} (known: {', '.join(sorted(_RELAY_KEYS))})"
+            )
+        try:
+            setattr(relay, key, check(value))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: [{name}] {key}: {exc}") from None
+    if isinstance(relay.host, str) and relay.host.startswith("[") and relay.host.endswith("]"):
+        relay.host = relay.host[1:-1]
+    if relay.socket is not None and "host" not in table:
+        relay.host = None
+    if relay.socket is not None and not relay.socket.startswith("/"):
+        raise ConfigError(f"{where}: [{name}] socket: must be an absolute path")
+    if relay.password_file is not None and relay.username is None:
+        raise ConfigError(f"{where}: [{name}] password_file is set but username is not")
+    return relay
+
+
+def _apply(cfg: Config, data: Table, where: str) -> None:
+    for section, body in data.items():
+        if section == "relay":
+            _apply_relays(cfg, body, where)
+        elif section == "aliases":
+            if not isinstance(body, dict):
+                raise ConfigError(f"{where}: [aliases] must be a table")
+            for name, target in body.items():
+                try:
+                    cfg.aliases[name.lower()] = _str_list(target)
+                except ValueError as exc:
+                    raise ConfigError(f"{where}: [aliases] {name}: {exc}") from None
+                cfg.sources[f"aliases.{name.lower()}"] = f"file {where}"
+        elif section in _SECTIONS:
+            if not isinstance(body, dict):
+                raise ConfigError(f"{where}: [{section}] must be a table")
+            keys = _SECTIONS[section]
+            for key, value in body.items():
+                if key not in keys:
+                    raise ConfigError(
+                        f"{where}: [{section}] unknown key {key!r} "
+                        f"(known: {', '.join(sorted(keys))})"
+                    )
+                attr, check = keys[key]
+                try:
+                    setattr(cfg, attr, check(value))
+                except ValueError as exc:
+                    raise ConfigError(f"{where}: [{section}] {key}: {exc}") from None
+                cfg.sources[f"{section}.{key}"] = f"file {where}"
+        else:
+            known = ", ".join(sorted([*_SECTIONS, "relay", "aliases"]))
+            raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
+
+
+def _apply_relays(cfg: Config, body: object, where: str) -> None:
+    if isinstance(body, dict):
+        relay = _build_relay(body, "relay", where)
+        if "name" not in body:
+            relay.name = "relay"
+        cfg.relays = (relay,)
+        for key in body:
+            cfg.sources[f"relay.{key}"] = f"file {where}"
+    elif isinstance(body, list) and body:
+        relays = []
+        for i, item in enumerate(body):
+            relay = _build_relay(item, f"relay {i + 1}", where)
+            if not (isinstance(item, dict) and "name" in item):
+                relay.name = f"relay{i + 1}"
+            relays.append(relay)
+            for key in item:
+                cfg.sources[f"relay[{i}].{key}"] = f"file {where}"
+        cfg.relays = tuple(relays)
+    else:
+        raise ConfigError(f"{where}: [relay] must be a table or a non-empty array of tables")
+
+
+def find_config_file(explicit: str | None) -> tuple[str | None, str]:
+    """The file to read and why it was chosen ("-C", "environment", "user", "system")."""
+    if explicit:
+        return explicit, "-C"
+    env = os.environ.get("MAILSHIM_CONFIG")
+    if env:
+        return env, "$MAILSHIM_CONFIG"
+    user = os.path.join(paths.user_config_dir(), "config.toml")
+    if os.path.exists(user):
+        return user, "user"
+    if os.path.exists(paths.SYSTEM_CONFIG):
+        return paths.SYSTEM_CONFIG, "system"
+    return None, "defaults"
+
+
+def load(explicit: str | None = None, *, use_cache: bool = True) -> Config:
+    """Find and read the configuration. Raises ``ConfigError`` (exit 78) naming the problem."""
+    path, _why = find_config_file(explicit)
+    cfg = Config()
+    if path is None:
+        return cfg
+    data = _read_table(path, use_cache)
+    cfg.path = path
+    _apply(cfg, data, path)
+    return cfg
+
+
+def _read_table(path: str, use_cache: bool) -> Table:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: the configuration is not a regular file")
+        key = (
+            _CACHE_VERSION,
+            sys.version_info[:2],
+            os.path.abspath(path),
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        )
+        cache_file = _cache_path() if use_cache else None
+        if cache_file is not None:
+            cached = _cache_get(cache_file, key)
+            if cached is not None:
+                return cached
+        raw = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            raw += chunk
+            if len(raw) > 4 * 1024 * 1024:
+                raise ConfigError(f"{path}: the configuration is larger than 4 MiB")
+    finally:
+        os.close(fd)
+    data = _parse_toml(raw, path)
+    if cache_file is not None:
+        _cache_put(cache_file, key, data)
+    return data
+
+
+def _parse_toml(raw: bytes, path: str) -> Table:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+    try:
+        text = raw.decode("utf-8")
+        return tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the configuration is not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _cache_path() -> str | None:
+    base = os.environ.get("MAILSHIM_CACHE_DIR") or paths.user_cache_dir()
+    return os.path.join(base, "config.marshal")
+
+
+def _trusted(st: os.stat_result) -> bool:
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+
+
+def _cache_get(cache_file: str, key: tuple[object, ...]) -> Table | None:
+    try:
+        dst = os.stat(os.path.dirname(cache_file))
+        fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) and _trusted(st) and _trusted(dst)):
+            return None
+        if st.st_size > 8 * 1024 * 1024:
+            return None
+        blob = b""
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            blob += chunk
+        stored = marshal.loads(blob)
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    finally:
+        os.close(fd)
+    if (
+        isinstance(stored, tuple)
+        and len(stored) == 2
+        and stored[0] == key
+        and isinstance(stored[1], dict)
+    ):
+        return stored[1]
+    return None
+
+
+def _cache_put(cache_file: str, key: tuple[object, ...], data: Table) -> None:
+    """Best effort: a cache that cannot be written only costs the next run some milliseconds."""
+    try:
+        # marshal's stub lists concrete types; the table holds only TOML's plain values.
+        blob = marshal.dumps((key, data))  # type: ignore[arg-type]
+    except ValueError:
+        return  # a TOML date or time value: not marshal-able, and rejected by validation anyway
+    folder = os.path.dirname(cache_file)
+    tmp = f"{cache_file}.{os.getpid()}"
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, blob)
+        finally:
+            os.close(fd)
+        os.rename(tmp, cache_file)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass

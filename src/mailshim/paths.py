@@ -1,0 +1,81 @@
+"""Where mailshim's files live: system paths, per-user XDG paths, and this host's name.
+
+On Linux the per-user folders follow the XDG rules that ``platformdirs`` implements; they are
+computed here without importing it because ``sendmail`` start-up time is the product (a test
+checks that both agree). Elsewhere ``platformdirs`` is used.
+
+Trust: called by every process as whatever user runs it. The environment (HOME, XDG_*) is the
+caller's own and only chooses the caller's own per-user folders; system paths are constants.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SYSTEM_CONFIG = "/etc/mailshim/config.toml"
+SYSTEM_SPOOL = "/var/spool/mailshim"
+APP = "mailshim"
+
+
+def _xdg(env: str, fallback: str) -> str:
+    base = os.environ.get(env, "").strip()
+    if not base:
+        base = os.path.expanduser(fallback)
+    return os.path.join(base, APP)
+
+
+def user_config_dir() -> str:
+    if sys.platform.startswith("linux"):
+        return _xdg("XDG_CONFIG_HOME", "~/.config")
+    import platformdirs
+
+    return platformdirs.user_config_dir(APP)
+
+
+def user_state_dir() -> str:
+    if sys.platform.startswith("linux"):
+        return _xdg("XDG_STATE_HOME", "~/.local/state")
+    import platformdirs
+
+    return platformdirs.user_state_dir(APP)
+
+
+def user_cache_dir() -> str:
+    if sys.platform.startswith("linux"):
+        return _xdg("XDG_CACHE_HOME", "~/.cache")
+    import platformdirs
+
+    return platformdirs.user_cache_dir(APP)
+
+
+def user_spool_dir() -> str:
+    return os.path.join(user_state_dir(), "spool")
+
+
+_fqdn: str | None = None
+
+
+def fqdn() -> str:
+    """This host's fully qualified name, looked up once per process.
+
+    ``socket.getfqdn()`` asks DNS for a reverse record and can stall for seconds; like
+    ``hostname -f`` we take the node name when it is already qualified, else the canonical
+    name the resolver gives for it (``/etc/hosts`` usually answers).
+    """
+    global _fqdn
+    if _fqdn is None:
+        name = os.uname().nodename
+        if "." not in name:
+            try:
+                import socket
+
+                infos = socket.getaddrinfo(name, None, 0, 0, 0, socket.AI_CANONNAME)
+                for info in infos:
+                    if info[3] and "." in info[3]:
+                        name = info[3]
+                        break
+            except (OSError, UnicodeError):
+                pass
+        _fqdn = name.rstrip(".").lower() or "localhost"
+    return _fqdn

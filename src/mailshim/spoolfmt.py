@@ -1,0 +1,252 @@
+"""The spool entry and state formats, in one place (described in docs/spool-format.md).
+
+An entry is one file: a short envelope of text records in a fixed order, a blank line, then the
+message exactly as it goes on the wire (CRLF line ends, not dot-stuffed). It is written once
+and never changed. What changes (attempts, next try, per-recipient results, hold) lives in a
+separate small state file that is replaced atomically.
+
+Trust: entries in the spool may come from other, hostile local users (issue 3's drop folder)
+or be damaged. Readers accept only the records below, in this order, with bounded sizes; any
+deviation is ``DataError`` and the caller moves the entry to ``corrupt/``.
+"""
+
+from __future__ import annotations
+
+from mailshim.errors import DataError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
+
+MAGIC = b"MAILSHIM-ENTRY 1\n"
+STATE_MAGIC = "MAILSHIM-STATE 1"
+SIZE_WIDTH = 15  # fixed width so the size can be patched in place once the body is written
+MAX_ENVELOPE = 64 * 1024 * 1024
+MAX_RECORD = 4096
+ID_LENGTH = 20
+ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def valid_id(name: str) -> bool:
+    """Queue ids are 20 characters of [0-9A-Z]: safe as file names, nothing else is."""
+    return len(name) == ID_LENGTH and all(c in ID_ALPHABET for c in name)
+
+
+class Envelope:
+    """Who the message is from and for, as stored in the entry."""
+
+    __slots__ = ("arrival", "eightbit", "queue_id", "recipients", "sender", "size", "uid")
+
+    def __init__(
+        self,
+        queue_id: str,
+        sender: str,
+        recipients: list[str],
+        arrival: int,
+        uid: int,
+        eightbit: bool = False,
+        size: int = 0,
+    ) -> None:
+        self.queue_id = queue_id
+        self.sender = sender  # "" is the null sender <>
+        self.recipients = recipients
+        self.arrival = arrival
+        self.uid = uid
+        self.eightbit = eightbit
+        self.size = size
+
+
+class EncodedEnvelope:
+    """Envelope bytes plus where the patchable fields sit in them."""
+
+    __slots__ = ("body_offset", "data", "size_offset")
+
+    def __init__(self, data: bytes, size_offset: int, body_offset: int) -> None:
+        self.data = data
+        self.size_offset = size_offset
+        self.body_offset = body_offset
+
+
+def _field(value: str, what: str) -> bytes:
+    raw = value.encode("utf-8", "surrogateescape")
+    if b"\n" in raw or b"\r" in raw or b"\x00" in raw or len(raw) > MAX_RECORD - 16:
+        raise DataError(f"{what} cannot be stored: {value[:80]!r}")
+    return raw
+
+
+def encode_envelope(env: Envelope) -> EncodedEnvelope:
+    """The envelope records, ending with the blank line; size and body type are patchable."""
+    if not valid_id(env.queue_id):
+        raise DataError(f"bad queue id {env.queue_id!r}")
+    if not env.recipients:
+        raise DataError("an entry needs at least one recipient")
+    parts = [MAGIC, b"id " + env.queue_id.encode() + b"\n"]
+    parts.append(b"arrival %d\n" % env.arrival)
+    parts.append(b"uid %d\n" % env.uid)
+    head = b"".join(parts)
+    size_offset = len(head) + len(b"size ")
+    parts.append(b"size " + b"%0*d" % (SIZE_WIDTH, env.size) + b"\n")
+    parts.append(b"body " + (b"8bit" if env.eightbit else b"7bit") + b"\n")
+    parts.append(b"sender " + _field(env.sender, "sender") + b"\n")
+    for rcpt in env.recipients:
+        parts.append(b"rcpt " + _field(rcpt, "recipient") + b"\n")
+    parts.append(b"\n")
+    data = b"".join(parts)
+    return EncodedEnvelope(data, size_offset, len(data))
+
+
+def patch_size_and_body(size: int, eightbit: bool) -> tuple[bytes, bytes]:
+    """The bytes to write at ``size_offset``: the size digits, then "\\nbody 7bit|8bit"."""
+    if not 0 <= size < 10**SIZE_WIDTH:
+        raise DataError("message too large for the spool format")
+    return b"%0*d" % (SIZE_WIDTH, size), b"8bit" if eightbit else b"7bit"
+
+
+def body_type_offset(size_offset: int) -> int:
+    return size_offset + SIZE_WIDTH + len(b"\nbody ")
+
+
+def _line(f: BinaryIO, what: str) -> bytes:
+    line = f.readline(MAX_RECORD)
+    if not line.endswith(b"\n"):
+        raise DataError(f"entry truncated or record too long while reading {what}")
+    return line[:-1]
+
+
+def _record(f: BinaryIO, name: bytes) -> str:
+    line = _line(f, name.decode())
+    if not line.startswith(name + b" "):
+        raise DataError(f"expected record {name.decode()!r}, found {line[:40]!r}")
+    value = line[len(name) + 1 :]
+    if b"\r" in value or b"\x00" in value:
+        raise DataError(f"record {name.decode()!r} holds a control character")
+    return value.decode("utf-8", "surrogateescape")
+
+
+def _number(text: str, what: str) -> int:
+    if not (text.isdigit() and text.isascii()) or len(text) > 20:
+        raise DataError(f"record {what!r} is not a number")
+    return int(text)
+
+
+def decode_envelope(f: BinaryIO) -> tuple[Envelope, int]:
+    """Read the envelope from ``f`` (at offset 0); returns it and the message offset.
+
+    Raises ``DataError`` on anything but the exact record sequence.
+    """
+    if f.readline(len(MAGIC) + 1) != MAGIC:
+        raise DataError("not a mailshim spool entry (bad first line)")
+    qid = _record(f, b"id")
+    if not valid_id(qid):
+        raise DataError(f"bad queue id record {qid[:40]!r}")
+    arrival = _number(_record(f, b"arrival"), "arrival")
+    uid = _number(_record(f, b"uid"), "uid")
+    size_text = _record(f, b"size")
+    if len(size_text) != SIZE_WIDTH:
+        raise DataError("size record has the wrong width")
+    size = _number(size_text, "size")
+    body = _record(f, b"body")
+    if body not in ("7bit", "8bit"):
+        raise DataError(f"unknown body type {body[:20]!r}")
+    sender = _record(f, b"sender")
+    recipients: list[str] = []
+    consumed = 0
+    while True:
+        line = _line(f, "recipients")
+        consumed += len(line) + 1
+        if consumed > MAX_ENVELOPE:
+            raise DataError("envelope larger than the spool format allows")
+        if line == b"":
+            break
+        if not line.startswith(b"rcpt "):
+            raise DataError(f"unexpected record {line[:40]!r} among recipients")
+        value = line[5:]
+        if not value or b"\r" in value or b"\x00" in value:
+            raise DataError("empty or malformed recipient record")
+        recipients.append(value.decode("utf-8", "surrogateescape"))
+    if not recipients:
+        raise DataError("entry has no recipients")
+    env = Envelope(qid, sender, recipients, arrival, uid, body == "8bit", size)
+    return env, f.tell()
+
+
+class State:
+    """What the runner knows about an entry beyond its immutable envelope."""
+
+    __slots__ = (
+        "attempts",
+        "done",
+        "failed",
+        "first_attempt",
+        "held",
+        "last_error",
+        "next_attempt",
+        "pending",
+        "warned",
+    )
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.first_attempt = 0
+        self.next_attempt = 0  # 0: due now
+        self.held = False
+        self.warned = False
+        self.last_error = ""
+        self.done: dict[str, str] = {}  # recipient -> the listener's reply (accepted)
+        self.failed: dict[str, str] = {}  # recipient -> permanent failure reply
+        self.pending: dict[str, str] = {}  # recipient -> last temporary failure reply
+
+    def open_recipients(self, env: Envelope) -> list[str]:
+        return [r for r in env.recipients if r not in self.done and r not in self.failed]
+
+
+def encode_state(state: State) -> bytes:
+    import json
+
+    data = {
+        "format": STATE_MAGIC,
+        "attempts": state.attempts,
+        "first_attempt": state.first_attempt,
+        "next_attempt": state.next_attempt,
+        "held": state.held,
+        "warned": state.warned,
+        "last_error": state.last_error,
+        "done": state.done,
+        "failed": state.failed,
+        "pending": state.pending,
+    }
+    return json.dumps(data, ensure_ascii=True, sort_keys=True).encode() + b"\n"
+
+
+def decode_state(raw: bytes) -> State:
+    import json
+
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise DataError("state file is not valid JSON") from None
+    if not isinstance(data, dict) or data.get("format") != STATE_MAGIC:
+        raise DataError("state file has an unknown format")
+    state = State()
+    for key in ("attempts", "first_attempt", "next_attempt"):
+        value = data.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DataError(f"state field {key} is not a number")
+        setattr(state, key, value)
+    for key in ("held", "warned"):
+        value = data.get(key, False)
+        if not isinstance(value, bool):
+            raise DataError(f"state field {key} is not true/false")
+        setattr(state, key, value)
+    last = data.get("last_error", "")
+    if not isinstance(last, str):
+        raise DataError("state field last_error is not text")
+    state.last_error = last
+    for key in ("done", "failed", "pending"):
+        value = data.get(key, {})
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise DataError(f"state field {key} is not a table of replies")
+        setattr(state, key, dict(value))
+    return state

@@ -1,0 +1,304 @@
+"""Turn one submission (envelope wishes + a byte stream) into a durable spool entry, then
+hand it on: start the delivery agent, deliver it now, or leave it queued.
+
+Order matters: recipients and sender are resolved and checked, the header block is read and
+edited, the entry is streamed to tmp/, fsynced and renamed into queue/; only then does anything
+talk to the listener. Any failure or signal before the rename removes the temp file, so an
+interrupted ``sendmail`` sends and keeps nothing.
+
+Trust: runs as the submitting user, on their stdin and argv (untrusted for syntax, trusted as
+that user's wishes). The resulting entry is what the runner will later treat as hostile.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+import time
+
+from mailshim import address, maillog, message, paths, spool
+from mailshim.errors import DataError, MailshimError, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mailshim.config import Config
+    from mailshim.relay import Reply
+
+HEADER_LIMIT = 1024 * 1024
+
+
+class Submission:
+    """What the caller asks for: from argv, or from one `-bs` transaction."""
+
+    __slots__ = ("dot_ends", "extract", "full_name", "mode", "recipients", "sender", "verbose")
+
+    def __init__(
+        self,
+        sender: str | None = None,
+        recipients: list[str] | None = None,
+        extract: bool = False,
+        dot_ends: bool = False,
+        full_name: str | None = None,
+        mode: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.sender = sender
+        self.recipients = list(recipients or [])
+        self.extract = extract
+        self.dot_ends = dot_ends
+        self.full_name = full_name
+        self.mode = mode
+        self.verbose = verbose
+
+
+class Outcome:
+    """What became of a submission."""
+
+    __slots__ = ("queue_id", "replies", "spool", "status")
+
+    def __init__(self, queue_id: str, status: str, spool_: spool.Spool) -> None:
+        self.queue_id = queue_id
+        self.status = status  # queued | sent | deferred | rejected
+        self.replies: dict[str, Reply] = {}
+        self.spool = spool_
+
+
+# --- who --------------------------------------------------------------------------
+
+
+class User:
+    __slots__ = ("full_name", "login", "uid")
+
+    def __init__(self, uid: int, login: str, full_name: str) -> None:
+        self.uid = uid
+        self.login = login
+        self.full_name = full_name
+
+
+def current_user() -> User:
+    """The real user (not $USER: the environment is the caller's to fake)."""
+    uid = os.getuid()
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        return User(uid, f"uid{uid}", "")
+    gecos = pw.pw_gecos.split(",", 1)[0].strip()
+    gecos = gecos.replace("&", pw.pw_name[:1].upper() + pw.pw_name[1:])
+    return User(uid, pw.pw_name, gecos)
+
+
+# --- addresses ---------------------------------------------------------------------
+
+_aliases_cache: dict[int, address.Aliases] = {}
+
+
+def aliases_for(config: Config) -> address.Aliases:
+    """The config's ``[aliases]`` over the aliases(5) file; config entries win."""
+    key = id(config)
+    cached = _aliases_cache.get(key)
+    if cached is not None:
+        return cached
+    table: dict[str, tuple[str, ...]] = {}
+    if config.aliases_file:
+        from mailshim.errors import ConfigError
+
+        try:
+            with open(config.aliases_file, "rb") as f:
+                text = f.read(16 * 1024 * 1024).decode("utf-8", "surrogateescape")
+        except OSError as exc:
+            raise ConfigError(
+                f"{config.path}: [addresses] aliases_file {config.aliases_file}: {exc.strerror}"
+            ) from None
+        table, _skipped = address.parse_aliases_file(text)
+    table.update(config.aliases)
+    result = address.Aliases(table)
+    _aliases_cache[key] = result
+    return result
+
+
+def rewrite_recipient(config: Config, addr: str) -> list[str]:
+    """One checked recipient → the addresses the listener will see (qualified, aliased)."""
+    checked = address.check_envelope_address(addr)
+    if not checked:
+        raise DataError("invalid recipient <>: the null address cannot receive mail")
+    return aliases_for(config).expand(checked, config.domain)
+
+
+def resolve_recipients(config: Config, words: list[str]) -> list[str]:
+    """Argv words or header values → unique final recipients, in order."""
+    found: list[str] = []
+    for word in words:
+        found.extend(address.parse_address_list(word))
+    out: list[str] = []
+    seen: set[str] = set()
+    for addr in found:
+        for final in rewrite_recipient(config, addr):
+            key = _dedupe_key(final)
+            if key not in seen:
+                seen.add(key)
+                out.append(final)
+    if len(out) > config.max_recipients:
+        raise DataError(
+            f"{len(out)} recipients is more than [submission] max_recipients "
+            f"({config.max_recipients})"
+        )
+    return out
+
+
+def _dedupe_key(addr: str) -> str:
+    local, at, domain = addr.rpartition("@")
+    return f"{local}{at}{domain.lower()}" if at else addr
+
+
+def envelope_sender(config: Config, requested: str | None, user: User) -> str:
+    """``-f``/``-r`` (may be ``<>``), else ``addresses.sender``, else login@domain."""
+    if requested is not None:
+        checked = address.check_envelope_address(requested)
+        return address.qualify(checked, config.domain) if checked else ""
+    if config.sender:
+        return address.qualify(address.check_envelope_address(config.sender), config.domain)
+    return f"{user.login}@{config.domain}"
+
+
+# --- the submission ------------------------------------------------------------------
+
+
+def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Outcome:
+    """Prepare, spool, then deliver according to the mode. Raises ``MailshimError``."""
+    user = current_user()
+    sender = envelope_sender(config, sub.sender, user)
+    argv_rcpts = resolve_recipients(config, sub.recipients) if sub.recipients else []
+    reader = message.Reader(read, sub.dot_ends)
+    block = reader.header_block(HEADER_LIMIT)
+    recipients = argv_rcpts
+    if sub.extract:
+        recipients = resolve_recipients(config, sub.recipients + message.header_recipients(block.fields))
+    if not recipients:
+        raise UsageError(
+            "no recipients: name them on the command line, or use -t to take them from To/Cc/Bcc"
+        )
+    mode = sub.mode or config.delivery_mode
+    if sub.verbose and mode == "background":
+        mode = "interactive"
+    target = spool.choose(config)
+    writer = target.new_entry(sender, recipients, user.uid)
+    try:
+        _write_message(config, sub, user, sender, reader, block, writer)
+        locked = writer.commit(reader.eightbit, keep_lock=(mode == "interactive"))
+    except BaseException:
+        writer.abort()
+        raise
+    qid = writer.queue_id
+    maillog.log(
+        f"{qid}: uid={user.uid} from=<{sender}> size={writer.size} nrcpt={len(recipients)}"
+        f" (queued in {target.root})"
+    )
+    outcome = Outcome(qid, "queued", target)
+    if mode == "interactive" and locked is not None:
+        from mailshim import runner
+
+        outcome.status, outcome.replies = runner.deliver_now(config, locked, verbose=sub.verbose)
+    elif mode == "background":
+        start_agent(target, config)
+    return outcome
+
+
+def _write_message(
+    config: Config,
+    sub: Submission,
+    user: User,
+    sender: str,
+    reader: message.Reader,
+    block: message.HeaderBlock,
+    writer: spool.EntryWriter,
+) -> None:
+    own = f"{user.login}@{config.domain}"
+    from_addr = sender or own
+    display = sub.full_name
+    if display is None and from_addr == own and user.full_name:
+        display = user.full_name
+    now = time.time()
+    edits = message.HeaderEdits(
+        date=message.format_date(now, time.localtime(now).tm_gmtoff),
+        message_id=message.make_message_id(writer.queue_id, config.domain),
+        from_addr=from_addr,
+        from_display=display,
+        from_mode=config.from_header,
+        domain=config.domain,
+        strip_bcc=True,
+    )
+    limit = config.max_size
+    writer.write(message.edit_headers(block.fields, edits, block.had_separator, True))
+    if block.body_prefix:
+        writer.write(block.body_prefix)
+    for chunk in reader.body():
+        writer.write(chunk)
+        if writer.size > limit:
+            raise DataError(
+                f"message larger than [submission] max_size ({limit} bytes): nothing was kept"
+            )
+    if writer.size > limit:
+        raise DataError(f"message larger than [submission] max_size ({limit} bytes): nothing was kept")
+
+
+# --- the delivery agent ------------------------------------------------------------------
+
+
+def start_agent(target: spool.Spool, config: Config) -> None:
+    """Start a detached delivery agent for ``target`` unless one already runs.
+
+    The agent lock is taken here and handed to the child, so a burst of submissions starts
+    one agent, not one per message. If the lock is held, the running agent will see this
+    entry: it rescans the queue after releasing its lock (see runner.agent_main).
+    """
+    try:
+        fd = target.try_agent_lock()
+    except OSError:
+        return  # the runner's schedule will pick the entry up; it is safe in the spool
+    if fd is None:
+        return
+    args = [sys.executable, "-m", "mailshim.runner", "agent", "--spool", target.root]
+    args += ["--lock-fd", str(fd)]
+    if config.path:
+        args += ["--config", os.path.abspath(config.path)]
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(fd)
+        return
+    if pid == 0:  # pragma: no cover - the child execs at once
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for std in (0, 1, 2):
+                os.dup2(null, std)
+            os.set_inheritable(fd, True)
+            os.execv(sys.executable, args)
+        finally:
+            os._exit(127)
+    os.close(fd)
+
+
+def verify(config: Config, words: list[str]) -> list[tuple[str, list[str]]]:
+    """For ``-bv``: each recipient as given and what it becomes."""
+    out = []
+    for word in words:
+        for addr in address.parse_address_list(word):
+            out.append((addr, rewrite_recipient(config, addr)))
+    return out
+
+
+__all__ = [
+    "MailshimError",
+    "Outcome",
+    "Submission",
+    "paths",
+    "resolve_recipients",
+    "rewrite_recipient",
+    "start_agent",
+    "submit",
+    "verify",
+]

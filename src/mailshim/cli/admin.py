@@ -278,19 +278,8 @@ def sink_cmd(host: str, port: int, folder: str | None, quiet: bool) -> None:
     sink.serve(host, port, folder, quiet)
 
 
-# --- setup-spool ----------------------------------------------------------------------
-
-
-@cli.command("setup-spool")
-@click.pass_context
-def setup_spool_cmd(ctx: click.Context) -> None:
-    """Create the system spool with its owners and modes (run as root; packages call it)."""
-    if os.geteuid() != 0:
-        raise NoPermError("setup-spool must run as root")
-    cfg = _config(ctx)
-    target = spool.Spool(cfg.queue_dir or paths.SYSTEM_SPOOL)
-    target.ensure()
-    click.echo(f"spool ready: {target.root}")
+# Commands kept in their own modules register themselves on `cli` when imported.
+from mailshim.cli import admin_spool  # noqa: E402,F401
 
 
 def main() -> None:

@@ -113,7 +113,9 @@ class RecordingHandler:
         data = envelope.original_content
         with self.lock:
             self.messages.append(
-                Received(envelope.mail_from, list(envelope.rcpt_tos), data, list(envelope.mail_options))
+                Received(
+                    envelope.mail_from, list(envelope.rcpt_tos), data, list(envelope.mail_options)
+                )
             )
         return "250 2.0.0 Message queued for delivery."
 
@@ -172,7 +174,9 @@ def listener():
     lst.stop()
 
 
-def write_config(path: Path, port: int, spool: Path, extra: str = "", mode: str = "background") -> Path:
+def write_config(
+    path: Path, port: int, spool: Path, extra: str = "", mode: str = "background"
+) -> Path:
     path.write_text(
         f"""
 [relay]
@@ -215,7 +219,9 @@ class Env:
         )
         self.env.pop("XDG_CONFIG_HOME", None)
 
-    def reconfigure(self, extra: str = "", mode: str = "background", port: int | None = None) -> None:
+    def reconfigure(
+        self, extra: str = "", mode: str = "background", port: int | None = None
+    ) -> None:
         write_config(self.config, port or self.listener.port, self.spool, extra, mode)
 
     def run(self, prog: str, args: list[str], input: bytes | None = b"", timeout: float = 60, **kw):

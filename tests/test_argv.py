@@ -96,7 +96,9 @@ def test_program_name_selects_mode():
     assert argv.parse([], "newaliases").action == "aliases"
 
 
-@pytest.mark.parametrize(("flag", "mode"), [("-odi", "interactive"), ("-odb", "background"), ("-odq", "queue")])
+@pytest.mark.parametrize(
+    ("flag", "mode"), [("-odi", "interactive"), ("-odb", "background"), ("-odq", "queue")]
+)
 def test_delivery_modes(flag, mode):
     assert parse(f"{flag} root").delivery == mode
 
@@ -106,7 +108,9 @@ def test_verbose_and_config():
     assert inv.verbose and inv.config_path == "/etc/other.toml"
 
 
-@pytest.mark.parametrize("flag", ["-G", "-U", "-n", "-m", "-x", "-c", "-oem", "-oee", "-om", "-d0.1"])
+@pytest.mark.parametrize(
+    "flag", ["-G", "-U", "-n", "-m", "-x", "-c", "-oem", "-oee", "-om", "-d0.1"]
+)
 def test_legacy_flags_are_ignored(flag):
     inv = parse(f"{flag} root")
     assert inv.recipients == ["root"] and inv.action == "submit"

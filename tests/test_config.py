@@ -31,7 +31,12 @@ def test_defaults_when_no_file(monkeypatch, tmp_path):
     cfg = config.load()
     assert cfg.path is None
     (relay,) = cfg.relays
-    assert (relay.host, relay.port, relay.tls, relay.protocol) == ("127.0.0.1", 10025, "none", "smtp")
+    assert (relay.host, relay.port, relay.tls, relay.protocol) == (
+        "127.0.0.1",
+        10025,
+        "none",
+        "smtp",
+    )
     assert cfg.delivery_mode == "background" and cfg.from_header == "add"
     assert cfg.retry == (60, 300, 900, 1800, 3600, 7200) and cfg.lifetime == 5 * 86400
 
@@ -65,10 +70,15 @@ max_size = "10MiB"
     cfg = config.load(path)
     assert cfg.relays[0].host == "::1" and cfg.relays[0].port == 2525
     assert cfg.domain == "example.org" and cfg.sender == "noreply@example.org"
-    assert cfg.aliases == {"root": ("admin@example.org",), "ops": ("a@example.org", "b@example.org")}
+    assert cfg.aliases == {
+        "root": ("admin@example.org",),
+        "ops": ("a@example.org", "b@example.org"),
+    }
     assert cfg.retry == (60, 5400, 7200) and cfg.lifetime == 2 * 86400
     assert cfg.delivery_mode == "queue" and cfg.max_size == 10 * 1024 * 1024
-    assert cfg.source("relay.port") == f"file {path}" and cfg.source("queue.warn_after") == "default"
+    assert (
+        cfg.source("relay.port") == f"file {path}" and cfg.source("queue.warn_after") == "default"
+    )
 
 
 def test_relay_array_for_failover(tmp_path):
@@ -176,7 +186,8 @@ def test_password_file_readable_by_others_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("90s", 90), ("15m", 900), ("4h", 14400), ("5d", 432000), ("1h30m", 5400), (42, 42)]
+    ("text", "seconds"),
+    [("90s", 90), ("15m", 900), ("4h", 14400), ("5d", 432000), ("1h30m", 5400), (42, 42)],
 )
 def test_durations(text, seconds):
     assert config.parse_duration(text) == seconds

@@ -7,8 +7,6 @@ import signal
 import subprocess
 import time
 
-import pytest
-
 from conftest import Listener, free_port, tool
 
 CRON = (
@@ -53,7 +51,7 @@ def test_missing_from_is_added_with_full_name(world):
 def test_t_takes_to_cc_bcc_and_removes_bcc(world):
     body = (
         b"To: Alice <alice@example.net>, bob\n"
-        b"Cc: \"Carol, C.\" <carol@example.net>\n"
+        b'Cc: "Carol, C." <carol@example.net>\n'
         b"Bcc: secret@example.net\n"
         b"Subject: hello\n\nbody\n"
     )
@@ -61,7 +59,13 @@ def test_t_takes_to_cc_bcc_and_removes_bcc(world):
     assert r.returncode == 0, r.stderr
     (msg,) = world.listener.wait(1)
     assert sorted(msg.rcpt_tos) == sorted(
-        ["alice@example.net", "bob@example.org", "carol@example.net", "secret@example.net", "extra@example.net"]
+        [
+            "alice@example.net",
+            "bob@example.org",
+            "carol@example.net",
+            "secret@example.net",
+            "extra@example.net",
+        ]
     )
     assert msg.header("Bcc") == [] and b"secret@" not in msg.data
 
@@ -105,10 +109,16 @@ def test_eight_bit_and_long_lines_arrive_byte_for_byte(world):
 
 
 def test_envelope_sender_f_and_null_sender(world):
-    assert world.sendmail("-f", "alerts@example.net", "root", input=b"Subject: a\n\n1\n").returncode == 0
+    assert (
+        world.sendmail("-f", "alerts@example.net", "root", input=b"Subject: a\n\n1\n").returncode
+        == 0
+    )
     assert world.sendmail("-f<>", "root", input=b"Subject: b\n\n2\n").returncode == 0
     msgs = world.listener.wait(2)
-    assert {m.mail_from for m in msgs} == {"alerts@example.net", "<>"}  # aiosmtpd shows MAIL FROM:<> as "<>"
+    assert {m.mail_from for m in msgs} == {
+        "alerts@example.net",
+        "<>",
+    }  # aiosmtpd shows MAIL FROM:<> as "<>"
 
 
 def test_bare_f_is_qualified(world):

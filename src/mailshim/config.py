@@ -21,6 +21,7 @@ import marshal
 import os
 import stat
 import sys
+
 from mailshim import paths
 from mailshim.errors import ConfigError, NoPermError
 
@@ -216,7 +217,15 @@ def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+_SIZE_UNITS = {
+    "": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+}
 
 
 def parse_duration(value: object) -> int:

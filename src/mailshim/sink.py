@@ -61,16 +61,17 @@ def serve(host: str, port: int, folder: str | None, quiet: bool = False) -> None
         from aiosmtpd.smtp import SMTP
     except ImportError:
         raise UnavailableError(
-            "mailshim sink needs aiosmtpd: pip install 'mailshim[sink]' or apt install python3-aiosmtpd"
+            "mailshim sink needs aiosmtpd: pip install 'mailshim[sink]'"
+            " or apt install python3-aiosmtpd"
         ) from None
     import signal
     import threading
 
-    class LongLineSMTP(SMTP):  # type: ignore[misc]
+    class LongLineSMTP(SMTP):
         # show what callers really send, 2000-character lines included
         line_length_limit = 1 << 24
 
-    class LongLineController(Controller):  # type: ignore[misc]
+    class LongLineController(Controller):
         def factory(self) -> SMTP:
             return LongLineSMTP(self.handler, **self.SMTP_kwargs)
 

@@ -106,6 +106,7 @@ def _dispatch(prog: str, inv: Invocation) -> int:
     if inv.action == "smtp":
         from mailshim import bs
 
+        _catch_signals()
         return bs.serve(config)
     return _submit(prog, config, inv)
 

@@ -33,7 +33,16 @@ HEADER_LIMIT = 1024 * 1024
 class Submission:
     """What the caller asks for: from argv, or from one `-bs` transaction."""
 
-    __slots__ = ("dot_ends", "extract", "full_name", "mode", "recipients", "sender", "verbose")
+    __slots__ = (
+        "discard_rejected",
+        "dot_ends",
+        "extract",
+        "full_name",
+        "mode",
+        "recipients",
+        "sender",
+        "verbose",
+    )
 
     def __init__(
         self,
@@ -44,6 +53,7 @@ class Submission:
         full_name: str | None = None,
         mode: str | None = None,
         verbose: bool = False,
+        discard_rejected: bool = False,
     ) -> None:
         self.sender = sender
         self.recipients = list(recipients or [])
@@ -52,6 +62,8 @@ class Submission:
         self.full_name = full_name
         self.mode = mode
         self.verbose = verbose
+        # -bs: the client hears the listener's refusal, so a wholly refused message is not kept
+        self.discard_rejected = discard_rejected
 
 
 class Outcome:
@@ -175,7 +187,8 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
     block = reader.header_block(HEADER_LIMIT)
     recipients = argv_rcpts
     if sub.extract:
-        recipients = resolve_recipients(config, sub.recipients + message.header_recipients(block.fields))
+        from_headers = message.header_recipients(block.fields)
+        recipients = resolve_recipients(config, sub.recipients + from_headers)
     if not recipients:
         raise UsageError(
             "no recipients: name them on the command line, or use -t to take them from To/Cc/Bcc"
@@ -200,7 +213,9 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
     if mode == "interactive" and locked is not None:
         from mailshim import runner
 
-        outcome.status, outcome.replies = runner.deliver_now(config, locked, verbose=sub.verbose)
+        outcome.status, outcome.replies = runner.deliver_now(
+            config, locked, verbose=sub.verbose, discard_rejected=sub.discard_rejected
+        )
     elif mode == "background":
         start_agent(target, config)
     return outcome
@@ -241,7 +256,9 @@ def _write_message(
                 f"message larger than [submission] max_size ({limit} bytes): nothing was kept"
             )
     if writer.size > limit:
-        raise DataError(f"message larger than [submission] max_size ({limit} bytes): nothing was kept")
+        raise DataError(
+            f"message larger than [submission] max_size ({limit} bytes): nothing was kept"
+        )
 
 
 # --- the delivery agent ------------------------------------------------------------------

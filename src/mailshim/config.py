@@ -349,6 +349,10 @@ def _build_relay(table: object, name: str, where: str) -> RelayConfig:
         relay.host = None
     if relay.socket is not None and not relay.socket.startswith("/"):
         raise ConfigError(f"{where}: [{name}] socket: must be an absolute path")
+    if relay.socket is not None and relay.tls == "tls":
+        raise ConfigError(
+            f'{where}: [{name}] tls = "tls" cannot be used with a unix socket: use "none"'
+        )
     if relay.password_file is not None and relay.username is None:
         raise ConfigError(f"{where}: [{name}] password_file is set but username is not")
     return relay

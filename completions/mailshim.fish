@@ -1,0 +1,49 @@
+# fish completion for mailshim(8).
+# Queue ids come from `mailshim queue --ids` (one id per line).
+
+function __mailshim_queue_ids
+    command mailshim queue --ids 2>/dev/null
+end
+
+set -l __mailshim_commands config check send-test flush daemon queue log sink setup-spool
+set -l __mailshim_actions list show delete hold release retry
+
+complete -c mailshim -f
+complete -c mailshim -s h -l help -d 'Show help'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -s C -l config -r -F -d 'Read this configuration file'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -l version -d 'Show the version'
+
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a config -d 'Print the effective configuration and its sources'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a check -d 'Say whether mail would flow, and why not'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a send-test -d 'Send a test message now and show the reply'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a flush -d 'Deliver everything that is due now'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a daemon -d 'Run the spool in the foreground'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a queue -d 'List, show, delete, hold, release or retry entries'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a log -d 'Show the syslog lines of one message'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a sink -d 'A debugging listener'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a setup-spool -d 'Create the system spool with its owners and modes'
+
+complete -c mailshim -n '__fish_seen_subcommand_from config' -l json -d 'Print JSON for scripts'
+complete -c mailshim -n '__fish_seen_subcommand_from flush' -s v -l verbose -d 'Show the SMTP dialogue'
+
+complete -c mailshim -n '__fish_seen_subcommand_from check' -l rcpt -x -a '(__fish_complete_users)' -d 'Also try this recipient'
+complete -c mailshim -n '__fish_seen_subcommand_from check' -l json -d 'Print JSON for scripts'
+
+complete -c mailshim -n '__fish_seen_subcommand_from send-test' -a '(__fish_complete_users)'
+
+complete -c mailshim -n '__fish_seen_subcommand_from sink' -l host -x -a '(__fish_print_hostnames)' -d 'Address to listen on'
+complete -c mailshim -n '__fish_seen_subcommand_from sink' -l port -x -d 'Port to listen on (10025)'
+complete -c mailshim -n '__fish_seen_subcommand_from sink' -l dir -x -a '(__fish_complete_directories)' -d 'Store each message in this folder'
+complete -c mailshim -n '__fish_seen_subcommand_from sink' -s q -l quiet -d 'Do not print messages'
+
+complete -c mailshim -n '__fish_seen_subcommand_from log' -a '(__mailshim_queue_ids)' -d 'Queue id'
+
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a list -d 'List the spool (the default)'
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a show -d 'Print the envelope, state and message of entries'
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a delete -d 'Remove entries without delivering them'
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a hold -d 'Keep entries without trying them'
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a release -d 'Undo hold'
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a retry -d 'Make entries due now'
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from show delete hold release retry" -l json -d 'Print JSON for scripts'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show delete hold release retry' -a '(__mailshim_queue_ids)' -d 'Queue id'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show delete hold release retry' -l all -d 'Every entry'

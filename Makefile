@@ -27,7 +27,7 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest
 
-test: lint typecheck unit
+test: lint typecheck unit compat
 
 compat: venv
 	bash tests/compat/run-bookworm.sh

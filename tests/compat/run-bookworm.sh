@@ -1,9 +1,11 @@
 #!/bin/sh
-# Run tests/test_relay.py against Debian bookworm's library versions (aiosmtplib 2.0.0,
-# click 8.1.3, platformdirs 2.6.0); the test tools (pytest, aiosmtpd, trustme, hypothesis)
-# may be the newest. The venv lives in /tmp and is reused between runs.
+# Run the tests that exercise the libraries (relay, sendmail end to end, -bs, relay targets,
+# the admin CLI) against Debian bookworm's versions (aiosmtplib 2.0.0, click 8.1.3,
+# platformdirs 2.6.0); the test tools (pytest, aiosmtpd, trustme, hypothesis) may be the
+# newest. The venv lives in /tmp and is reused between runs; mailshim is installed into it
+# without dependencies so its console scripts exist and the pins stay in force.
 #
-#   tests/compat/run-bookworm.sh [pytest args...]
+#   tests/compat/run-bookworm.sh [pytest args...]   (default: the files listed below)
 #   PYTHON=/path/to/python3.10 tests/compat/run-bookworm.sh     (another interpreter)
 #
 # The interpreter defaults to Debian's own /usr/bin/python3 (3.11.2 on bookworm) when present.
@@ -44,6 +46,15 @@ assert aiosmtplib.__version__ == "2.0.0", aiosmtplib.__version__
 PY
 
 cd "$here"
-# mailshim is used from the source tree, not installed, so the pins above stay in force.
-PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m pytest \
-    -p no:cacheprovider -q tests/test_relay.py "$@"
+if ! "$venv/bin/python" -m pip install --disable-pip-version-check --no-deps --force-reinstall \
+        "$here" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "run-bookworm: installing mailshim failed" >&2
+    exit 1
+fi
+if [ $# -eq 0 ]; then
+    set -- tests/test_relay.py tests/test_sendmail.py tests/test_bs.py \
+        tests/test_relay_targets.py tests/test_config.py
+    [ -f tests/test_admin.py ] && set -- "$@" tests/test_admin.py
+fi
+"$venv/bin/python" -m pytest -p no:cacheprovider -q "$@"

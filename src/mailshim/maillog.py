@@ -1,10 +1,12 @@
 """One syslog line per event, Postfix style, on the mail facility, tagged ``mailshim``.
 
 ``journalctl -t mailshim`` or ``grep QUEUEID /var/log/mail.log`` then tells a message's whole
-story. Where there is no syslog socket (containers, CI) nothing is written and nothing fails.
+story; ``story()`` reads it back for ``mailshim log ID``. Where there is no syslog socket
+(containers, CI) nothing is written and nothing fails.
 
 Trust: any process. Text is reduced to one printable line before it is logged, so addresses
-and replies from other users or the listener cannot forge extra log lines.
+and replies from other users or the listener cannot forge extra log lines. ``story()`` runs
+as the administrator and only reads what that user may read (the journal, the log files).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from __future__ import annotations
 import os
 
 from mailshim.errors import one_line
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 _SOCKETS = ("/dev/log", "/var/run/syslog")
 _opened = False
@@ -36,3 +42,107 @@ def log(text: str, *, error: bool = False) -> None:
         syslog.openlog("mailshim", syslog.LOG_PID, syslog.LOG_MAIL)
         _opened = True
     syslog.syslog(syslog.LOG_WARNING if error else syslog.LOG_INFO, one_line(text))
+
+
+# --- reading the story back (``mailshim log ID``) -----------------------------------------
+
+LOG_FILES = ("/var/log/mail.log", "/var/log/maillog")
+JOURNAL = ("journalctl", "-t", "mailshim", "--no-pager", "-o", "short-iso")
+_ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def looks_like_id(word: str) -> bool:
+    """A queue id, or a prefix of one long enough not to match everything."""
+    return 6 <= len(word) <= 20 and all(ch in _ID_CHARS for ch in word)
+
+
+def _ids_in(line: str) -> list[str]:
+    """Queue ids named in a line (a bounce's own id, for instance)."""
+    out = []
+    for word in line.replace(":", " ").replace(",", " ").replace("=", " ").split():
+        word = word.strip("<>()[]")
+        if len(word) == 20 and looks_like_id(word):
+            out.append(word)
+    return out
+
+
+def follow(lines: Iterable[str], queue_id: str) -> Iterator[str]:
+    """The lines that mention ``queue_id``, or an id first named in one of those lines."""
+    wanted = {queue_id.upper()}
+    for line in lines:
+        if any(w in line for w in wanted):
+            wanted.update(_ids_in(line))
+            yield line.rstrip("\r\n")
+
+
+def journal_story(queue_id: str) -> list[str] | None:
+    """The journal's lines for ``queue_id`` (streamed); None when journalctl does not work."""
+    import shutil
+    import subprocess
+
+    if shutil.which(JOURNAL[0]) is None:
+        return None
+    try:
+        proc = subprocess.Popen(
+            JOURNAL, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+    except OSError:
+        return None
+    assert proc.stdout is not None
+    try:
+        lines = (
+            raw.decode("utf-8", "replace") for raw in proc.stdout if not raw.startswith(b"-- ")
+        )
+        found = list(follow(lines, queue_id))
+    finally:
+        proc.stdout.close()
+        code = proc.wait()
+    if code != 0 and not found:
+        return None
+    return found
+
+
+def file_lines(path: str) -> Iterator[str]:
+    """The lines of a log file (raises OSError)."""
+    with open(path, "rb") as f:
+        for raw in f:
+            yield raw.decode("utf-8", "replace")
+
+
+def default_files() -> list[str]:
+    """The mail log files present, each rotated copy (``.1``) before it."""
+    out = []
+    for path in LOG_FILES:
+        for candidate in (path + ".1", path):
+            if os.path.isfile(candidate):
+                out.append(candidate)
+    return out
+
+
+def story(queue_id: str, path: str | None = None) -> tuple[list[str], list[str]]:
+    """A message's log lines and where they were looked for.
+
+    With ``path``, only that file. Otherwise the journal (``journalctl -t mailshim``) when it
+    works and knows the id, else the mail log files. Raises OSError for an unreadable
+    ``path``.
+    """
+    if path is not None:
+        return list(follow(file_lines(path), queue_id)), [path]
+    searched = []
+    found = journal_story(queue_id)
+    if found is not None:
+        searched.append("the journal (" + " ".join(JOURNAL) + ")")
+        if found:
+            return found, searched
+    files = default_files()
+    if not files:
+        searched.append(f"{' or '.join(LOG_FILES)} (no such file)")
+    for name in files:
+        searched.append(name)
+        try:
+            found = list(follow(file_lines(name), queue_id))
+        except OSError:
+            continue
+        if found:
+            return found, searched
+    return [], searched

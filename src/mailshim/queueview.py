@@ -1,5 +1,11 @@
 """Read-only views of the queue: ``mailq`` / ``sendmail -bp`` and ``mailshim queue``.
 
+Two layouts of the same items: ``format_listing`` is Postfix's (a block per entry, recipients
+under the sender, "-- N Kbytes in M Requests." last, "Mail queue is empty" when it is), for
+people and scripts used to ``mailq``; ``format_table`` is one aligned row per entry with its
+status, for ``mailshim queue``. Ages read "42s", "7m", "3h12m", "2d4h". Colour only on a
+terminal, never with ``NO_COLOR`` set or ``TERM=dumb``.
+
 Trust: runs as any user; shows only spools that user can read (the per-user spool, and the
 system spool for root and the ``mailshim`` user). Entry contents are other users' data: each
 field is reduced to one printable line before it is shown.
@@ -7,6 +13,7 @@ field is reduced to one printable line before it is shown.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -15,8 +22,24 @@ from mailshim.errors import DataError, one_line
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mailshim.config import Config
     from mailshim.spoolfmt import Envelope, State
+
+RESET = "\x1b[0m"
+STYLES = {
+    "id": "1",
+    "held": "33",
+    "deferred": "33",
+    "failed": "31",
+    "error": "31",
+    "delivered": "32",
+    "new": "36",
+    "dim": "2",
+    "partial": "33",
+    "unreadable": "31;1",
+}
 
 
 class Item:
@@ -38,9 +61,26 @@ class Item:
         self.state = state
         self.error = error
 
+    @property
+    def status(self) -> str:
+        """held | new | deferred | partial | unreadable."""
+        st = self.state
+        if self.envelope is None:
+            return "unreadable"
+        if st is None:
+            return "new"
+        if st.held:
+            return "held"
+        if st.done or st.failed:
+            return "partial"
+        if st.attempts == 0:
+            return "new"
+        return "deferred"
+
     def as_dict(self) -> dict[str, object]:
         env, st = self.envelope, self.state
         out: dict[str, object] = {"id": self.queue_id, "spool": self.spool.root}
+        out["status"] = self.status
         if env is None:
             out["error"] = self.error
             return out
@@ -71,16 +111,23 @@ def collect(config: Config) -> list[Item]:
             try:
                 env = target.read_envelope(qid)
                 state = target.load_state(qid)
+            except FileNotFoundError:
+                continue  # delivered while we looked
             except (DataError, OSError) as exc:
                 text = exc.message if isinstance(exc, DataError) else str(exc.strerror)
                 items.append(Item(target, qid, None, None, text))
                 continue
             items.append(Item(target, qid, env, state))
+    items.sort(key=lambda i: (i.envelope.arrival if i.envelope else 0, i.queue_id))
     return items
 
 
 def age(seconds: float) -> str:
-    """Compact age: 42s, 7m, 3h12m, 2d4h."""
+    """Compact age: 42s, 7m, 3h12m, 2d4h.
+
+    >>> age(11520)
+    '3h12m'
+    """
     s = int(max(0, seconds))
     if s < 60:
         return f"{s}s"
@@ -93,42 +140,177 @@ def age(seconds: float) -> str:
     return f"{d}d{h}h" if h else f"{d}d"
 
 
-def format_listing(items: list[Item], now: float) -> str:
+def human_size(size: int) -> str:
+    """Bytes for a column: 812, 1.2K, 34K, 5.6M, 1.1G.
+
+    >>> human_size(1234)
+    '1.2K'
+    """
+    value = float(size)
+    for unit in ("", "K", "M", "G"):
+        if value < 1000 or unit == "G":
+            if not unit:
+                return str(size)
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+        value /= 1024
+    return str(size)  # pragma: no cover
+
+
+def use_color(stream: object = None) -> bool:
+    """Colour only on a terminal, never with NO_COLOR set (https://no-color.org) or TERM=dumb."""
+    target = sys.stdout if stream is None else stream
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(target, "isatty", None)
+    try:
+        return bool(isatty is not None and isatty())
+    except ValueError:  # closed stream
+        return False
+
+
+def _painter(color: bool) -> Callable[[str, str], str]:
+    def paint(style: str, text: str) -> str:
+        if not color or not text:
+            return text
+        return f"\x1b[{STYLES[style]}m{text}{RESET}"
+
+    return paint
+
+
+def _next_try(st: State | None, now: float) -> str:
+    if st is None or st.held or not st.next_attempt:
+        return ""
+    if st.next_attempt <= now:
+        return "due now"
+    return f"in {age(st.next_attempt - now)}"
+
+
+# --- mailq: Postfix's layout ------------------------------------------------------------
+
+
+def format_listing(items: list[Item], now: float, color: bool = False) -> str:
+    """``mailq``: a block per entry, Postfix style, with the age instead of the arrival date.
+
+    The id is followed by ``!`` when the entry is held; the last error comes in parentheses
+    before the recipients, as Postfix shows it.
+    """
     if not items:
         return "Mail queue is empty\n"
-    lines = [f"{'-Queue ID-':<22}{'--Size--':>9} {'-Age-':>7}  -Sender/Recipient-"]
+    paint = _painter(color)
+    id_width = max(10, max(len(i.queue_id) for i in items) + 1)
+    size_width = max([8, *(len(str(i.envelope.size)) for i in items if i.envelope is not None)])
+    head_id = "-Queue ID-".ljust(id_width)
+    head_size = "--Size--".rjust(size_width)
+    lines = [f"{head_id} {head_size} {'-Age-':>7}  -Sender/Recipient-------"]
+    indent = " " * (id_width + 1 + size_width + 1 + 7 + 2)
     total = 0
     for item in items:
         env, st = item.envelope, item.state
         if env is None:
-            lines.append(f"{item.queue_id:<22}{'?':>9} {'?':>7}  (unreadable: {one_line(item.error)})")
+            cell = item.queue_id.ljust(id_width)
+            lines.append(
+                f"{paint('id', cell)} {'?':>{size_width}} {'?':>7}  "
+                + paint("unreadable", f"(unreadable: {one_line(item.error)})")
+            )
+            lines.append("")
             continue
         total += env.size
-        flag = "!" if st is not None and st.held else ("*" if st and st.attempts == 0 else " ")
-        sender = one_line(env.sender) or "<>"
+        held = st is not None and st.held
+        cell = (item.queue_id + ("!" if held else "")).ljust(id_width)
+        sender = one_line(env.sender) or "MAILER-DAEMON"
         lines.append(
-            f"{item.queue_id + flag:<22}{env.size:>9} {age(now - env.arrival):>7}  {sender}"
+            f"{paint('id', cell)} {env.size:>{size_width}} {age(now - env.arrival):>7}  {sender}"
         )
         if st is not None and st.last_error:
-            when = ""
-            if st.next_attempt:
-                when = f" [next try in {age(st.next_attempt - now)}]"
-            lines.append(f"{'':<40}({one_line(st.last_error)}){when}")
+            note = f"({one_line(st.last_error)})"
+            when = _next_try(st, now)
+            lines.append(indent + paint("error", note) + (f" [next try {when}]" if when else ""))
+        elif held:
+            lines.append(indent + paint("held", "(held: no delivery until released)"))
         for rcpt in env.recipients:
-            mark = ""
-            if st is not None and rcpt in st.done:
-                mark = " (delivered)"
-            elif st is not None and rcpt in st.failed:
-                mark = " (failed)"
-            lines.append(f"{'':<40}{one_line(rcpt)}{mark}")
+            lines.append(indent + _recipient(rcpt, st, paint))
         lines.append("")
     count = len(items)
-    lines.append(
-        f"-- {max(1, (total + 1023) // 1024)} Kbytes in {count} Request{'s' if count != 1 else ''}."
-    )
+    kbytes = (total + 1023) // 1024
+    lines.append(f"-- {kbytes} Kbytes in {count} Request{'s' if count != 1 else ''}.")
     return "\n".join(lines) + "\n"
 
 
+def _recipient(rcpt: str, st: State | None, paint: Callable[[str, str], str]) -> str:
+    text = one_line(rcpt)
+    if st is not None and rcpt in st.done:
+        return paint("dim", f"{text} (delivered)")
+    if st is not None and rcpt in st.failed:
+        return paint("failed", f"{text} (failed: {one_line(st.failed[rcpt])})")
+    return text
+
+
 def print_queue(config: Config) -> int:
-    sys.stdout.write(format_listing(collect(config), time.time()))
+    sys.stdout.write(format_listing(collect(config), time.time(), use_color(sys.stdout)))
     return 0
+
+
+# --- mailshim queue: one row per entry ------------------------------------------------
+
+
+def format_table(items: list[Item], now: float, color: bool = False) -> str:
+    """``mailshim queue``: aligned columns, one row per entry, its last error below it."""
+    if not items:
+        return "Mail queue is empty\n"
+    paint = _painter(color)
+    header = ("ID", "AGE", "SIZE", "TRIES", "STATUS", "SENDER", "RECIPIENTS")
+    rows: list[tuple[Item, tuple[str, ...]]] = []
+    for item in items:
+        env, st = item.envelope, item.state
+        if env is None:
+            rows.append((item, (item.queue_id, "?", "?", "?", "unreadable", "", "")))
+            continue
+        status = item.status
+        when = _next_try(st, now)
+        if status == "deferred" and when:
+            status = f"deferred, next {when}"
+        rcpts = [one_line(r) for r in env.recipients]
+        shown = rcpts[0] + (f" +{len(rcpts) - 1}" if len(rcpts) > 1 else "") if rcpts else ""
+        rows.append((item, (
+            item.queue_id,
+            age(now - env.arrival),
+            human_size(env.size),
+            str(st.attempts if st is not None else 0),
+            status,
+            one_line(env.sender) or "<>",
+            shown,
+        )))  # fmt: skip
+    widths = [max(len(header[c]), *(len(r[c]) for _, r in rows)) for c in range(len(header))]
+    right = {1, 2, 3}
+
+    def line(cells: tuple[str, ...], styles: tuple[str | None, ...]) -> str:
+        out = []
+        for c, cell in enumerate(cells):
+            padded = cell.rjust(widths[c]) if c in right else cell.ljust(widths[c])
+            if c == len(cells) - 1:
+                padded = cell
+            style = styles[c]
+            out.append(paint(style, padded) if style else padded)
+        return "  ".join(out).rstrip()
+
+    lines = [line(header, ("dim",) * len(header))]
+    counts: dict[str, int] = {}
+    total = 0
+    for item, cells in rows:
+        status = item.status
+        counts[status] = counts.get(status, 0) + 1
+        total += item.envelope.size if item.envelope else 0
+        lines.append(line(cells, ("id", None, None, None, status, None, None)))
+        note = ""
+        if item.envelope is None:
+            note = f"unreadable: {one_line(item.error)}"
+        elif item.state is not None and item.state.last_error:
+            note = one_line(item.state.last_error)
+        if note:
+            lines.append(" " * (widths[0] + 2) + paint("error", note))
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    count = len(items)
+    lines.append("")
+    size = f"{total} bytes" if total < 1000 else human_size(total)
+    lines.append(f"{count} message{'s' if count != 1 else ''}, {size}: {summary}")
+    return "\n".join(lines) + "\n"

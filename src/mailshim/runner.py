@@ -1,17 +1,33 @@
-"""Deliver spool entries: lock → relay → remove, defer with a schedule, or bury in dead/.
+"""Deliver spool entries: lock → relay → remove, retry on a schedule, or bounce into dead/.
 
-Three callers share this code: the detached delivery agent that ``sendmail`` starts after
-spooling (``python -m mailshim.runner agent``), ``sendmail -q`` / ``mailshim flush`` (every
-entry now), and ``sendmail -odi``/``-v``/``-bs`` (one entry, before replying). Each entry is
-delivered under its flock, so two of them at once never send one message twice.
+Callers: the detached delivery agent that ``sendmail`` starts after spooling (``python -m
+mailshim.runner agent``), ``sendmail -q`` / ``mailshim flush`` (everything now, one
+connection), ``mailshim daemon`` (foreground: wakes on new entries and on the schedule), and
+``sendmail -odi``/``-v``/``-bs`` (one entry before replying). The runners (flush, daemon, an
+agent that may write the queue) also pick up the system spool's drop folder.
 
-Exactly-once holds except in one window: between the listener's final 250 and the removal of
-the entry (or the state update recording that recipient as done). A crash there means the
-message is sent again on the next attempt (at-least-once). The window is a rename-free unlink
-plus an fsync of the queue folder.
+Per recipient: a 2xx is recorded and never sent again; a 4xx is retried alone on the
+``[queue] retry`` schedule; a 5xx is reported to the envelope sender in one RFC 3464 bounce
+(bounce.py) once nothing else is pending, and the entry moves to ``dead/``. After
+``warn_after`` a one-time delay warning goes out; once ``lifetime`` has passed, what is still
+pending after one last try expires and is bounced. Reports are spooled like any message, with
+the null sender; no report is made for a message whose sender is ``<>``. Back-pressure is not
+failure: Stalwart's ``452 4.4.5`` (more than 10 messages in a session, or 5 a second) makes
+the runner reconnect, pause and go on; greylisting's ``452 4.2.2`` retries after the first
+retry step; neither counts as an attempt on the schedule.
 
-Trust: the agent runs as the submitting user on that user's spool; the runner as root or the
-``mailshim`` user. Entries are parsed strictly (spoolfmt) and unreadable ones quarantined.
+Exactly once, with one window: between the listener taking the message and the spool update
+that records it (the unlink of the entry, or the state naming the recipients done), a crash,
+or a connection lost before the reply, means the message goes again at the next attempt. The
+update follows the reply at once; a power cut can also bring back entries removed in the last
+``spool.SYNC_INTERVAL`` (their folder is fsynced in batches). docs/spool.md, section 5, lists
+every window.
+
+Trust: the agent runs as the submitting user on their own spool or drop-folder entry; the
+runners as root or the ``mailshim`` user. Entries are parsed strictly (spoolfmt), drop-folder
+entries are copied and checked by spool.pickup, unreadable ones are quarantined. The listener
+is untrusted: its replies arrive cleaned by relay.py and only ever go into logs, state and
+reports as text.
 """
 
 from __future__ import annotations
@@ -20,22 +36,40 @@ import os
 import sys
 import time
 
-from mailshim import maillog, spool
+from mailshim import bounce, maillog, spool
 from mailshim.errors import DataError, MailshimError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Callable
 
     from mailshim.config import Config
     from mailshim.relay import RelayClient, Reply, SendResult
-    from mailshim.spoolfmt import Envelope, State
+    from mailshim.spoolfmt import State
 
 AGENT_LINGER = 1.0  # seconds an idle agent waits for more submissions before it exits
+RATE_PAUSE = 1.0  # seconds to wait after a rate-limit reply before trying the entry again
+RATE_RETRIES = 2  # in-pass retries of one entry after rate limiting
+PRESSURE_STREAK = 5  # consecutive throttled entries that end a pass ("the listener is busy")
+PRESSURE_DELAY = 60  # at most this long before a throttled entry is due again
+DAEMON_POLL = 0.5  # seconds between the daemon's cheap looks at the spool folders
+LOCKED_RECHECK = 1.0  # how often the daemon looks again at drop entries held by their owner
+RATE_LIMITED = ("4.4.5",)  # Stalwart: too many messages per session or per second
+GREYLISTED = ("4.2.2",)  # Stalwart's greylisting reply
 
 
 class Counts:
-    __slots__ = ("bounced", "deferred", "quarantined", "sent", "skipped")
+    __slots__ = (
+        "bounced",
+        "deferred",
+        "picked",
+        "quarantined",
+        "refused",
+        "sent",
+        "skipped",
+        "throttled",
+    )
 
     def __init__(self) -> None:
         self.sent = 0
@@ -43,77 +77,250 @@ class Counts:
         self.bounced = 0
         self.skipped = 0
         self.quarantined = 0
+        self.throttled = 0
+        self.picked = 0  # drop-folder entries moved into the queue
+        self.refused = 0  # drop-folder names that were not valid entries
 
     def total(self) -> int:
-        return self.sent + self.deferred + self.bounced + self.quarantined
+        return self.sent + self.deferred + self.bounced + self.quarantined + self.throttled
+
+    def add(self, status: str) -> None:
+        if status == "sent":
+            self.sent += 1
+        elif status == "deferred":
+            self.deferred += 1
+        elif status == "throttled":
+            self.throttled += 1
+        elif status == "quarantined":
+            self.quarantined += 1
+        else:
+            self.bounced += 1
+
+    def summary(self) -> str:
+        text = f"{self.sent} delivered, {self.deferred} deferred, {self.bounced} bounced"
+        if self.throttled:
+            text += f", {self.throttled} slowed down by the listener"
+        if self.quarantined:
+            text += f", {self.quarantined} unreadable (moved to corrupt/)"
+        return text
 
 
 def next_delay(config: Config, attempts: int) -> int:
-    """Seconds until the next try after ``attempts`` failed tries (the last step repeats)."""
+    """Seconds until the next try after ``attempts`` counted failures (the last step repeats)."""
     steps = config.retry
     return steps[min(max(attempts, 1), len(steps)) - 1]
+
+
+def pressure_kind(reply: Reply) -> str | None:
+    """ "rate" or "greylist" when ``reply`` is back-pressure rather than a failure."""
+    if reply.code == 0 or not reply.temporary:
+        return None
+    word = reply.text.split(" ", 1)[0]
+    if word in RATE_LIMITED:
+        return "rate"
+    if word in GREYLISTED:
+        return "greylist"
+    return None
+
+
+def _pressure_delay(config: Config, kind: str) -> int:
+    first = config.retry[0]
+    return first if kind == "greylist" else min(first, PRESSURE_DELAY)
 
 
 def _fmt_delay(seconds: float) -> str:
     return f"{seconds:.2g}" if seconds < 10 else f"{seconds:.0f}"
 
 
-def _apply_result(
-    config: Config, env: Envelope, state: State, result: SendResult, now: float
-) -> None:
-    if state.first_attempt == 0:
-        state.first_attempt = int(now)
-    state.attempts += 1
-    delay = _fmt_delay(max(0.0, now - env.arrival))
+def _log_replies(queue_id: str, arrival: int, result: SendResult, now: float) -> None:
+    delay = _fmt_delay(max(0.0, now - arrival))
     for rcpt, reply in result.replies.items():
         if 200 <= reply.code < 300:
-            state.done[rcpt] = str(reply)
-            state.pending.pop(rcpt, None)
             status = "sent"
         elif reply.permanent:
-            state.failed[rcpt] = str(reply)
-            state.pending.pop(rcpt, None)
             status = "bounced"
         else:
-            state.pending[rcpt] = str(reply)
-            state.last_error = str(reply)
             status = "deferred"
         maillog.log(
-            f"{env.queue_id}: to=<{rcpt}>, relay={result.relay}, delay={delay},"
+            f"{queue_id}: to=<{rcpt}>, relay={result.relay}, delay={delay},"
             f" status={status} ({reply})",
             error=status != "sent",
         )
 
 
-def _finish(
-    config: Config, locked: spool.LockedEntry, state: State, now: float, discard_rejected: bool
+def _apply_result(state: State, result: SendResult, now: float) -> str | None:
+    """Record one attempt's replies; returns the back-pressure kind when that is all it met.
+
+    Only a temporary failure that is not back-pressure counts toward the retry schedule.
+    """
+    if state.first_attempt == 0:
+        state.first_attempt = int(now)
+    state.last_attempt = int(now)
+    counted = False
+    pressure: str | None = None
+    for rcpt, reply in result.replies.items():
+        if 200 <= reply.code < 300:
+            state.done[rcpt] = str(reply)
+            state.pending.pop(rcpt, None)
+        elif reply.permanent:
+            state.failed[rcpt] = str(reply)
+            state.pending.pop(rcpt, None)
+        else:
+            state.pending[rcpt] = str(reply)
+            state.last_error = str(reply)
+            kind = pressure_kind(reply)
+            if kind is None:
+                counted = True
+            elif pressure != "rate":
+                pressure = kind
+    if counted:
+        state.attempts += 1
+        state.throttled = 0
+        return None
+    if pressure is not None:
+        state.throttled += 1
+    return pressure
+
+
+def _write_report(
+    config: Config,
+    locked: spool.LockedEntry,
+    state: State,
+    kind: str,
+    recipients: dict[str, str],
+    now: float,
+    queue_id: str | None = None,
 ) -> str:
-    """Remove, bury or reschedule after an attempt; returns sent|deferred|bounced|rejected."""
+    """Spool a delivery status notification about ``locked`` to its sender; returns its id."""
+    env = locked.envelope
+    try:
+        headers = locked.headers()
+    except (DataError, OSError):
+        headers = b""
+    qid = queue_id or spool.new_queue_id()
+    data = bounce.build_report(
+        kind=kind,
+        envelope=env,
+        recipients=recipients,
+        original_headers=headers,
+        reporting_mta=config.helo_name,
+        domain=config.domain,
+        now=now,
+        utc_offset=time.localtime(now).tm_gmtoff,
+        message_id=qid,
+        expired=state.expired,
+        retry_until=env.arrival + config.lifetime if kind == bounce.DELAYED else None,
+        last_attempt=state.last_attempt or None,
+    )
+    writer = locked.spool.new_entry("", [env.sender], os.geteuid(), queue_id=qid)
+    try:
+        writer.write(data)
+        writer.commit(not data.isascii())
+    except BaseException:
+        writer.abort()
+        raise
+    what = "non-delivery" if kind == bounce.FAILED else "delay"
+    maillog.log(f"{env.queue_id}: sender {what} notification: {qid}")
+    return qid
+
+
+def _expire(
+    config: Config, env_arrival: int, state: State, open_rcpts: list[str], now: float
+) -> bool:
+    if not open_rcpts or now - env_arrival < config.lifetime:
+        return False
+    for rcpt in open_rcpts:
+        state.failed[rcpt] = state.pending.pop(rcpt, "") or "no attempt reached the listener"
+        if rcpt not in state.expired:
+            state.expired.append(rcpt)
+    return True
+
+
+def _finish(
+    config: Config,
+    locked: spool.LockedEntry,
+    state: State,
+    now: float,
+    *,
+    interactive: bool = False,
+    discard_rejected: bool = False,
+    pressure: str | None = None,
+) -> str:
+    """Remove, bury or reschedule after an attempt.
+
+    Returns sent | deferred | throttled | bounced | rejected. ``interactive``: the caller is
+    told each refusal now (``-odi``, ``-bs``), so those get no bounce; with
+    ``discard_rejected`` (``-bs``) a message nobody accepted is dropped (the client got the
+    5xx) while a partly accepted one still bounces the rest (the client got a 250).
+    """
     env = locked.envelope
     open_rcpts = state.open_recipients(env)
-    if open_rcpts and now - env.arrival >= config.lifetime:
-        for rcpt in open_rcpts:
-            last = state.pending.get(rcpt, "no attempt succeeded")
-            state.failed[rcpt] = f"expired after {config.lifetime // 3600}h in the queue: {last}"
+    if _expire(config, env.arrival, state, open_rcpts, now):
         open_rcpts = []
     if open_rcpts:
-        state.next_attempt = int(now) + next_delay(config, state.attempts)
+        delay = (
+            _pressure_delay(config, pressure) if pressure else next_delay(config, state.attempts)
+        )
+        state.next_attempt = int(now) + delay
+        if (
+            config.warn_after
+            and not state.warned
+            and env.sender
+            and now - env.arrival >= config.warn_after
+        ):
+            late = {r: state.pending.get(r, "not yet tried") for r in open_rcpts}
+            _write_report(config, locked, state, bounce.DELAYED, late, now)
+            state.warned = True
         locked.save_state(state)
         locked.release()
-        return "deferred"
+        return "throttled" if pressure else "deferred"
     if not state.failed:
         locked.remove()
         maillog.log(f"{env.queue_id}: removed")
         return "sent"
-    if discard_rejected and not state.done:
+    told = interactive and (not discard_rejected or not state.done)
+    if told and discard_rejected:
         locked.remove()
         maillog.log(f"{env.queue_id}: rejected by the listener; the client was told")
         return "rejected"
-    reason = "; ".join(f"<{r}>: {why}" for r, why in state.failed.items())
+    reason = "; ".join(
+        f"<{r}>: {'expired in the queue; last error: ' if r in state.expired else ''}{why}"
+        for r, why in state.failed.items()
+    )
+    if not told and env.sender:
+        # The report's id is recorded first: after a crash between writing the report and
+        # moving the entry, the next run sees the report in the queue and does not repeat it.
+        if not state.bounce_id:
+            state.bounce_id = spool.new_queue_id()
+            locked.save_state(state)
+        target = locked.spool
+        if not (
+            target.exists(state.bounce_id)
+            or os.path.lexists(os.path.join(target.dead, state.bounce_id))
+        ):
+            _write_report(
+                config, locked, state, bounce.FAILED, dict(state.failed), now, state.bounce_id
+            )
     locked.save_state(state)
     where = locked.bury("dead", reason)
     maillog.log(f"{env.queue_id}: moved to {where}: {reason}", error=True)
-    return "bounced" if state.done else "rejected"
+    return "bounced" if (state.done or not told) else "rejected"
+
+
+def _sendable(addr: str) -> bool:
+    """Spool records keep undecodable bytes as surrogates; no such address can be sent."""
+    try:
+        addr.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _quarantine(locked: spool.LockedEntry, why: str) -> tuple[str, dict[str, Reply]]:
+    locked.release()
+    locked.spool.quarantine(locked.queue_id, why)
+    maillog.log(f"{locked.queue_id}: moved to corrupt/: {why}", error=True)
+    return "quarantined", {}
 
 
 async def deliver_entry(
@@ -121,31 +328,95 @@ async def deliver_entry(
     client: RelayClient,
     locked: spool.LockedEntry,
     *,
+    interactive: bool = False,
     discard_rejected: bool = False,
 ) -> tuple[str, dict[str, Reply]]:
-    """One attempt at one locked entry. Returns (status, replies of this attempt)."""
+    """One attempt at one locked entry. Returns (status, replies of this attempt).
+
+    Spool errors (disk full, read-only) raise ``MailshimError``; the lock is released.
+    """
     try:
-        env = locked.envelope
-        state = locked.state()
-    except DataError as exc:
+        try:
+            env = locked.envelope
+            state = locked.state()
+        except DataError as exc:
+            return _quarantine(locked, exc.message)
+        if not _sendable(env.sender):
+            return _quarantine(locked, "the sender is not valid UTF-8")
+        rcpts = state.open_recipients(env)
+        for rcpt in [r for r in rcpts if not _sendable(r)]:
+            # Only a hand-made entry holds one: it can never go out, so it fails now.
+            state.failed[rcpt] = "553 5.1.3 the address is not valid UTF-8 (not sent)"
+            rcpts.remove(rcpt)
+        if not rcpts:
+            # Nothing left to send: a crash came after the last reply was recorded.
+            return _finish(config, locked, state, time.time(), interactive=interactive), {}
+        try:
+            with locked.message() as body:
+                result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
+        except DataError as exc:
+            return _quarantine(locked, exc.message)
+        now = time.time()
+        _log_replies(env.queue_id, env.arrival, result, now)
+        pressure = _apply_result(state, result, now)
+        status = _finish(
+            config,
+            locked,
+            state,
+            now,
+            interactive=interactive,
+            discard_rejected=discard_rejected,
+            pressure=pressure,
+        )
+        return status, dict(result.replies)
+    finally:
         locked.release()
-        locked.spool.quarantine(locked.queue_id, exc.message)
-        maillog.log(f"{locked.queue_id}: moved to corrupt/: {exc.message}", error=True)
-        return "quarantined", {}
-    rcpts = state.open_recipients(env)
-    if not rcpts:
-        return _finish(config, locked, state, time.time(), discard_rejected), {}
+
+
+async def deliver_drop(
+    config: Config,
+    client: RelayClient,
+    entry: spool.DropEntry,
+    *,
+    interactive: bool = False,
+    discard_rejected: bool = False,
+) -> tuple[str, dict[str, Reply]]:
+    """One attempt at the submitter's own drop-folder entry, by the submitter.
+
+    Delivered recipients leave the entry (it is removed, or atomically replaced by one for
+    the others); what is left, the runner picks up and retries or bounces. Refusals the
+    caller is told about now (interactive) are dropped.
+    """
     try:
-        with locked.message() as body:
-            result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
-    except DataError as exc:
-        locked.release()
-        locked.spool.quarantine(locked.queue_id, exc.message)
-        maillog.log(f"{locked.queue_id}: moved to corrupt/: {exc.message}", error=True)
-        return "quarantined", {}
-    now = time.time()
-    _apply_result(config, env, state, result, now)
-    return _finish(config, locked, state, now, discard_rejected), dict(result.replies)
+        if not entry.still_here():
+            return "queued", {}
+        try:
+            env = entry.envelope
+            body_file = entry.message()
+        except DataError:
+            return "queued", {}  # the runner will look at it and quarantine it
+        with body_file as body:
+            result = await client.send(env.sender, env.recipients, body, env.size, env.eightbit)
+        _log_replies(env.queue_id, env.arrival, result, time.time())
+        done = set(result.sent())
+        refused = set(result.bounced())
+        told = interactive and (not discard_rejected or not done)
+        left = [r for r in env.recipients if r not in done and not (told and r in refused)]
+        if not left:
+            entry.remove()
+            maillog.log(f"{env.queue_id}: removed")
+            if not refused:
+                return "sent", dict(result.replies)
+            return ("bounced" if done else "rejected"), dict(result.replies)
+        if len(left) < len(env.recipients):
+            entry.rewrite(left)
+        else:
+            entry.poke()
+        if refused and done:
+            return "bounced", dict(result.replies)
+        return "deferred", dict(result.replies)
+    finally:
+        entry.release()
 
 
 def _client(config: Config, transcript: Callable[[str], None] | None = None) -> RelayClient:
@@ -156,12 +427,12 @@ def _client(config: Config, transcript: Callable[[str], None] | None = None) -> 
 
 def deliver_now(
     config: Config,
-    locked: spool.LockedEntry,
+    locked: spool.LockedEntry | spool.DropEntry,
     *,
     verbose: bool = False,
     discard_rejected: bool = False,
 ) -> tuple[str, dict[str, Reply]]:
-    """Deliver one entry synchronously (``-odi``, ``-v``, ``-bs``)."""
+    """Deliver one just-submitted entry synchronously (``-odi``, ``-v``, ``-bs``)."""
     import asyncio
 
     def transcript(line: str) -> None:
@@ -170,7 +441,13 @@ def deliver_now(
 
     async def run() -> tuple[str, dict[str, Reply]]:
         async with _client(config, transcript if verbose else None) as client:
-            return await deliver_entry(config, client, locked, discard_rejected=discard_rejected)
+            if isinstance(locked, spool.DropEntry):
+                return await deliver_drop(
+                    config, client, locked, interactive=True, discard_rejected=discard_rejected
+                )
+            return await deliver_entry(
+                config, client, locked, interactive=True, discard_rejected=discard_rejected
+            )
 
     try:
         return asyncio.run(run())
@@ -180,6 +457,35 @@ def deliver_now(
 
 def _is_connection_failure(replies: dict[str, Reply]) -> bool:
     return bool(replies) and all(r.code == 0 for r in replies.values())
+
+
+async def _sleep(seconds: float, stop: asyncio.Event | None) -> None:
+    import asyncio
+
+    if seconds <= 0:
+        return
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+def pickup(config: Config, target: spool.Spool, counts: Counts | None = None) -> tuple[int, int]:
+    """Move the drop folder's entries into the queue (runners only). Returns how many were
+    moved, and how many were left because their owner still holds them."""
+    if not target.has_incoming() or not target.writable():
+        return 0, 0
+    target.clean_incoming()
+    results = target.pickup(config.max_size, config.max_recipients)
+    spool.log_pickups(results, lambda text, error: maillog.log(text, error=error))
+    picked = sum(1 for p in results if p.status == "picked" and not p.duplicate)
+    if counts is not None:
+        counts.picked += picked
+        counts.refused += sum(1 for p in results if p.status in ("rejected", "corrupt"))
+    return picked, sum(1 for p in results if p.status == "busy")
 
 
 async def run_pass(
@@ -192,11 +498,16 @@ async def run_pass(
     only: set[str] | None = None,
     seen: set[str] | None = None,
     progress: Callable[[str, str], None] | None = None,
-) -> bool:
-    """One sweep over the queue. Returns False when the listener was unreachable (the rest
-    of the sweep is left for later rather than failing every entry the same way)."""
+    stop: asyncio.Event | None = None,
+) -> str:
+    """One sweep over the queue: "done", or why it ended early: "down" (the listener is
+    unreachable: the rest is left for later rather than failing every entry the same way),
+    "busy" (the listener keeps asking us to slow down), "stopped" (``stop`` was set)."""
     now = time.time()
+    streak = 0
     for qid in target.ids():
+        if stop is not None and stop.is_set():
+            return "stopped"
         if only is not None and qid not in only:
             continue
         if seen is not None:
@@ -206,33 +517,54 @@ async def run_pass(
         try:
             state = target.load_state(qid)
         except DataError:
-            state = None
+            state = None  # deliver_entry quarantines the entry
         if state is not None and (state.held or (not force and state.next_attempt > now)):
             counts.skipped += 1
             continue
+        status, replies = await _attempt_with_pauses(config, client, target, qid, counts, stop)
+        if status == "":
+            continue
+        counts.add(status)
+        if progress is not None:
+            progress(qid, status)
+        if status == "deferred" and _is_connection_failure(replies):
+            return "down"
+        streak = streak + 1 if status == "throttled" else 0
+        if streak >= PRESSURE_STREAK:
+            return "busy"
+    return "done"
+
+
+async def _attempt_with_pauses(
+    config: Config,
+    client: RelayClient,
+    target: spool.Spool,
+    qid: str,
+    counts: Counts,
+    stop: asyncio.Event | None,
+) -> tuple[str, dict[str, Reply]]:
+    """Deliver one entry; on a rate limit, reconnect, pause and try it again a few times."""
+    tries = 0
+    while True:
         try:
             locked = target.lock(qid)
         except DataError as exc:
             target.quarantine(qid, exc.message)
-            counts.quarantined += 1
-            continue
+            maillog.log(f"{qid}: moved to corrupt/: {exc.message}", error=True)
+            return "quarantined", {}
         if locked is None:
             counts.skipped += 1
-            continue
+            return "", {}
         status, replies = await deliver_entry(config, client, locked)
-        if status == "sent":
-            counts.sent += 1
-        elif status == "deferred":
-            counts.deferred += 1
-        elif status == "quarantined":
-            counts.quarantined += 1
-        else:
-            counts.bounced += 1
-        if progress is not None:
-            progress(qid, status)
-        if status == "deferred" and _is_connection_failure(replies):
-            return False
-    return True
+        if status != "throttled":
+            return status, replies
+        kinds = {pressure_kind(r) for r in replies.values()}
+        if "rate" not in kinds or tries >= RATE_RETRIES or (stop is not None and stop.is_set()):
+            return status, replies
+        tries += 1
+        # A fresh connection clears a per-session limit; the pause, a per-second one.
+        await client.close()
+        await _sleep(RATE_PAUSE * tries, stop)
 
 
 def flush(
@@ -243,56 +575,93 @@ def flush(
     progress: Callable[[str, str], None] | None = None,
     transcript: Callable[[str], None] | None = None,
 ) -> Counts:
-    """Try every entry now, over one connection (``sendmail -q``, ``mailshim flush``)."""
+    """Try every entry now, over one connection (``sendmail -q``, ``mailshim flush``).
+
+    The drop folder is picked up first and again after each sweep, as are entries that
+    arrived meanwhile (bounces included). Raises ``MailshimError`` when a spool cannot be
+    written (nothing is sent whose result could not be recorded).
+    """
     import asyncio
 
+    from mailshim.relay import RelayClient
+
     counts = Counts()
+    RelayClient.forget_failures()
 
     async def run() -> None:
         async with _client(config, transcript) as client:
             for target in spools:
+                target.check_usable()
                 target.clean_tmp()
                 seen: set[str] = set()
-                while await run_pass(
-                    config, client, target, counts, force=True, only=only, seen=seen,
-                    progress=progress,
-                ):
-                    # entries that arrived during the sweep are taken too
-                    if not any(q not in seen for q in target.ids()):
-                        break
+                try:
+                    pickup(config, target, counts)
+                    while True:
+                        status = await run_pass(
+                            config, client, target, counts, force=True, only=only, seen=seen,
+                            progress=progress,
+                        )  # fmt: skip
+                        if status != "done":
+                            break
+                        picked, _ = pickup(config, target, counts)
+                        # entries outside a -qI filter are never "seen": do not wait for them
+                        left = [q for q in target.ids() if q not in seen]
+                        if only is not None:
+                            left = [q for q in left if q in only]
+                        if not picked and not left:
+                            break
+                finally:
+                    target.sync(force=True)
 
     asyncio.run(run())
     return counts
 
 
-def _due(target: spool.Spool) -> bool:
+def _schedule(target: spool.Spool) -> tuple[bool, float | None]:
+    """(something is due now, when the next one falls due)."""
     now = time.time()
+    soonest: float | None = None
     for qid in target.ids():
         try:
             state = target.load_state(qid)
-        except DataError:
-            return True
-        if not state.held and state.next_attempt <= now:
-            return True
-    return False
+        except (DataError, MailshimError):
+            return True, None
+        if state.held:
+            continue
+        if state.next_attempt <= now:
+            return True, None
+        if soonest is None or state.next_attempt < soonest:
+            soonest = float(state.next_attempt)
+    return False, soonest
 
 
-def _queue_stamp(target: spool.Spool) -> int:
-    try:
-        return os.stat(target.queue).st_mtime_ns
-    except OSError:
-        return 0
+def _due(target: spool.Spool) -> bool:
+    return _schedule(target)[0]
+
+
+def _queue_stamp(target: spool.Spool) -> tuple[int, ...]:
+    out = []
+    for folder in (target.queue, target.incoming, target.state_dir):
+        try:
+            out.append(os.stat(folder).st_mtime_ns)
+        except OSError:
+            out.append(0)
+    return tuple(out)
 
 
 async def _agent_session(config: Config, target: spool.Spool) -> bool:
-    """Deliver due entries until the queue stays quiet; False if the listener was unreachable."""
+    """Deliver due entries until the queue stays quiet; False if the listener was unreachable
+    or kept asking to slow down (the runner's schedule then takes over)."""
     import asyncio
 
     counts = Counts()
     async with _client(config) as client:
         while True:
             stamp = _queue_stamp(target)
-            if not await run_pass(config, client, target, counts, force=False):
+            pickup(config, target, counts)
+            status = await run_pass(config, client, target, counts, force=False)
+            target.sync(force=True)
+            if status in ("down", "busy"):
                 return False
             deadline = time.monotonic() + AGENT_LINGER
             while _queue_stamp(target) == stamp and time.monotonic() < deadline:
@@ -301,12 +670,20 @@ async def _agent_session(config: Config, target: spool.Spool) -> bool:
                 return True
 
 
-def agent_main(spool_root: str, lock_fd: int | None, config_path: str | None) -> int:
-    """The detached delivery agent: drain due entries, linger briefly, exit.
+def agent_main(
+    spool_root: str,
+    lock_fd: int | None,
+    config_path: str | None,
+    incoming: str | None = None,
+) -> int:
+    """The detached delivery agent.
 
-    Holding the spool's agent lock makes it the only agent. A ``sendmail`` that finds the
-    lock taken does not start another, trusting this one to see its entry; so after
-    releasing the lock the agent looks once more and carries on if anything is due.
+    With ``incoming``: the submitter's agent for its own drop-folder entry, whose lock is
+    ``lock_fd``; it makes one attempt and leaves the rest to the runner. Otherwise the
+    spool's agent: holding the spool's agent lock makes it the only one; it drains due
+    entries, lingers briefly, and exits. A ``sendmail`` that finds the lock taken does not
+    start another, trusting this one to see its entry; so after releasing the lock the agent
+    looks once more and carries on if anything is due.
     """
     from mailshim import config as config_mod
 
@@ -316,6 +693,23 @@ def agent_main(spool_root: str, lock_fd: int | None, config_path: str | None) ->
         maillog.log(f"agent: {exc.message}", error=True)
         return exc.code
     import asyncio
+
+    if incoming is not None:
+        if lock_fd is None:
+            return 64
+        entry = spool.open_drop_entry(spool.Spool(spool_root, drop=True), incoming, lock_fd)
+
+        async def one() -> None:
+            async with _client(config) as client:
+                await deliver_drop(config, client, entry)
+
+        try:
+            asyncio.run(one())
+        except MailshimError as exc:
+            maillog.log(f"agent: {exc.message}", error=True)
+        finally:
+            entry.release()
+        return 0
 
     target = spool.Spool(spool_root)
     fd = lock_fd if lock_fd is not None else target.try_agent_lock()
@@ -336,12 +730,138 @@ def agent_main(spool_root: str, lock_fd: int | None, config_path: str | None) ->
     return 0
 
 
+# --- the daemon ---------------------------------------------------------------------------
+
+
+class _Daemon:
+    """``mailshim daemon``: one process delivering the spools as entries arrive and fall due."""
+
+    def __init__(self, config: Config, spools: list[spool.Spool], say: Callable[[str], None]):
+        self.config = config
+        self.spools = spools
+        self.say = say
+        self.client: RelayClient | None = None
+        self.hold_until = 0.0  # the listener was down or busy: wait before the next pass
+        self.locks: dict[str, int] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                wake = await self.round(stop)
+                await self.wait(stop, wake)
+        finally:
+            if self.client is not None:
+                await self.client.close()
+            for target in self.spools:
+                target.sync(force=True)
+            for fd in self.locks.values():
+                os.close(fd)
+
+    async def round(self, stop: asyncio.Event) -> float:
+        """Pick up, deliver what is due; returns the time (epoch) to look again at the latest."""
+        now = time.time()
+        wake = now + 3600.0
+        waiting_drops = False
+        for target in self.spools:
+            if target.root not in self.locks:
+                # While the daemon runs, sendmail starts no agents: the daemon sees its entry.
+                try:
+                    fd = target.try_agent_lock()
+                except OSError:
+                    fd = None
+                if fd is not None:
+                    self.locks[target.root] = fd
+            try:
+                target.clean_tmp()
+                waiting_drops = pickup(self.config, target)[1] > 0 or waiting_drops
+                due, soonest = _schedule(target)
+                if soonest is not None:
+                    wake = min(wake, soonest)
+                if not due or now < self.hold_until:
+                    continue
+                counts = Counts()
+                if self.client is None:
+                    self.client = _client(self.config)
+                status = await run_pass(
+                    self.config, self.client, target, counts, force=False, stop=stop
+                )
+                target.sync(force=True)
+                if counts.total():
+                    self.say(f"{target.root}: {counts.summary()}")
+                    wake = time.time()  # look again at once: new entries (bounces) may be due
+                else:
+                    wake = min(wake, time.time() + LOCKED_RECHECK)  # due, but held by others
+                if status in ("down", "busy"):
+                    delay = next_delay(self.config, 1) if status == "down" else RATE_PAUSE * 5
+                    self.hold_until = time.time() + delay
+                    self.say(f"{target.root}: the listener is {status}; next pass in {delay:.0f}s")
+                    await self.client.close()
+                    self.client = None
+            except MailshimError as exc:
+                maillog.log(f"daemon: {exc.message}", error=True)
+                self.say(f"{target.root}: {exc.message}")
+                self.hold_until = time.time() + next_delay(self.config, 1)
+        if self.hold_until > time.time():
+            wake = max(wake, self.hold_until)
+        if waiting_drops:
+            wake = min(wake, time.time() + LOCKED_RECHECK)
+        return wake
+
+    async def wait(self, stop: asyncio.Event, wake: float) -> None:
+        """Sleep until ``wake``, a change in a spool folder, or ``stop``."""
+        stamps = [_queue_stamp(t) for t in self.spools]
+        idle_since = time.monotonic()
+        while not stop.is_set() and time.time() < wake:
+            await _sleep(min(DAEMON_POLL, max(0.0, wake - time.time())), stop)
+            if [_queue_stamp(t) for t in self.spools] != stamps and time.time() >= self.hold_until:
+                return
+            if self.client is not None and time.monotonic() - idle_since > 5.0:
+                await self.client.close()  # do not hold the listener's connection while idle
+                self.client = None
+
+
+def daemon(config: Config, spools: list[spool.Spool], say: Callable[[str], None]) -> int:
+    """Run until SIGTERM or SIGINT: the current message is finished, then the daemon stops.
+    A second signal abandons it (it stays in the spool and is tried again later)."""
+    import asyncio
+    import signal
+
+    for target in spools:
+        target.check_usable()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        task = asyncio.current_task()
+
+        def on_signal() -> None:
+            if stop.is_set() and task is not None:
+                task.cancel()
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await _Daemon(config, spools, say).run(stop)
+
+    say(f"daemon: watching {', '.join(t.root for t in spools)}")
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        say("daemon: stopped at once; the message in flight stays in the spool")
+        return 0
+    say("daemon: stopped")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] != "agent":
-        sys.stderr.write("usage: python -m mailshim.runner agent --spool DIR [--lock-fd N]\n")
+        sys.stderr.write(
+            "usage: python -m mailshim.runner agent --spool DIR [--lock-fd N]"
+            " [--incoming ID] [--config FILE]\n"
+        )
         return 64
-    root = lock = cfg = None
+    root = lock = cfg = incoming = None
     i = 1
     while i + 1 < len(args):
         if args[i] == "--spool":
@@ -350,10 +870,12 @@ def main(argv: list[str] | None = None) -> int:
             lock = int(args[i + 1])
         elif args[i] == "--config":
             cfg = args[i + 1]
+        elif args[i] == "--incoming":
+            incoming = args[i + 1]
         i += 2
     if root is None:
         return 64
-    return agent_main(root, lock, cfg)
+    return agent_main(root, lock, cfg, incoming)
 
 
 if __name__ == "__main__":

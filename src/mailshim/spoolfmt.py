@@ -175,26 +175,34 @@ class State:
 
     __slots__ = (
         "attempts",
+        "bounce_id",
         "done",
+        "expired",
         "failed",
         "first_attempt",
         "held",
+        "last_attempt",
         "last_error",
         "next_attempt",
         "pending",
+        "throttled",
         "warned",
     )
 
     def __init__(self) -> None:
-        self.attempts = 0
+        self.attempts = 0  # failed attempts that count toward the retry schedule
+        self.throttled = 0  # deferrals for back-pressure (rate limits, greylisting): not counted
         self.first_attempt = 0
+        self.last_attempt = 0
         self.next_attempt = 0  # 0: due now
         self.held = False
         self.warned = False
         self.last_error = ""
+        self.bounce_id = ""  # queue id chosen for this entry's failure report, once decided
         self.done: dict[str, str] = {}  # recipient -> the listener's reply (accepted)
         self.failed: dict[str, str] = {}  # recipient -> permanent failure reply
         self.pending: dict[str, str] = {}  # recipient -> last temporary failure reply
+        self.expired: list[str] = []  # recipients in ``failed`` because the lifetime ran out
 
     def open_recipients(self, env: Envelope) -> list[str]:
         return [r for r in env.recipients if r not in self.done and r not in self.failed]
@@ -206,14 +214,18 @@ def encode_state(state: State) -> bytes:
     data = {
         "format": STATE_MAGIC,
         "attempts": state.attempts,
+        "throttled": state.throttled,
         "first_attempt": state.first_attempt,
+        "last_attempt": state.last_attempt,
         "next_attempt": state.next_attempt,
         "held": state.held,
         "warned": state.warned,
         "last_error": state.last_error,
+        "bounce_id": state.bounce_id,
         "done": state.done,
         "failed": state.failed,
         "pending": state.pending,
+        "expired": sorted(set(state.expired)),
     }
     return json.dumps(data, ensure_ascii=True, sort_keys=True).encode() + b"\n"
 
@@ -223,12 +235,13 @@ def decode_state(raw: bytes) -> State:
 
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: nesting deep enough to exhaust the parser (a planted state file).
         raise DataError("state file is not valid JSON") from None
     if not isinstance(data, dict) or data.get("format") != STATE_MAGIC:
         raise DataError("state file has an unknown format")
     state = State()
-    for key in ("attempts", "first_attempt", "next_attempt"):
+    for key in ("attempts", "throttled", "first_attempt", "last_attempt", "next_attempt"):
         value = data.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise DataError(f"state field {key} is not a number")
@@ -242,6 +255,14 @@ def decode_state(raw: bytes) -> State:
     if not isinstance(last, str):
         raise DataError("state field last_error is not text")
     state.last_error = last
+    bounce_id = data.get("bounce_id", "")
+    if not isinstance(bounce_id, str) or (bounce_id and not valid_id(bounce_id)):
+        raise DataError("state field bounce_id is not a queue id")
+    state.bounce_id = bounce_id
+    expired = data.get("expired", [])
+    if not isinstance(expired, list) or not all(isinstance(r, str) for r in expired):
+        raise DataError("state field expired is not a list of recipients")
+    state.expired = sorted(set(expired))
     for key in ("done", "failed", "pending"):
         value = data.get(key, {})
         if not isinstance(value, dict) or not all(
@@ -250,3 +271,60 @@ def decode_state(raw: bytes) -> State:
             raise DataError(f"state field {key} is not a table of replies")
         setattr(state, key, dict(value))
     return state
+
+
+# --- the drop folder (incoming/) ----------------------------------------------------------
+
+
+def temp_name(qid: str) -> str:
+    """The name an entry has in ``incoming/`` while its writer fills it (never a queue id)."""
+    return f".{qid}.tmp"
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp") and valid_id(name[1:-4])
+
+
+class LineEnds:
+    """Streaming CRLF normaliser for message bytes copied out of the drop folder.
+
+    ``sendmail`` spools CRLF-only messages; an entry a user crafted by hand may not be. A bare
+    CR or LF reaching the listener could end the DATA phase early on some servers (SMTP
+    smuggling), so every bare CR and LF becomes CRLF, and the message ends with CRLF.
+
+    >>> n = LineEnds()
+    >>> n.feed(b"a\\nb\\r") + n.feed(b"\\nc\\rd") + n.end()
+    b'a\\r\\nb\\r\\nc\\r\\nd\\r\\n'
+    """
+
+    __slots__ = ("_cr", "_last", "_seen")
+
+    def __init__(self) -> None:
+        self._cr = False  # the previous chunk ended with CR: its LF may start this one
+        self._last = b""
+        self._seen = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._cr = True
+        pairs = chunk.count(b"\r\n")
+        if not (chunk.count(b"\n") == pairs and chunk.count(b"\r") == pairs):
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        if chunk:
+            self._seen = True
+            self._last = chunk[-1:]
+        return chunk
+
+    def end(self) -> bytes:
+        if self._cr:
+            self._cr = False
+            self._last = b"\n"
+            return b"\r\n"
+        if self._seen and self._last != b"\n":
+            self._last = b"\n"
+            return b"\r\n"
+        return b""

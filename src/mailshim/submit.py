@@ -23,6 +23,7 @@ from mailshim.errors import DataError, MailshimError, UsageError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
     from mailshim.config import Config
     from mailshim.relay import Reply
@@ -198,12 +199,34 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
         mode = "interactive"
     target = spool.choose(config)
     writer = target.new_entry(sender, recipients, user.uid)
+    # In the drop folder the submitter's agent needs the entry's lock from the start: the
+    # runner skips locked entries, so the two never send it both.
+    keep = mode == "interactive" or (mode == "background" and target.drop)
     try:
         _write_message(config, sub, user, sender, reader, block, writer)
-        locked = writer.commit(reader.eightbit, keep_lock=(mode == "interactive"))
+        locked = writer.commit(reader.eightbit, keep_lock=keep)
     except BaseException:
         writer.abort()
         raise
+    previous = _finish_even_if_signalled()
+    try:
+        return _hand_on(config, sub, user, sender, recipients, target, writer, mode, locked)
+    finally:
+        _restore_signals(previous)
+
+
+def _hand_on(
+    config: Config,
+    sub: Submission,
+    user: User,
+    sender: str,
+    recipients: list[str],
+    target: spool.Spool,
+    writer: spool.EntryWriter,
+    mode: str,
+    locked: spool.LockedEntry | spool.DropEntry | None,
+) -> Outcome:
+    """The entry is durable: log it, then deliver now, start the agent, or leave it."""
     qid = writer.queue_id
     maillog.log(
         f"{qid}: uid={user.uid} from=<{sender}> size={writer.size} nrcpt={len(recipients)}"
@@ -217,8 +240,31 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
             config, locked, verbose=sub.verbose, discard_rejected=sub.discard_rejected
         )
     elif mode == "background":
-        start_agent(target, config)
+        start_agent(target, config, entry=locked if isinstance(locked, spool.DropEntry) else None)
+    elif locked is not None:
+        locked.release()
     return outcome
+
+
+def _finish_even_if_signalled() -> dict[int, Any]:
+    """The entry is durable: until this submission is handed on, a signal must not turn
+    exit 0 into "nothing was kept" (the caller would send it again). What follows is
+    bounded by timeouts. Returns the handlers to restore (``-bs`` goes on afterwards)."""
+    # _signal, not signal (which imports enum); it has no type stubs, hence __import__.
+    _signal: Any = __import__("_signal")
+    previous: dict[int, Any] = {}
+    for name in ("SIGTERM", "SIGHUP", "SIGINT"):
+        num = getattr(_signal, name, None)
+        if num is not None:
+            previous[num] = _signal.signal(num, _signal.SIG_IGN)
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    _signal: Any = __import__("_signal")
+    for num, handler in previous.items():
+        if handler is not None:
+            _signal.signal(num, handler)
 
 
 def _write_message(
@@ -264,39 +310,62 @@ def _write_message(
 # --- the delivery agent ------------------------------------------------------------------
 
 
-def start_agent(target: spool.Spool, config: Config) -> None:
+def start_agent(target: spool.Spool, config: Config, entry: spool.DropEntry | None = None) -> None:
     """Start a detached delivery agent for ``target`` unless one already runs.
 
     The agent lock is taken here and handed to the child, so a burst of submissions starts
     one agent, not one per message. If the lock is held, the running agent will see this
-    entry: it rescans the queue after releasing its lock (see runner.agent_main).
+    entry: it rescans the queue after releasing its lock (see runner.agent_main). Root
+    starts it as the spool's owner (the ``mailshim`` user), which the runner also is.
+
+    With ``entry`` (the system spool's drop folder): the child gets that entry's lock and
+    delivers only it, if this user has no such agent running already (a per-user slot in
+    their state folder); otherwise the runner, which the drop folder wakes, delivers it.
     """
-    try:
-        fd = target.try_agent_lock()
-    except OSError:
-        return  # the runner's schedule will pick the entry up; it is safe in the spool
-    if fd is None:
-        return
     args = [sys.executable, "-m", "mailshim.runner", "agent", "--spool", target.root]
-    args += ["--lock-fd", str(fd)]
+    keep: list[int] = []
+    if entry is not None:
+        slot = spool.user_agent_slot()
+        if slot is None:
+            entry.release()
+            return
+        keep = [entry.fd, slot]
+        args += ["--incoming", entry.queue_id, "--lock-fd", str(entry.fd)]
+    else:
+        try:
+            fd = target.try_agent_lock()
+        except OSError:
+            return  # the runner's schedule will pick the entry up; it is safe in the spool
+        if fd is None:
+            return
+        keep = [fd]
+        args += ["--lock-fd", str(fd)]
     if config.path:
         args += ["--config", os.path.abspath(config.path)]
+    owner = target.owner() if os.geteuid() == 0 and entry is None else None
     try:
         pid = os.fork()
     except OSError:
-        os.close(fd)
-        return
+        pid = -1
     if pid == 0:  # pragma: no cover - the child execs at once
         try:
             os.setsid()
             null = os.open(os.devnull, os.O_RDWR)
             for std in (0, 1, 2):
                 os.dup2(null, std)
-            os.set_inheritable(fd, True)
+            for fd in keep:
+                os.set_inheritable(fd, True)
+            if owner is not None and owner[0] != 0:
+                os.setgroups([])
+                os.setgid(owner[1])
+                os.setuid(owner[0])
             os.execv(sys.executable, args)
         finally:
             os._exit(127)
-    os.close(fd)
+    for fd in keep:
+        os.close(fd)
+    if entry is not None:
+        entry.fd = -1
 
 
 def verify(config: Config, words: list[str]) -> list[tuple[str, list[str]]]:

@@ -1,29 +1,91 @@
-"""``mailshim`` commands that set up and run the spool: setup-spool (and the runner daemon).
+"""``mailshim`` commands that set up and run the spool: ``setup-spool`` and ``daemon``.
 
 Trust: ``setup-spool`` runs as root (packages call it from postinst); it creates folders with
-fixed owners and modes and follows no symlinks it did not create.
+fixed owners and modes, opens each without following links, and gives root-owned entries to
+the runner user only when they have a single link. ``daemon`` runs as root or the
+``mailshim`` user (mailshim-daemon.service), or as any user on their own per-user spool; it
+treats every entry as hostile (runner.py, spool.py).
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 
 import click
 
 from mailshim import paths, spool
 from mailshim.cli.admin import _config, cli
-from mailshim.errors import NoPermError
+from mailshim.errors import NoPermError, NoUserError
+
+DEFAULT_USER = "mailshim"
 
 
 @cli.command("setup-spool")
+@click.option(
+    "--user",
+    "user",
+    default=DEFAULT_USER,
+    metavar="NAME",
+    hidden=True,  # shown once the completions and mailshim(8) list it
+    help="The user the runner runs as (default: mailshim).",
+)
 @click.pass_context
-def setup_spool_cmd(ctx: click.Context) -> None:
-    """Create the system spool with its owners and modes (run as root; packages call it)."""
+def setup_spool_cmd(ctx: click.Context, user: str) -> None:
+    """Create the system spool with its owners and modes (run as root; packages call it).
+
+    \b
+    The spool root belongs to root (0711); queue/, tmp/, state/, dead/ and corrupt/ to the
+    runner user (0700); incoming/ is the drop folder every user may write but not list
+    (3733, group of the runner user). It changes nothing that is already right.
+    """
     if os.geteuid() != 0:
         raise NoPermError("setup-spool must run as root")
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise NoUserError(
+            f"user {user} does not exist: create it first (the packages do; by hand:"
+            f" useradd --system --home-dir {paths.SYSTEM_SPOOL} --shell /usr/sbin/nologin"
+            f" {user}), or name another with --user"
+        ) from None
     cfg = _config(ctx)
     target = spool.Spool(cfg.queue_dir or paths.SYSTEM_SPOOL)
-    target.ensure()
-    click.echo(f"spool ready: {target.root}")
+    for change in target.setup(pw.pw_uid, pw.pw_gid):
+        click.echo(change)
+    click.echo(f"spool ready: {target.root} (runner user {user})")
 
 
+@cli.command("daemon")
+@click.pass_context
+def daemon_cmd(ctx: click.Context) -> None:
+    """Run the spool in the foreground (for containers and hosts without systemd).
+
+    \b
+    Delivers new entries as they arrive (the drop folder included) and retries deferred
+    ones on their schedule, over one connection while there is work. SIGTERM or SIGINT
+    stops it once the message in flight is finished; a second signal stops it at once
+    (that message stays in the spool).
+
+    \b
+    Examples:
+      mailshim daemon
+      mailshim setup-spool && exec mailshim daemon
+    """
+    from mailshim import runner
+
+    cfg = _config(ctx)
+    # Readable is enough to be chosen: a read-only spool is then refused with the reason.
+    # With none yet, the one this user's sendmail would create (root: the configured one).
+    spools = spool.known_spools(cfg) or [spool.choose(cfg)]
+    if not any(s.writable() for s in spools):
+        raise NoPermError(
+            "no spool this user can run: the system spool needs root or the mailshim user"
+        )
+
+    def say(line: str) -> None:
+        click.echo(f"mailshim: {line}", err=True)
+
+    code = runner.daemon(cfg, spools, say)
+    if code:
+        ctx.exit(code)

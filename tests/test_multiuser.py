@@ -1,0 +1,561 @@
+"""Many users, one system spool, no set-id: invariant 4 with real unprivileged users.
+
+As root, the test creates a runner user and two submitters (useradd), sets the spool up with
+``mailshim setup-spool --user``, and runs ``sendmail``, ``mailshim flush`` and ``mailshim
+daemon`` as those users. Skipped with a reason when not root (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Listener, free_port, message_queue_id, others_can_run, tool
+from mailshim import spool, spoolfmt
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and chown files"),
+    pytest.mark.skipif(shutil.which("useradd") is None, reason="useradd is not installed"),
+]
+
+RUNNER, ALICE, BOB = "mshtest-run", "mshtest-a", "mshtest-b"
+
+
+class User:
+    def __init__(self, name: str, home: Path) -> None:
+        pw = pwd.getpwnam(name)
+        self.name = name
+        self.uid = pw.pw_uid
+        self.gid = pw.pw_gid
+        self.home = home
+
+
+class System:
+    """The box: users, a spool under a folder everyone may traverse, a config, a listener."""
+
+    def __init__(self, base: Path, listener: Listener, users: dict[str, User]) -> None:
+        self.base = base
+        self.listener = listener
+        self.users = users
+        self.spool = base / "spool"
+        self.config = base / "config.toml"
+
+    @property
+    def incoming(self) -> Path:
+        return self.spool / "incoming"
+
+    def env(self, user: User | None, **extra: str) -> dict[str, str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "MAILSHIM_CONFIG": str(self.config),
+            "MAILSHIM_NO_SYSLOG": "1",
+            "HOME": str(user.home) if user else str(self.base / "roothome"),
+            "LANG": "C.UTF-8",
+        }
+        env.update(extra)
+        return env
+
+    def run(self, user: User | None, argv: list[str], input: bytes = b"", timeout=60, **env):
+        kw = {}
+        if user is not None:
+            kw = {"user": user.uid, "group": user.gid, "extra_groups": []}
+        return subprocess.run(
+            argv,
+            input=input,
+            capture_output=True,
+            env=self.env(user, **env),
+            timeout=timeout,
+            cwd="/",
+            **kw,
+        )
+
+    def sendmail(self, user: User | None, *args: str, input: bytes = b"", **env):
+        return self.run(user, [tool("sendmail"), *args], input=input, **env)
+
+    def mailshim(self, user: User | None, *args: str, **env):
+        return self.run(user, [tool("mailshim"), *args], **env)
+
+    def python(self, user: User | None, code: str):
+        """Run ``code`` as ``user``; it prints one JSON value, returned."""
+        r = self.run(user, [sys.executable, "-c", textwrap.dedent(code)])
+        assert r.returncode == 0, r.stderr.decode()
+        return json.loads(r.stdout)
+
+    def flush(self, **env):
+        r = self.mailshim(self.users[RUNNER], "flush", **env)
+        assert r.returncode == 0, r.stderr.decode()
+        return r
+
+    def names(self, folder: str) -> list[str]:
+        return sorted(os.listdir(self.spool / folder))
+
+    def wait_delivered(self, count: int, timeout: float = 20.0) -> None:
+        self.listener.wait(count, timeout)
+
+
+def _useradd(name: str, home: Path) -> None:
+    subprocess.run(["userdel", name], capture_output=True)
+    subprocess.run(["groupdel", name], capture_output=True)
+    subprocess.run(
+        ["useradd", "-M", "-U", "-d", str(home), "-s", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def box():
+    if not others_can_run():
+        pytest.skip(f"other users cannot run {sys.executable} (its folder is private)")
+    base = Path(tempfile.mkdtemp(prefix="mailshim-mu-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    users: dict[str, User] = {}
+    try:
+        for name in (RUNNER, ALICE, BOB):
+            home = base / f"home-{name}"
+            _useradd(name, home)
+            users[name] = User(name, home)
+            home.mkdir()
+            os.chown(home, users[name].uid, users[name].gid)
+            os.chmod(home, 0o700)
+        listener = Listener(free_port())
+        listener.start()
+        system = System(base, listener, users)
+        system.config.write_text(
+            textwrap.dedent(
+                f"""
+                [relay]
+                host = "127.0.0.1"
+                port = {listener.port}
+                timeout = 5
+                helo = "client.example.org"
+
+                [addresses]
+                domain = "example.org"
+
+                [queue]
+                dir = "{system.spool}"
+                retry = ["1s"]
+                """
+            )
+        )
+        os.chmod(system.config, 0o644)
+        r = system.mailshim(None, "setup-spool", "--user", RUNNER)
+        assert r.returncode == 0, r.stderr.decode()
+        yield system
+        listener.stop()
+    finally:
+        for name in users:
+            subprocess.run(["userdel", name], capture_output=True)
+            subprocess.run(["groupdel", name], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def mu(box):
+    """The box with an empty spool and listener, for one test."""
+    for folder in ("incoming", "queue", "state", "tmp", "dead", "corrupt"):
+        for name in os.listdir(box.spool / folder):
+            path = box.spool / folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    box.listener.handler.messages.clear()
+    box.listener.handler.rcpt_replies.clear()
+    box.listener.handler.data_reply = None
+    box.listener.handler.mail_reply = None
+    if box.listener.controller is None:
+        box.listener.start()
+    return box
+
+
+MSG = b"Subject: multi-user\n\nhello\n"
+
+
+# --- setup-spool -------------------------------------------------------------------------------
+
+
+def test_setup_spool_owners_and_modes(mu):
+    run = mu.users[RUNNER]
+    st = mu.spool.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o711)
+    st = mu.incoming.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (run.uid, run.gid, 0o3733)
+    for folder in spool.SUBDIRS:
+        st = (mu.spool / folder).stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (run.uid, 0o700)
+    again = mu.mailshim(None, "setup-spool", "--user", RUNNER)
+    assert again.returncode == 0 and again.stdout.decode().splitlines() == [
+        f"spool ready: {mu.spool} (runner user {RUNNER})"
+    ]
+
+
+def test_setup_spool_needs_root_and_an_existing_user(mu):
+    r = mu.mailshim(mu.users[ALICE], "setup-spool", "--user", RUNNER)
+    assert r.returncode == 77 and r.stderr.count(b"\n") == 1
+    r = mu.mailshim(None, "setup-spool", "--user", "mshtest-nosuchuser")
+    assert r.returncode == 67 and b"does not exist" in r.stderr and r.stderr.count(b"\n") == 1
+
+
+# --- submission through the drop folder -----------------------------------------------------
+
+
+def test_a_user_submits_and_their_own_agent_delivers(mu):
+    alice = mu.users[ALICE]
+    r = mu.sendmail(alice, "-i", "bob@example.org", input=MSG)
+    assert (r.returncode, r.stderr) == (0, b"")
+    (msg,) = mu.listener.wait(1)
+    assert msg.rcpt_tos == ["bob@example.org"]
+    assert msg.mail_from == f"{ALICE}@example.org"
+    deadline = time.monotonic() + 10
+    while mu.names("incoming") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mu.names("incoming") == [] and mu.names("queue") == []
+
+
+def test_the_runner_records_the_file_owner_not_the_uid_record(mu):
+    alice = mu.users[ALICE]
+    mu.listener.stop()
+    r = mu.sendmail(alice, "-odq", "-i", "bob@example.org", input=MSG)
+    assert r.returncode == 0
+    (qid,) = mu.names("incoming")
+    st = (mu.incoming / qid).stat()
+    run = mu.users[RUNNER]
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (alice.uid, run.gid, 0o640)
+    # alice also crafts an entry by hand claiming to be root
+    forged = spool.new_queue_id()
+    mu.python(
+        alice,
+        f"""
+        import json, os
+        from mailshim import spoolfmt
+        env = spoolfmt.Envelope({forged!r}, "root@example.org", ["bob@example.org"],
+                                1, 0, False, 14)
+        data = spoolfmt.encode_envelope(env).data + b"Subject: x\\r\\n\\r\\n"
+        fd = os.open({str(mu.incoming / forged)!r}, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, data)
+        os.close(fd)
+        print(json.dumps(True))
+        """,
+    )
+    mu.flush()  # the listener is down: picked up into the queue and deferred
+    assert mu.names("incoming") == []
+    assert sorted(mu.names("queue")) == sorted([qid, forged])
+    for name in (qid, forged):
+        env = spool.Spool(str(mu.spool)).read_envelope(name)
+        assert env.uid == alice.uid
+        assert (mu.spool / "queue" / name).stat().st_uid == run.uid
+    mu.listener.start()
+    mu.flush()
+    # both go out; the forged sender is issue 7's to flag, the uid is already alice's
+    assert sorted(m.mail_from for m in mu.listener.wait(2)) == sorted(
+        [f"{ALICE}@example.org", "root@example.org"]
+    )
+    assert mu.names("queue") == []
+
+
+def test_others_cannot_list_read_remove_or_take_an_entry(mu):
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    r = mu.sendmail(
+        alice, "-odq", "-i", "carol@example.org", input=b"Subject: secret\n\nPIN 1234\n"
+    )
+    assert r.returncode == 0
+    (qid,) = mu.names("incoming")
+    path = str(mu.incoming / qid)
+    got = mu.python(
+        bob,
+        f"""
+        import json, os, fcntl
+        out = {{}}
+        def attempt(name, fn):
+            try:
+                fn()
+                out[name] = "allowed"
+            except OSError as exc:
+                out[name] = exc.errno
+        attempt("list", lambda: os.listdir({str(mu.incoming)!r}))
+        attempt("read", lambda: open({path!r}, "rb").read())
+        attempt("unlink", lambda: os.unlink({path!r}))
+        attempt("rename", lambda: os.rename({path!r}, {path!r} + "x"))
+        attempt("replace", lambda: os.rename("/dev/null", {path!r}))
+        attempt("chmod", lambda: os.chmod({path!r}, 0o644))
+        attempt("queue", lambda: os.listdir({str(mu.spool / "queue")!r}))
+        attempt("state", lambda: os.listdir({str(mu.spool / "state")!r}))
+        attempt("lock", lambda: fcntl.flock(os.open({path!r}, os.O_RDONLY), fcntl.LOCK_EX))
+        print(json.dumps(out))
+        """,
+    )
+    assert "allowed" not in got.values(), got
+    assert (mu.incoming / qid).exists()
+    r = mu.run(bob, [tool("mailq")])
+    assert r.returncode == 0 and qid.encode() not in r.stdout
+    mu.flush()
+    (msg,) = mu.listener.wait(1)
+    assert b"PIN 1234" in msg.data and msg.rcpt_tos == ["carol@example.org"]
+
+
+def test_planted_links_fifos_and_huge_files_change_nothing(mu, tmp_path):
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    secret = mu.base / "root-secret"
+    secret.write_bytes(b"root's secret\n")
+    os.chmod(secret, 0o600)
+    # alice has a message in the queue that bob will aim at
+    mu.listener.stop()
+    assert mu.sendmail(alice, "-odq", "-i", "x@example.org", input=MSG).returncode == 0
+    mu.flush()
+    (alices,) = mu.names("queue")
+    alices_bytes = (mu.spool / "queue" / alices).read_bytes()
+    ids = [spool.new_queue_id() for _ in range(8)]
+    planted = mu.python(
+        bob,
+        f"""
+        import json, os
+        inc = {str(mu.incoming)!r}
+        ids = {ids!r}
+        out = {{}}
+        os.symlink({str(secret)!r}, os.path.join(inc, ids[0]))
+        os.symlink("../queue/{alices}", os.path.join(inc, ids[1]))
+        os.mkfifo(os.path.join(inc, ids[2]))
+        with open(os.path.join(inc, ids[3]), "wb") as f:
+            f.truncate(20 * 1024**3)
+        os.mkdir(os.path.join(inc, ids[4]))
+        try:
+            os.link({str(secret)!r}, os.path.join(inc, ids[5]))
+            out["hardlink"] = "allowed"
+        except OSError as exc:
+            out["hardlink"] = exc.errno
+        own = os.path.join(inc, ids[6])
+        with open(own, "wb") as f:
+            f.write(b"mine")
+        os.link(own, os.path.join(inc, ids[7]))
+        os.symlink({str(secret)!r}, os.path.join(inc, "." + ids[0] + ".tmp"))
+        print(json.dumps(out))
+        """,
+    )
+    # protected_hardlinks stops bob linking root's file; plant it as root to be sure the
+    # runner copes on a system without that protection
+    assert planted["hardlink"] != "allowed"
+    os.link(secret, mu.incoming / ids[5])
+    before = secret.stat()
+    mu.listener.start()
+    started = time.monotonic()
+    mu.flush()
+    assert time.monotonic() - started < 30  # no FIFO or huge file held it up
+    left = set(mu.names("incoming"))
+    assert not (left & set(ids)) and not any(n.endswith(".tmp") for n in left), left
+    after = secret.stat()
+    assert secret.read_bytes() == b"root's secret\n"
+    assert (after.st_uid, after.st_mode, after.st_nlink) == (before.st_uid, before.st_mode, 1)
+    (msg,) = mu.listener.messages  # only alice's message went out ...
+    assert message_queue_id(msg) == alices and b"secret" not in msg.data
+    assert alices_bytes.endswith(msg.data[-10:])  # ... as she wrote it
+    assert mu.names("queue") == []
+
+
+def test_an_entry_named_like_a_queued_one_does_not_replace_it(mu):
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    mu.listener.stop()
+    assert mu.sendmail(alice, "-odq", "-i", "x@example.org", input=MSG).returncode == 0
+    mu.flush()
+    (qid,) = mu.names("queue")
+    mu.python(
+        bob,
+        f"""
+        import json, os
+        from mailshim import spoolfmt
+        env = spoolfmt.Envelope({qid!r}, "b@example.org", ["evil@example.org"], 1, 0, False, 3)
+        with open({str(mu.incoming / qid)!r}, "wb") as f:
+            f.write(spoolfmt.encode_envelope(env).data + b"x\\r\\n")
+        print(json.dumps(True))
+        """,
+    )
+    mu.flush()
+    queued = mu.names("queue")
+    assert len(queued) == 2 and qid in queued
+    s = spool.Spool(str(mu.spool))
+    assert s.read_envelope(qid).uid == alice.uid
+    (other,) = set(queued) - {qid}
+    assert s.read_envelope(other).uid == bob.uid
+
+
+def test_interactive_delivery_from_the_drop_folder(mu):
+    alice = mu.users[ALICE]
+    mu.listener.handler.rcpt_replies["nobody@example.org"] = "550 5.1.1 No such user"
+    r = mu.sendmail(alice, "-odi", "-i", "nobody@example.org", "bob@example.org", input=MSG)
+    assert r.returncode == 67 and b"<nobody@example.org>" in r.stderr
+    (msg,) = mu.listener.messages
+    assert msg.rcpt_tos == ["bob@example.org"]
+    assert mu.names("incoming") == [] and mu.names("queue") == []
+
+
+def test_the_agent_leaves_undelivered_recipients_to_the_runner(mu):
+    alice = mu.users[ALICE]
+    mu.listener.handler.rcpt_replies["later@example.org"] = "451 4.3.0 later"
+    r = mu.sendmail(alice, "-i", "ok@example.org", "later@example.org", input=MSG)
+    assert r.returncode == 0
+    mu.listener.wait(1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        names = mu.names("incoming")
+        if len(names) == 1 and not names[0].startswith("."):
+            env = mu.python(
+                mu.users[RUNNER],
+                f"""
+                import json
+                from mailshim import spoolfmt
+                with open({str(mu.incoming / names[0])!r}, "rb") as f:
+                    env, _ = spoolfmt.decode_envelope(f)
+                print(json.dumps(env.recipients))
+                """,
+            )
+            if env == ["later@example.org"]:
+                break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"incoming holds {mu.names('incoming')}")
+    del mu.listener.handler.rcpt_replies["later@example.org"]
+    mu.flush()
+    first, second = mu.listener.messages
+    assert first.rcpt_tos == ["ok@example.org"] and second.rcpt_tos == ["later@example.org"]
+    assert mu.names("incoming") == [] and mu.names("queue") == []
+
+
+def test_without_a_state_folder_the_runner_delivers(mu):
+    alice = mu.users[ALICE]
+    r = mu.sendmail(alice, "-i", "bob@example.org", input=MSG, HOME="/nonexistent")
+    assert r.returncode == 0
+    time.sleep(0.3)
+    assert len(mu.names("incoming")) == 1 and mu.listener.messages == []
+    mu.flush()
+    assert len(mu.listener.messages) == 1 and mu.names("incoming") == []
+
+
+def test_root_writes_the_queue_and_its_agent_runs_as_the_runner_user(mu):
+    r = mu.sendmail(None, "-i", "bob@example.org", input=MSG)
+    assert r.returncode == 0
+    (msg,) = mu.listener.wait(1)
+    run = mu.users[RUNNER]
+    time.sleep(0.3)
+    assert mu.names("queue") == []
+    # nothing root-owned is left behind for the runner user to trip over
+    for folder in ("queue", "state", "tmp"):
+        for name in mu.names(folder):
+            assert (mu.spool / folder / name).stat().st_uid == run.uid
+    assert message_queue_id(msg)
+
+
+def test_root_entries_are_readable_by_the_runner_user(mu):
+    mu.listener.stop()
+    assert mu.sendmail(None, "-odq", "-i", "bob@example.org", input=MSG).returncode == 0
+    (qid,) = mu.names("queue")
+    assert (mu.spool / "queue" / qid).stat().st_uid == mu.users[RUNNER].uid
+    mu.listener.start()
+    mu.flush()
+    assert len(mu.listener.messages) == 1 and mu.names("queue") == []
+
+
+def test_the_daemon_as_the_runner_user_picks_up_the_drop_folder(mu):
+    alice = mu.users[ALICE]
+    run = mu.users[RUNNER]
+    daemon = subprocess.Popen(
+        [tool("mailshim"), "daemon"],
+        env=mu.env(run),
+        user=run.uid,
+        group=run.gid,
+        extra_groups=[],
+        cwd="/",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for i in range(3):
+            r = mu.sendmail(alice, "-i", f"r{i}@example.org", input=MSG, HOME="/nonexistent")
+            assert r.returncode == 0
+        mu.listener.wait(3)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+    assert mu.names("incoming") == [] and mu.names("queue") == []
+
+
+def test_a_user_holding_their_own_entry_delays_only_themselves(mu):
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    mu.listener.stop()
+    assert mu.sendmail(alice, "-odq", "-i", "a@example.org", input=MSG).returncode == 0
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import fcntl, os, sys, time
+                from mailshim import spoolfmt
+                env = spoolfmt.Envelope({spool.new_queue_id()!r}, "b@example.org",
+                                        ["b@example.org"], 1, 0, False, 3)
+                path = {str(mu.incoming)!r} + "/" + env.queue_id
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+                os.write(fd, spoolfmt.encode_envelope(env).data + b"x\\r\\n")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                print("held", flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        env=mu.env(bob),
+        user=bob.uid,
+        group=bob.gid,
+        extra_groups=[],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        mu.listener.start()
+        mu.flush()
+        (msg,) = mu.listener.messages  # alice's went; bob's waits while he holds it
+        assert msg.rcpt_tos == ["a@example.org"]
+        assert len(mu.names("incoming")) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    mu.flush()
+    assert len(mu.listener.messages) == 2 and mu.names("incoming") == []
+
+
+def test_spoolfmt_of_user_entries_is_checked_again(mu):
+    """A drop-folder entry with a wrong size goes to corrupt/, with its owner named."""
+    bob = mu.users[BOB]
+    name = spool.new_queue_id()
+    mu.python(
+        bob,
+        f"""
+        import json
+        from mailshim import spoolfmt
+        env = spoolfmt.Envelope({name!r}, "b@example.org", ["x@example.org"], 1, 0, False, 999)
+        with open({str(mu.incoming / name)!r}, "wb") as f:
+            f.write(spoolfmt.encode_envelope(env).data + b"short\\r\\n")
+        print(json.dumps(True))
+        """,
+    )
+    mu.flush()
+    assert mu.names("incoming") == [] and mu.listener.messages == []
+    reason = (mu.spool / "corrupt" / f"incoming.{name}.reason").read_text()
+    assert f"uid {bob.uid}" in reason and "envelope says 999" in reason
+    with contextlib.suppress(FileNotFoundError):
+        assert spoolfmt.valid_id(name)

@@ -276,3 +276,47 @@ def test_q_with_an_id_delivers_only_that_entry_and_returns(world):
     assert r.returncode == 0, r.stderr
     assert len(world.listener.messages) == 1
     assert world.queued() == [second]
+
+
+def test_untrusted_user_setting_the_sender_gets_a_warning_header(world):
+    assert (
+        world.sendmail("-f", "alerts@example.net", "bob", input=b"Subject: a\n\n1\n").returncode
+        == 0
+    )
+    (trusted,) = world.listener.wait(1)
+    assert trusted.header("X-Authentication-Warning") == []  # root is in trusted_users
+    world.reconfigure(extra='[submission]\ntrusted_users = ["operator"]\n')
+    assert (
+        world.sendmail("-f", "alerts@example.net", "bob", input=b"Subject: b\n\n2\n").returncode
+        == 0
+    )
+    assert world.sendmail("-f", _login(), "bob", input=b"Subject: c\n\n3\n").returncode == 0
+    msgs = {m.header("Subject")[0]: m for m in world.listener.wait(3)}
+    (warning,) = msgs["b"].header("X-Authentication-Warning")
+    assert warning.endswith(f": {_login()} set sender to alerts@example.net using -f")
+    assert msgs["c"].header("X-Authentication-Warning") == []  # one's own address is no forgery
+
+
+def test_while_the_listener_is_down_submissions_start_no_more_agents(tmp_path):
+    from conftest import Env
+
+    down = Listener(free_port())
+    world = Env(tmp_path, down)
+    assert world.sendmail("-i", "bob", input=b"Subject: 0\n\nfirst\n").returncode == 0
+    lock = world.spool / "agent.lock"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (lock.exists() and lock.stat().st_size):
+        time.sleep(0.05)
+    marked = lock.stat().st_mtime_ns
+    assert lock.stat().st_size > 0  # the agent found no relay and said so
+    for i in range(1, 6):
+        assert world.sendmail("-i", "bob", input=f"Subject: {i}\n\nq\n".encode()).returncode == 0
+    time.sleep(0.5)
+    assert lock.stat().st_mtime_ns == marked  # no new agent tried (and failed) again
+    assert len(world.queued()) == 6
+    down.start()
+    try:
+        assert world.sendmail("-q").returncode == 0
+        assert len(down.messages) == 6 and world.queued() == []
+    finally:
+        down.stop()

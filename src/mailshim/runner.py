@@ -717,6 +717,7 @@ def agent_main(
         reachable = False
         try:
             reachable = asyncio.run(_agent_session(config, target))
+            target.mark_relay(fd, reachable)
         except MailshimError as exc:
             maillog.log(f"agent: {exc.message}", error=True)
         finally:

@@ -292,6 +292,7 @@ def _write_message(
         strip_bcc=True,
     )
     limit = config.max_size
+    writer.write(_forgery_warning(config, sub, user, sender, own))
     writer.write(message.edit_headers(block.fields, edits, block.had_separator, True))
     if block.body_prefix:
         writer.write(block.body_prefix)
@@ -305,6 +306,23 @@ def _write_message(
         raise DataError(
             f"message larger than [submission] max_size ({limit} bytes): nothing was kept"
         )
+
+
+def _forgery_warning(config: Config, sub: Submission, user: User, sender: str, own: str) -> bytes:
+    """``X-Authentication-Warning`` when a user outside ``trusted_users`` chose the sender.
+
+    Anyone may pass ``-f`` (cron, PHP and fail2ban do); recipients then see who really
+    sent it, as classic sendmail shows. The user's own address needs no warning.
+    """
+    if sub.sender is None or user.login in config.trusted_users:
+        return b""
+    if sender.lower() == own.lower():
+        return b""
+    from mailshim import paths
+
+    shown = sender or "<>"
+    text = f"X-Authentication-Warning: {paths.fqdn()}: {user.login} set sender to {shown} using -f"
+    return text.encode("utf-8", "surrogateescape") + b"\r\n"
 
 
 # --- the delivery agent ------------------------------------------------------------------
@@ -332,6 +350,10 @@ def start_agent(target: spool.Spool, config: Config, entry: spool.DropEntry | No
         keep = [entry.fd, slot]
         args += ["--incoming", entry.queue_id, "--lock-fd", str(entry.fd)]
     else:
+        down = target.relay_down_since()
+        pause = min(r.retry_after_failure for r in config.relays)
+        if down is not None and 0 <= time.time() - down < pause:
+            return  # an agent just found the listener down; the runner retries
         try:
             fd = target.try_agent_lock()
         except OSError:

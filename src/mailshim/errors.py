@@ -35,7 +35,10 @@ def one_line(text: str) -> str:
     """
     out = []
     for ch in text.replace("\r\n", " ").replace("\n", " ").replace("\r", " "):
-        out.append("?" if (ord(ch) < 32 and ch != "\t") or ord(ch) == 127 else ch)
+        code = ord(ch)
+        # control characters forge lines; lone surrogates (undecodable bytes) cannot print
+        bad = (code < 32 and ch != "\t") or code == 127 or 0xD800 <= code <= 0xDFFF
+        out.append("?" if bad else ch)
     return "".join(out).strip()
 
 

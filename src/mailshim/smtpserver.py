@@ -96,7 +96,13 @@ def _parse_listener(text: str) -> tuple[int, list[str]] | None:
     if not raw_lines:
         return None
     code_text = raw_lines[0][:3]
-    if not (code_text.isdigit() and code_text.isascii() and code_text[0] == "5"):
+    if not (
+        len(code_text) == 3
+        and code_text.isdigit()
+        and code_text.isascii()
+        and code_text[0] == "5"
+        and raw_lines[0][3:4] in ("", " ", "-")
+    ):
         return None
     texts = []
     for i, line in enumerate(raw_lines):

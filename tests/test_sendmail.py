@@ -320,3 +320,23 @@ def test_while_the_listener_is_down_submissions_start_no_more_agents(tmp_path):
         assert len(down.messages) == 6 and world.queued() == []
     finally:
         down.stop()
+
+
+def test_once_a_flush_gets_through_submissions_start_agents_again(tmp_path):
+    from conftest import Env
+
+    lst = Listener(free_port())
+    world = Env(tmp_path, lst)
+    assert world.sendmail("-i", "bob", input=b"Subject: 0\n\nwhile down\n").returncode == 0
+    lock = world.spool / "agent.lock"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (lock.exists() and lock.stat().st_size):
+        time.sleep(0.05)
+    lst.start()
+    try:
+        assert world.sendmail("-q").returncode == 0
+        assert lock.stat().st_size == 0  # the flush got through and said so
+        assert world.sendmail("-i", "bob", input=b"Subject: 1\n\nafter\n").returncode == 0
+        lst.wait(2)  # delivered by a new agent, with no flush
+    finally:
+        lst.stop()

@@ -450,9 +450,12 @@ def deliver_now(
             )
 
     try:
-        return asyncio.run(run())
+        result = asyncio.run(run())
     finally:
         locked.release()
+    if result[0] == "sent" and isinstance(locked, spool.LockedEntry):
+        locked.spool.clear_relay_down()
+    return result
 
 
 def _is_connection_failure(replies: dict[str, Reply]) -> bool:
@@ -529,6 +532,8 @@ async def run_pass(
             progress(qid, status)
         if status == "deferred" and _is_connection_failure(replies):
             return "down"
+        if status == "sent":
+            target.clear_relay_down()  # new submissions may start agents again
         streak = streak + 1 if status == "throttled" else 0
         if streak >= PRESSURE_STREAK:
             return "busy"

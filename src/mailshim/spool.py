@@ -391,6 +391,22 @@ class Spool:
             return None
         return st.st_mtime if st.st_size > 0 else None
 
+    def clear_relay_down(self) -> None:
+        """Someone got through: forget the mark (one stat when there is none)."""
+        path = os.path.join(self.root, "agent.lock")
+        try:
+            if os.stat(path).st_size == 0:
+                return
+            fd = os.open(path, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     @staticmethod
     def mark_relay(lock_fd: int, reachable: bool) -> None:
         try:

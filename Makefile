@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: venv demo test lint typecheck unit compat bench clean
+.PHONY: venv demo test lint typecheck unit compat fuzz bench clean
 
 venv: $(VENV)/.stamp
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,sink,dev]'
+	$(BIN)/pip install -q -e '.[test,sink,dev,fuzz]'
 	touch $@
 
 demo: venv
@@ -27,7 +27,12 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest
 
-test: lint typecheck unit compat
+# unit last: its pytest summary is the closing line CI reads.
+test: lint typecheck fuzz compat unit
+
+# Each atheris target for a bounded time over the committed corpus (tests/fuzz/corpus).
+fuzz: venv
+	sh tests/fuzz/run.sh -t $${FUZZ_SECONDS:-10}
 
 compat: venv
 	bash tests/compat/run-bookworm.sh

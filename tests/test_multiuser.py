@@ -8,6 +8,7 @@ daemon`` as those users. Skipped with a reason when not root (CI runs as root).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -559,3 +560,42 @@ def test_spoolfmt_of_user_entries_is_checked_again(mu):
     assert f"uid {bob.uid}" in reason and "envelope says 999" in reason
     with contextlib.suppress(FileNotFoundError):
         assert spoolfmt.valid_id(name)
+
+
+def test_a_user_flooding_the_drop_folder_does_not_hold_back_others(mu):
+    box = mu
+    """Invariant 4 (delay): each pickup takes at most a fair share of one owner's entries."""
+    alice, bob = box.users[ALICE], box.users[BOB]
+    # An agent an earlier test started may still linger and pick the drop folder up: wait
+    # for it, and hold the spool's agent lock so that none starts while we look.
+    lock = os.open(box.spool / "agent.lock", os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    before = set(box.names("incoming"))
+    for i in range(8):
+        r = box.sendmail(
+            alice, "-odq", "-i", "x@example.org", input=f"Subject: a{i}\n\n.\n".encode()
+        )
+        assert r.returncode == 0, r.stderr.decode()
+    r = box.sendmail(bob, "-odq", "-i", "y@example.org", input=b"Subject: from bob\n\nhi\n")
+    assert r.returncode == 0, r.stderr.decode()
+    dropped = set(box.names("incoming")) - before
+    owners = {n: os.stat(box.incoming / n).st_uid for n in dropped}
+    assert sorted(owners.values()).count(alice.uid) == 8 and bob.uid in owners.values()
+    picked = box.python(
+        box.users[RUNNER],
+        f"""
+        import json
+        from mailshim import spool
+        results = spool.Spool({str(box.spool)!r}).pickup(50_000_000, 1000, per_user=3)
+        print(json.dumps([p.name for p in results if p.status == "picked"]))
+        """,
+    )
+    os.close(lock)
+    assert len(picked) == 4  # three of alice's, and bob's although it came last
+    assert any(owners[n] == bob.uid for n in picked)
+    left = set(box.names("incoming")) & set(dropped)
+    assert len(left) == 5 and all(owners[n] == alice.uid for n in left)
+    start = len(box.listener.messages)
+    box.flush()
+    box.wait_delivered(start + 9)
+    assert not set(box.names("incoming")) & dropped

@@ -60,6 +60,10 @@ _CREATE = os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _O_NOCTTY
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 SYNC_INTERVAL = 0.2  # seconds: removals of delivered entries are made durable in batches
 PICKUP_BATCH = 64
+# At most this many entries of one owner are taken from the drop folder per pickup, so a
+# user who floods it cannot make everyone else's mail wait behind theirs; the rest is taken
+# by the next pickups (a flush picks up again after every sweep).
+PICKUP_PER_USER = 256
 STALE_TEMP = 24 * 3600.0  # a temp entry nobody holds, untouched this long, is removed
 UNREADABLE_GRACE = 24 * 3600.0  # a drop entry the runner may not read is removed after this
 COPY_CHUNK = 1024 * 1024
@@ -497,8 +501,11 @@ class Spool:
                 removed += 1
         return removed
 
-    def pickup(self, max_size: int, max_recipients: int) -> list[Pickup]:
-        """Move every complete, unlocked entry from ``incoming/`` into ``queue/``.
+    def pickup(
+        self, max_size: int, max_recipients: int, per_user: int = PICKUP_PER_USER
+    ) -> list[Pickup]:
+        """Move complete, unlocked entries from ``incoming/`` into ``queue/``, at most
+        ``per_user`` of each owner's (a fair share: see PICKUP_PER_USER).
 
         Each is validated and copied (never renamed: its owner could still write to it),
         with the owner's uid and a fresh envelope; the copy is made durable before the
@@ -510,6 +517,7 @@ class Spool:
             names = sorted(n for n in os.listdir(self.incoming) if spoolfmt.valid_id(n))
         except OSError as exc:
             raise from_oserror(exc, "listing the drop folder") from None
+        names = self._fair_share(names, per_user)
         results: list[Pickup] = []
         for start in range(0, len(names), PICKUP_BATCH):
             batch: list[Pickup] = []
@@ -537,6 +545,19 @@ class Spool:
                     pass
             results += batch
         return results
+
+    def _fair_share(self, names: list[str], per_user: int) -> list[str]:
+        taken: dict[int, int] = {}
+        out = []
+        for name in names:
+            try:
+                owner = os.lstat(os.path.join(self.incoming, name)).st_uid
+            except OSError:
+                continue
+            if taken.get(owner, 0) < per_user:
+                taken[owner] = taken.get(owner, 0) + 1
+                out.append(name)
+        return out
 
     def _take(self, name: str, max_size: int, max_recipients: int) -> Pickup:
         path = os.path.join(self.incoming, name)

@@ -347,7 +347,8 @@ class _LoopThread:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
+        # subclasses script the dialogue; by itself, a listener that hangs up at once
+        writer.close()
 
     def __enter__(self) -> Any:
         self._thread.start()

@@ -160,7 +160,7 @@ def test_status_codes():
 
 
 def test_the_module_is_pure():
-    """No file, clock, socket or environment access: it imports nothing but typing names."""
+    """No file, clock, socket or environment access: it imports only pure modules."""
     mod = importlib.import_module("mailshim.bounce")
     with open(mod.__file__, encoding="utf-8") as f:
         tree = ast.parse(f.read())
@@ -172,7 +172,8 @@ def test_the_module_is_pure():
             imported.add(node.module or "")
         elif isinstance(node, ast.Name):
             assert node.id not in ("open", "__import__", "eval", "exec"), node.id
-    assert imported <= {"__future__", "collections.abc", "mailshim.spoolfmt"}, imported
+    pure = {"__future__", "collections.abc", "mailshim.spoolfmt", "mailshim.message"}
+    assert imported <= pure, imported
 
 
 addresses = st.text(

@@ -19,6 +19,8 @@ headers are copied as data inside their own MIME part under a boundary they do n
 
 from __future__ import annotations
 
+from mailshim.message import format_date
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
@@ -30,42 +32,6 @@ __all__ = ["DELAYED", "FAILED", "build_report", "format_date", "status_of"]
 FAILED = "failed"
 DELAYED = "delayed"
 MAX_ORIGINAL_HEADERS = 64 * 1024
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def _civil(days: int) -> tuple[int, int, int]:
-    """(year, month, day) of a count of days since 1970-01-01 (proleptic Gregorian)."""
-    z = days + 719468
-    era = (z if z >= 0 else z - 146096) // 146097
-    doe = z - era * 146097
-    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    day = doy - (153 * mp + 2) // 5 + 1
-    month = mp + 3 if mp < 10 else mp - 9
-    return yoe + era * 400 + (month <= 2), month, day
-
-
-def format_date(t: float, utc_offset: int) -> str:
-    """RFC 5322 date of epoch ``t`` at ``utc_offset`` seconds east of UTC.
-
-    >>> format_date(0, 0)
-    'Thu, 01 Jan 1970 00:00:00 +0000'
-    >>> format_date(1795450027, -18000)
-    'Mon, 23 Nov 2026 11:07:07 -0500'
-    """
-    local = int(t) + utc_offset
-    days, rem = divmod(local, 86400)
-    year, month, day = _civil(days)
-    hour, rem = divmod(rem, 3600)
-    minute, second = divmod(rem, 60)
-    sign = "-" if utc_offset < 0 else "+"
-    oh, om = divmod(abs(utc_offset) // 60, 60)
-    return (
-        f"{_DAYS[(days + 3) % 7]}, {day:02d} {_MONTHS[month - 1]} {year:04d} "
-        f"{hour:02d}:{minute:02d}:{second:02d} {sign}{oh:02d}{om:02d}"
-    )
 
 
 def _printable(text: str, limit: int = 900) -> str:

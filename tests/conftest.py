@@ -132,13 +132,15 @@ class LongLineController(Controller):
 
 
 class Listener:
+    controller_class: type[Controller] = LongLineController
+
     def __init__(self, port: int) -> None:
         self.port = port
         self.handler = RecordingHandler()
         self.controller: Controller | None = None
 
     def start(self) -> None:
-        self.controller = LongLineController(
+        self.controller = self.controller_class(
             self.handler,
             hostname="127.0.0.1",
             port=self.port,
@@ -386,20 +388,11 @@ class FaultController(Controller):
 class FaultListener(Listener):
     """A Listener with a FaultHandler; stop()/start() may be called again and again."""
 
+    controller_class = FaultController
+
     def __init__(self, port: int) -> None:
         super().__init__(port)
         self.handler = FaultHandler()
-
-    def start(self) -> None:
-        self.controller = FaultController(
-            self.handler,
-            hostname="127.0.0.1",
-            port=self.port,
-            decode_data=False,
-            enable_SMTPUTF8=True,
-            data_size_limit=0,
-        )
-        self.controller.start()
 
     @property
     def up(self) -> bool:

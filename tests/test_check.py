@@ -19,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailshim import check, probe
+from mailshim.reply import Reply
 from mailshim.x509 import parse_certificate
-from mailshim.relay import Reply
 from relayhelpers import Certs, Listener, free_port
 
 BIN = Path(sys.executable).parent

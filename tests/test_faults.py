@@ -98,7 +98,9 @@ def test_4xx_defers_then_delivers_once(fworld, where, reply):
         h.mail_reply = reply
     q(fworld)
     st = state(fworld, qid)
-    assert fworld.queued() == [qid] and st.pending == {"bob@example.org": reply}
+    assert fworld.queued() == [qid] and {r: str(v) for r, v in st.pending.items()} == {
+        "bob@example.org": reply
+    }
     assert st.attempts == 1 and not st.done and not st.failed
     h.rcpt_replies, h.data_reply, h.mail_reply = {}, None, None
     q(fworld)

@@ -16,6 +16,7 @@ has the relay's timeout. Raises nothing: failures are findings (exit codes 67, 6
 
 from __future__ import annotations
 
+from mailshim import reply as kinds
 from mailshim.checkreport import ERROR, OK, WARNING, Finding, RelayProbe, Report
 from mailshim.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE
 from mailshim.hostnames import relay_is_local, valid_helo
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mailshim.config import Config, RelayConfig
-    from mailshim.relay import Reply, Session
+    from mailshim.relay import RelayDown, RelaySession
+    from mailshim.reply import Reply
 
 __all__ = ["classify_failure", "classify_mail", "classify_rcpt", "probe_relays"]
 
@@ -105,9 +107,9 @@ async def _probe(
         return
     probe.transcript.append(f"*** probing {probe.label}")
     try:
-        session = await relay_mod.Session.open(relay, helo=helo, say=probe.transcript.append)
+        session = await relay_mod.RelaySession.open(relay, helo=helo, say=probe.transcript.append)
     except relay_mod.RelayDown as down:
-        text, fix, code = classify_failure(relay, down.reply.text, probe.transcript)
+        text, fix, code = classify_failure(relay, down)
         add(ERROR, "listener", text, fix, code)
         return
     try:
@@ -125,7 +127,7 @@ async def _probe(
 def _describe_session(
     cfg: Config,
     relay: RelayConfig,
-    session: Session,
+    session: RelaySession,
     probe: RelayProbe,
     add: Callable[..., None],
 ) -> None:
@@ -180,7 +182,7 @@ def _describe_session(
 
 
 def _describe_tls(
-    relay: RelayConfig, session: Session, probe: RelayProbe, add: Callable[..., None]
+    relay: RelayConfig, session: RelaySession, probe: RelayProbe, add: Callable[..., None]
 ) -> None:
     ssl_object = session.ssl_object
     info: dict[str, object] = {"mode": relay.tls, "verified": relay.verify}
@@ -230,7 +232,7 @@ def _describe_tls(
             )
 
 
-async def _command(session: Session, *args: bytes) -> Reply:
+async def _command(session: RelaySession, *args: bytes) -> Reply:
     # the transaction's own error handling: 421, timeouts, garbage become code-0 replies
     return await session.command(*args, ok=(250, 251))
 
@@ -240,7 +242,7 @@ def _wire(addr: str) -> bytes:
 
 
 async def _transaction(
-    session: Session,
+    session: RelaySession,
     sender: str,
     rcpts: list[tuple[str, str]],
     probe: RelayProbe,
@@ -302,7 +304,7 @@ _AUTH_FIX = (
 
 
 def _is_auth_reply(reply: Reply) -> bool:
-    text = reply.text.lower()
+    text = reply.detail.lower()
     return (
         reply.code == 530
         or (reply.code == 503 and ("5.5.1" in text or "auth" in text))
@@ -346,7 +348,7 @@ def classify_rcpt(reply: Reply, addr: str, why: str) -> tuple[str, str, int, str
 
 
 def _classify_rcpt(reply: Reply, addr: str, why: str) -> tuple[str, str, int, str]:
-    text = reply.text.lower()
+    text = reply.detail.lower()
     who = f"<{addr}>"
     alias_fix = "fix [aliases] root" if why == "root" else "check the address"
     if reply.code in (0, 421):
@@ -391,91 +393,90 @@ def _classify_rcpt(reply: Reply, addr: str, why: str) -> tuple[str, str, int, st
     return f"{who} refused: {reply}", alias_fix, EX_UNAVAILABLE, "permanent"
 
 
-def classify_failure(relay: RelayConfig, text: str, transcript: list[str]) -> tuple[str, str, int]:
+# Why a relay could not be opened, by failure kind: (finding, fix, exit code). A key
+# "kind/tls" refines it for one ``tls`` setting. Placeholders: {text} the failure,
+# {server} the listener's reply (or the failure), {where} the relay, {socket}, {timeout},
+# {username} and {password_file} from the configuration.
+_FAILURES: dict[str, tuple[str, str, int]] = {
+    kinds.TLS_VERIFY: (
+        "TLS: {text}",
+        "set ca_file to the CA that signed the listener's certificate",
+        EX_CONFIG,
+    ),
+    kinds.TLS_NAME: (
+        "TLS: {text}",
+        "connect by a name the certificate holds (host = ...), or fix the certificate",
+        EX_CONFIG,
+    ),
+    kinds.TLS_REQUIRED: (
+        'tls = "starttls" but the listener does not offer STARTTLS: {text}',
+        'set tls = "none" (fine on loopback) or enable TLS on the listener',
+        EX_CONFIG,
+    ),
+    kinds.TLS_REFUSED: ("STARTTLS failed: {server}", "check the listener's TLS setup", EX_CONFIG),
+    kinds.TLS_FAILED: ("STARTTLS failed: {server}", "check the listener's TLS setup", EX_CONFIG),
+    f"{kinds.TLS_FAILED}/tls": (
+        "TLS handshake failed: {text}",
+        'is the port right for tls = "tls" (implicit TLS, usually 465)? 587 and'
+        ' 25 want tls = "starttls"',
+        EX_CONFIG,
+    ),
+    kinds.TLS_SETTINGS: ("TLS settings: {text}", "fix ca_file in [relay]", EX_CONFIG),
+    kinds.AUTH_CLEARTEXT: ("{text}", 'set tls = "starttls" or "tls"', EX_CONFIG),
+    kinds.AUTH_UNSUPPORTED: (
+        "{text}",
+        "drop username and password_file, or enable AUTH PLAIN or LOGIN on the listener",
+        EX_CONFIG,
+    ),
+    kinds.AUTH_SECRET: ("{text}", "see the secret finding above", EX_NOPERM),
+    kinds.AUTH_FAILED: (
+        "authentication failed for {username}: {server}",
+        "check the password in {password_file}",
+        EX_NOPERM,
+    ),
+    kinds.HELO_REFUSED: ("{text}", "check the listener's log", EX_UNAVAILABLE),
+    kinds.DNS: ("listener unknown: {text}", "fix [relay] host", EX_CONFIG),
+    kinds.NO_SOCKET: (
+        "listener down: no socket at {socket}",
+        "start the listener or fix [relay] socket",
+        EX_UNAVAILABLE,
+    ),
+    kinds.DENIED: (
+        "listener not reachable: permission denied ({where})",
+        "run as a user that may use the socket, or fix its permissions",
+        EX_NOPERM,
+    ),
+    kinds.REFUSED: (
+        "listener down: connection refused ({where})",
+        "start the listener, or fix [relay] host/port (Stalwart: a listener named"
+        f" local on 127.0.0.1:10025, see {STALWART_DOC})",
+        EX_UNAVAILABLE,
+    ),
+    kinds.TIMEOUT: (
+        "listener not answering: timed out after {timeout:g}s ({where})",
+        "check that the listener runs and no firewall drops the connection",
+        EX_UNAVAILABLE,
+    ),
+}
+_UNUSABLE = ("listener unusable: {text}", "check the listener and [relay]", EX_UNAVAILABLE)
+
+
+def classify_failure(relay: RelayConfig, down: RelayDown) -> tuple[str, str, int]:
     """(text, fix, exit code) for a relay that could not be opened (connect to AUTH)."""
-    low = text.lower()
-    sent = [line[4:].split(" ", 1)[0].upper() for line in transcript if line.startswith(">>> ")]
-    last = sent[-1] if sent else None
-    if "certificate verification failed" in low:
-        fix = "set ca_file to the CA that signed the listener's certificate"
-        if _local(relay):
-            fix += ", or verify = false (loopback only)"
-        if "hostname" in low or "ip address mismatch" in low:
-            fix = "connect by a name the certificate holds (host = ...), or fix the certificate"
-        return f"TLS: {text}", fix, EX_CONFIG
-    if "does not offer starttls" in low:
-        return (
-            f'tls = "starttls" but the listener does not offer STARTTLS: {text}',
-            'set tls = "none" (fine on loopback) or enable TLS on the listener',
-            EX_CONFIG,
-        )
-    if "refusing to send the password" in low:
-        return text, 'set tls = "starttls" or "tls"', EX_CONFIG
-    if "offers no auth" in low:
-        return (
-            text,
-            "drop username and password_file, or enable AUTH PLAIN or LOGIN on the listener",
-            EX_CONFIG,
-        )
-    if "password_file" in low or "cannot read the password" in low:
-        return text, "see the secret finding above", EX_NOPERM
-    if last == "AUTH":
-        return (
-            f"authentication failed for {relay.username}: {_tail(text)}",
-            f"check the password in {relay.password_file}",
-            EX_NOPERM,
-        )
-    if last == "STARTTLS":
-        return f"STARTTLS failed: {_tail(text)}", "check the listener's TLS setup", EX_CONFIG
-    if last in ("EHLO", "LHLO", "HELO"):
-        return (
-            f"the listener refused {last}: {_tail(text)}",
-            "check the listener's log",
-            EX_UNAVAILABLE,
-        )
-    return _connect_failure(relay, text, low)
-
-
-def _connect_failure(relay: RelayConfig, text: str, low: str) -> tuple[str, str, int]:
-    where = relay.describe()
-    if "tls" in low and relay.tls == "tls":
-        return (
-            f"TLS handshake failed: {text}",
-            'is the port right for tls = "tls" (implicit TLS, usually 465)? 587 and'
-            ' 25 want tls = "starttls"',
-            EX_CONFIG,
-        )
-    if "cannot resolve" in low:
-        return f"listener unknown: {text}", "fix [relay] host", EX_CONFIG
-    if relay.socket and ("no such file" in low or "not found" in low):
-        return (
-            f"listener down: no socket at {relay.socket}",
-            "start the listener or fix [relay] socket",
-            EX_UNAVAILABLE,
-        )
-    if "permission denied" in low:
-        return (
-            f"listener not reachable: permission denied ({where})",
-            "run as a user that may use the socket, or fix its permissions",
-            EX_NOPERM,
-        )
-    if "refused" in low:
-        return (
-            f"listener down: connection refused ({where})",
-            f"start the listener, or fix [relay] host/port (Stalwart: a listener named"
-            f" local on 127.0.0.1:10025, see {STALWART_DOC})",
-            EX_UNAVAILABLE,
-        )
-    if "timed out" in low:
-        return (
-            f"listener not answering: timed out after {relay.timeout:g}s ({where})",
-            "check that the listener runs and no firewall drops the connection",
-            EX_UNAVAILABLE,
-        )
-    return f"listener unusable: {text}", "check the listener and [relay]", EX_UNAVAILABLE
-
-
-def _tail(text: str) -> str:
-    """The server's reply at the end of a relay failure text ("...: 535 5.7.8 ...")."""
-    _head, sep, rest = text.rpartition(": ")
-    return rest if sep and rest[:3].isdigit() else text
+    kind = down.reply.kind
+    text_form, fix_form, code = (
+        _FAILURES.get(f"{kind}/{relay.tls}") or _FAILURES.get(kind) or _UNUSABLE
+    )
+    fields = {
+        "text": down.reply.text,
+        "server": str(down.server) if down.server is not None else down.reply.text,
+        "where": relay.describe(),
+        "socket": relay.socket,
+        "timeout": relay.timeout,
+        "username": relay.username,
+        "password_file": relay.password_file,
+    }
+    fix = fix_form.format(**fields)
+    if kind == kinds.TLS_VERIFY and _local(relay):
+        fix += ", or verify = false (loopback only)"
+    return text_form.format(**fields), fix, code

@@ -98,8 +98,8 @@ class Item:
                 held=st.held,
                 last_error=st.last_error,
                 done=sorted(st.done),
-                failed=st.failed,
-                pending=st.pending,
+                failed={rcpt: str(reply) for rcpt, reply in st.failed.items()},
+                pending={rcpt: str(reply) for rcpt, reply in st.pending.items()},
             )
         return out
 
@@ -232,7 +232,7 @@ def _recipient(rcpt: str, st: State | None, paint: Callable[[str, str], str]) ->
     if st is not None and rcpt in st.done:
         return paint("dim", f"{text} (delivered)")
     if st is not None and rcpt in st.failed:
-        return paint("failed", f"{text} (failed: {one_line(st.failed[rcpt])})")
+        return paint("failed", f"{text} (failed: {one_line(str(st.failed[rcpt]))})")
     return text
 
 

@@ -637,6 +637,22 @@ def test_starttls_verified_with_the_ca(certs, tmp_path):
         assert len(ehlos) == 2  # again after STARTTLS
 
 
+def test_tls_contexts_of_relays_sharing_a_name_keep_their_own_ca(certs, tmp_path):
+    """Issue 12 item 12: relay names need not be unique, so the TLS context cache is keyed
+    by what defines a context. The first relay (down) makes a context for its CA; the second,
+    of the same name and host, must verify its listener against its own ca_file."""
+    other = Certs("localhost", "127.0.0.1")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with Listener(tls="starttls", certs=other) as tls:
+        first = FakeRelay(free_port(), tls="starttls", ca_file=certs.ca_file(tmp_path / "a"))
+        second = relay_for(tls, tls="starttls", ca_file=other.ca_file(tmp_path / "b"))
+        assert first.name == second.name and first.host == second.host
+        result, transcript = send([first, second])
+        assert result.sent() == ["b@example.test"], (result, transcript)
+        assert tls.handler.messages[0].tls
+
+
 def test_session_open_for_a_check(certs, tmp_path):
     """The connect/EHLO/TLS step on its own, as ``mailshim check`` uses it."""
     with Listener(tls="starttls", certs=certs) as tls:

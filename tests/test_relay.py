@@ -674,6 +674,7 @@ def test_session_open_for_a_check(certs, tmp_path):
     assert ssl_object is not None and ssl_object.version()
     assert reply.code == 250
     assert failed.value.reply.code == 0 and "Connection refused" in failed.value.reply.text
+    assert failed.value.reply.kind == "refused"
 
 
 def test_starttls_without_the_ca_is_a_temporary_failure(certs):
@@ -682,7 +683,7 @@ def test_starttls_without_the_ca_is_a_temporary_failure(certs):
         assert tls.handler.messages == []
     reply = result.replies["b@example.test"]
     assert reply.code == 0 and reply.temporary
-    assert "certificate verif" in reply.text
+    assert "certificate verif" in reply.text and reply.kind == "tls-verify"
     assert result.relay == "none"
 
 
@@ -698,6 +699,7 @@ def test_certificate_is_checked_against_the_configured_name(tmp_path, mode):
     with Listener(tls=mode, certs=other) as tls:
         result, _ = send([relay_for(tls, tls=mode, ca_file=other.ca_file(tmp_path))])
         assert result.deferred() and "certificate verif" in result.replies["b@example.test"].text
+        assert result.replies["b@example.test"].kind == "tls-name"
     only_name = Certs("localhost")
     with Listener(tls=mode, certs=only_name) as tls:
         # dialled as 127.0.0.1, checked as "localhost"

@@ -22,6 +22,7 @@ programming error, exit 70 through the caller).
 
 from __future__ import annotations
 
+from mailshim.constants import REPORT_DELAYED, REPORT_FAILED
 from mailshim.message import format_date
 from mailshim.reply import Reply
 
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DELAYED", "FAILED", "build_report", "format_date", "status_of"]
 
-FAILED = "failed"
-DELAYED = "delayed"
+FAILED = REPORT_FAILED
+DELAYED = REPORT_DELAYED
 MAX_ORIGINAL_HEADERS = 64 * 1024
 
 

@@ -7,13 +7,16 @@ runner, ``check`` and the bounce switch on a value instead of reading English. I
 fields once, where it arrives, and stored as fields in the spool's state files (``as_fields`` /
 ``from_fields``); ``from_legacy`` reads the one-line form older state files hold.
 
-Trust: pure; no I/O. Texts come from the listener, which is hostile-or-broken: callers clean
-them to one printable line (``relay.clean_text``) before they make a ``Reply``, and
-``from_fields`` checks every stored field's type and range. Raises ``ValueError`` only from
-``from_fields`` (the state reader turns it into ``DataError``: the entry goes to corrupt/).
+Trust: pure; no I/O, and it imports only ``constants``. Texts come from the listener, which
+is hostile-or-broken: callers clean them to one printable line (``clean_text``) before they
+make a ``Reply``, and ``from_fields`` checks every stored field's type and range. Raises
+``ValueError`` only from ``from_fields`` (the state reader turns it into ``DataError``: the
+entry goes to corrupt/).
 """
 
 from __future__ import annotations
+
+from mailshim.constants import REPLY_FIELDS
 
 __all__ = [
     "AUTH_CLEARTEXT",
@@ -209,7 +212,7 @@ class Reply:
     @classmethod
     def from_fields(cls, data: object) -> Reply:
         """The reply ``as_fields`` stored; ``ValueError`` names what is wrong."""
-        if not isinstance(data, dict) or not set(data) <= {"code", "text", "enhanced", "kind"}:
+        if not isinstance(data, dict) or not set(data) <= set(REPLY_FIELDS):
             raise ValueError("a reply is a table of code, text, enhanced and kind")
         code, text = data.get("code"), data.get("text")
         enhanced, kind = data.get("enhanced", ""), data.get("kind", "")

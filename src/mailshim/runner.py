@@ -38,6 +38,7 @@ import time
 
 from mailshim import bounce, maillog, spool
 from mailshim import reply as kinds
+from mailshim.constants import PRESSURE_GREYLIST, PRESSURE_RATE
 from mailshim.errors import DataError, MailshimError
 from mailshim.reply import Reply
 
@@ -118,9 +119,9 @@ def pressure_kind(reply: Reply) -> str | None:
     if reply.code == 0 or not reply.temporary:
         return None
     if reply.enhanced in RATE_LIMITED:
-        return "rate"
+        return PRESSURE_RATE
     if reply.enhanced in GREYLISTED:
-        return "greylist"
+        return PRESSURE_GREYLIST
     return None
 
 

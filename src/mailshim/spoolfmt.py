@@ -12,6 +12,7 @@ deviation is ``DataError`` and the caller moves the entry to ``corrupt/``.
 
 from __future__ import annotations
 
+from mailshim.constants import STATE_COUNTERS, STATE_FLAGS, STATE_REPLIES
 from mailshim.errors import DataError
 from mailshim.reply import Reply
 
@@ -244,12 +245,12 @@ def decode_state(raw: bytes) -> State:
     if not isinstance(data, dict) or data.get("format") not in (STATE_MAGIC, OLD_STATE_MAGIC):
         raise DataError("state file has an unknown format")
     state = State()
-    for key in ("attempts", "throttled", "first_attempt", "last_attempt", "next_attempt"):
+    for key in STATE_COUNTERS:
         value = data.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise DataError(f"state field {key} is not a number")
         setattr(state, key, value)
-    for key in ("held", "warned"):
+    for key in STATE_FLAGS:
         value = data.get(key, False)
         if not isinstance(value, bool):
             raise DataError(f"state field {key} is not true/false")
@@ -267,7 +268,7 @@ def decode_state(raw: bytes) -> State:
         raise DataError("state field expired is not a list of recipients")
     state.expired = sorted(set(expired))
     legacy = data["format"] == OLD_STATE_MAGIC
-    for key in ("done", "failed", "pending"):
+    for key in STATE_REPLIES:
         value = data.get(key, {})
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise DataError(f"state field {key} is not a table of replies")

@@ -30,8 +30,13 @@ from typing import TYPE_CHECKING, BinaryIO, ClassVar, Protocol
 
 from mailshim import reply as kinds
 from mailshim.errors import ConfigError, MailshimError
-from mailshim.hostnames import LOCALHOST_NAMES, LOOPBACK_ADDRESSES, bare_host, is_loopback
-from mailshim.hostnames import valid_helo as _valid_helo
+from mailshim.hostnames import (
+    LOCALHOST_NAMES,
+    LOOPBACK_ADDRESSES,
+    bare_host,
+    is_loopback,
+    valid_helo,
+)
 from mailshim.reply import Reply, clean_text
 from mailshim.tlsctx import ContextCache, tls_context
 from mailshim.wire import Connection, LocalFailure, WireError, WireReply, failure, is_timeout
@@ -278,11 +283,8 @@ class RelaySession:
         try:
             code, text = await self._wire.starttls(self._server_name, self._context)
         except WireReply as refused:
-            self._show(refused.code, refused.message)
-            raise self._fail(
-                kinds.TLS_REFUSED,
-                f"{self.label} refused STARTTLS",
-                Reply(refused.code, refused.message),
+            raise self._refused(
+                kinds.TLS_REFUSED, f"{self.label} refused STARTTLS", refused
             ) from None
         except WireError as exc:
             kind = exc.kind if exc.kind in (kinds.TLS_VERIFY, kinds.TLS_NAME) else kinds.TLS_FAILED
@@ -319,12 +321,8 @@ class RelaySession:
         try:
             code, text = await self._wire.auth(mechanism, username, password)
         except WireReply as refused:
-            self._show(refused.code, refused.message)
-            raise self._fail(
-                kinds.AUTH_FAILED,
-                f"authentication as {username} at {self.label} failed",
-                Reply(refused.code, refused.message),
-            ) from None
+            why = f"authentication as {username} at {self.label} failed"
+            raise self._refused(kinds.AUTH_FAILED, why, refused) from None
         except WireError as exc:
             raise self._fail(exc.kind, f"AUTH with {self.label} failed: {exc.text}") from None
         self._show(code, text)
@@ -333,6 +331,11 @@ class RelaySession:
         if self.relay.socket:
             return None
         return self._wire.peer_address()
+
+    def _refused(self, kind: str, why: str, refused: WireReply) -> RelayDown:
+        """The listener refused STARTTLS or AUTH: show its reply and close."""
+        self._show(refused.code, refused.message)
+        return self._fail(kind, why, Reply(refused.code, clean_text(refused.message)))
 
     def _fail(self, kind: str, why: str, reply: Reply | None = None) -> RelayDown:
         """Close this connection; the failure it returns names the server's reply if any."""
@@ -560,7 +563,7 @@ class RelayClient:
         if not relays:
             raise ConfigError("no relay configured")
         for name in [helo, *(r.helo for r in relays if r.helo)]:
-            if not _valid_helo(name):
+            if not valid_helo(name):
                 raise ConfigError(f"invalid HELO name {name!r}: one word of printable ASCII")
         self._relays = tuple(relays)
         self._helo = helo

@@ -23,7 +23,9 @@ Decisions, where RFC 5321 leaves room or real servers differ:
 
 Trust: runs inside ``sendmail -bs`` with the privilege of whoever started it (not set-id). Every
 byte of input is hostile: arbitrary bytes, overlong lines, commands out of order, addresses
-crafted to inject header or protocol lines. Replies never echo control characters.
+crafted to inject header or protocol lines. Replies never echo control characters. Every
+problem with the input is a reply, never an exception; ``reply()`` raises ``SoftwareError``
+(exit 70) only for a code outside 200-599, a programming error.
 """
 
 from __future__ import annotations

@@ -304,11 +304,11 @@ _AUTH_FIX = (
 
 
 def _is_auth_reply(reply: Reply) -> bool:
-    text = reply.detail.lower()
+    text = reply.text.lower()
     return (
         reply.code == 530
-        or (reply.code == 503 and ("5.5.1" in text or "auth" in text))
-        or "5.7.0" in text
+        or (reply.code == 503 and (reply.enhanced == "5.5.1" or "auth" in text))
+        or reply.enhanced == "5.7.0"
         or "authentication required" in text
     )
 
@@ -347,8 +347,32 @@ def classify_rcpt(reply: Reply, addr: str, why: str) -> tuple[str, str, int, str
     return text, fix, code, kind
 
 
+# A refused RCPT by its enhanced status; the words are the fallback for a listener that
+# gives no enhanced status (or a generic one). Each class: (finding, fix, exit code, outcome);
+# outcome None means "permanent if the reply is, else temporary".
+_RCPT_STATUS = {"5.1.2": "relay", "4.4.5": "rate", "4.2.2": "grey", "5.1.3": "invalid"}
+_RCPT_WORDS = (("relay", "relay"), ("rate", "rate"), ("grey", "grey"), ("gray", "grey"))
+_RCPT_CLASSES: dict[str, tuple[str, str, int, str | None]] = {
+    "relay": ("relaying denied for {who}: {reply}", _RELAY_FIX, EX_UNAVAILABLE, None),
+    "rate": (
+        "rate limited at {who}: {reply}",
+        f"wait, or exempt this listener from the throttles (see {STALWART_DOC})",
+        EX_UNAVAILABLE,
+        "temporary",
+    ),
+    "grey": ("greylisted: {reply}", "nothing to do: mailshim retries", EX_UNAVAILABLE, "temporary"),
+}
+
+
+def _rcpt_class(reply: Reply) -> str | None:
+    found = _RCPT_STATUS.get(reply.enhanced)
+    if found is not None:
+        return found
+    text = reply.text.lower()
+    return next((cls for word, cls in _RCPT_WORDS if word in text), None)
+
+
 def _classify_rcpt(reply: Reply, addr: str, why: str) -> tuple[str, str, int, str]:
-    text = reply.detail.lower()
     who = f"<{addr}>"
     alias_fix = "fix [aliases] root" if why == "root" else "check the address"
     if reply.code in (0, 421):
@@ -360,27 +384,12 @@ def _classify_rcpt(reply: Reply, addr: str, why: str) -> tuple[str, str, int, st
         )
     if _is_auth_reply(reply):
         return f"authentication required: {reply}", _AUTH_FIX, EX_NOPERM, "temporary"
-    if "5.1.2" in text or "relay" in text:
-        return (
-            f"relaying denied for {who}: {reply}",
-            _RELAY_FIX,
-            EX_UNAVAILABLE,
-            "permanent" if reply.permanent else "temporary",
-        )
-    if "4.4.5" in text or "rate" in text:
-        return (
-            f"rate limited at {who}: {reply}",
-            f"wait, or exempt this listener from the throttles (see {STALWART_DOC})",
-            EX_UNAVAILABLE,
-            "temporary",
-        )
-    if "4.2.2" in text or "grey" in text or "gray" in text:
-        return (
-            f"greylisted: {reply}",
-            "nothing to do: mailshim retries",
-            EX_UNAVAILABLE,
-            "temporary",
-        )
+    cls = _rcpt_class(reply)
+    if cls in _RCPT_CLASSES:
+        text, fix, code, outcome = _RCPT_CLASSES[cls]
+        if outcome is None:
+            outcome = "permanent" if reply.permanent else "temporary"
+        return text.format(who=who, reply=reply), fix, code, outcome
     if reply.temporary:
         return (
             f"{who} deferred (temporary): {reply}",
@@ -388,7 +397,7 @@ def _classify_rcpt(reply: Reply, addr: str, why: str) -> tuple[str, str, int, st
             EX_UNAVAILABLE,
             "temporary",
         )
-    if "5.1.3" in text or reply.code == 501:
+    if cls == "invalid" or reply.code == 501:
         return f"{who} refused as invalid: {reply}", alias_fix, EX_CONFIG, "permanent"
     return f"{who} refused: {reply}", alias_fix, EX_UNAVAILABLE, "permanent"
 

@@ -162,6 +162,27 @@ def test_status_codes():
     assert bounce.status_of(Reply(0, "garbage", kind="protocol")) == "4.4.1"
 
 
+@pytest.mark.parametrize(
+    ("reply", "status"),
+    [
+        (Reply(550, "Message too big!", stage="size"), "5.3.4"),
+        (Reply(552, "Message size exceeds fixed maximum"), "5.3.4"),
+        (Reply(552, "too big", stage="mail"), "5.3.4"),
+        (Reply(553, "sender not allowed", stage="mail"), "5.1.7"),
+        (Reply(553, "recipient not allowed"), "5.1.3"),
+        (Reply(530, "Authentication required", stage="mail"), "5.7.0"),
+        (Reply(535, "bad credentials"), "5.7.8"),
+        (Reply(550, "no reason given", stage="mail"), "5.0.0"),
+        (Reply(554, "5.7.1 the listener's own code wins", stage="size"), "5.7.1"),
+        (Reply(552, "5.2.2 quota: the listener's own code wins"), "5.2.2"),
+        (Reply(451, "try again later"), "4.0.0"),
+    ],
+)
+def test_status_derived_from_stage_and_code_when_the_listener_gives_none(reply, status):
+    # Issue 16 fix 2 (RFC 3463): a SIZE refusal without an enhanced code is 5.3.4, not 5.0.0.
+    assert bounce.status_of(reply) == status
+
+
 def test_the_module_is_pure():
     """No file, clock, socket or environment access: it imports only pure modules."""
     mod = importlib.import_module("mailshim.bounce")

@@ -243,6 +243,19 @@ def test_null_sender_is_exactly_mail_from_angle_brackets():
     assert plain.handler.commands("MAIL") == [b"MAIL FROM:<>", b"MAIL FROM:<>"]
 
 
+def test_a_size_refusal_at_mail_from_is_the_messages(tmp_path):
+    """Issue 16: a listener whose SIZE limit the message exceeds refuses it at MAIL FROM
+    (aiosmtpd: 552); the reply says so in a field, for the exit code and the DSN status."""
+    data = MESSAGE + b"x" * 200 + b"\r\n"
+    with Listener(size_limit=100) as small:
+        result, _ = send([relay_for(small)], data=data)
+    reply = result.replies["b@example.test"]
+    assert reply.permanent and reply.at_mail and reply.stage == "size"
+    assert small.handler.messages == []
+    temporary = Reply(452, "4.3.1 later")
+    assert temporary.stage == "" and not temporary.at_mail
+
+
 def test_size_and_8bitmime_parameters(listener):
     data = b"Subject: caf\xc3\xa9\r\n\r\n8-bit \xff body\r\n"
     send([relay_for(listener)], data=data, eightbit=True)
@@ -482,7 +495,9 @@ def test_550_is_final_no_failover(pair):
     first.handler.script("MAIL", "550 5.1.2 Relay not allowed.")
     result, _ = send(two_relays(pair))
     assert result.bounced() == ["b@example.test"]
-    assert str(result.replies["b@example.test"]) == "550 5.1.2 Relay not allowed."
+    reply = result.replies["b@example.test"]
+    assert (reply.code, reply.enhanced, reply.stage) == (550, "5.1.2", "mail")
+    assert str(reply) == "550 5.1.2 Relay not allowed. (in reply to MAIL FROM)"
     assert result.relay == f"first[127.0.0.1]:{first.port}"
     assert second.handler.connections == 0
 

@@ -35,6 +35,15 @@ def test_the_enhanced_status_is_split_off_once(code, text, enhanced, rest):
     assert str(got) == (f"{code} {text}".rstrip() if code else text)
 
 
+def test_a_refusal_at_mail_from_says_so():
+    reply = Reply(550, "Message too big!").at("mail")
+    assert reply.at_mail and reply.stage == "mail" and reply.text == "Message too big!"
+    assert str(reply) == "550 Message too big! (in reply to MAIL FROM)"
+    assert reply != Reply(550, "Message too big!")
+    assert "SIZE" in str(Reply(552, "5.3.4 too big", stage="size"))
+    assert not Reply(0, "timed out", stage="mail").at_mail
+
+
 def test_kind_belongs_to_failures_only():
     assert Reply(0, "timed out", kind="timeout").kind == "timeout"
     assert Reply(451, "later", kind="timeout").kind == ""
@@ -47,9 +56,10 @@ def test_kind_belongs_to_failures_only():
     st.sampled_from([0, 250, 451, 452, 550, 554]),
     st.text(max_size=60),
     st.sampled_from(["", *sorted(KINDS)]),
+    st.sampled_from(["", "mail", "size"]),
 )
-def test_fields_round_trip(code, text, kind):
-    original = Reply(code, text, kind=kind)
+def test_fields_round_trip(code, text, kind, stage):
+    original = Reply(code, text, kind=kind, stage=stage)
     assert Reply.from_fields(original.as_fields()) == original
 
 
@@ -65,6 +75,8 @@ def test_fields_round_trip(code, text, kind):
         {"code": 550, "text": "", "kind": "refused"},
         {"code": 0, "text": "", "kind": "not-a-kind"},
         {"code": 0, "text": "", "extra": 1},
+        {"code": 550, "text": "", "stage": "rcpt"},
+        {"code": 0, "text": "", "stage": "mail"},
         {"code": 0, "text": "x" * 10000},
     ],
 )

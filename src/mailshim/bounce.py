@@ -22,7 +22,7 @@ programming error, exit 70 through the caller).
 
 from __future__ import annotations
 
-from mailshim.constants import REPORT_DELAYED, REPORT_FAILED
+from mailshim.constants import REPORT_DELAYED, REPORT_FAILED, STAGE_SIZE
 from mailshim.message import format_date
 from mailshim.reply import Reply
 
@@ -105,6 +105,8 @@ def status_of(reply: Reply, expired: bool = False) -> str:
     '5.1.1'
     >>> status_of(Reply(554, "transaction failed"))
     '5.0.0'
+    >>> status_of(Reply(552, "too much mail"))
+    '5.3.4'
     >>> status_of(Reply(0, "connect to relay[127.0.0.1]:25: Connection refused"))
     '4.4.1'
     >>> status_of(Reply(451, "4.3.0 try later"), expired=True)
@@ -113,8 +115,29 @@ def status_of(reply: Reply, expired: bool = False) -> str:
     '4.4.7'
     """
     if reply.code:
-        return reply.enhanced or f"{reply.code // 100}.0.0"
+        return reply.enhanced or _derived(reply)
     return "4.4.7" if expired else "4.4.1"
+
+
+def _derived(reply: Reply) -> str:
+    """RFC 3463 status for a reply that carries none, from its code and the command it
+    answered (RFC 5321 4.2.2 reply meanings; RFC 1870 for SIZE; RFC 4954 for AUTH).
+
+    >>> _derived(Reply(550, "Message too big!", stage="size"))
+    '5.3.4'
+    >>> _derived(Reply(553, "sender not allowed", stage="mail")), _derived(Reply(553, "no"))
+    ('5.1.7', '5.1.3')
+    """
+    klass = reply.code // 100
+    if reply.stage == STAGE_SIZE or reply.code == 552:
+        return f"{klass}.3.4"  # message too big for system / exceeded storage allocation
+    if reply.code == 553:
+        return "5.1.7" if reply.at_mail else "5.1.3"  # bad sender / recipient mailbox syntax
+    if reply.code == 530:
+        return "5.7.0"  # authentication required
+    if reply.code == 535:
+        return "5.7.8"  # authentication credentials invalid
+    return f"{klass}.0.0"
 
 
 def _diagnostic(reply: Reply) -> str:

@@ -49,4 +49,9 @@ ENVELOPE_RECORDS = (REC_ID, REC_ARRIVAL, REC_UID, REC_SIZE, REC_BODY, REC_SENDER
 STATE_COUNTERS = ("attempts", "throttled", "first_attempt", "last_attempt", "next_attempt")
 STATE_FLAGS = ("held", "warned")
 STATE_REPLIES = ("done", "failed", "pending")  # recipient -> reply, stored as fields
-REPLY_FIELDS = ("code", "enhanced", "text", "kind")
+REPLY_FIELDS = ("code", "enhanced", "text", "kind", "stage")
+
+# --- the command a permanent refusal answered, when it concerns the message (reply.stage) ---
+STAGE_MAIL = "mail"  # refused at MAIL FROM: the message or its sender, not a recipient
+STAGE_SIZE = "size"  # refused at MAIL FROM, the declared SIZE over the listener's limit
+REPLY_STAGES = (STAGE_MAIL, STAGE_SIZE)

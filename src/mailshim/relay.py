@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, BinaryIO, ClassVar, Protocol
 
 from mailshim import reply as kinds
+from mailshim.constants import STAGE_MAIL, STAGE_SIZE
 from mailshim.errors import ConfigError, MailshimError
 from mailshim.hostnames import (
     LOCALHOST_NAMES,
@@ -445,6 +446,9 @@ class RelaySession:
             *self._mail_params(size, eightbit, utf8),
         )
         if reply.code != 250:
+            if reply.permanent:
+                # The message (its size, its sender) was refused, not a recipient.
+                reply = reply.at(self._mail_stage(size))
             out.all(recipients, reply)
             out.relay_failed = out.retry_fresh = reply.temporary
             return out
@@ -469,6 +473,13 @@ class RelaySession:
             out.all(accepted, replies[0])
             out.relay_failed = replies[0].temporary
         return out
+
+    def _mail_stage(self, size: int) -> str:
+        """``size`` when the declared size is over the listener's advertised SIZE limit."""
+        limit = self.extensions.get("size", "").strip()
+        if limit.isascii() and limit.isdigit() and 0 < int(limit) < size:
+            return STAGE_SIZE
+        return STAGE_MAIL
 
     def _mail_params(self, size: int, eightbit: bool, utf8: bool) -> list[bytes]:
         params = []

@@ -3,7 +3,9 @@
 A ``Reply`` is what the listener answered (``code`` 200-599, the RFC 3463 ``enhanced`` status
 it gave, its ``text``) or, with ``code`` 0, why no answer came: ``kind`` names the failure
 (``refused``, ``timeout``, ``tls-verify``, ``auth-failed``, ``unanswered``...) so that the
-runner, ``check`` and the bounce switch on a value instead of reading English. It is split into
+runner, ``check`` and the bounce switch on a value instead of reading English. A permanent
+refusal at MAIL FROM carries its ``stage`` (``mail``, or ``size`` when the declared size was
+over the listener's limit): it concerns the message, not a recipient (issue 16). It is split into
 fields once, where it arrives, and stored as fields in the spool's state files (``as_fields`` /
 ``from_fields``); ``from_legacy`` reads the one-line form older state files hold.
 
@@ -16,7 +18,7 @@ entry goes to corrupt/).
 
 from __future__ import annotations
 
-from mailshim.constants import REPLY_FIELDS
+from mailshim.constants import REPLY_FIELDS, REPLY_STAGES, STAGE_SIZE
 
 __all__ = [
     "AUTH_CLEARTEXT",
@@ -138,13 +140,20 @@ class Reply:
     'connect to relay: Connection refused'
     """
 
-    __slots__ = ("code", "enhanced", "kind", "text")
+    __slots__ = ("code", "enhanced", "kind", "stage", "text")
 
     def __init__(
-        self, code: int, text: str, *, enhanced: str | None = None, kind: str = ""
+        self,
+        code: int,
+        text: str,
+        *,
+        enhanced: str | None = None,
+        kind: str = "",
+        stage: str = "",
     ) -> None:
         self.code = code
         self.kind = kind if code == 0 else ""
+        self.stage = stage if code else ""
         if enhanced is None:
             word, _, rest = text.partition(" ")
             if enhanced_code(word, code):
@@ -167,6 +176,15 @@ class Reply:
         return 200 <= self.code < 300
 
     @property
+    def at_mail(self) -> bool:
+        """The listener refused the message at MAIL FROM (not tied to a recipient)."""
+        return bool(self.stage)
+
+    def at(self, stage: str) -> Reply:
+        """This reply, noted as the answer to ``stage`` (``constants.STAGE_*``)."""
+        return Reply(self.code, self.text, enhanced=self.enhanced, kind=self.kind, stage=stage)
+
+    @property
     def listener_down(self) -> bool:
         """No reply because the listener could not be reached or spoken to (not our side)."""
         return self.code == 0 and self.kind not in (LOCAL, NOT_TRIED)
@@ -179,24 +197,26 @@ class Reply:
     def __str__(self) -> str:
         if self.code == 0:
             return self.text
-        return f"{self.code} {self.detail}".rstrip()
+        said = f"{self.code} {self.detail}".rstrip()
+        if self.stage == STAGE_SIZE:
+            return f"{said} (in reply to MAIL FROM; SIZE over the listener's limit)"
+        return f"{said} (in reply to MAIL FROM)" if self.stage else said
 
     def __repr__(self) -> str:
         extra = f", kind={self.kind!r}" if self.kind else ""
+        extra += f", stage={self.stage!r}" if self.stage else ""
         return f"Reply({self.code!r}, {self.detail!r}{extra})"
+
+    def _key(self) -> tuple[int, str, str, str, str]:
+        return (self.code, self.enhanced, self.text, self.kind, self.stage)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Reply):
             return NotImplemented
-        return (self.code, self.enhanced, self.text, self.kind) == (
-            other.code,
-            other.enhanced,
-            other.text,
-            other.kind,
-        )
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self.code, self.enhanced, self.text, self.kind))
+        return hash(self._key())
 
     # -- stored form ----------------------------------------------------------------------
 
@@ -207,6 +227,8 @@ class Reply:
             out["enhanced"] = self.enhanced
         if self.kind:
             out["kind"] = self.kind
+        if self.stage:
+            out["stage"] = self.stage
         return out
 
     @classmethod
@@ -216,6 +238,7 @@ class Reply:
             raise ValueError("a reply is a table of code, text, enhanced and kind")
         code, text = data.get("code"), data.get("text")
         enhanced, kind = data.get("enhanced", ""), data.get("kind", "")
+        stage = data.get("stage", "")
         if (
             not isinstance(code, int)
             or isinstance(code, bool)
@@ -228,7 +251,9 @@ class Reply:
             raise ValueError("a reply's enhanced status does not match its code")
         if not isinstance(kind, str) or (kind and (code != 0 or kind not in KINDS)):
             raise ValueError("a reply's kind is not one mailshim writes")
-        return cls(code, text, enhanced=enhanced, kind=kind)
+        if not isinstance(stage, str) or (stage and (code == 0 or stage not in REPLY_STAGES)):
+            raise ValueError("a reply's stage is not one mailshim writes")
+        return cls(code, text, enhanced=enhanced, kind=kind, stage=stage)
 
     @classmethod
     def from_legacy(cls, line: str) -> Reply:

@@ -12,10 +12,10 @@ Trust: pure data; imports nothing. Raises nothing.
 from __future__ import annotations
 
 # --- how sendmail hands a message on ([delivery] mode, -odb/-odi/-odq) ----------------------
-MODE_BACKGROUND = "background"  # spool, then an agent delivers while the caller goes on
-MODE_INTERACTIVE = "interactive"  # spool, then deliver before exiting (-odi)
-MODE_QUEUE = "queue"  # spool only; the runner delivers (-odq)
-DELIVERY_MODES = (MODE_BACKGROUND, MODE_INTERACTIVE, MODE_QUEUE)
+BACKGROUND = "background"  # spool, then an agent delivers while the caller goes on
+INTERACTIVE = "interactive"  # spool, then deliver before exiting (-odi)
+QUEUE = "queue"  # spool only; the runner delivers (-odq)
+DELIVERY_MODES = (BACKGROUND, INTERACTIVE, QUEUE)
 
 # --- what became of one entry after one attempt (runner, submit, bs, logs) -----------------
 QUEUED = "queued"  # in the spool, not tried yet
@@ -26,10 +26,6 @@ BOUNCED = "bounced"  # refused for good; a report went to the sender; moved to d
 REJECTED = "rejected"  # refused for good, and the caller was told at once (-odi, -bs)
 QUARANTINED = "quarantined"  # unreadable; moved to corrupt/
 STATUSES = (QUEUED, SENT, DEFERRED, THROTTLED, BOUNCED, REJECTED, QUARANTINED)
-
-# --- back-pressure, from the listener's enhanced status codes -------------------------------
-PRESSURE_RATE = "rate"  # 4.4.5 (Stalwart: too many messages per session or per second)
-PRESSURE_GREYLIST = "greylist"  # 4.2.2
 
 # --- delivery status notifications (bounce.py) ---------------------------------------------
 REPORT_FAILED = "failed"  # Action: failed; the entry goes to dead/

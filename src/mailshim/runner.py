@@ -38,7 +38,6 @@ import time
 
 from mailshim import bounce, maillog, spool
 from mailshim import reply as kinds
-from mailshim.constants import PRESSURE_GREYLIST, PRESSURE_RATE
 from mailshim.errors import DataError, MailshimError
 from mailshim.reply import Reply
 
@@ -119,9 +118,9 @@ def pressure_kind(reply: Reply) -> str | None:
     if reply.code == 0 or not reply.temporary:
         return None
     if reply.enhanced in RATE_LIMITED:
-        return PRESSURE_RATE
+        return "rate"
     if reply.enhanced in GREYLISTED:
-        return PRESSURE_GREYLIST
+        return "greylist"
     return None
 
 

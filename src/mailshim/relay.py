@@ -474,12 +474,18 @@ class RelaySession:
             out.relay_failed = replies[0].temporary
         return out
 
+    def size_limit(self) -> int | None:
+        """The largest message the listener announced (EHLO ``SIZE n``); None when it gave
+        no figure or 0 (RFC 1870: no fixed limit)."""
+        value = self.extensions.get("size", "").strip()
+        if value.isdigit() and value.isascii() and 0 < int(value) < 1 << 62:
+            return int(value)
+        return None
+
     def _mail_stage(self, size: int) -> str:
         """``size`` when the declared size is over the listener's advertised SIZE limit."""
-        limit = self.extensions.get("size", "").strip()
-        if limit.isascii() and limit.isdigit() and 0 < int(limit) < size:
-            return STAGE_SIZE
-        return STAGE_MAIL
+        limit = self.size_limit()
+        return STAGE_SIZE if limit is not None and size > limit else STAGE_MAIL
 
     def _mail_params(self, size: int, eightbit: bool, utf8: bool) -> list[bytes]:
         params = []

@@ -448,6 +448,10 @@ def temporary_at_rcpt(c: Conn) -> None:
     c.send(b"250 2.1.0 ok\r\n")
     c.expect(b"RCPT")
     c.send(b"452 4.4.5 Rate limit exceeded\r\n")
+    # PIPELINING is offered: DATA came with the RCPT. Refused as Postfix does; the client
+    # must keep the RCPT's 452 as the message's fate, not this 554.
+    c.expect(b"DATA")
+    c.send(b"554 5.5.1 Error: no valid recipients\r\n")
     c.expect(b"QUIT")
     c.send(b"221 bye\r\n")
 

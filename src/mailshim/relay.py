@@ -162,6 +162,8 @@ class RelaySession:
         self.extensions: dict[str, str] = {}
         self.encrypted = relay.tls == "tls"
         self.greeting = ""
+        # A MAIL FROM went out and its transaction has not ended with the final dot's replies.
+        self._open = False
         self._wire = wire
         self._server_name = server_name
         self._context = context
@@ -353,14 +355,21 @@ class RelaySession:
         try:
             code, text = await self._wire.execute(*args)
         except WireError as exc:
-            self.kill()
-            if exc.kind == kinds.TIMEOUT:
-                text = f"conversation with {self.label} timed out after {verb}"
-            else:
-                text = f"lost connection with {self.label} after {verb}: {exc.text}"
-            self._say("*** " + text)
-            return Reply(0, text, kind=exc.kind)
+            return self._lost(verb, exc)
         self._show(code, text)
+        return self._judge(verb, code, text)
+
+    def _lost(self, verb: str, exc: WireError) -> Reply:
+        """No reply to ``verb``: the connection is gone (or no longer trusted)."""
+        self.kill()
+        if exc.kind == kinds.TIMEOUT:
+            text = f"conversation with {self.label} timed out after {verb}"
+        else:
+            text = f"lost connection with {self.label} after {verb}: {exc.text}"
+        self._say("*** " + text)
+        return Reply(0, text, kind=exc.kind)
+
+    def _judge(self, verb: str, code: int, text: str) -> Reply:
         if not 200 <= code <= 599:
             self.kill()
             why = f"{self.label} sent an invalid reply to {verb}: {code}"
@@ -369,15 +378,47 @@ class RelaySession:
             self.kill()  # the server is closing this connection
         return Reply(code, clean_text(text))
 
-    async def command(self, *args: bytes, ok: tuple[int, ...] = (250,)) -> Reply:
-        """Send one command; replies other than ``ok``, 4xx or 5xx end the connection."""
-        reply = await self._exchange(*args)
+    def _expected(self, verb: str, reply: Reply, ok: tuple[int, ...]) -> Reply:
+        """Replies other than ``ok``, 4xx or 5xx end the connection."""
         if reply.code == 0 or reply.code in ok or 400 <= reply.code <= 599:
             return reply
         self.kill()
-        verb = args[0].decode("ascii")
         why = f"{self.label} sent an unexpected reply to {verb}: {reply}"
         return Reply(0, clean_text(why), kind=kinds.PROTOCOL)
+
+    async def command(self, *args: bytes, ok: tuple[int, ...] = (250,)) -> Reply:
+        """Send one command; replies other than ``ok``, 4xx or 5xx end the connection."""
+        reply = await self._exchange(*args)
+        return self._expected(args[0].decode("ascii"), reply, ok)
+
+    async def pipelined(
+        self, commands: Sequence[tuple[tuple[bytes, ...], tuple[int, ...]]]
+    ) -> list[Reply]:
+        """Send every command in one write (RFC 2920); one judged reply per command, in order.
+
+        Commands left without a reply (a 421, the connection lost, a timeout) get the
+        failure as a code-0 reply; the connection has then been dropped.
+        """
+        verbs = [args[0].decode("ascii") for args, _ in commands]
+        if not self.alive:
+            return [
+                Reply(0, f"lost connection with {self.label} before {verbs[0]}", kind=kinds.CLOSED)
+            ] * len(commands)
+        for args, _ in commands:
+            self._say(">>> " + clean_text(b" ".join(args).decode("utf-8", "replace")))
+        lines = [b" ".join(args) + b"\r\n" for args, _ in commands]
+        got, stopped = await self._wire.pipeline(lines, self._show)
+        # ``got`` falls short of the commands when reading stopped: those are filled below.
+        replies = [
+            self._expected(verb, self._judge(verb, code, text), ok)
+            for verb, (code, text), (_, ok) in zip(verbs, got, commands, strict=False)
+        ]
+        if stopped is not None:
+            self.kill()
+            if len(replies) < len(commands):
+                lost = self._lost(verbs[len(replies)], stopped)
+                replies += [lost] * (len(commands) - len(replies))
+        return replies
 
     @property
     def ssl_object(self) -> ssl.SSLObject | None:
@@ -421,7 +462,9 @@ class RelaySession:
         eightbit: bool,
     ) -> _Outcome:
         out = _Outcome()
-        if self.messages:
+        if self._open:
+            # The last transaction ended before its final dot (refused recipients or DATA):
+            # the listener may still hold its sender. After a completed one, no RSET.
             reply = await self.command(b"RSET")
             if reply.code != 250:
                 if not reply.temporary:
@@ -429,6 +472,7 @@ class RelaySession:
                 out.all(recipients, reply)
                 out.relay_failed = out.retry_fresh = True
                 return out
+            self._open = False
         self.messages += 1
 
         sender = _wire_address(sender)
@@ -440,26 +484,35 @@ class RelaySession:
             utf8 = False
         encoding = "utf-8" if utf8 else "ascii"
 
-        reply = await self.command(
-            b"MAIL",
-            b"FROM:<" + sender.encode(encoding) + b">",
-            *self._mail_params(size, eightbit, utf8),
-        )
+        mail = (b"MAIL", b"FROM:<" + sender.encode(encoding) + b">")
+        commands: list[tuple[tuple[bytes, ...], tuple[int, ...]]] = [
+            ((*mail, *self._mail_params(size, eightbit, utf8)), (250,))
+        ]
+        for rcpt in recipients:
+            wire = _wire_address(rcpt).encode(encoding)
+            commands.append(((b"RCPT", b"TO:<" + wire + b">"), (250, 251)))
+        commands.append(((b"DATA",), (354,)))
+        self._open = True
+        dialogue = _Dialogue(self, commands, "pipelining" in self.extensions)
+
+        reply = await dialogue.next()
         if reply.code != 250:
             if reply.permanent:
                 # The message (its size, its sender) was refused, not a recipient.
                 reply = reply.at(self._mail_stage(size))
             out.all(recipients, reply)
             out.relay_failed = out.retry_fresh = reply.temporary
+            dialogue.abandon()
             return out
-        accepted = await self._recipients(out, recipients, encoding)
+        accepted = await self._recipients(out, recipients, dialogue)
         if not accepted:
             # Every RCPT deferred (Stalwart's 452 4.4.5 may come here instead of at MAIL):
             # on a connection that already carried mail, a fresh one is worth one try.
             out.retry_fresh = all(reply.temporary for reply in out.replies.values())
+            dialogue.abandon()
             return out
 
-        reply = await self.command(b"DATA", ok=(354,))
+        reply = await dialogue.next()
         if reply.code != 354:
             out.all(accepted, reply)
             out.relay_failed = reply.temporary
@@ -500,13 +553,12 @@ class RelaySession:
         return params
 
     async def _recipients(
-        self, out: _Outcome, recipients: Sequence[str], encoding: str
+        self, out: _Outcome, recipients: Sequence[str], dialogue: _Dialogue
     ) -> list[str]:
-        """RCPT for each; refusals go into ``out``; returns the accepted ones."""
+        """The RCPT replies, in order; refusals go into ``out``; returns the accepted ones."""
         accepted: list[str] = []
         for rcpt in recipients:
-            wire = _wire_address(rcpt).encode(encoding)
-            reply = await self.command(b"RCPT", b"TO:<" + wire + b">", ok=(250, 251))
+            reply = await dialogue.next()
             if reply.code in (250, 251):
                 accepted.append(rcpt)
             elif reply.code in (0, 421):
@@ -536,9 +588,45 @@ class RelaySession:
         except LocalFailure:
             self.alive = False
             raise
-        if not reusable:
+        if reusable:
+            self._open = False
+        else:
             self.alive = False
         return replies
+
+
+class _Dialogue:
+    """The replies to MAIL, each RCPT and DATA, in order: each command sent when its reply is
+    asked for (lock-step), or all of them in one write at the first ask (PIPELINING)."""
+
+    def __init__(
+        self,
+        session: RelaySession,
+        commands: Sequence[tuple[tuple[bytes, ...], tuple[int, ...]]],
+        pipelined: bool,
+    ) -> None:
+        self._session = session
+        self._commands = commands
+        self._pipelined = pipelined
+        self._replies: list[Reply] | None = None
+        self._asked = 0
+
+    async def next(self) -> Reply:
+        index = self._asked
+        self._asked += 1
+        if not self._pipelined:
+            args, ok = self._commands[index]
+            return await self._session.command(*args, ok=ok)
+        if self._replies is None:
+            self._replies = await self._session.pipelined(self._commands)
+        return self._replies[index]
+
+    def abandon(self) -> None:
+        """The transaction ends before the message. A pipelined DATA answered 354 (MAIL
+        refused, or no recipient accepted) waits for a body that must not come, not even a
+        lone dot: the connection is dropped instead."""
+        if self._replies is not None and self._replies[-1].code == 354:
+            self._session.kill()
 
 
 async def _resolve(relay: RelaySettings, host: str) -> list[str]:

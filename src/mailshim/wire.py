@@ -7,7 +7,9 @@ without back-pressure, and its reader pairs one reply with one command, dropping
 replies when they arrive together. So after the 354 ``Connection.send_body`` lends the
 transport to ``_DataChannel``, which streams the file in chunks with dot-stuffing, waits on the
 transport's flow control, and reads as many replies as the protocol owes; then the transport
-goes back to aiosmtplib. PIPELINING (issue 14) belongs here too: it needs the same reader.
+goes back to aiosmtplib. PIPELINING (RFC 2920) uses the same reader: ``Connection.pipeline``
+writes MAIL, every RCPT and DATA in one go and reads their replies in order, one per command,
+because aiosmtplib's reader would take only the first of replies that arrive together.
 
 The only aiosmtplib surface used is what 2.0 (Debian bookworm) and the newest release share:
 ``SMTP(...)`` keywords, ``connect``, ``execute_command``, ``starttls``, ``auth_plain``,
@@ -38,7 +40,7 @@ from mailshim import reply as kinds
 from mailshim.reply import Reply, clean_text
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 __all__ = ["Connection", "LocalFailure", "WireError", "WireReply", "failure"]
 
@@ -130,9 +132,13 @@ class LocalFailure(Exception):
 class _DataChannel(asyncio.Protocol):
     """Owns the transport from the 354 until the replies owed for the final dot are read."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, previous: asyncio.BaseProtocol) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, previous: asyncio.BaseProtocol, room: int
+    ) -> None:
         self._loop = loop
         self._previous = previous
+        # Replies held unread at most: more than the commands owe is a flood, not an answer.
+        self._room = room
         self._buffer = bytearray()
         self._lines: list[str] = []
         self._reply_bytes = 0
@@ -192,6 +198,9 @@ class _DataChannel(asyncio.Protocol):
             return
         self._lines.append(line[4:].strip().decode("utf-8", "replace"))
         if sep != b"-":
+            if len(self.replies) >= self._room:
+                self._fail(kinds.PROTOCOL, "more replies than commands")
+                return
             self.replies.append((int(code), "\n".join(self._lines)))
             self._lines = []
             self._reply_bytes = 0
@@ -343,6 +352,48 @@ class Connection:
             raise WireError.of(exc) from None
         return response.code, response.message
 
+    async def pipeline(
+        self, commands: Sequence[bytes], show: Callable[[int, str], None]
+    ) -> tuple[list[tuple[int, str]], WireError | None]:
+        """Write every command line (CRLF-terminated) in one go; read their replies in order.
+
+        Returns the replies read, one per command from the first, and why reading stopped
+        when fewer came (the connection has then been aborted). A 421 ends the reading: the
+        listener is closing and owes nothing more. Codes are not judged here.
+        """
+        smtp = self._smtp
+        transport, previous = smtp.transport, smtp.protocol
+        if transport is None or previous is None or transport.is_closing():
+            self.abort()
+            return [], WireError(kinds.CLOSED, "connection lost")
+        channel = _DataChannel(asyncio.get_running_loop(), previous, len(commands))
+        transport.set_protocol(channel)
+        writer = cast("asyncio.WriteTransport", transport)
+        replies: list[tuple[int, str]] = []
+        stopped: WireError | None = None
+        try:
+            writer.write(b"".join(commands))
+            await channel.drain(self.timeout)
+            while len(replies) < len(commands):
+                got = await channel.reply(self.timeout)
+                if isinstance(got, str):
+                    stopped = WireError(channel.error_kind, got)
+                    break
+                show(*got)
+                replies.append(got)
+                if got[0] == 421:
+                    stopped = WireError(kinds.CLOSED, "the server is closing the connection")
+                    break
+        except asyncio.TimeoutError:
+            stopped = WireError(kinds.TIMEOUT, "timed out")
+        finally:
+            if stopped is None and channel.clean:
+                transport.set_protocol(previous)
+            else:
+                stopped = stopped or WireError(kinds.PROTOCOL, "more replies than commands")
+                self.abort()
+        return replies, stopped
+
     # -- the link -------------------------------------------------------------------------
 
     def peer_address(self) -> str:
@@ -384,7 +435,8 @@ class Connection:
             self.abort()
             text = f"lost connection with {self.label} before the message"
             return [Reply(0, text, kind=kinds.CLOSED)] * owed, False
-        channel = _DataChannel(asyncio.get_running_loop(), previous)
+        # One reply more than owed is room enough to see that the listener sent too many.
+        channel = _DataChannel(asyncio.get_running_loop(), previous, owed + 1)
         transport.set_protocol(channel)
         done = False
         try:

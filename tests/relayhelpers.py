@@ -5,7 +5,10 @@
   ``RecordingHandler`` keeps every raw command line, every message and the number of
   connections, and can be told what to answer: ``handler.script("MAIL", "451 4.3.0 later")``
   answers the next MAIL that way; ``rcpt_replies`` / ``data_replies`` answer per address;
-  ``DROP`` closes the connection instead of answering, ``HANG`` never answers.
+  ``DROP`` closes the connection instead of answering, ``HANG`` never answers. It offers
+  PIPELINING (aiosmtpd itself does not, but reads pipelined commands correctly; real
+  listeners offer it) unless ``hidden_extensions`` holds it, and ``pipelined`` lists the
+  command lines that arrived while more input was already waiting.
 - ``SilentListener``: accepts connections and never says a word.
 - ``RawListener``: runs a coroutine of your own as the whole server side of each connection.
 - ``StreamingSink``: a tiny SMTP server that hashes what it receives instead of keeping it
@@ -101,6 +104,9 @@ class RecordingHandler:
         self.rcpt_replies: dict[str, str] = {}
         self.data_replies: dict[str, str] = {}
         self.hidden_extensions: set[str] = set()
+        # Command lines read while the next bytes were already there: the client sent on
+        # without waiting for this line's reply.
+        self.pipelined: list[bytes] = []
         self._script: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
 
     def script(self, command: str, *replies: str) -> None:
@@ -134,6 +140,7 @@ class RecordingHandler:
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
         hidden = {h.upper() for h in self.hidden_extensions}
+        responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
         return [r for r in responses if r[4:].split(" ")[0].upper() not in hidden]
 
     async def handle_MAIL(self, server, session, envelope, address, options):
@@ -198,6 +205,8 @@ class _Recording:
                 with handler.lock:
                     handler.connections += 0 if seen else 1
                     handler.lines.append(line.rstrip(b"\r\n"))
+                    if reader._buffer:  # what the client sent after this line
+                        handler.pipelined.append(line.rstrip(b"\r\n"))
                 seen = True
             return line
 

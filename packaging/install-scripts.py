@@ -1,7 +1,9 @@
 #!/usr/bin/python3
 """Write mailshim's command wrappers (sendmail, mailq, newaliases, mailshim) into a package tree.
 
-The entry points come from ``[project.scripts]`` in pyproject.toml; each wrapper is three
+The entry points come from ``[project.scripts]`` in pyproject.toml, and for the MTA commands
+(plain scripts for pip, listed in ``[tool.setuptools] script-files``) from the
+``from module import function`` line of each script; each wrapper is three
 lines run by the system interpreter with ``-I`` (isolated: no PYTHON* variables, no user
 site-packages, no script folder on sys.path), which matters for a command that root, cron and
 sudo run. It also skips the ``re`` import of the generic console-script template, which is
@@ -28,17 +30,32 @@ sys.exit({func}())
 
 
 def entry_points(pyproject: str) -> dict[str, str]:
-    """``[project.scripts]`` as {name: "module:function"}."""
+    """``[project.scripts]`` and the ``script-files`` as {name: "module:function"}."""
     with open(pyproject, "rb") as fh:
         raw = fh.read()
     if sys.version_info >= (3, 11):
         import tomllib
 
-        scripts = tomllib.loads(raw.decode("utf-8"))["project"]["scripts"]
-        return {str(k): str(v) for k, v in scripts.items()}
-    # No tomllib (Python 3.10, e.g. an RPM build root): the table is simple to read by hand.
-    block = raw.decode("utf-8").split("[project.scripts]", 1)[1].split("\n[", 1)[0]
-    return dict(re.findall(r'^\s*"?([\w.-]+)"?\s*=\s*"([^"]+)"', block, re.M))
+        project = tomllib.loads(raw.decode("utf-8"))
+        found = {str(k): str(v) for k, v in project["project"]["scripts"].items()}
+        files = [
+            str(f) for f in project.get("tool", {}).get("setuptools", {}).get("script-files", [])
+        ]
+    else:
+        # No tomllib (Python 3.10, e.g. an RPM build root): the tables are simple to read.
+        text = raw.decode("utf-8")
+        block = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+        found = dict(re.findall(r'^\s*"?([\w.-]+)"?\s*=\s*"([^"]+)"', block, re.M))
+        listed = re.search(r"^script-files\s*=\s*\[([^]]*)\]", text, re.M)
+        files = re.findall(r'"([^"]+)"', listed.group(1)) if listed else []
+    base = os.path.dirname(os.path.abspath(pyproject))
+    for path in files:
+        with open(os.path.join(base, path), encoding="utf-8") as fh:
+            target = re.search(r"^from ([\w.]+) import (\w+)$", fh.read(), re.M)
+        if target is None:
+            raise SystemExit(f"install-scripts: no 'from module import function' in {path}")
+        found[os.path.basename(path)] = f"{target.group(1)}:{target.group(2)}"
+    return found
 
 
 def main(argv: list[str]) -> int:

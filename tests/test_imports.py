@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import Env
 
@@ -243,3 +245,51 @@ def test_importers_follow_the_indentation():
         "re <- imported by mailshim.address",
         "asyncio <- imported at run time (inside a function), after mailshim.address",
     ]
+
+
+def test_pip_installed_sendmail_is_a_plain_script_that_imports_only_cheap_modules(world, tmp_path):
+    """pip and pipx install ``sendmail`` from ``packaging/scripts`` (issue 14 item 4): pip
+    points its ``#!python`` at the venv's interpreter and adds nothing, unlike the
+    console-script wrapper of pip < 24, which imports ``re`` first. Built as a wheel and
+    installed by the pip of a venv made with the system's python3 (pip 23 on bookworm)."""
+    source = tmp_path / "source"
+    repo = Path(__file__).resolve().parent.parent
+    for part in ("src", "packaging/scripts"):
+        shutil.copytree(repo / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, source / name)
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
+        capture_output=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = wheels.glob("mailshim-*.whl")
+    venv = tmp_path / "venv"
+    system = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    subprocess.run([system, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
+    subprocess.run([*pip, str(wheel)], check=True, capture_output=True, timeout=300)
+
+    for name in ("sendmail", "mailq", "newaliases"):
+        with open(venv / "bin" / name, "rb") as fh:
+            assert fh.readline().rstrip() == b"#!" + str(venv / "bin" / "python").encode()
+    world.reconfigure(mode="queue")
+    env = dict(world.env, PYTHONPROFILEIMPORTTIME="1")
+    runs = [
+        subprocess.run(
+            [str(venv / "bin" / "sendmail"), "-i", "root"],
+            input=CRON,
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        for _ in range(2)  # the first one fills the config cache
+    ]
+    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr[-2000:]
+    rows = parse_importtime(runs[-1].stderr)
+    assert "mailshim.submit" in {r.name for r in rows}
+    # re is the one pip's old wrapper brought; everything else, as for -I -c above
+    assert not offenders(rows, FORBIDDEN), offenders(rows, FORBIDDEN)
+    assert len(world.queued()) == 2

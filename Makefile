@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: venv demo test lint typecheck unit compat fuzz bench clean
+.PHONY: venv demo test lint typecheck unit compat fuzz bench bench-postfix clean
 
 venv: $(VENV)/.stamp
 
@@ -39,6 +39,11 @@ compat: venv
 
 bench: venv
 	$(BIN)/python bench/run.py
+
+# Opt-in, as root: mailshim and a throwaway Postfix null client side by side on one listener
+# (bench/postfix.py unpacks Debian's postfix package in a temp folder; nothing is installed).
+bench-postfix: venv
+	$(BIN)/python bench/run.py --only postfix
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -192,6 +192,10 @@ class Listener:
     def reset(self) -> dict[str, float]:
         return self._ask("reset")
 
+    def pipelining(self, on: bool) -> None:
+        """Offer PIPELINING in EHLO replies (real listeners do) or not (lock-step clients)."""
+        self._ask("pipelining on" if on else "pipelining off")
+
     def wait(self, count: int, timeout: float) -> dict[str, float]:
         got = self._ask(f"wait {count} {timeout}")
         if got["messages"] < count:

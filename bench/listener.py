@@ -9,6 +9,8 @@ Control is a line protocol on stdin/stdout:
     ``stats``              -> one JSON line with the counters
     ``wait N SECONDS``     -> waits until N messages arrived (or the time is up), then ``stats``
     ``reset``              -> zero the counters, then ``stats``
+    ``pipelining on|off``  -> offer PIPELINING in EHLO replies from now on (on at start), then
+                              ``stats``: aiosmtpd reads pipelined commands but does not say so
     ``quit``               -> exit
 It prints ``ready PORT`` once it accepts connections.
 
@@ -58,6 +60,14 @@ COUNTERS = Counters()
 
 
 class Handler:
+    pipelining = True
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
+
     async def handle_DATA(self, server, session, envelope):
         size = len(envelope.original_content or b"")
         now = time.monotonic()
@@ -100,8 +110,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.host not in ("127.0.0.1", "::1"):
         ap.error("loopback only")
+    handler = Handler()
     controller = CountingController(
-        Handler(),
+        handler,
         hostname=args.host,
         port=args.port,
         decode_data=False,
@@ -121,6 +132,10 @@ def main() -> int:
             if words[0] == "reset":
                 with COUNTERS.cond:
                     COUNTERS.reset()
+                    _reply(COUNTERS.snapshot())
+            elif words[0] == "pipelining":
+                handler.pipelining = words[1:] == ["on"]
+                with COUNTERS.cond:
                     _reply(COUNTERS.snapshot())
             elif words[0] == "wait":
                 want, limit = int(words[1]), float(words[2])

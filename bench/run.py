@@ -13,6 +13,9 @@
              ``mailshim flush`` for a big message; target < 40 MB each.
 (d) flush    N messages spooled while the listener is down (spooling rate), then one
              ``mailshim flush`` against one SMTP session per message; target >= 5x faster.
+(e) postfix  opt-in (``make bench-postfix``, root): the same N spooled while the listener is
+             down and flushed, by mailshim (lock-step and pipelined) and by a throwaway Postfix
+             null client (bench/postfix.py) against the same listener; reports the ratio.
 
 The listener (bench/listener.py, aiosmtpd) runs in its own process on 127.0.0.1. Everything
 lives in a temporary folder that is removed at the end (unless --keep). Each wait has a limit.
@@ -27,6 +30,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,9 +39,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl
+import postfix as pfx
 
-ALIASES = {"a": "startup", "b": "burst", "c": "rss", "d": "flush"}
-ORDER = ("startup", "burst", "rss", "flush")
+ALIASES = {"a": "startup", "b": "burst", "c": "rss", "d": "flush", "e": "postfix"}
+ORDER = ("startup", "burst", "rss", "flush", "postfix")
+DEFAULT = ("startup", "burst", "rss", "flush")  # postfix only when asked for
 
 
 def say(text: str = "") -> None:
@@ -587,6 +593,122 @@ def bench_flush(ctx: Ctx) -> None:
     ctx.results["flush"] = res
 
 
+def _flush_mailshim(
+    ctx: Ctx, inst: bl.Install, n: int, name: str, pipelining: bool
+) -> dict[str, object]:
+    """Spool ``n`` while the listener is down, then one ``mailshim flush`` once it is up."""
+    assert ctx.listener is not None
+    spool = ctx.work / f"spool-{name}"
+    shutil.rmtree(spool, ignore_errors=True)
+    config = ctx.work / f"{name}.toml"
+    bl.write_config(config, port=bl.free_port(), spool=spool, mode="background")
+    env = ctx.env(config, inst)
+    spooled = _spool_many(ctx, inst, env, spool, n, f"mailshim, {name}, listener down")
+    bl.write_config(config, port=ctx.listener.port, spool=spool, mode="background")
+    ctx.listener.pipelining(pipelining)
+    cpu0 = float(ctx.listener.reset()["cpu"])
+    t0 = time.monotonic()
+    r = bl.checked(ctx.spawn([*inst.mailshim, "flush"], env, timeout=60 + n), "flush", quiet=False)
+    stats = ctx.listener.wait(n, 120)
+    ctx.listener.pipelining(True)
+    out = {
+        "delivered": float(stats["last"]) - t0,
+        "sessions": stats["sessions"],
+        "client_cpu": r.cpu,
+        "listener_cpu": float(stats["cpu"]) - cpu0,
+        "spool": spooled,
+    }
+    say(
+        f"- mailshim flush ({name}): {n} delivered in {out['delivered']:.2f} s, "
+        f"{out['sessions']} session(s), CPU mailshim {r.cpu:.2f} s, listener "
+        f"{out['listener_cpu']:.2f} s"
+    )
+    return out
+
+
+def _flush_postfix(ctx: Ctx, pf: pfx.Postfix, n: int, down: int) -> dict[str, object]:
+    """Postfix spools ``n`` while its relayhost is down, then ``postqueue -f`` once it is up."""
+    assert ctx.listener is not None
+    walls = []
+    t0 = time.monotonic()
+    for i in range(n):
+        r = bl.checked(
+            ctx.spawn([*pf.sendmail, "-i", bl.RCPT], pf.env, stdin_data=bl.message(i)),
+            "Postfix sendmail",
+        )
+        walls.append(r.wall)
+    total = time.monotonic() - t0
+    pf.wait_queued(n, 120 + n / 10)
+    settled = time.monotonic() - t0
+    spooled = {"total": total, "rate": n / total, "each": bl.summary(walls), "settled": settled}
+    say(
+        f"- spooling {n} (Postfix sendmail, relayhost down): {total:.2f} s, {n / total:.0f}/s, "
+        f"each median {bl.ms(spooled['each']['median'])} ms p90 "
+        f"{bl.ms(spooled['each']['p90'])} ms; all deferred after {settled:.2f} s"
+    )
+    pf.relay_to(ctx.listener.port)
+    cpu0 = float(ctx.listener.reset()["cpu"])
+    t0 = time.monotonic()
+    pf.flush()
+    stats = ctx.listener.wait(n, 120)
+    out = {
+        "delivered": float(stats["last"]) - t0,
+        "sessions": stats["sessions"],
+        "listener_cpu": float(stats["cpu"]) - cpu0,
+        "spool": spooled,
+    }
+    pf.relay_to(down)
+    say(
+        f"- Postfix flush (postqueue -f): {n} delivered in {out['delivered']:.2f} s, "
+        f"{out['sessions']} session(s), listener CPU {out['listener_cpu']:.2f} s"
+    )
+    return out
+
+
+def bench_postfix(ctx: Ctx) -> None:
+    args, inst = ctx.args, ctx.main_install()
+    n = args.count
+    say(f"\n## (e) side by side with Postfix: {n} queued while the listener is down, then flushed")
+    say(f"- load average before: {bl.loadavg()}")
+    down = bl.free_port()
+    try:
+        pf = pfx.Postfix(down, log=lambda m: say(f"  ({m})"))
+    except (pfx.PostfixError, OSError, subprocess.SubprocessError) as exc:
+        raise bl.BenchError(f"Postfix: {exc}") from None
+    rounds: list[dict[str, object]] = []
+    try:
+        pf.start()
+        say(f"- Postfix {pf.version} ({pf.package}, unpacked, not installed)")
+        for k in range(args.rounds):
+            say(f"\n### round {k + 1} of {args.rounds}")
+            one = {
+                "mailshim_pipelined": _flush_mailshim(ctx, inst, n, "pipelined", True),
+                "mailshim_lockstep": _flush_mailshim(ctx, inst, n, "lock-step", False),
+                "postfix": _flush_postfix(ctx, pf, n, down),
+            }
+            rounds.append(one)
+            piped, serial, post = (
+                float(one[key]["delivered"])  # type: ignore[index]
+                for key in ("mailshim_pipelined", "mailshim_lockstep", "postfix")
+            )
+            say(
+                f"- mailshim/Postfix: **{piped / post:.2f}×** pipelined, {serial / post:.2f}× "
+                f"lock-step; pipelining gains {serial / piped:.2f}×"
+            )
+    except (pfx.PostfixError, subprocess.SubprocessError) as exc:
+        raise bl.BenchError(f"Postfix: {exc}") from None
+    finally:
+        pf.close()
+    ctx.results["postfix"] = {
+        "version": pf.version,
+        "package": pf.package,
+        "count": n,
+        "rounds": rounds,
+        "load_after": bl.loadavg(),
+    }
+    say(f"- load average after: {bl.loadavg()}")
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -598,8 +720,8 @@ def main() -> int:
     )
     ap.add_argument(
         "--only",
-        default=",".join(ORDER),
-        help="comma-separated: startup,burst,rss,flush (or a,b,c,d)",
+        default=",".join(DEFAULT),
+        help="comma-separated: startup,burst,rss,flush,postfix (or a,b,c,d,e)",
     )
     ap.add_argument("--iterations", type=int, default=30, help="(a) interleaved rounds")
     ap.add_argument(
@@ -615,7 +737,7 @@ def main() -> int:
         default="dev-venv,wheel-venv,wheel-venv-c,debian",
         help="(a) installs to compare",
     )
-    ap.add_argument("--count", type=int, default=1000, help="(b, d) number of messages")
+    ap.add_argument("--count", type=int, default=1000, help="(b, d, e) number of messages")
     ap.add_argument("--size-mb", type=int, default=200, help="(c) message size in MB")
     ap.add_argument(
         "--qi-count",
@@ -629,6 +751,7 @@ def main() -> int:
         choices=["debian", "wheel-venv", "dev-venv"],
         help="(b, c, d) which install",
     )
+    ap.add_argument("--rounds", type=int, default=2, help="(e) rounds of each flush")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()

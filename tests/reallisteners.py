@@ -19,6 +19,7 @@ user, TLS, whether the client pipelined).
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -125,7 +126,7 @@ protocols = lmtp
 ssl = no
 listen = 127.0.0.1
 default_internal_user = {user.pw_name}
-default_internal_group = {user.pw_name}
+default_internal_group = {grp.getgrgid(user.pw_gid).gr_name}
 default_login_user = {user.pw_name}
 first_valid_uid = {user.pw_uid}
 mail_location = maildir:{self.mail}/%n/Maildir
@@ -170,15 +171,19 @@ service log {{
         )
 
     def start(self) -> None:
+        # as root, drop to the dovecot user; otherwise the user running the tests is it
+        drop = (
+            {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+            if os.geteuid() == 0
+            else {}
+        )
         self.proc = subprocess.Popen(
             [self.binary, "-F", "-c", str(self.root / "dovecot.conf")],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=open(self.root / "stderr", "ab"),  # noqa: SIM115 (the child keeps it)
             cwd=self.root,
-            user=self.user.pw_uid,
-            group=self.user.pw_gid,
-            extra_groups=[],
+            **drop,
         )
         _wait_for(
             lambda: self.socket.exists() and _accepts(self.port), "Dovecot", self.root / "stderr"
@@ -192,6 +197,10 @@ service log {{
 
     def remove(self) -> None:
         self.stop()
+        # without root, the read-only Maildir's files can be removed only once it is writable
+        for path in [self.mail, *self.mail.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def maildir(self, user: str) -> list[bytes]:

@@ -12,13 +12,14 @@ aiosmtpd as well, so they run everywhere.
 from __future__ import annotations
 
 import os
+import pwd
 import time
 from pathlib import Path
 
 import pytest
 import trustme
 
-from conftest import Env, Listener, free_port
+from conftest import Env, free_port
 from mailshim import bounce, relay, spoolfmt
 from reallisteners import HARAKA_PASSWORD, HARAKA_USER, Dovecot, Haraka, strip_lmtp_trace
 
@@ -36,6 +37,10 @@ BODY = (
     "caf\u00e9 \u2014 8-bit UTF-8, trailing space \n"
     "last line\n"
 ).encode()
+
+
+# sendmail's envelope sender, who gets the bounces: the user running the tests
+LOGIN = pwd.getpwuid(os.getuid()).pw_name
 
 
 class Port:
@@ -90,40 +95,32 @@ def wait_until(check, what: str, timeout: float = 20.0) -> None:
 # --- fix 1: a refusal at MAIL FROM is the message's, not a recipient's ---------------------
 
 
-@pytest.fixture
-def aworld(tmp_path):
-    lst = Listener(free_port())
-    lst.start()
-    yield Env(tmp_path, lst)
-    lst.stop()
-
-
-def test_refusal_at_mail_from_exits_69_with_one_line_naming_the_message(aworld):
-    aworld.listener.handler.mail_reply = "550 Message too big!"
-    r = aworld.sendmail("-odi", "-i", "bob", "carol", input=b"Subject: x\n\nhi\n")
+def test_refusal_at_mail_from_exits_69_with_one_line_naming_the_message(world):
+    world.listener.handler.mail_reply = "550 Message too big!"
+    r = world.sendmail("-odi", "-i", "bob", "carol", input=b"Subject: x\n\nhi\n")
     assert r.returncode == 69, r.stderr
     (line,) = r.stderr.decode().splitlines()
     assert "message " in line and "550 Message too big! (in reply to MAIL FROM)" in line
     assert "bob@" not in line and "carol@" not in line
-    assert aworld.queued() == [] and len(dead(aworld)) == 1  # kept, not dropped
+    assert world.queued() == [] and len(dead(world)) == 1  # kept, not dropped
 
 
-def test_refusal_at_rcpt_still_exits_67_naming_the_recipient(aworld):
-    aworld.listener.handler.rcpt_replies["bob@example.org"] = "550 5.1.1 No such user"
-    r = aworld.sendmail("-odi", "-i", "bob", input=b"Subject: x\n\nhi\n")
+def test_refusal_at_rcpt_still_exits_67_naming_the_recipient(world):
+    world.listener.handler.rcpt_replies["bob@example.org"] = "550 5.1.1 No such user"
+    r = world.sendmail("-odi", "-i", "bob", input=b"Subject: x\n\nhi\n")
     assert r.returncode == 67
     assert r.stderr.decode().splitlines() == [
         "sendmail: <bob@example.org>: refused by the listener: 550 5.1.1 No such user"
     ]
 
 
-def test_bs_session_exits_69_for_a_refusal_at_mail_from(aworld):
-    aworld.listener.handler.mail_reply = "550 5.7.1 sender blocked"
+def test_bs_session_exits_69_for_a_refusal_at_mail_from(world):
+    world.listener.handler.mail_reply = "550 5.7.1 sender blocked"
     dialogue = (
         b"EHLO client\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
         b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n"
     )
-    r = aworld.sendmail("-bs", input=dialogue)
+    r = world.sendmail("-bs", input=dialogue)
     assert r.returncode == 69, (r.stdout, r.stderr)
     assert b"550 5.7.1 sender blocked (in reply to MAIL FROM)\r\n" in r.stdout
 
@@ -232,12 +229,12 @@ def test_dovecot_quota_refusal_in_the_background_bounces_once_with_its_status(tm
     r = env.sendmail("-odq", "-i", "full", input=BODY + b"x" * 2000 + b"\n")
     assert (r.returncode, r.stderr) == (0, b"")
     assert env.sendmail("-q").returncode == 0
-    (dsn,) = dovecot.maildir("root")  # the envelope sender gets the bounce
+    (dsn,) = dovecot.maildir(LOGIN)  # the envelope sender gets the bounce
     assert b"Final-Recipient: rfc822; full@example.org" in dsn
     assert b"Status: 5.2.2" in dsn and b"Diagnostic-Code: smtp; 552 5.2.2" in dsn
     assert env.queued() == [] and len(dead(env)) == 1
     assert env.sendmail("-q").returncode == 0
-    assert len(dovecot.maildir("root")) == 1
+    assert len(dovecot.maildir(LOGIN)) == 1
 
 
 def test_dovecot_stopped_then_restarted_gets_each_message_once(tmp_path, dovecot):
@@ -340,7 +337,7 @@ def test_haraka_size_refusal_in_the_background_bounces_once_with_5_3_4(tmp_path,
     assert (r.returncode, r.stderr) == (0, b"")
     assert env.sendmail("-q").returncode == 0
     ((seen, dsn),) = haraka.wait(1)
-    assert seen["mail_from"] == "" and seen["rcpt_to"] == ["root@example.org"]
+    assert seen["mail_from"] == "" and seen["rcpt_to"] == [f"{LOGIN}@example.org"]
     assert b"Status: 5.3.4" in dsn and b"Final-Recipient: rfc822; bob@example.org" in dsn
     assert b"Diagnostic-Code: smtp; 550 Message too big! (in reply to MAIL FROM;" in dsn
     assert env.queued() == [] and len(dead(env)) == 1

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from conftest import Env, free_port
+from conftest import Env, free_port, queue_config
 from mailshim import bounce, relay, spoolfmt
 from reallisteners import HARAKA_PASSWORD, HARAKA_USER, Dovecot, Haraka, strip_lmtp_trace
 
@@ -48,31 +48,6 @@ class Port:
 
     def __init__(self, port: int) -> None:
         self.port = port
-
-
-def configure(env: Env, relay_lines: str, mode: str = "background") -> None:
-    env.config.write_text(
-        f"""
-[relay]
-{relay_lines}
-timeout = 10
-retry_after_failure = 0
-helo = "client.example.org"
-
-[addresses]
-domain = "example.org"
-
-[aliases]
-root = "admin@example.org"
-
-[queue]
-dir = "{env.spool}"
-retry = ["1s"]
-
-[delivery]
-mode = "{mode}"
-"""
-    )
 
 
 def body_of(message: bytes, eol: bytes = b"\r\n") -> bytes:
@@ -175,8 +150,8 @@ def dovecot():
 
 def lmtp_world(tmp_path: Path, dovecot: Dovecot, over: str) -> Env:
     env = Env(tmp_path, Port(dovecot.port))
-    where = f'socket = "{dovecot.socket}"' if over == "socket" else f"port = {dovecot.port}"
-    configure(env, f'protocol = "lmtp"\nhost = "127.0.0.1"\n{where}')
+    where = f'socket = "{dovecot.socket}"' if over == "socket" else ""
+    queue_config(env, relay=f'protocol = "lmtp"\n{where}')
     return env
 
 
@@ -271,14 +246,13 @@ def haraka(tmp_path):
 
 def haraka_world(tmp_path: Path, haraka: Haraka, *, auth: bool = True, ca: Path | None = None):
     env = Env(tmp_path, Port(haraka.port))
-    lines = f'host = "127.0.0.1"\nport = {haraka.port}\ntls = "starttls"\n'
-    lines += f'ca_file = "{ca or haraka.ca_file}"'
+    lines = f'tls = "starttls"\nca_file = "{ca or haraka.ca_file}"'
     if auth:
         secret = tmp_path / "secret"
         secret.write_text(HARAKA_PASSWORD + "\n")
         secret.chmod(0o600)
         lines += f'\nusername = "{HARAKA_USER}"\npassword_file = "{secret}"'
-    configure(env, lines)
+    queue_config(env, relay=lines)
     return env
 
 

@@ -118,7 +118,7 @@ def _enhanced(text: str) -> str | None:
 
 
 # relay.MAIL_STAGE: how str(relay.Reply) marks a refusal at MAIL FROM (relay is not imported
-# here: this module stays pure and light; tests/test_bounce.py checks the two agree).
+# here: this module stays pure and light; tests/test_real_listeners.py checks they agree).
 MAIL_STAGE = "in reply to MAIL FROM"
 _OVER_SIZE = "; SIZE="
 

@@ -100,7 +100,10 @@ def listener_reply(answer: Reply | None) -> bytes:
     """
     if answer is None or not answer.permanent:
         return reply(554, "5.0.0 Rejected by the mail listener")
-    return reply(answer.code, f"{answer.enhanced or '5.0.0'} {answer.text}".rstrip())
+    # str() keeps the stage note ("(in reply to MAIL FROM)"): the message was refused, not a
+    # recipient, and the client should be able to tell.
+    said = str(answer)[4:]
+    return reply(answer.code, said if answer.enhanced else f"5.0.0 {said}".rstrip())
 
 
 class Transaction:

@@ -237,6 +237,14 @@ exports.hook_rcpt = function (next) {
     next(OK)
 }
 
+// MAIL is answered on the next turn of the event loop. Haraka sets connection.pipelining only
+// for commands it finds buffered while a hook is pending, and with every hook answering at
+// once it never is: so a pipelining client (RCPT and DATA in the MAIL's packet) is seen,
+// a lock-step one (nothing sent before the reply) is not.
+exports.hook_mail = function (next) {
+    setImmediate(() => next())
+}
+
 exports.hook_queue = function (next, connection) {
     const txn = connection.transaction
     const base = path.join(process.env.MAILSHIM_HARAKA_STORE, txn.uuid)

@@ -273,12 +273,16 @@ def test_haraka_certificate_from_another_ca_is_refused_and_the_message_kept(tmp_
     assert haraka.received() == [] and len(env.queued()) == 1
 
 
-def test_haraka_offers_pipelining_and_a_flush_delivers_each_message_once(tmp_path, haraka):
-    """The server a pipelining client (issue 14) is proven against; today's lock-step
-    dialogue must deliver every queued message exactly once through it."""
+def test_haraka_sees_a_pipelining_client_and_a_flush_delivers_each_message_once(tmp_path, haraka):
+    """Haraka offers PIPELINING and notes when a client pipelines (issue 14): MAIL, both
+    RCPTs and DATA in one write, every queued message delivered exactly once, one session."""
     env = haraka_world(tmp_path, haraka)
     r = env.sendmail("-odi", "-v", "-i", "bob", input=BODY)
     assert r.returncode == 0 and b"PIPELINING" in r.stderr
+    # the transcript: the commands all went out before the first of their replies came back
+    lines = r.stderr.decode().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(">>> MAIL"))
+    assert [line[:8] for line in lines[start : start + 3]] == [">>> MAIL", ">>> RCPT", ">>> DATA"]
     bodies = [BODY.replace(b"last line", b"queued %d" % n) for n in range(20)]
     for body in bodies:
         assert env.sendmail("-odq", "-i", "bob", "carol", input=body).returncode == 0
@@ -289,6 +293,7 @@ def test_haraka_offers_pipelining_and_a_flush_delivers_each_message_once(tmp_pat
         body_of(b, b"\n").replace(b"\n", b"\r\n") for b in bodies
     )
     assert all(seen["rcpt_to"] == ["bob@example.org", "carol@example.org"] for seen, _ in got[1:])
+    assert [seen["pipelining"] for seen, _ in got] == [True] * 21
 
 
 def test_haraka_size_refusal_exits_69_naming_the_message(tmp_path, haraka):

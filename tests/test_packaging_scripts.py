@@ -1,0 +1,93 @@
+"""packaging/install-scripts.py: the distribution packages' command wrappers.
+
+Since issue 14 only ``mailshim`` is a ``[project.scripts]`` entry; ``sendmail``, ``mailq`` and
+``newaliases`` are plain scripts for pip (``packaging/scripts/``, listed in ``[tool.setuptools]
+script-files``). The .deb and .rpm wrappers must still cover all four, run with ``-I``, and
+work: each is written into a throwaway root and run for real.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "packaging" / "install-scripts.py"
+TARGETS = {
+    "sendmail": "mailshim.cli.sendmail:main",
+    "mailq": "mailshim.cli.sendmail:main_mailq",
+    "newaliases": "mailshim.cli.sendmail:main_newaliases",
+    "mailshim": "mailshim.cli.admin:main",
+}
+
+
+def install(root: Path, *extra: str) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            str(SCRIPT),
+            "--root",
+            str(root),
+            "--python",
+            sys.executable,
+            *extra,
+        ],
+        check=True,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("layout", "extra", "where"),
+    [
+        (
+            "debian",
+            (),
+            {"sendmail": "usr/sbin", "newaliases": "usr/sbin", "mailq": "usr/bin"},
+        ),
+        (
+            "rpm",
+            ("--suffix", ".mailshim", "--newaliases-in-bin"),
+            {
+                "sendmail.mailshim": "usr/sbin",
+                "newaliases.mailshim": "usr/bin",
+                "mailq.mailshim": "usr/bin",
+            },
+        ),
+    ],
+)
+def test_every_command_gets_an_isolated_wrapper(tmp_path, layout, extra, where):
+    # a stale generic wrapper from the build tool is replaced, as pybuild's is
+    stale = tmp_path / "usr" / "bin" / "sendmail"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("#!/bin/sh\nexit 99\n")
+    install(tmp_path, *extra)
+    found = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    expected = {**where, "mailshim": "usr/bin"}
+    assert found == sorted(f"{folder}/{name}" for name, folder in expected.items())
+    for name, folder in expected.items():
+        text = (tmp_path / folder / name).read_text()
+        module, func = TARGETS[name.split(".")[0]].split(":")
+        assert text.startswith(f"#!{sys.executable} -I\n"), text
+        assert f"from {module} import {func}\nsys.exit({func}())\n" in text
+
+
+def test_the_wrappers_run(tmp_path):
+    install(tmp_path)
+    env = {"MAILSHIM_CONFIG": str(tmp_path / "none.toml"), "HOME": str(tmp_path)}
+    aliases = subprocess.run(
+        [str(tmp_path / "usr" / "sbin" / "newaliases")], env=env, capture_output=True, timeout=60
+    )
+    assert (aliases.returncode, aliases.stderr) == (0, b"")
+    bad = subprocess.run(
+        [str(tmp_path / "usr" / "sbin" / "sendmail"), "-X"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert bad.returncode == 64 and bad.stderr.count(b"\n") == 1, bad.stderr

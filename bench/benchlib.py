@@ -478,7 +478,7 @@ def build_installs(work: Path, log) -> dict[str, Install]:
     _compileall(vpy, site)
     installs["wheel-venv"] = Install(
         "wheel-venv",
-        "wheel in a venv (pip's console script)",
+        "wheel in a venv (the `sendmail` pip installs)",
         [str(venv / "bin" / "sendmail")],
         [vpy, "-X", "importtime", str(venv / "bin" / "sendmail")],
         [str(venv / "bin" / "mailshim")],

@@ -71,7 +71,10 @@ class Ctx:
             "HOME": str(self.home),
             "LANG": "C.UTF-8",
             "MAILSHIM_CONFIG": str(config),
-            "MAILSHIM_CACHE_DIR": str(self.cache),
+            # One cache folder per config: the config cache holds one file, so two configs
+            # sharing it would make every other run a cache miss (tomllib, ~11 ms) and
+            # charge it to whichever install happens to come first after a switch.
+            "MAILSHIM_CACHE_DIR": str(self.cache / config.stem),
             "MAILSHIM_NO_SYSLOG": "1",
         }
         if install is not None:

@@ -3,9 +3,10 @@
 One ``RelayClient`` holds one connection for many messages and tries the configured relays
 in order. With PIPELINING (RFC 2920) offered, MAIL, every RCPT and DATA go out in one write
 and the replies are matched to them in order; without it, lock-step. RSET only after a
-transaction that ended before its final dot. For each message it returns one ``Reply`` per recipient: 2xx sent,
-4xx (or code 0: no reply at all, with the failure's kind) deferred, 5xx bounced. A
-``RelaySession`` is one connection's dialogue: EHLO/LHLO, STARTTLS, AUTH, MAIL, RCPT, DATA.
+transaction that ended before its final dot. For each message it returns one ``Reply`` per
+recipient: 2xx sent, 4xx (or code 0: no reply at all, with the failure's kind) deferred, 5xx
+bounced. A ``RelaySession`` is one connection's dialogue: EHLO/LHLO, STARTTLS, AUTH, MAIL,
+RCPT, DATA.
 The bytes themselves (aiosmtplib, the streamed DATA) are ``wire``'s; TLS contexts are
 ``tlsctx``'s; reply values are ``reply``'s.
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from mailshim import spool, spoolfmt
+from mailshim import spool, spoolfmt, spoolsetup
 from mailshim.errors import CantCreateError, DataError
 from mailshim.spoolfmt import Envelope
 
@@ -183,7 +183,7 @@ def test_agent_lock_is_exclusive(sp):
 @needs_root
 def test_setup_sets_owners_and_modes_and_is_idempotent(tmp_path):
     sp = spool.Spool(str(tmp_path / "sys" / "mailshim"))
-    changes = sp.setup(USER, USER + 1)
+    changes = spoolsetup.setup(sp, USER, USER + 1)
     assert changes
     st = os.stat(sp.root)
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o711)
@@ -194,32 +194,32 @@ def test_setup_sets_owners_and_modes_and_is_idempotent(tmp_path):
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, USER + 1, 0o3733)
     st = os.stat(os.path.join(sp.root, "agent.lock"))
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (USER, 0o600)
-    assert sp.setup(USER, USER + 1) == []
+    assert spoolsetup.setup(sp, USER, USER + 1) == []
 
 
 @needs_root
 def test_setup_refuses_a_planted_link_and_gives_only_single_link_files(tmp_path):
     sp = spool.Spool(str(tmp_path / "sys"))
-    sp.setup(USER, USER)
+    spoolsetup.setup(sp, USER, USER)
     victim = tmp_path / "victim"
     victim.write_bytes(b"root's")
     os.link(victim, os.path.join(sp.queue, "linked"))
     own = os.path.join(sp.queue, spool.new_queue_id())
     open(own, "wb").close()
-    sp.setup(USER, USER)
+    spoolsetup.setup(sp, USER, USER)
     assert os.stat(own).st_uid == USER
     assert os.stat(victim).st_uid == 0  # a hard link is never chowned
     os.rmdir(sp.corrupt)
     os.symlink(str(tmp_path), sp.corrupt)
     with pytest.raises(CantCreateError):
-        sp.setup(USER, USER)
+        spoolsetup.setup(sp, USER, USER)
     assert os.stat(tmp_path).st_uid == 0
 
 
 @needs_root
 def test_root_gives_what_it_writes_to_the_spool_owner(tmp_path):
     sp = spool.Spool(str(tmp_path / "sys"))
-    sp.setup(USER, USER)
+    spoolsetup.setup(sp, USER, USER)
     qid = make_entry(sp)
     locked = sp.lock(qid)
     locked.save_state(locked.state())

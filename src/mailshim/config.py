@@ -122,6 +122,8 @@ class Config:
         "sender",
         "sources",
         "trusted_users",
+        "user_spool_bytes",
+        "user_spool_entries",
         "warn_after",
     )
 
@@ -143,6 +145,10 @@ class Config:
         self.max_recipients = 10000
         self.trusted_users: tuple[str, ...] = ("root",)
         self.helo: str | None = None
+        # What one submitting user (not root, not the runner) may hold in queue/ and dead/
+        # together; more waits in the drop folder, on their own quota (issue 12).
+        self.user_spool_entries = 10000
+        self.user_spool_bytes = 2 * 1000 * 1000 * 1000
 
     @property
     def domain(self) -> str:
@@ -320,6 +326,10 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "warn_after": ("warn_after", parse_duration),
     },
     "delivery": {"mode": ("delivery_mode", _choice(DELIVERY_MODES))},
+    "limits": {
+        "user_spool_entries": ("user_spool_entries", _positive_int),
+        "user_spool_bytes": ("user_spool_bytes", parse_size),
+    },
     "submission": {
         "max_size": ("max_size", parse_size),
         "max_recipients": ("max_recipients", _positive_int),

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from mailshim import spool, spoolfmt, spoolsetup
+from mailshim import pickup, spool, spoolfmt, spoolsetup
+from mailshim.config import Config
 from mailshim.errors import CantCreateError, DataError
 from mailshim.spoolfmt import Envelope
 
@@ -68,8 +69,10 @@ def plant(sp: spool.Spool, name: str, data: bytes, uid: int = USER) -> str:
     return path
 
 
-def pick(sp: spool.Spool) -> dict[str, spool.Pickup]:
-    return {p.name: p for p in sp.pickup(MAX_SIZE, 100)}
+def pick(sp: spool.Spool) -> dict[str, pickup.Pickup]:
+    cfg = Config()
+    cfg.max_size, cfg.max_recipients, cfg._domain = MAX_SIZE, 100, "example.org"
+    return {p.name: p for p in pickup.pickup(sp, cfg)}
 
 
 # --- entries ------------------------------------------------------------------------------
@@ -78,7 +81,7 @@ def pick(sp: spool.Spool) -> dict[str, spool.Pickup]:
 def test_an_entry_is_visible_only_once_committed(sp):
     w = sp.new_entry("a@example.org", ["b@example.org"], 0)
     w.write(b"Subject: x\r\n\r\nbody\r\n")
-    assert sp.ids() == [] and os.listdir(sp.tmp) == [w.queue_id]
+    assert sp.ids() == [] and os.listdir(sp.tmp) == [os.path.basename(w.tmp_path)]
     w.commit(True)
     assert sp.ids() == [w.queue_id] and os.listdir(sp.tmp) == []
     env = sp.read_envelope(w.queue_id)
@@ -236,26 +239,34 @@ def test_pickup_records_the_owner_not_the_uid_record(dropsp):
     qid = spool.new_queue_id()
     plant(dropsp, qid, drop_bytes(qid, uid=0))
     (p,) = pick(dropsp).values()
-    assert (p.status, p.queue_id, p.uid) == ("picked", qid, USER)
+    assert (p.status, p.uid) == ("picked", USER)
+    assert p.queue_id != qid  # a fresh id: the user's choice decides no name in the spool
     assert os.listdir(dropsp.incoming) == []
-    env = dropsp.read_envelope(qid)
+    env = dropsp.read_envelope(p.queue_id)
     assert env.uid == USER and env.sender == "u@example.org"
-    locked = dropsp.lock(qid)
+    locked = dropsp.lock(p.queue_id)
     with locked.message() as body:
-        assert body.read() == b"Subject: x\r\n\r\nhello\r\n"
-    assert os.stat(dropsp.path(qid)).st_uid == os.geteuid()  # a copy the runner owns
+        data = body.read()
+    # u@example.org is not uid 4242's address: the warning and a trace line go on top
+    assert data.endswith(b"Subject: x\r\n\r\nhello\r\n")
+    assert data.startswith(b"Received: by ") and b"from userid 4242" in data
+    assert b"X-Authentication-Warning: " in data and b" set sender to u@example.org" in data
+    assert os.stat(dropsp.path(p.queue_id)).st_uid == os.geteuid()  # a copy the runner owns
 
 
-def test_pickup_normalises_line_ends_and_clamps_arrival(dropsp):
+@pytest.mark.parametrize("skew", [10**6, -(10**6)])
+def test_pickup_normalises_line_ends_and_takes_arrival_from_pickup(dropsp, skew):
     qid = spool.new_queue_id()
     body = b"Subject: x\n\nline\r.\r\nSMUGGLED\ncaf\xc3\xa9"
-    plant(dropsp, qid, drop_bytes(qid, body, arrival=int(time.time()) + 10**6))
-    assert pick(dropsp)[qid].status == "picked"
-    env = dropsp.read_envelope(qid)
-    assert env.arrival <= time.time() and env.eightbit
-    with dropsp.lock(qid).message() as f:
+    plant(dropsp, qid, drop_bytes(qid, body, arrival=int(time.time()) + skew))
+    before = int(time.time())
+    p = pick(dropsp)[qid]
+    assert p.status == "picked"
+    env = dropsp.read_envelope(p.queue_id)
+    assert before <= env.arrival <= time.time() and env.eightbit
+    with dropsp.lock(p.queue_id).message() as f:
         data = f.read()
-    assert data == b"Subject: x\r\n\r\nline\r\n.\r\nSMUGGLED\r\ncaf\xc3\xa9\r\n"
+    assert data.endswith(b"Subject: x\r\n\r\nline\r\n.\r\nSMUGGLED\r\ncaf\xc3\xa9\r\n")
     assert env.size == len(data)
 
 
@@ -348,23 +359,40 @@ def test_pickup_never_overwrites_a_queued_entry(dropsp):
     assert dropsp.read_envelope(p.queue_id).sender == "u@example.org"
 
 
-@needs_root
-def test_pickup_recognises_its_own_copy_after_a_crash(dropsp):
+def test_pickup_refuses_a_sparse_entry_without_copying_it(dropsp):
     qid = spool.new_queue_id()
-    data = drop_bytes(qid)
-    plant(dropsp, qid, data)
-    assert pick(dropsp)[qid].status == "picked"
-    plant(dropsp, qid, data)  # as if the runner died before removing the original
+    size = 8 * 1024 * 1024
+    head = drop_bytes(qid, b"Subject: x\r\n\r\n", size=size)
+    path = plant(dropsp, qid, head)
+    with open(path, "r+b") as f:
+        f.truncate(len(head) + size)  # a valid entry whose message is one big hole
+    cfg_size = MAX_SIZE
+    globals()["MAX_SIZE"] = 2 * size
+    try:
+        p = pick(dropsp)[qid]
+    finally:
+        globals()["MAX_SIZE"] = cfg_size
+    assert p.status == "corrupt" and "sparse" in p.reason
+    assert dropsp.ids() == [] and os.listdir(dropsp.incoming) == []
+
+
+def test_pickup_moves_failed_records_into_the_state(dropsp):
+    qid = spool.new_queue_id()
+    env = Envelope(qid, "u@example.org", ["a@example.org", "b@example.org"], 1, 0, False, 3)
+    env.failed = {"a@example.org": "550 5.1.1 no such user"}
+    plant(dropsp, qid, spoolfmt.encode_envelope(env).data + b"x\r\n")
     p = pick(dropsp)[qid]
-    assert p.status == "picked" and p.duplicate and p.queue_id == qid
-    assert dropsp.ids() == [qid] and os.listdir(dropsp.incoming) == []
+    assert p.status == "picked"
+    state = dropsp.load_state(p.queue_id)
+    assert state.failed == {"a@example.org": "550 5.1.1 no such user"}
+    assert state.open_recipients(dropsp.read_envelope(p.queue_id)) == ["b@example.org"]
 
 
 def test_clean_incoming_keeps_live_temp_files_and_removes_the_rest(dropsp):
     qid = spool.new_queue_id()
-    live = plant(dropsp, spoolfmt.temp_name(qid), b"partial")
-    stale = plant(dropsp, spoolfmt.temp_name(spool.new_queue_id()), b"partial")
-    old = time.time() - 2 * spool.STALE_TEMP
+    live = plant(dropsp, spoolfmt.temp_name(qid, "A" * 12), b"partial")
+    stale = plant(dropsp, spoolfmt.temp_name(spool.new_queue_id(), "B" * 12), b"partial")
+    old = time.time() - 2 * pickup.STALE_TEMP
     os.utime(stale, (old, old))
     os.utime(live, (old, old))
     fd = os.open(live, os.O_RDONLY)
@@ -373,14 +401,14 @@ def test_clean_incoming_keeps_live_temp_files_and_removes_the_rest(dropsp):
     os.symlink("/etc/passwd", os.path.join(dropsp.incoming, ".evil.tmp"))
     os.mkdir(os.path.join(dropsp.incoming, "adir"))
     try:
-        dropsp.clean_incoming(now=time.time() + 0)
+        pickup.clean_incoming(dropsp, now=time.time() + 0)
         left = set(os.listdir(dropsp.incoming))
     finally:
         os.close(fd)
     # the stale one is young by ctime (just planted): kept until its ctime is old too
     assert os.path.basename(live) in left and not os.path.exists(junk)
     assert ".evil.tmp" not in left and "adir" not in left
-    dropsp.clean_incoming(now=time.time() + 2 * spool.STALE_TEMP)
+    pickup.clean_incoming(dropsp, now=time.time() + 2 * pickup.STALE_TEMP)
     assert os.listdir(dropsp.incoming) == []
 
 
@@ -390,7 +418,8 @@ def test_clean_incoming_keeps_live_temp_files_and_removes_the_rest(dropsp):
 def test_drop_writer_uses_a_temp_name_and_a_group_readable_mode(dropsp):
     s = spool.Spool(dropsp.root, drop=True)
     w = s.new_entry("a@example.org", ["b@example.org", "c@example.org"], 1000)
-    assert os.listdir(s.incoming) == [spoolfmt.temp_name(w.queue_id)]
+    (temp,) = os.listdir(s.incoming)
+    assert spoolfmt.is_temp_name(temp) and temp.startswith(f".{w.queue_id}.")
     w.write(b"Subject: x\r\n\r\nhi\r\n")
     entry = w.commit(False, keep_lock=True)
     assert isinstance(entry, spool.DropEntry)
@@ -398,8 +427,9 @@ def test_drop_writer_uses_a_temp_name_and_a_group_readable_mode(dropsp):
     assert stat.S_IMODE(os.stat(entry.path).st_mode) == 0o640
     assert pick(dropsp)[w.queue_id].status == "busy"  # its submitter holds it
     entry.rewrite(["c@example.org"])  # b was delivered by the submitter's agent
-    assert pick(dropsp)[w.queue_id].status == "picked"
-    env = dropsp.read_envelope(w.queue_id)
+    p = pick(dropsp)[w.queue_id]
+    assert p.status == "picked"
+    env = dropsp.read_envelope(p.queue_id)
     assert env.recipients == ["c@example.org"] and env.uid == os.geteuid()
 
 

@@ -104,19 +104,23 @@ def _link_no_replace(src: str, dst: str) -> None:
 
 def move_no_replace(target: Spool, src: str, folder: str, name: str, reason: str) -> str:
     """Move ``src`` into ``dead/`` or ``corrupt/`` as ``name`` with a ``.reason`` file; when
-    that name is taken by another file, under a fresh queue id instead. Returns the path."""
+    that name is taken by another file, under a fresh queue id instead. Returns the path.
+
+    A look, then a rename: only the runner (and root) can create names in those folders
+    (0700), and the one moving an entry holds its lock, so nothing can appear in between;
+    a rename, unlike a link, also works on a drop-folder file another user owns
+    (``fs.protected_hardlinks``) and is atomic if the process stops."""
     target_dir = target.dead if folder == "dead" else target.corrupt
     if not os.path.isdir(target_dir):
         os.makedirs(target_dir, mode=0o700, exist_ok=True)
     dst = os.path.join(target_dir, name)
     for _ in range(TEMP_TRIES):
-        try:
-            _link_no_replace(src, dst)
+        if not (os.path.lexists(dst) or os.path.lexists(dst + ".reason")):
             break
-        except FileExistsError:
-            dst = os.path.join(target_dir, new_queue_id())
+        dst = os.path.join(target_dir, new_queue_id())
     else:
         raise CantCreateError(f"no free name in {target_dir}")
+    os.rename(src, dst)
     _write_reason(target, dst + ".reason", reason)
     return dst
 

@@ -152,10 +152,53 @@ def test_bury_keeps_entry_reason_and_state_and_ignores_a_planted_link(sp, tmp_pa
     state.failed["b@example.org"] = "550 no"
     locked.save_state(state)
     where = locked.bury("dead", "<b@example.org>: 550 no")
-    assert where == os.path.join(sp.dead, qid) and sp.ids() == []
+    # the taken name is left as it is: the entry goes under a fresh id beside it
+    assert os.path.dirname(where) == sp.dead and where != os.path.join(sp.dead, qid)
+    assert sp.ids() == [] and os.path.islink(os.path.join(sp.dead, qid + ".reason"))
     with open(where + ".reason") as f:
         assert f.read() == "<b@example.org>: 550 no\n"
     assert os.path.exists(where + ".state") and victim.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("folder", ["dead", "corrupt"])
+def test_bury_never_replaces_a_file_in_dead_or_corrupt(sp, folder):
+    qid = make_entry(sp)
+    for suffix in ("", ".reason", ".state"):
+        with open(os.path.join(sp.root, folder, qid + suffix), "w") as f:
+            f.write("someone else's" + suffix)
+    locked = sp.lock(qid)
+    state = locked.state()
+    state.failed["b@example.org"] = "550 no"
+    locked.save_state(state)
+    where = locked.bury(folder, "why")
+    for suffix in ("", ".reason", ".state"):
+        with open(os.path.join(sp.root, folder, qid + suffix)) as f:
+            assert f.read() == "someone else's" + suffix
+    assert os.path.exists(where + ".state") and sp.ids() == []
+    assert not os.path.exists(os.path.join(sp.state_dir, qid))
+
+
+def test_a_stale_temp_file_never_makes_a_create_fail(sp):
+    qid = spool.new_queue_id()
+    for name in (qid, f"{qid}.tmp"):  # what the old, predictable names would have hit
+        with open(os.path.join(sp.tmp, name), "w") as f:
+            f.write("stale")
+    w = sp.new_entry("a@example.org", ["b@example.org"], 0, queue_id=qid)
+    w.write(b"x\r\n")
+    w.commit(False)
+    assert sp.ids() == [qid]
+
+
+def test_a_writer_stopped_between_link_and_unlink_leaves_a_lockable_entry(sp):
+    w = sp.new_entry("a@example.org", ["b@example.org"], 0)
+    w.write(b"x\r\n")
+    os.fsync(w.fd)
+    w._file.flush()
+    os.link(w.tmp_path, sp.path(w.queue_id))  # the first half of the commit, then a crash
+    os.close(w.fd)
+    locked = sp.lock(w.queue_id)
+    assert locked is not None and os.listdir(sp.tmp) == []
+    locked.release()
 
 
 def test_clean_tmp_spares_a_writer_still_at_work(sp):

@@ -122,6 +122,7 @@ class Config:
         "sender",
         "sources",
         "trusted_users",
+        "user_round_bytes",
         "user_spool_bytes",
         "user_spool_entries",
         "warn_after",
@@ -149,6 +150,9 @@ class Config:
         # together; more waits in the drop folder, on their own quota (issue 12).
         self.user_spool_entries = 10000
         self.user_spool_bytes = 2 * 1000 * 1000 * 1000
+        # Bytes of entries (envelope and message) each uid may have tried per round of a
+        # pass before the next uid's turn (fair.py).
+        self.user_round_bytes = 256 * 1024
 
     @property
     def domain(self) -> str:
@@ -329,6 +333,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
     "limits": {
         "user_spool_entries": ("user_spool_entries", _positive_int),
         "user_spool_bytes": ("user_spool_bytes", parse_size),
+        "user_round_bytes": ("user_round_bytes", parse_size),
     },
     "submission": {
         "max_size": ("max_size", parse_size),

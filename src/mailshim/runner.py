@@ -36,7 +36,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, spool
+from mailshim import bounce, fair, maillog, spool
 from mailshim.errors import DataError, MailshimError
 
 TYPE_CHECKING = False
@@ -517,7 +517,7 @@ async def run_pass(
     "busy" (the listener keeps asking us to slow down), "stopped" (``stop`` was set)."""
     now = time.time()
     streak = 0
-    for qid in target.ids():
+    for qid in fair.order(target, target.ids(), config.user_round_bytes):
         if stop is not None and stop.is_set():
             return "stopped"
         if only is not None and qid not in only:

@@ -173,6 +173,7 @@ def test_the_module_is_pure():
         elif isinstance(node, ast.Name):
             assert node.id not in ("open", "__import__", "eval", "exec"), node.id
     pure = {"__future__", "collections.abc", "mailshim.spoolfmt", "mailshim.message"}
+    pure.add("mailshim.errors")  # pure too: the one printable-text helper lives there
     assert imported <= pure, imported
 
 

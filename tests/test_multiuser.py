@@ -870,3 +870,30 @@ def test_one_users_heavy_entries_do_not_hold_another_users_message(mu):
         assert f"{BOB}@example.org" in first, [m.mail_from for m in msgs]
     finally:
         mu.config.write_text(text)
+
+
+def test_terminal_escapes_in_a_subject_never_reach_roots_terminal(mu):
+    """Item 7 / issue 17 item 4: OSC 0 (title), OSC 52 (clipboard), CSI, C1 CSI and a bidi
+    override in alice's Subject and sender name are shown as "?" by ``mailshim queue show``
+    and ``mailq`` run by root."""
+    alice = mu.users[ALICE]
+    mu.listener.stop()
+    subject = (
+        "hi \x1b]0;pwned\x07 \x1b]52;c;cm0gLXJmIH4=\x07 \x1b[2J\x1b[31mred \u009b31m"
+        " \u202eevil\u2066x\u2069"
+    )
+    msg = f"Subject: {subject}\nX-Note: \u009d8;;http://evil\u009c\n\nbody\n".encode()
+    r = mu.sendmail(alice, "-odq", "-i", "-F", "Al\x1b[1mice", "x@example.org", input=msg)
+    assert r.returncode == 0, r.stderr.decode()
+    mu.flush()
+    assert len(mu.names("queue")) == 1
+    for argv in (["mailshim", "queue", "show", "--all"], ["mailq"]):
+        r = mu.run(None, [tool(argv[0]), *argv[1:]])
+        assert r.returncode == 0, r.stderr.decode()
+        out = r.stdout.decode("utf-8")
+        bad = [c for c in out if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) < 0xA0]
+        bad += [c for c in out if 0x202A <= ord(c) <= 0x202E or 0x2066 <= ord(c) <= 0x2069]
+        assert bad == [], (argv, out)
+    assert (
+        "?]0;pwned?" in mu.run(None, [tool("mailshim"), "queue", "show", "--all"]).stdout.decode()
+    )

@@ -19,7 +19,7 @@ the offending text on one line (shortened to 200 characters).
 
 from __future__ import annotations
 
-from mailshim.errors import DataError
+from mailshim.errors import DataError, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -55,9 +55,7 @@ _SHOW = 200  # longest piece of hostile text quoted in an error message
 
 def _show(text: str) -> str:
     """Make hostile text printable in a one-line message (no surrogates, bounded length)."""
-    if len(text) > _SHOW:
-        text = text[:_SHOW] + "..."
-    return "".join("?" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+    return printable(text, _SHOW)
 
 
 def _is_text_char(c: str) -> bool:

@@ -19,6 +19,7 @@ headers are copied as data inside their own MIME part under a boundary they do n
 
 from __future__ import annotations
 
+from mailshim.errors import printable
 from mailshim.message import format_date
 
 TYPE_CHECKING = False
@@ -40,13 +41,7 @@ def _printable(text: str, limit: int = 900) -> str:
     >>> _printable("a\\r\\nb\\x00c\\udcff")
     'a b?c?'
     """
-    out = []
-    for ch in " ".join(text.split()):
-        num = ord(ch)
-        # Controls and the surrogates that stand for undecodable bytes become "?".
-        out.append("?" if num < 32 or num == 127 or 0xD800 <= num <= 0xDFFF else ch)
-    line = "".join(out)
-    return line if len(line) <= limit else line[:limit] + "..."
+    return printable(" ".join(text.split()), limit)
 
 
 def _octets(text: str, limit: int) -> str:

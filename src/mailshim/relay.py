@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, BinaryIO, ClassVar, Protocol, cast
 
 import aiosmtplib
 
-from mailshim.errors import ConfigError, MailshimError
+from mailshim.errors import ConfigError, MailshimError, printable
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -136,17 +136,7 @@ def clean_text(text: str) -> str:
     >>> clean_text("5.1.1 no\\nsuch\\x1b[31m user")
     '5.1.1 no such?[31m user'
     """
-    out = []
-    for ch in " ".join(text.splitlines()):
-        num = ord(ch)
-        if ch == "\t":
-            out.append(" ")
-        elif num < 32 or 127 <= num < 160 or 0xD800 <= num <= 0xDFFF:
-            out.append("?")
-        else:
-            out.append(ch)
-    line = "".join(out).strip()
-    return line if len(line) <= MAX_TEXT else line[:MAX_TEXT] + "..."
+    return printable(" ".join(text.splitlines()), MAX_TEXT)
 
 
 def _describe(exc: BaseException) -> str:

@@ -453,7 +453,20 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> Config:
     data = _read_table(path, use_cache)
     cfg.path = path
     _apply(cfg, data, path)
+    _check_addresses(cfg, path)
     return cfg
+
+
+def _check_addresses(cfg: Config, where: str) -> None:
+    """Addresses in the file must be usable before anything is sent (issue 12, item 13)."""
+    if cfg._domain is None and cfg.sender is None and not cfg.aliases:
+        return
+    from mailshim import address  # pure, and sendmail imports it anyway
+
+    problem = address.settings_problem(cfg._domain, cfg.sender, cfg.aliases)
+    if problem is not None:
+        key, why = problem
+        raise ConfigError(f"{where}: {key}: {why}", key)
 
 
 def _read_table(path: str, use_cache: bool) -> Table:

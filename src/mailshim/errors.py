@@ -146,9 +146,15 @@ class NoPermError(MailshimError):
 
 
 class ConfigError(MailshimError):
-    """The configuration is wrong: names the file, the key and the problem."""
+    """The configuration is wrong: names the file, the key and the problem.
+
+    ``key`` ("[addresses] domain") lets ``mailshim check`` name the same key in its fix."""
 
     code = EX_CONFIG
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def from_oserror(exc: OSError, doing: str) -> MailshimError:

@@ -897,3 +897,49 @@ def test_terminal_escapes_in_a_subject_never_reach_roots_terminal(mu):
     assert (
         "?]0;pwned?" in mu.run(None, [tool("mailshim"), "queue", "show", "--all"]).stdout.decode()
     )
+
+
+def test_trust_comes_only_from_a_file_root_controls(mu):
+    """Item 4: bob's own file (-C or $MAILSHIM_CONFIG) cannot make him trusted or set
+    everyone's sender; his mail as alice carries the warning, and mailq shows it is his."""
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    text = mu.config.read_text()
+    trusted = bob.home / "trusted.toml"
+    trusted.write_text(text.replace("[addresses]", '[addresses]\n') + (
+        f'\n[submission]\ntrusted_users = ["{BOB}"]\n'
+    ))  # fmt: skip
+    as_alice = bob.home / "sender.toml"
+    as_alice.write_text(text.replace("[addresses]", f'[addresses]\nsender = "{ALICE}@example.org"'))
+    for path in (trusted, as_alice):
+        os.chown(path, bob.uid, bob.gid)
+    r = mu.sendmail(
+        bob, "-C", str(trusted), "-odi", "-i", "-f", f"{ALICE}@example.org", "x@example.org",
+        input=MSG,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr.decode()
+    r = mu.sendmail(bob, "-odi", "-i", "y@example.org", input=MSG, MAILSHIM_CONFIG=str(as_alice))
+    assert r.returncode == 0, r.stderr.decode()
+    first, second = mu.listener.wait(2)
+    assert first.mail_from == f"{ALICE}@example.org"
+    assert f": {BOB} set sender to {ALICE}@example.org using -f".encode() in first.data
+    assert second.mail_from == f"{BOB}@example.org"
+    r = mu.mailshim(bob, "-C", str(trusted), "config")
+    assert b"ignored in" in r.stdout, r.stdout.decode()
+    # the system file (root's) still grants trust: alice is trusted there
+    mu.config.write_text(text + f'\n[submission]\ntrusted_users = ["root", "{ALICE}"]\n')
+    try:
+        r = mu.sendmail(alice, "-odi", "-i", "-f", "ops@example.org", "z@example.org", input=MSG)
+        assert r.returncode == 0, r.stderr.decode()
+        (third,) = mu.listener.wait(3)[2:]
+        assert third.mail_from == "ops@example.org"
+        assert b"X-Authentication-Warning" not in third.data
+        # mailq shows whose a queued sender that is not theirs is
+        mu.listener.stop()
+        r = mu.sendmail(bob, "-odq", "-i", "-f", f"{ALICE}@example.org", "q@example.org",
+                        input=MSG)  # fmt: skip
+        assert r.returncode == 0
+        mu.flush()
+        out = mu.run(None, [tool("mailq")]).stdout.decode()
+        assert f"{ALICE}@example.org (from {BOB})" in out, out
+    finally:
+        mu.config.write_text(text)

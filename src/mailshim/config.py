@@ -452,9 +452,69 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> Config:
         return cfg
     data = _read_table(path, use_cache)
     cfg.path = path
+    if os.geteuid() != 0 and not root_controlled(path):
+        data = _without_trust(cfg, data, path)
+        _trust_from_system(cfg, path, use_cache)
     _apply(cfg, data, path)
     _check_addresses(cfg, path)
     return cfg
+
+
+# Settings that grant trust: who may choose any sender without a warning, and one sender for
+# everyone. A file the caller chose (-C, $MAILSHIM_CONFIG, their own per-user file) could
+# otherwise make anyone trusted; so they are read only from a file that root controls, and
+# else from the system configuration (issue 12, item 4).
+TRUST_KEYS = (("submission", "trusted_users"), ("addresses", "sender"))
+
+
+def root_controlled(path: str) -> bool:
+    """Only root can have written ``path``: it and every folder above it belong to root,
+    and none is writable by group or others (a sticky folder such as /tmp excepted)."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+        folder = os.path.dirname(real)
+        while True:
+            st = os.stat(folder)
+            if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                return False
+            if folder == os.path.dirname(folder):
+                return True
+            folder = os.path.dirname(folder)
+    except OSError:
+        return False
+
+
+def _without_trust(cfg: Config, data: Table, where: str) -> Table:
+    out = dict(data)
+    for section, key in TRUST_KEYS:
+        body = out.get(section)
+        if isinstance(body, dict) and key in body:
+            out[section] = {k: v for k, v in body.items() if k != key}
+            cfg.sources[f"{section}.{key}"] = (
+                f"ignored in {where} (only a file root controls may set it)"
+            )
+    return out
+
+
+def _trust_from_system(cfg: Config, where: str, use_cache: bool) -> None:
+    system = paths.SYSTEM_CONFIG
+    if where == system or not os.path.exists(system) or not root_controlled(system):
+        return
+    data = _read_table(system, use_cache)
+    for section, key in TRUST_KEYS:
+        body = data.get(section)
+        if isinstance(body, dict) and key in body:
+            attr, check = _SECTIONS[section][key]
+            try:
+                setattr(cfg, attr, check(body[key]))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{system}: [{section}] {key}: {exc}", f"[{section}] {key}"
+                ) from None
+            cfg.sources[f"{section}.{key}"] = f"file {system}"
 
 
 def _check_addresses(cfg: Config, where: str) -> None:

@@ -244,3 +244,24 @@ def test_sendmail_and_check_name_the_bad_key(tmp_path):
     r = subprocess.run([tool("mailshim"), "check"], capture_output=True, env=env)
     assert r.returncode == 78
     assert b"fix [addresses] domain" in r.stdout + r.stderr, r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
+def test_root_controlled_files(tmp_path):
+    """Only a file that root alone could have written may grant trust (issue 12, item 4)."""
+    os.chmod(tmp_path, 0o755)
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    os.chmod(path, 0o644)
+    assert config.root_controlled(str(path))
+    os.chmod(path, 0o664)  # group-writable
+    assert not config.root_controlled(str(path))
+    os.chmod(path, 0o644)
+    os.chown(path, 4242, 4242)  # someone else's
+    assert not config.root_controlled(str(path))
+    os.chown(path, 0, 0)
+    os.chmod(tmp_path, 0o777)  # a folder anyone may swap it in
+    assert not config.root_controlled(str(path))
+    os.chmod(tmp_path, 0o1777)  # sticky, like /tmp: nobody else can replace root's file
+    assert config.root_controlled(str(path))
+    os.chmod(tmp_path, 0o755)

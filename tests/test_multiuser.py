@@ -752,6 +752,12 @@ def test_a_planted_dead_letter_name_is_never_replaced(mu):
     buried = _queued(mu, "dead")
     assert buried[dead].uid == alice.uid
     assert sorted(e.uid for e in buried.values()) == sorted([alice.uid, bob.uid])
+    # b@example.org is not bob's address: its failure report (to b@, as Postfix does) says
+    # so in the returned headers, with the uid that really sent it
+    (report,) = [m for m in mu.listener.wait(2) if m.rcpt_tos == ["b@example.org"]]
+    assert report.mail_from == "<>" and b"X-Authentication-Warning: " in report.data
+    assert f"{BOB} set sender to b@example.org".encode() in report.data
+    assert f"from userid {bob.uid}".encode() in report.data
 
 
 def test_planted_temp_names_do_not_make_a_message_go_twice(mu):

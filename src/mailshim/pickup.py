@@ -307,6 +307,8 @@ def pickup(target: Spool, config: Config, per_user: int = PICKUP_PER_USER) -> li
     except OSError as exc:
         failed = Pickup(target, "")
         return [failed.set("waiting", f"listing the drop folder: {os.strerror(exc.errno or 0)}")]
+    for gone in {k for k in _told if spoolfmt.valid_id(k)} - set(names):
+        del _told[gone]  # taken, or removed by its owner: a daemon's memory stays bounded
     rules = _Rules(config, per_user)
     usage = _Usage(target)
     results: list[Pickup] = []

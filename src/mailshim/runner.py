@@ -25,7 +25,7 @@ every window.
 
 Trust: the agent runs as the submitting user on their own spool or drop-folder entry; the
 runners as root or the ``mailshim`` user. Entries are parsed strictly (spoolfmt), drop-folder
-entries are copied and checked by spool.pickup, unreadable ones are quarantined. The listener
+entries are copied and checked by pickup.py, unreadable ones are quarantined. The listener
 is untrusted: its replies arrive cleaned by relay.py and only ever go into logs, state and
 reports as text.
 """

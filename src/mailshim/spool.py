@@ -1,7 +1,7 @@
-"""The only module that touches the spool folder: enqueue, pick up, list, lock, state, bury.
+"""The queue-file API: enqueue, list, lock, state, bury; the only module writing queue files.
 
 Layout under the spool root (owners and modes of the system spool, whose root belongs to
-root, 0711; docs/spool.md explains each)::
+root, 0711; docs/spool.md explains each; ``spoolsetup`` creates them)::
 
     incoming/   drop folder: any user's ``sendmail`` leaves entries here   mailshim 3733
     tmp/        entries being written by root or the runner                mailshim 0700
@@ -12,22 +12,29 @@ root, 0711; docs/spool.md explains each)::
     agent.lock  held by the one delivery agent or daemon working on this spool
 
 A per-user spool (under the XDG state folder) has the same layout without ``incoming/``.
+Taking entries from ``incoming/`` into ``queue/`` is ``pickup``'s job, not this module's.
 
-Durability: an entry is written to ``tmp/``, fsynced, renamed into ``queue/`` and the folder
-is fsynced before anyone is told it is safe. A drop-folder entry is written under a temporary
-name in ``incoming/``, fsynced, renamed, and fsynced again (its writer may not read the folder,
-so cannot fsync it; on Linux file systems the second fsync commits the rename). Exclusion:
-whoever delivers or moves an entry holds an flock on its file, so two agents or runners never
-send one message twice.
+Durability: an entry is written to ``tmp/<id>.<random>``, fsynced, linked into ``queue/``
+(a link never replaces a name, as a rename would), and the folder is fsynced before anyone is
+told it is safe. A drop-folder entry is written under a random temporary name in
+``incoming/``, fsynced, linked, and fsynced again (its writer may not read the folder, so
+cannot fsync it; on Linux file systems the second fsync commits the link). Exclusion: whoever
+delivers or moves an entry holds an flock on its file until the move is done, so two agents
+or runners never send one message twice.
 
-Trust: runs as the submitting user (their own spool, or the drop folder of the system spool),
-as root, and as the runner (root or the ``mailshim`` user). Everything in ``incoming/`` is
-hostile: names are checked against the queue-id alphabet, ``lstat`` decides before anything
-is opened, files are opened with O_NOFOLLOW|O_NONBLOCK and checked with ``fstat`` (regular,
-one link, bounded size), the submitter is the file's owner (never the ``uid`` record), and the
-entry is copied, normalised and re-encoded rather than trusted in place. Files this module
-creates use O_EXCL and never O_TRUNC, so a planted link cannot make a privileged process
-truncate or write something else; root gives what it creates to the spool's owner.
+Trust: runs as the submitting user (their own spool, or their entries in the drop folder of
+the system spool), as root, and as the runner (root or the ``mailshim`` user). Files this
+module creates use O_EXCL under names with 60 random bits (a fresh name on EEXIST) and never
+O_TRUNC, so a planted or stale file cannot make a create fail or a privileged process
+truncate or write something else; nothing in ``queue/``, ``dead/`` or ``corrupt/`` is ever
+replaced (a taken name makes a buried entry go under a fresh id); the only rename over a name
+is ``state/<id>``, by the holder of the entry's lock, and a user's own drop entry, by its
+owner. Root gives what it creates to the spool's owner.
+
+Raises: ``CantCreateError`` (73) when a name that must be new is taken or a folder is not one;
+``DataError`` (65) for an entry that cannot be read (the caller moves it to ``corrupt/``);
+other ``OSError``s as their sysexits code (``errors.from_oserror``: 75 full or over quota,
+73 read-only or missing, 77 denied, 74 otherwise).
 """
 
 from __future__ import annotations
@@ -99,6 +106,15 @@ def _link_no_replace(src: str, dst: str) -> None:
     except FileExistsError:
         if not _same(os.lstat(src), os.lstat(dst)):
             raise
+    except OSError as exc:
+        # A file system without hard links (vfat, some FUSE): look, then rename. The folders
+        # are the spool owner's, or sticky, where nobody else's name can be renamed over.
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "exists", dst) from None
+        os.rename(src, dst)
+        return
     os.unlink(src)
 
 

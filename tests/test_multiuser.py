@@ -949,3 +949,34 @@ def test_trust_comes_only_from_a_file_root_controls(mu):
         assert f"{ALICE}@example.org (from {BOB})" in out, out
     finally:
         mu.config.write_text(text)
+
+
+def test_the_agents_argv_does_not_show_the_queue_id(mu):
+    """Item 5: /proc/PID/cmdline is public; alice's agent does not carry her entry's id."""
+    import socket
+
+    alice = mu.users[ALICE]
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never greets: the agent waits
+    text = mu.config.read_text()
+    mu.config.write_text(
+        text.replace(f"port = {mu.listener.port}", f"port = {silent.getsockname()[1]}")
+    )
+    try:
+        r = mu.sendmail(alice, "-i", "x@example.org", input=MSG)
+        assert r.returncode == 0, r.stderr.decode()
+        (qid,) = _wait_for_incoming(mu, lambda names: len(names) == 1)
+        seen = []
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                with contextlib.suppress(OSError):
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if b"--incoming" in argv and os.stat(f"/proc/{pid}").st_uid == alice.uid:
+                        seen.append(argv)
+            time.sleep(0.02)
+        assert seen, "the agent was not seen"
+        assert all(qid.encode() not in b" ".join(argv) for argv in seen), seen
+    finally:
+        mu.config.write_text(text)
+        silent.close()
+        _wait_for_incoming(mu, lambda names: True)

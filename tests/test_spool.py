@@ -509,3 +509,14 @@ def test_decode_of_a_written_entry_matches(sp):
     with open(sp.path(qid), "rb") as f:
         env, _ = spoolfmt.decode_envelope(f)
     assert env.recipients == ["x@example.org", "y@example.org"] and env.queue_id == qid
+
+
+def test_a_drop_entry_handed_over_as_an_fd_names_itself(dropsp):
+    """The agent need not carry the id in its argv (/proc shows it to every user)."""
+    s = spool.Spool(dropsp.root, drop=True)
+    w = s.new_entry("a@example.org", ["b@example.org"], 1000)
+    w.write(b"x\r\n")
+    entry = w.commit(False, keep_lock=True)
+    adopted = spool.open_drop_entry(s, "", entry.fd)
+    assert adopted.queue_id == w.queue_id and adopted.still_here()
+    entry.release()

@@ -711,7 +711,11 @@ def agent_main(
     if incoming is not None:
         if lock_fd is None:
             return 64
-        entry = spool.open_drop_entry(spool.Spool(spool_root, drop=True), incoming, lock_fd)
+        qid = "" if incoming == "-" else incoming  # "-": the id is read from the entry
+        try:
+            entry = spool.open_drop_entry(spool.Spool(spool_root, drop=True), qid, lock_fd)
+        except (DataError, OSError):
+            return 0  # unreadable: the runner's pickup sends it to corrupt/ with the reason
 
         async def one() -> None:
             async with _client(config) as client:

@@ -889,7 +889,14 @@ class DropEntry(_Held):
 
 
 def open_drop_entry(spool: Spool, qid: str, fd: int) -> DropEntry:
-    """Adopt a locked drop-folder entry handed over as an open fd (the agent's side)."""
+    """Adopt a locked drop-folder entry handed over as an open fd (the agent's side).
+
+    ``qid`` "" reads the id from the entry itself, so that it need not be in the agent's
+    argv, where every local user can read it in /proc (issue 12, item 5)."""
+    if qid == "":
+        with open(fd, "rb", closefd=False) as f:
+            f.seek(0)
+            qid = spoolfmt.decode_envelope(f)[0].queue_id
     if not spoolfmt.valid_id(qid):
         raise DataError(f"not a queue id: {qid[:40]!r}")
     return DropEntry(spool, qid, fd)

@@ -368,7 +368,8 @@ def start_agent(target: spool.Spool, config: Config, entry: spool.DropEntry | No
             entry.release()
             return
         keep = [entry.fd, slot]
-        args += ["--incoming", entry.queue_id, "--lock-fd", str(entry.fd)]
+        # "-": the agent reads the id from the locked entry; argv is public in /proc
+        args += ["--incoming", "-", "--lock-fd", str(entry.fd)]
     else:
         down = target.relay_down_since()
         pause = min(r.retry_after_failure for r in config.relays)

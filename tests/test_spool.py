@@ -520,3 +520,22 @@ def test_a_drop_entry_handed_over_as_an_fd_names_itself(dropsp):
     adopted = spool.open_drop_entry(s, "", entry.fd)
     assert adopted.queue_id == w.queue_id and adopted.still_here()
     entry.release()
+
+
+def test_clean_tmp_at_any_step_of_a_bury_keeps_the_state(sp):
+    """Issue 12 item 12: bury gives the state its new name before the entry leaves queue/,
+    so clean_tmp (which drops a state whose entry is gone) never finds it orphaned."""
+    qid = make_entry(sp)
+    locked = sp.lock(qid)
+    state = locked.state()
+    state.done["b@example.org"] = "250 ok"
+    locked.save_state(state)
+    locked.release()
+    state_path = os.path.join(sp.state_dir, qid)
+    os.link(state_path, os.path.join(sp.dead, qid + ".state"))  # bury's first step
+    sp.clean_tmp(older_than=0)
+    assert os.path.exists(state_path) and sp.ids() == [qid]
+    os.rename(sp.path(qid), os.path.join(sp.dead, qid))  # its second; then a stop
+    sp.clean_tmp(older_than=0)
+    with open(os.path.join(sp.dead, qid + ".state"), "rb") as f:
+        assert spoolfmt.decode_state(f.read()).done == {"b@example.org": "250 ok"}

@@ -290,6 +290,20 @@ class _Rules:
         self.bytes = config.user_spool_bytes
         # Root and the runner user write queue/ themselves; the budget is for everyone else.
         self.exempt = {0, os.geteuid()}
+        self.logins: dict[int, str] = {}  # uid -> login, looked up once per pickup
+        self.states = False  # a copy got a state (failed records): state/ needs an fsync
+
+    def login(self, uid: int) -> str:
+        login = self.logins.get(uid)
+        if login is None:
+            import pwd
+
+            try:
+                login = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                login = f"uid{uid}"
+            self.logins[uid] = login
+        return login
 
 
 def pickup(target: Spool, config: Config, per_user: int = PICKUP_PER_USER) -> list[Pickup]:
@@ -319,7 +333,9 @@ def pickup(target: Spool, config: Config, per_user: int = PICKUP_PER_USER) -> li
         if taken:
             try:
                 _fsync_dir(target.queue)
-                _fsync_dir(target.state_dir)
+                if rules.states:
+                    _fsync_dir(target.state_dir)
+                    rules.states = False
             except OSError as exc:
                 for p in taken:
                     p.abandon(f"saving the copy: {os.strerror(exc.errno or 0)}")
@@ -512,7 +528,7 @@ def _copy(target: Spool, pick: Pickup, fd: int, st: os.stat_result, rules: _Rule
         qid = new_queue_id()
         writer = EntryWriter(target, Envelope(qid, env.sender, env.recipients, now, st.st_uid))
         try:
-            head = _sender_warning(rules.config, env.sender, st.st_uid, src, now)
+            head = _sender_warning(rules, env.sender, st.st_uid, src, now)
             src.seek(offset)
             pick.warned = bool(head)
             writer.write(head)
@@ -534,6 +550,7 @@ def _copy(target: Spool, pick: Pickup, fd: int, st: os.stat_result, rules: _Rule
                 state = spoolfmt.State()
                 state.failed = dict(env.failed)
                 target.save_state(qid, state, sync=False)
+                rules.states = True
             copy = writer.commit(eightbit, keep_lock=True, sync_dir=False)
         except BaseException:
             writer.abort()
@@ -545,16 +562,12 @@ def _copy(target: Spool, pick: Pickup, fd: int, st: os.stat_result, rules: _Rule
     pick.status = "picked"
 
 
-def _sender_warning(config: Config, sender: str, uid: int, src: BinaryIO, now: int) -> bytes:
+def _sender_warning(rules: _Rules, sender: str, uid: int, src: BinaryIO, now: int) -> bytes:
     """Header lines to put on top when ``sender`` is not ``uid``'s own address (else b"")."""
     if uid == 0:
         return b""
-    import pwd
-
-    try:
-        login = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        login = f"uid{uid}"
+    config = rules.config
+    login = rules.login(uid)
     if login in config.trusted_users:
         return b""
     own = own_address(config, login)

@@ -17,6 +17,7 @@ import pytest
 from mailshim import pickup, spool, spoolfmt, spoolsetup
 from mailshim.config import Config
 from mailshim.errors import CantCreateError, DataError
+from mailshim.reply import Reply
 from mailshim.spoolfmt import Envelope
 
 ROOT = os.geteuid() == 0
@@ -136,9 +137,9 @@ def test_state_round_trip_and_a_planted_link_is_not_written_through(sp, tmp_path
     os.link(victim, os.path.join(sp.state_dir, f"{qid}.{os.getpid()}.tmp"))
     state = sp.load_state(qid)
     state.attempts = 2
-    state.pending["b@example.org"] = "451 later"
+    state.pending["b@example.org"] = Reply(451, "later")
     sp.save_state(qid, state)
-    assert sp.load_state(qid).pending == {"b@example.org": "451 later"}
+    assert sp.load_state(qid).pending == {"b@example.org": Reply(451, "later")}
     assert victim.read_bytes() == b"keep me"
 
 
@@ -149,7 +150,7 @@ def test_bury_keeps_entry_reason_and_state_and_ignores_a_planted_link(sp, tmp_pa
     os.symlink(victim, os.path.join(sp.dead, qid + ".reason"))
     locked = sp.lock(qid)
     state = locked.state()
-    state.failed["b@example.org"] = "550 no"
+    state.failed["b@example.org"] = Reply(550, "no")
     locked.save_state(state)
     where = locked.bury("dead", "<b@example.org>: 550 no")
     # the taken name is left as it is: the entry goes under a fresh id beside it
@@ -168,7 +169,7 @@ def test_bury_never_replaces_a_file_in_dead_or_corrupt(sp, folder):
             f.write("someone else's" + suffix)
     locked = sp.lock(qid)
     state = locked.state()
-    state.failed["b@example.org"] = "550 no"
+    state.failed["b@example.org"] = Reply(550, "no")
     locked.save_state(state)
     where = locked.bury(folder, "why")
     for suffix in ("", ".reason", ".state"):
@@ -427,7 +428,9 @@ def test_pickup_moves_failed_records_into_the_state(dropsp):
     p = pick(dropsp)[qid]
     assert p.status == "picked"
     state = dropsp.load_state(p.queue_id)
-    assert state.failed == {"a@example.org": "550 5.1.1 no such user"}
+    assert {r: str(reply) for r, reply in state.failed.items()} == {
+        "a@example.org": "550 5.1.1 no such user"
+    }
     assert state.open_recipients(dropsp.read_envelope(p.queue_id)) == ["b@example.org"]
 
 
@@ -528,7 +531,7 @@ def test_clean_tmp_at_any_step_of_a_bury_keeps_the_state(sp):
     qid = make_entry(sp)
     locked = sp.lock(qid)
     state = locked.state()
-    state.done["b@example.org"] = "250 ok"
+    state.done["b@example.org"] = Reply(250, "ok")
     locked.save_state(state)
     locked.release()
     state_path = os.path.join(sp.state_dir, qid)
@@ -538,4 +541,13 @@ def test_clean_tmp_at_any_step_of_a_bury_keeps_the_state(sp):
     os.rename(sp.path(qid), os.path.join(sp.dead, qid))  # its second; then a stop
     sp.clean_tmp(older_than=0)
     with open(os.path.join(sp.dead, qid + ".state"), "rb") as f:
-        assert spoolfmt.decode_state(f.read()).done == {"b@example.org": "250 ok"}
+        assert spoolfmt.decode_state(f.read()).done == {"b@example.org": Reply(250, "ok")}
+
+
+def test_pickup_refuses_a_failed_record_that_is_not_a_refusal(dropsp):
+    qid = spool.new_queue_id()
+    env = Envelope(qid, "u@example.org", ["a@example.org", "b@example.org"], 1, 0, False, 3)
+    env.failed = {"a@example.org": "250 2.0.0 fine, thanks"}
+    plant(dropsp, qid, spoolfmt.encode_envelope(env).data + b"x\r\n")
+    p = pick(dropsp)[qid]
+    assert p.status == "corrupt" and "no 5xx reply" in p.reason and dropsp.ids() == []

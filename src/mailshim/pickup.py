@@ -44,7 +44,7 @@ import stat
 import time
 
 from mailshim import spoolfmt
-from mailshim.errors import DataError, MailshimError
+from mailshim.errors import DataError, MailshimError, printable
 from mailshim.spool import (
     _READ,
     COPY_CHUNK,
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
     from mailshim.config import Config
+    from mailshim.reply import Reply
 
 PICKUP_BATCH = 64
 # At most this many entries of one owner are taken from the drop folder per pickup, so a
@@ -548,7 +549,7 @@ def _copy(target: Spool, pick: Pickup, fd: int, st: os.stat_result, rules: _Rule
             writer.write(ends.end())
             if env.failed:
                 state = spoolfmt.State()
-                state.failed = dict(env.failed)
+                state.failed = _refusals(env.failed)
                 target.save_state(qid, state, sync=False)
                 rules.states = True
             copy = writer.commit(eightbit, keep_lock=True, sync_dir=False)
@@ -584,6 +585,20 @@ def _sender_warning(rules: _Rules, sender: str, uid: int, src: BinaryIO, now: in
     # sendmail under the user's own configuration may have written the same warning: once.
     start = src.read(len(head))
     return trace.encode() + (b"" if start == head else head)
+
+
+def _refusals(failed: dict[str, str]) -> dict[str, Reply]:
+    """The ``failed`` records of a drop entry as replies. Their text is the owner's to write:
+    made one printable line, and only a permanent refusal (5xx) is taken."""
+    from mailshim.reply import Reply, clean_text
+
+    out = {}
+    for rcpt, text in failed.items():
+        reply = Reply.from_legacy(clean_text(text))
+        if not 500 <= reply.code <= 599:
+            raise DataError(f"failed record for {printable(rcpt, 80)!r} holds no 5xx reply")
+        out[rcpt] = reply
+    return out
 
 
 def own_address(config: Config, login: str) -> str:

@@ -70,9 +70,9 @@ def plant(sp: spool.Spool, name: str, data: bytes, uid: int = USER) -> str:
     return path
 
 
-def pick(sp: spool.Spool) -> dict[str, pickup.Pickup]:
+def pick(sp: spool.Spool, max_size: int = MAX_SIZE) -> dict[str, pickup.Pickup]:
     cfg = Config()
-    cfg.max_size, cfg.max_recipients, cfg._domain = MAX_SIZE, 100, "example.org"
+    cfg.max_size, cfg.max_recipients, cfg._domain = max_size, 100, "example.org"
     return {p.name: p for p in pickup.pickup(sp, cfg)}
 
 
@@ -410,22 +410,22 @@ def test_pickup_refuses_a_sparse_entry_without_copying_it(dropsp):
     path = plant(dropsp, qid, head)
     with open(path, "r+b") as f:
         f.truncate(len(head) + size)  # a valid entry whose message is one big hole
-    cfg_size = MAX_SIZE
-    globals()["MAX_SIZE"] = 2 * size
-    try:
-        p = pick(dropsp)[qid]
-    finally:
-        globals()["MAX_SIZE"] = cfg_size
+    p = pick(dropsp, max_size=2 * size)[qid]
     assert p.status == "corrupt" and "sparse" in p.reason
     assert dropsp.ids() == [] and os.listdir(dropsp.incoming) == []
 
 
-def test_pickup_moves_failed_records_into_the_state(dropsp):
+def pick_with_failed_record(sp: spool.Spool, reply: str) -> pickup.Pickup:
+    """A drop entry for a@ and b@ whose agent recorded ``reply`` as a@'s refusal."""
     qid = spool.new_queue_id()
     env = Envelope(qid, "u@example.org", ["a@example.org", "b@example.org"], 1, 0, False, 3)
-    env.failed = {"a@example.org": "550 5.1.1 no such user"}
-    plant(dropsp, qid, spoolfmt.encode_envelope(env).data + b"x\r\n")
-    p = pick(dropsp)[qid]
+    env.failed = {"a@example.org": reply}
+    plant(sp, qid, spoolfmt.encode_envelope(env).data + b"x\r\n")
+    return pick(sp)[qid]
+
+
+def test_pickup_moves_failed_records_into_the_state(dropsp):
+    p = pick_with_failed_record(dropsp, "550 5.1.1 no such user")
     assert p.status == "picked"
     state = dropsp.load_state(p.queue_id)
     assert {r: str(reply) for r, reply in state.failed.items()} == {
@@ -545,9 +545,5 @@ def test_clean_tmp_at_any_step_of_a_bury_keeps_the_state(sp):
 
 
 def test_pickup_refuses_a_failed_record_that_is_not_a_refusal(dropsp):
-    qid = spool.new_queue_id()
-    env = Envelope(qid, "u@example.org", ["a@example.org", "b@example.org"], 1, 0, False, 3)
-    env.failed = {"a@example.org": "250 2.0.0 fine, thanks"}
-    plant(dropsp, qid, spoolfmt.encode_envelope(env).data + b"x\r\n")
-    p = pick(dropsp)[qid]
+    p = pick_with_failed_record(dropsp, "250 2.0.0 fine, thanks")
     assert p.status == "corrupt" and "no 5xx reply" in p.reason and dropsp.ids() == []

@@ -27,8 +27,7 @@ DEFAULT_USER = "mailshim"
     "user",
     default=DEFAULT_USER,
     metavar="NAME",
-    hidden=True,  # shown once the completions and mailshim(8) list it
-    help="The user the runner runs as (default: mailshim).",
+    help="The user the runner runs as and who owns the queue (default: mailshim).",
 )
 @click.pass_context
 def setup_spool_cmd(ctx: click.Context, user: str) -> None:
@@ -38,6 +37,11 @@ def setup_spool_cmd(ctx: click.Context, user: str) -> None:
     The spool root belongs to root (0711); queue/, tmp/, state/, dead/ and corrupt/ to the
     runner user (0700); incoming/ is the drop folder every user may write but not list
     (3733, group of the runner user). It changes nothing that is already right.
+
+    \b
+    Examples:
+      mailshim setup-spool
+      mailshim setup-spool --user mail
     """
     if os.geteuid() != 0:
         raise NoPermError("setup-spool must run as root")

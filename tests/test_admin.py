@@ -174,9 +174,24 @@ def test_flush_plain_lines_when_not_a_terminal(world):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
     assert lines[:-1] == [f"{qid}: delivered" for qid in ids]
-    assert lines[-1] == "3 delivered, 0 deferred, 0 bounced"
+    assert lines[-1] == "3 delivered."
     assert "\x1b" not in r.stdout.decode() and "\r" not in r.stdout.decode()
     assert len(world.listener.wait(3)) == 3
+
+
+def test_flush_summary_names_only_what_happened(world):
+    ids = queue_some(world, 2)
+    r = mailshim(world, "queue", "hold", ids[0])
+    assert r.returncode == 0, r.stderr
+    r = mailshim(world, "flush")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().splitlines() == [
+        f"{ids[1]}: delivered",
+        "1 delivered, 1 not due yet, held or busy.",
+    ]
+    mailshim(world, "queue", "delete", ids[0])
+    r = mailshim(world, "flush")
+    assert r.stdout.decode().splitlines() == ["Nothing to deliver."]
 
 
 def test_flush_listener_down_says_what_was_not_tried(tmp_path):
@@ -187,7 +202,7 @@ def test_flush_listener_down_says_what_was_not_tried(tmp_path):
     lines = r.stdout.decode().splitlines()
     assert lines == [
         f"{ids[0]}: deferred",
-        "0 delivered, 1 deferred, 0 bounced, 2 not tried (the listener is unreachable)",
+        "1 deferred, 2 not tried (the listener is unreachable).",
     ]
     assert world.queued() == ids
 
@@ -202,7 +217,9 @@ def test_flush_progress_bar_on_a_terminal(world):
     assert "\r[--------------------] 0/2  0 delivered, 0 deferred, 0 bounced" in plain
     assert "\r[##########----------] 1/2  1 delivered, 0 deferred, 0 bounced" in plain
     assert "\r[####################] 2/2  2 delivered, 0 deferred, 0 bounced" in plain
-    assert plain.replace("\r\n", "\n").rstrip().endswith("2 delivered, 0 deferred, 0 bounced")
+    last_lines = plain.replace("\r\n", "\n").rstrip().splitlines()[-2:]
+    assert last_lines[0].endswith("] 2/2  2 delivered, 0 deferred, 0 bounced")
+    assert last_lines[1] == "2 delivered."
     assert "\x1b[32m" in out  # green on a terminal
     queue_some(world, 1)
     code, out = on_pty([MAILSHIM, "flush"], dict(env, NO_COLOR="1"))

@@ -96,13 +96,22 @@ class Counts:
         else:
             self.bounced += 1
 
-    def summary(self) -> str:
-        text = f"{self.sent} delivered, {self.deferred} deferred, {self.bounced} bounced"
-        if self.throttled:
-            text += f", {self.throttled} slowed down by the listener"
-        if self.quarantined:
-            text += f", {self.quarantined} unreadable (moved to corrupt/)"
-        return text
+    def summary(self, untried: int = 0) -> str:
+        """One short sentence naming only what happened: "2 delivered, 1 deferred."
+
+        ``untried``: entries left alone because the listener could not be reached.
+        """
+        parts = [
+            (self.sent, "delivered"),
+            (self.deferred, "deferred"),
+            (self.bounced, "bounced"),
+            (self.throttled, "slowed down by the listener"),
+            (self.quarantined, "unreadable (moved to corrupt/)"),
+            (untried, "not tried (the listener is unreachable)"),
+            (self.skipped, "not due yet, held or busy"),
+        ]
+        said = [f"{n} {what}" for n, what in parts if n > 0]
+        return (", ".join(said) if said else "Nothing to deliver") + "."
 
 
 def next_delay(config: Config, attempts: int) -> int:

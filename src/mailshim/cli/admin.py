@@ -376,13 +376,8 @@ def flush_cmd(ctx: click.Context, verbose: bool) -> None:
         )
     finally:
         progress.finish()
-    summary = f"{counts.sent} delivered, {counts.deferred} deferred, {counts.bounced} bounced"
     untried = total - counts.total() - counts.skipped
-    if untried > 0 and counts.deferred:
-        summary += f", {untried} not tried (the listener is unreachable)"
-    if counts.skipped:
-        summary += f", {counts.skipped} held, not due or busy"
-    click.echo(summary)
+    click.echo(counts.summary(untried if untried > 0 and counts.deferred else 0))
 
 
 # --- check ----------------------------------------------------------------------------

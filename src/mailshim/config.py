@@ -116,6 +116,7 @@ class Config:
         "max_recipients",
         "max_size",
         "path",
+        "qualify_headers",
         "queue_dir",
         "relays",
         "retry",
@@ -133,6 +134,7 @@ class Config:
         self.sender: str | None = None
         self.aliases_file: str | None = None
         self.from_header = "add"
+        self.qualify_headers = True
         self.aliases: dict[str, tuple[str, ...]] = {}
         self.queue_dir: str | None = None
         self.retry: tuple[int, ...] = DEFAULT_RETRY
@@ -312,6 +314,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "sender": ("sender", _nonempty),
         "aliases_file": ("aliases_file", _nonempty),
         "from_header": ("from_header", _choice(FROM_MODES)),
+        "qualify_headers": ("qualify_headers", _bool),
     },
     "queue": {
         "dir": ("queue_dir", _nonempty),

@@ -290,6 +290,8 @@ def _write_message(
         from_mode=config.from_header,
         domain=config.domain,
         strip_bcc=True,
+        qualify_domain=config.domain if config.qualify_headers else "",
+        resent_message_id=message.make_message_id(writer.queue_id + ".resent", config.domain),
     )
     limit = config.max_size
     writer.write(_forgery_warning(config, sub, user, sender, own))

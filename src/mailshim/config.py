@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     Table = dict[str, object]
 
 DEFAULT_RETRY = (60, 300, 900, 1800, 3600, 7200)
+DEFAULT_MAX_SIZE = 50 * 1000 * 1000
 TLS_MODES = ("none", "starttls", "tls")
 PROTOCOLS = ("smtp", "lmtp")
 FROM_MODES = ("add", "rewrite-local", "force")
@@ -141,7 +142,7 @@ class Config:
         self.lifetime = 5 * 86400
         self.warn_after = 4 * 3600
         self.delivery_mode = "background"
-        self.max_size = 50 * 1000 * 1000
+        self.max_size = DEFAULT_MAX_SIZE
         self.max_recipients = 10000
         self.trusted_users: tuple[str, ...] = ("root",)
         self.helo: str | None = None
@@ -159,6 +160,13 @@ class Config:
 
     def source(self, key: str) -> str:
         return self.sources.get(key, "default")
+
+    def max_size_for(self, listener_size: int | None) -> int:
+        """The size limit: ``[submission] max_size`` when set, else the ``SIZE`` the listener
+        last announced (``Spool.listener_size``), else 50 MB."""
+        if "submission.max_size" in self.sources or not listener_size:
+            return self.max_size
+        return listener_size
 
 
 # --- value checkers: each returns the converted value or raises ValueError(reason) ---

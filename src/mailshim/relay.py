@@ -428,6 +428,14 @@ class Session:
         self._context = context
         self._say = say
 
+    def size_limit(self) -> int | None:
+        """The largest message the listener announced (EHLO ``SIZE n``); None when it gave
+        no figure or 0 (RFC 1870: no fixed limit)."""
+        value = self.extensions.get("size", "").strip()
+        if value.isdigit() and value.isascii() and 0 < int(value) < 1 << 62:
+            return int(value)
+        return None
+
     # -- connecting -------------------------------------------------------------------------
 
     @classmethod
@@ -927,6 +935,8 @@ class RelayClient:
         self._session: Session | None = None
         self._contexts: dict[tuple[str, str], ssl.SSLContext] = {}
         self._lock: asyncio.Lock | None = None
+        # The SIZE the last listener greeted with announced (see Session.size_limit).
+        self.listener_size: int | None = None
 
     async def __aenter__(self) -> RelayClient:
         return self
@@ -983,6 +993,7 @@ class RelayClient:
         if current is not None and current.relay is relay:
             return current
         fresh = await Session.open(relay, helo=self._helo, say=self._say, context=self._context)
+        self.listener_size = fresh.size_limit()
         # The old connection (to a relay further down the list) goes only once this one works.
         if current is not None:
             await current.quit()

@@ -365,6 +365,7 @@ async def deliver_entry(
                 result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
         except DataError as exc:
             return _quarantine(locked, exc.message)
+        locked.spool.record_listener_size(client.listener_size)
         now = time.time()
         _log_replies(env.queue_id, env.arrival, result, now)
         pressure = _apply_result(state, result, now)
@@ -491,7 +492,7 @@ def pickup(config: Config, target: spool.Spool, counts: Counts | None = None) ->
     if not target.has_incoming() or not target.writable():
         return 0, 0
     target.clean_incoming()
-    results = target.pickup(config.max_size, config.max_recipients)
+    results = target.pickup(config.max_size_for(target.listener_size()), config.max_recipients)
     spool.log_pickups(results, lambda text, error: maillog.log(text, error=error))
     picked = sum(1 for p in results if p.status == "picked" and not p.duplicate)
     if counts is not None:

@@ -125,11 +125,14 @@ class Config:
         "sources",
         "trusted_users",
         "warn_after",
+        "written",
     )
 
     def __init__(self) -> None:
         self.path: str | None = None
         self.sources: dict[str, str] = {}
+        # Each value as the file wrote it ("5d", ["1m", "5m"]), for `mailshim config`.
+        self.written: dict[str, object] = {}
         self.relays: tuple[RelayConfig, ...] = (RelayConfig("relay"),)
         self._domain: str | None = None
         self.sender: str | None = None
@@ -382,6 +385,7 @@ def _apply(cfg: Config, data: Table, where: str) -> None:
                 except ValueError as exc:
                     raise ConfigError(f"{where}: [aliases] {name}: {exc}") from None
                 cfg.sources[f"aliases.{name.lower()}"] = f"file {where}"
+                cfg.written[f"aliases.{name.lower()}"] = target
         elif section in _SECTIONS:
             if not isinstance(body, dict):
                 raise ConfigError(f"{where}: [{section}] must be a table")
@@ -398,6 +402,7 @@ def _apply(cfg: Config, data: Table, where: str) -> None:
                 except ValueError as exc:
                     raise ConfigError(f"{where}: [{section}] {key}: {exc}") from None
                 cfg.sources[f"{section}.{key}"] = f"file {where}"
+                cfg.written[f"{section}.{key}"] = value
         else:
             known = ", ".join(sorted([*_SECTIONS, "relay", "aliases"]))
             raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
@@ -411,6 +416,7 @@ def _apply_relays(cfg: Config, body: object, where: str) -> None:
         cfg.relays = (relay,)
         for key in body:
             cfg.sources[f"relay.{key}"] = f"file {where}"
+            cfg.written[f"relay.{key}"] = body[key]
     elif isinstance(body, list) and body:
         relays = []
         for i, item in enumerate(body):
@@ -420,6 +426,7 @@ def _apply_relays(cfg: Config, body: object, where: str) -> None:
             relays.append(relay)
             for key in item:
                 cfg.sources[f"relay[{i}].{key}"] = f"file {where}"
+                cfg.written[f"relay[{i}].{key}"] = item[key]
         cfg.relays = tuple(relays)
     else:
         raise ConfigError(f"{where}: [relay] must be a table or a non-empty array of tables")

@@ -63,77 +63,29 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 # --- config ---------------------------------------------------------------------------
 
 
-def _config_rows(cfg: config_mod.Config) -> list[tuple[str, object, str]]:
-    rows: list[tuple[str, object, str]] = []
-    multi = len(cfg.relays) > 1
-    for i, relay in enumerate(cfg.relays):
-        prefix = f"relay[{i}]" if multi else "relay"
-        for key in (
-            "name",
-            "host",
-            "port",
-            "socket",
-            "tls",
-            "verify",
-            "ca_file",
-            "username",
-            "password_file",
-            "timeout",
-            "helo",
-            "protocol",
-            "retry_after_failure",
-        ):
-            value = getattr(relay, key)
-            src_key = f"relay[{i}].{key}" if multi else f"relay.{key}"
-            rows.append((f"{prefix}.{key}", value, cfg.source(src_key)))
-    dom_src = cfg.source("addresses.domain")
-    rows.append(("addresses.domain", cfg.domain, dom_src if dom_src != "default" else "host FQDN"))
-    for key in ("sender", "aliases_file", "from_header"):
-        rows.append((f"addresses.{key}", getattr(cfg, key), cfg.source(f"addresses.{key}")))
-    for name, targets in sorted(cfg.aliases.items()):
-        rows.append((f"aliases.{name}", list(targets), cfg.source(f"aliases.{name}")))
-    rows.append(("queue.dir", cfg.queue_dir or paths.SYSTEM_SPOOL, cfg.source("queue.dir")))
-    rows.append(("queue.retry", list(cfg.retry), cfg.source("queue.retry")))
-    rows.append(("queue.lifetime", cfg.lifetime, cfg.source("queue.lifetime")))
-    rows.append(("queue.warn_after", cfg.warn_after, cfg.source("queue.warn_after")))
-    rows.append(("delivery.mode", cfg.delivery_mode, cfg.source("delivery.mode")))
-    for key, value in (
-        ("max_size", cfg.max_size),
-        ("max_recipients", cfg.max_recipients),
-        ("trusted_users", list(cfg.trusted_users)),
-        ("helo", cfg.helo),
-    ):
-        rows.append((f"submission.{key}", value, cfg.source(f"submission.{key}")))
-    return rows
-
-
 @cli.command("config")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (seconds, bytes).")
 @click.pass_context
 def config_cmd(ctx: click.Context, as_json: bool) -> None:
     """Print the effective configuration and where each value comes from.
+
+    Values read as the configuration file writes them (5d, ["1m", "5m"], 50M, 30s);
+    --json gives seconds and bytes instead.
 
     \b
     Examples:
       mailshim config
       mailshim -C /etc/mailshim/test.toml config --json
     """
+    from mailshim import configview
+
     cfg = _config(ctx)
-    rows = _config_rows(cfg)
+    table = configview.rows(cfg, configview.spool_listener_size(cfg))
     if as_json:
-        values = {k: {"value": v, "source": src} for k, v, src in rows}
+        values = {r.key: {"value": r.value, "source": r.source} for r in table}
         click.echo(json.dumps({"file": cfg.path, "values": values}, indent=2))
         return
-    click.echo(f"# configuration file: {cfg.path or 'none (built-in defaults)'}")
-    width = max(len(k) for k, _, _ in rows)
-    for key, value, source in rows:
-        click.echo(f"{key:<{width}}  {_shown(value)}    # {source}")
-
-
-def _shown(value: object) -> str:
-    if value is None:
-        return "unset"
-    return value if isinstance(value, str) else json.dumps(value)
+    click.echo(configview.format_rows(cfg, table), nl=False)
 
 
 # --- queue ----------------------------------------------------------------------------

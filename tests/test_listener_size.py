@@ -161,3 +161,32 @@ def test_mailshim_config_shows_where_max_size_comes_from(tmp_path):
         assert "3M" in line and "listener" in line, line
     finally:
         world.listener.stop()
+
+
+# --- the system spool: the runner records, every user's sendmail reads -------------------------
+
+from test_multiuser import ALICE, box, mu  # noqa: E402,F401  (fixtures: real users, setup-spool)
+
+
+def test_system_spool_users_get_the_listener_size_the_runner_recorded(mu):
+    mu.listener.stop()
+    sized = SizedListener(mu.listener.port, 3 * MB)
+    sized.start()
+    try:
+        alice = mu.users[ALICE]
+        r = mu.sendmail(alice, "-odq", "-i", "bob@example.net", input=b"Subject: s\n\nsmall\n")
+        assert r.returncode == 0, r.stderr
+        mu.flush()  # the runner user picks it up and delivers it
+        sized.wait(1)
+        path = mu.spool / "listener-size"
+        assert path.read_bytes() == b"3000000\n"
+        st = path.stat()
+        assert st.st_uid == mu.users["mshtest-run"].uid and st.st_mode & 0o777 == 0o644
+        big = b"Subject: big\n\n" + (b"y" * 76 + b"\n") * (4 * MB // 77)
+        r = mu.sendmail(alice, "-odq", "-i", "bob@example.net", input=big)
+        assert r.returncode == errors.EX_DATAERR, r.stderr
+        assert b"the listener's own limit (its EHLO SIZE) (3000000 bytes)" in r.stderr
+        assert mu.names("incoming") == []  # nothing kept
+    finally:
+        sized.stop()
+        mu.listener.start()

@@ -168,7 +168,7 @@ def test_mailshim_config_shows_where_max_size_comes_from(tmp_path):
 from test_multiuser import ALICE, box, mu  # noqa: E402,F401  (fixtures: real users, setup-spool)
 
 
-def test_system_spool_users_get_the_listener_size_the_runner_recorded(mu):
+def test_system_spool_users_get_the_listener_size_the_runner_recorded(mu):  # noqa: F811
     mu.listener.stop()
     sized = SizedListener(mu.listener.port, 3 * MB)
     sized.start()

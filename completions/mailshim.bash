@@ -133,7 +133,16 @@ retry"
                     ;;
                 list) _mailshim_compgen "$cur" "--json
 --help" ;;
-                show | delete | hold | release | retry)
+                show)
+                    if [[ $cur == -* ]]; then
+                        _mailshim_compgen "$cur" "--all
+--json
+--help"
+                    else
+                        _mailshim_queue_ids "$cur"
+                    fi
+                    ;;
+                delete | hold | release | retry)
                     if [[ $cur == -* ]]; then
                         _mailshim_compgen "$cur" "--all
 --help"

@@ -263,9 +263,40 @@ def test_queue_table_json_hold_release_show(world):
     # an id pasted from mailq, "!" and all, is accepted
     assert mailshim(world, "queue", "release", f"{ids[0]}!").returncode == 0
     shown = mailshim(world, "queue", "show", "--all").stdout.decode()
-    assert shown.count("status: new") == 2 and "Subject: m0" in shown and "Subject: m1" in shown
+    assert len(re.findall(r"^status: +new$", shown, re.M)) == 2
+    assert "Subject: m0" in shown and "Subject: m1" in shown
     assert mailshim(world, "queue", "delete", "--all").stdout == b"delete: 2 entries\n"
     assert mailshim(world, "queue").stdout == b"Mail queue is empty\n"
+
+
+def test_queue_show_reads_like_a_person_wrote_it(tmp_path):
+    world = Env(tmp_path, Listener(free_port()))  # nobody listens: the try fails
+    (qid,) = queue_some(world, 1)
+    assert mailshim(world, "flush").returncode == 0
+    r = mailshim(world, "queue", "show", qid)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    fields = dict(
+        (line.split(":", 1)[0], line.split(":", 1)[1].strip())
+        for line in text.split("\n\n", 1)[0].splitlines()
+        if not line.startswith(" ")
+    )
+    assert fields["id"] == qid and fields["status"] == "deferred"
+    date = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}"
+    assert re.fullmatch(date + r" \(\d+s ago\)", fields["arrived"]), fields
+    assert re.fullmatch(date + r" \(in (\d+s|1m)\)", fields["next attempt"]), fields
+    assert "Connection refused" in fields["last error"]
+    assert fields["attempts"] == "1"
+    assert re.fullmatch(r"\d+", fields["size"])  # under 1000 bytes: no unit to explain
+    assert fields["recipients"] == "admin@example.org"
+    # Nothing to say, nothing shown: not held, nothing delivered or failed yet.
+    for absent in ("held", "delivered to", "failed", "arrival", "next_attempt"):
+        assert absent not in fields, absent
+    assert "Subject: m0" in text  # the headers follow
+    # --json keeps the raw values.
+    (raw,) = json.loads(mailshim(world, "queue", "show", "--json", qid).stdout)
+    assert raw["id"] == qid and isinstance(raw["arrival"], int) and raw["held"] is False
+    assert raw["next_attempt"] > raw["arrival"] and raw["last_error"] == fields["last error"]
 
 
 # --- log --------------------------------------------------------------------------------

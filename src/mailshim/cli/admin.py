@@ -168,18 +168,26 @@ def _locked(target: spool.Spool, qid: str) -> spool.LockedEntry:
 )
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every entry.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array with the raw values.")
 @click.pass_context
-def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
-    """Print the envelope, state and headers of entries."""
+def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bool) -> None:
+    """Print the envelope, state and headers of entries.
+
+    Dates are local with their age ("2026-12-02 02:00:55 +0000 (3m ago)"); fields with
+    nothing to say are left out. --json gives the raw values (epoch seconds, bytes).
+    """
+    shown_items: list[dict[str, object]] = []
     for target, qid in _targets(ctx, ids, all_):
         try:
             item = queueview.Item(target, qid, target.read_envelope(qid), target.load_state(qid))
         except FileNotFoundError:
-            click.echo(f"{qid}: delivered or removed meanwhile\n")
+            if not as_json:
+                click.echo(f"{qid}: delivered or removed meanwhile\n")
             continue
-        for key, value in item.as_dict().items():
-            shown = one_line(value) if isinstance(value, str) else json.dumps(value)
-            click.echo(f"{key}: {shown}")
+        if as_json:
+            shown_items.append(item.as_dict())
+            continue
+        click.echo(queueview.format_show(item, time.time()), nl=False)
         locked = target.lock(qid)
         if locked is not None:
             try:
@@ -190,6 +198,8 @@ def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
             click.echo("")
             click.echo(head.decode("utf-8", "replace").replace("\r\n", "\n"))
         click.echo("")
+    if as_json:
+        click.echo(json.dumps(shown_items, indent=2))
 
 
 def _queue_action(ctx: click.Context, ids: tuple[str, ...], all_: bool, action: str) -> None:

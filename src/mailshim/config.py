@@ -114,6 +114,7 @@ class Config:
         "from_header",
         "helo",
         "lifetime",
+        "log_file",
         "max_recipients",
         "max_size",
         "path",
@@ -149,6 +150,7 @@ class Config:
         self.max_recipients = 10000
         self.trusted_users: tuple[str, ...] = ("root",)
         self.helo: str | None = None
+        self.log_file: str | None = None
 
     @property
     def domain(self) -> str:
@@ -187,6 +189,13 @@ def _nonempty(value: object) -> str:
     text = _str(value).strip()
     if not text:
         raise ValueError("must not be empty")
+    return text
+
+
+def _abs_path(value: object) -> str:
+    text = _nonempty(value)
+    if not text.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {_show(value)}")
     return text
 
 
@@ -334,6 +343,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "warn_after": ("warn_after", parse_duration),
     },
     "delivery": {"mode": ("delivery_mode", _choice(DELIVERY_MODES))},
+    "log": {"file": ("log_file", _abs_path)},
     "submission": {
         "max_size": ("max_size", parse_size),
         "max_recipients": ("max_recipients", _positive_int),
@@ -456,6 +466,10 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> Config:
     data = _read_table(path, use_cache)
     cfg.path = path
     _apply(cfg, data, path)
+    if cfg.log_file is not None:
+        from mailshim import maillog
+
+        maillog.use_file(cfg.log_file)
     return cfg
 
 

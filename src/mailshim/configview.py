@@ -157,6 +157,7 @@ def rows(cfg: Config, listener_size: int | None = None) -> list[Row]:
     add("submission.max_recipients", cfg.max_recipients, cfg.source("submission.max_recipients"))
     add("submission.trusted_users", list(cfg.trusted_users), cfg.source("submission.trusted_users"))
     add("submission.helo", cfg.helo, cfg.source("submission.helo"))
+    add("log.file", cfg.log_file, cfg.source("log.file"))
     return out
 
 

@@ -468,13 +468,15 @@ def send_test_cmd(ctx: click.Context, address: str) -> None:
     "--file", "path", metavar="PATH", hidden=True,
     help="Read this log file instead of the journal and /var/log/mail.log.",
 )  # fmt: skip
-def log_cmd(queue_id: str, path: str | None) -> None:
+@click.pass_context
+def log_cmd(ctx: click.Context, queue_id: str, path: str | None) -> None:
     """Show one message's whole story from the logs.
 
     Every submission, attempt, deferral, delivery, bounce and expiry is one syslog line
     with the queue id. This prints them from the journal (journalctl -t mailshim) when it
-    has them, else from /var/log/mail.log (or /var/log/maillog); `--file PATH` reads that
-    file instead. A bounce's own queue id is followed too. Exit 66 when no line is found.
+    has them, else from the [log] file when one is configured, else from /var/log/mail.log
+    (or /var/log/maillog); `--file PATH` reads that file instead. A bounce's own queue id
+    is followed too. Exit 66 when no line is found.
 
     \b
     Examples:
@@ -487,7 +489,11 @@ def log_cmd(queue_id: str, path: str | None) -> None:
     if not maillog.looks_like_id(wanted):
         raise UsageError(f"{queue_id!r} is not a queue id (20 letters and digits, or a prefix)")
     try:
-        lines, searched = maillog.story(wanted, path)
+        log_file = _config(ctx).log_file
+    except MailshimError:
+        log_file = None  # a broken config must not hide the system's logs
+    try:
+        lines, searched = maillog.story(wanted, path, log_file)
     except OSError as exc:
         raise NoInputError(f"{path}: {exc.strerror}") from None
     if not lines:

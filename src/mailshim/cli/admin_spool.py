@@ -14,7 +14,7 @@ import pwd
 
 import click
 
-from mailshim import paths, spool
+from mailshim import maillog, paths, spool
 from mailshim.cli.admin import _config, cli
 from mailshim.errors import NoPermError, NoUserError
 
@@ -90,6 +90,8 @@ def daemon_cmd(ctx: click.Context) -> None:
     def say(line: str) -> None:
         click.echo(f"mailshim: {line}", err=True)
 
+    # Without syslog or a [log] file, the log lines go where a container's logs are kept.
+    maillog.use_stderr(True)
     code = runner.daemon(cfg, spools, say)
     if code:
         ctx.exit(code)

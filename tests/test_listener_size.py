@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from aiosmtpd.controller import Controller
 
 from conftest import Env, Listener, LongLineSMTP, free_port, tool, write_config
@@ -42,12 +43,22 @@ class SizedListener(Listener):
         self.controller.start()
 
 
-def sized_world(tmp_path, limit: int, extra: str = "", mode: str = "background"):
-    listener = SizedListener(free_port(), limit)
-    listener.start()
-    world = Env(tmp_path, listener)
-    write_config(world.config, listener.port, world.spool, extra, mode=mode)
-    return world
+@pytest.fixture
+def sized_world(tmp_path):
+    """A factory: a test world whose listener announces (and enforces) ``SIZE limit``."""
+    started: list[Listener] = []
+
+    def make(limit: int) -> Env:
+        listener = SizedListener(free_port(), limit)
+        listener.start()
+        started.append(listener)
+        world = Env(tmp_path, listener)
+        write_config(world.config, listener.port, world.spool)
+        return world
+
+    yield make
+    for listener in started:
+        listener.stop()
 
 
 def recorded(world) -> bytes | None:
@@ -60,107 +71,84 @@ def deliver_one(world) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def test_delivery_records_the_listener_size(tmp_path):
-    world = sized_world(tmp_path, 3 * MB)
-    try:
-        assert recorded(world) is None
-        deliver_one(world)
-        assert recorded(world) == b"3000000\n"
-        assert os.stat(world.spool / "listener-size").st_mode & 0o777 == 0o644
-    finally:
-        world.listener.stop()
+def test_delivery_records_the_listener_size(sized_world):
+    world = sized_world(3 * MB)
+    assert recorded(world) is None
+    deliver_one(world)
+    assert recorded(world) == b"3000000\n"
+    assert os.stat(world.spool / "listener-size").st_mode & 0o777 == 0o644
 
 
-def test_over_the_listener_size_is_65_before_anything_is_kept(tmp_path):
-    world = sized_world(tmp_path, 3 * MB)
-    try:
-        deliver_one(world)
-        feed = _chain([b"Subject: big\nTo: bob@example.net\n\n"], lines_of(4 * MB))
-        m = run_measured(world, ["-i", "bob@example.net"], feed)
-        assert m.code == errors.EX_DATAERR, m
-        line = m.stderr.decode()
-        assert line.count("\n") == 1 and "Traceback" not in line, m
-        assert "the listener's own limit" in line and "3000000 bytes" in line, m
-        assert "nothing was kept" in line, m
-        spool_is_clean(world)
-        # Just under the listener's limit goes through, all of it.
-        body = b"x" * 76 + b"\n"
-        text = b"Subject: fits\n\n" + body * ((3 * MB - 2000) // 78)
-        r = world.sendmail("-odi", "-i", "bob@example.net", input=text)
-        assert r.returncode == 0, r.stderr
-        assert len(world.listener.wait(2)[1].data) > 2 * MB
-    finally:
-        world.listener.stop()
+def test_over_the_listener_size_is_65_before_anything_is_kept(sized_world):
+    world = sized_world(3 * MB)
+    deliver_one(world)
+    feed = _chain([b"Subject: big\nTo: bob@example.net\n\n"], lines_of(4 * MB))
+    m = run_measured(world, ["-i", "bob@example.net"], feed)
+    assert m.code == errors.EX_DATAERR, m
+    line = m.stderr.decode()
+    assert line.count("\n") == 1 and "Traceback" not in line, m
+    assert "the listener's own limit" in line and "3000000 bytes" in line, m
+    assert "nothing was kept" in line, m
+    spool_is_clean(world)
+    # Just under the listener's limit goes through, all of it.
+    body = b"x" * 76 + b"\n"
+    text = b"Subject: fits\n\n" + body * ((3 * MB - 2000) // 78)
+    r = world.sendmail("-odi", "-i", "bob@example.net", input=text)
+    assert r.returncode == 0, r.stderr
+    assert len(world.listener.wait(2)[1].data) > 2 * MB
 
 
-def test_a_listener_taking_more_than_50m_raises_the_default(tmp_path):
-    world = sized_world(tmp_path, 75 * MB)
-    try:
-        deliver_one(world)
-        assert recorded(world) == b"75000000\n"
-        feed = _chain([b"Subject: 55 MB\nTo: bob@example.net\n\n"], lines_of(55 * MB))
-        m = run_measured(world, ["-i", "-odq", "bob@example.net"], feed)
-        assert m.code == 0, m  # over mailshim's old 50 MB default, under the listener's 75 MB
-        (qid,) = world.queued()
-        assert os.path.getsize(world.spool / "queue" / qid) > 55 * MB  # all of it, CRLF'd
-    finally:
-        world.listener.stop()
+def test_a_listener_taking_more_than_50m_raises_the_default(sized_world):
+    world = sized_world(75 * MB)
+    deliver_one(world)
+    assert recorded(world) == b"75000000\n"
+    feed = _chain([b"Subject: 55 MB\nTo: bob@example.net\n\n"], lines_of(55 * MB))
+    m = run_measured(world, ["-i", "-odq", "bob@example.net"], feed)
+    assert m.code == 0, m  # over mailshim's old 50 MB default, under the listener's 75 MB
+    (qid,) = world.queued()
+    assert os.path.getsize(world.spool / "queue" / qid) > 55 * MB  # all of it, CRLF'd
 
 
-def test_explicit_max_size_still_wins(tmp_path):
-    world = sized_world(tmp_path, 75 * MB)
-    try:
-        deliver_one(world)
-        world.reconfigure(extra='[submission]\nmax_size = "1M"\n', port=world.listener.port)
-        feed = _chain([b"Subject: big\nTo: bob@example.net\n\n"], lines_of(2 * MB))
-        m = run_measured(world, ["-i", "bob@example.net"], feed)
-        assert m.code == errors.EX_DATAERR, m
-        assert b"[submission] max_size (1000000 bytes)" in m.stderr, m
-        spool_is_clean(world)
-    finally:
-        world.listener.stop()
+def test_explicit_max_size_still_wins(sized_world):
+    world = sized_world(75 * MB)
+    deliver_one(world)
+    world.reconfigure(extra='[submission]\nmax_size = "1M"\n', port=world.listener.port)
+    feed = _chain([b"Subject: big\nTo: bob@example.net\n\n"], lines_of(2 * MB))
+    m = run_measured(world, ["-i", "bob@example.net"], feed)
+    assert m.code == errors.EX_DATAERR, m
+    assert b"[submission] max_size (1000000 bytes)" in m.stderr, m
+    spool_is_clean(world)
 
 
-def test_bs_announces_the_listener_size(tmp_path):
-    world = sized_world(tmp_path, 3 * MB)
-    try:
-        r = world.sendmail("-bs", input=b"EHLO c.example.org\r\nQUIT\r\n")
-        assert b"250-SIZE 50000000\r\n" in r.stdout or b"250 SIZE 50000000\r\n" in r.stdout
-        deliver_one(world)
-        r = world.sendmail("-bs", input=b"EHLO c.example.org\r\nQUIT\r\n")
-        assert b"SIZE 3000000\r\n" in r.stdout, r.stdout
-    finally:
-        world.listener.stop()
+def test_bs_announces_the_listener_size(sized_world):
+    world = sized_world(3 * MB)
+    r = world.sendmail("-bs", input=b"EHLO c.example.org\r\nQUIT\r\n")
+    assert b"250-SIZE 50000000\r\n" in r.stdout or b"250 SIZE 50000000\r\n" in r.stdout
+    deliver_one(world)
+    r = world.sendmail("-bs", input=b"EHLO c.example.org\r\nQUIT\r\n")
+    assert b"SIZE 3000000\r\n" in r.stdout, r.stdout
 
 
-def test_a_planted_size_file_of_another_user_is_ignored(tmp_path):
+def test_a_planted_size_file_of_another_user_is_ignored(sized_world):
     """Only the spool owner's (or root's) figure counts: it decides what others may send."""
-    world = sized_world(tmp_path, 3 * MB)
-    try:
-        deliver_one(world)
-        path = world.spool / "listener-size"
-        os.chown(path, 65534, 65534)  # nobody: not the spool's owner
-        feed = _chain([b"Subject: big\nTo: bob@example.net\n\n"], lines_of(4 * MB))
-        m = run_measured(world, ["-i", "-odq", "bob@example.net"], feed)
-        assert m.code == 0, m  # the default 50 MB applies
-    finally:
-        world.listener.stop()
+    world = sized_world(3 * MB)
+    deliver_one(world)
+    path = world.spool / "listener-size"
+    os.chown(path, 65534, 65534)  # nobody: not the spool's owner
+    feed = _chain([b"Subject: big\nTo: bob@example.net\n\n"], lines_of(4 * MB))
+    m = run_measured(world, ["-i", "-odq", "bob@example.net"], feed)
+    assert m.code == 0, m  # the default 50 MB applies
 
 
-def test_mailshim_config_shows_where_max_size_comes_from(tmp_path):
+def test_mailshim_config_shows_where_max_size_comes_from(sized_world):
     import subprocess
 
-    world = sized_world(tmp_path, 3 * MB)
-    try:
-        deliver_one(world)
-        r = subprocess.run(
-            [tool("mailshim"), "config"], capture_output=True, env=world.env, timeout=60
-        )
-        assert r.returncode == 0, r.stderr
-        (line,) = [x for x in r.stdout.decode().splitlines() if x.startswith("submission.max_size")]
-        assert "3M" in line and "listener" in line, line
-    finally:
-        world.listener.stop()
+    world = sized_world(3 * MB)
+    deliver_one(world)
+    r = subprocess.run([tool("mailshim"), "config"], capture_output=True, env=world.env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    (line,) = [x for x in r.stdout.decode().splitlines() if x.startswith("submission.max_size")]
+    assert "3M" in line and "listener" in line, line
 
 
 # --- the system spool: the runner records, every user's sendmail reads -------------------------

@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: venv demo test tools lint typecheck unit compat fuzz bench dist pypi-check clean
+.PHONY: venv demo test tools lint typecheck unit compat fuzz bench dist pypi-check clean \
+	real-listeners
 
 # One venv, filled in steps: each stamp says what is installed, so `make demo` needs only
 # the package and its sink, and `make test` adds the test and lint tools.
@@ -42,8 +43,14 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest
 
-# unit last: its pytest summary is the closing line CI reads.
-test: tools lint typecheck fuzz compat unit
+# unit last: its pytest summary is the closing line CI reads; the test tools and the real
+# listeners are installed before compat and unit run their tests.
+test: tools lint typecheck fuzz real-listeners compat unit
+
+# Dovecot LMTP (apt) and Haraka (npm, into ~/.cache/mailshim-tests) for
+# tests/test_real_listeners.py; a no-op when they are there.
+real-listeners:
+	bash tests/real-listeners/install.sh
 
 # The programs some tests drive (the tests skip without them; README "Tests" says which):
 # installed with apt when we are root and apt-get exists, quietly; otherwise listed.

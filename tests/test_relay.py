@@ -488,7 +488,9 @@ def test_550_is_final_no_failover(pair):
     first.handler.script("MAIL", "550 5.1.2 Relay not allowed.")
     result, _ = send(two_relays(pair))
     assert result.bounced() == ["b@example.test"]
-    assert str(result.replies["b@example.test"]) == "550 5.1.2 Relay not allowed."
+    assert str(result.replies["b@example.test"]) == (
+        "550 5.1.2 Relay not allowed. (in reply to MAIL FROM)"
+    )
     assert result.relay == f"first[127.0.0.1]:{first.port}"
     assert second.handler.connections == 0
 

@@ -117,13 +117,52 @@ def _enhanced(text: str) -> str | None:
     return word
 
 
+# relay.MAIL_STAGE: how str(relay.Reply) marks a refusal at MAIL FROM (relay is not imported
+# here: this module stays pure and light; tests/test_real_listeners.py checks they agree).
+MAIL_STAGE = "in reply to MAIL FROM"
+_OVER_SIZE = "; SIZE="
+
+
+def _stage(reply: str) -> str:
+    """The stage ``reply`` names: ``size`` (refused at MAIL FROM, the declared size over the
+    listener's limit), ``mail`` (refused at MAIL FROM), or empty."""
+    at = reply.rfind(f" ({MAIL_STAGE}")
+    if at < 0 or not reply.endswith(")"):
+        return ""
+    return "size" if reply.startswith(_OVER_SIZE, at + len(MAIL_STAGE) + 2) else "mail"
+
+
+def _derived(code: int, stage: str) -> str:
+    """RFC 3463 status for a reply that carries none, from the command it answered and its
+    code (RFC 5321 4.2.2 reply meanings; RFC 1870 for SIZE; RFC 4954 for AUTH)."""
+    klass = code // 100
+    if stage == "size" or code == 552:
+        return f"{klass}.3.4"  # message too big for system / exceeded storage allocation
+    if code == 553:
+        return "5.1.7" if stage else "5.1.3"  # mailbox name not allowed: sender / recipient
+    if code == 530:
+        return "5.7.0"  # authentication required
+    if code == 535:
+        return "5.7.8"  # authentication credentials invalid
+    return f"{klass}.0.0"
+
+
 def status_of(reply: str, expired: bool = False) -> str:
     """The Status field for a recipient whose last reply was ``reply``.
+
+    The listener's enhanced status code when it gave one; otherwise derived from the code
+    and, for a refusal at MAIL FROM, the stage (``relay.Reply`` notes it in the text).
 
     >>> status_of("550 5.1.1 No such user")
     '5.1.1'
     >>> status_of("554 transaction failed")
     '5.0.0'
+    >>> status_of("552 too much mail")
+    '5.3.4'
+    >>> status_of("550 Message too big! (in reply to MAIL FROM; SIZE=9 over the limit of 5)")
+    '5.3.4'
+    >>> status_of("553 sender not allowed (in reply to MAIL FROM)")
+    '5.1.7'
     >>> status_of("connect to relay[127.0.0.1]:25: Connection refused")
     '4.4.1'
     >>> status_of("451 4.3.0 try later", expired=True)
@@ -136,7 +175,7 @@ def status_of(reply: str, expired: bool = False) -> str:
         found = _enhanced(text)
         if found is not None and found[0] == str(code)[0]:
             return found
-        return f"{code // 100}.0.0"
+        return _derived(code, _stage(reply))
     return "4.4.7" if expired else "4.4.1"
 
 

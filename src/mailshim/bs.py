@@ -13,7 +13,8 @@ Exit status (returned; ``cli/sendmail.py`` exits with it):
   Commands the client got an error for (a bad address, a command out of order) do not count:
   the client was told, and no message was lost.
 - otherwise the sysexits code of the first message that was not accepted: 67 refused by the
-  listener, 65 too large or malformed, 75 a local temporary failure (spool full).
+  listener, 69 refused at MAIL FROM (not tied to a recipient), 65 too large or malformed,
+  75 a local temporary failure (spool full).
 - 65 when the input ends in the middle of DATA (the message is neither sent nor kept) or after
   too many protocol errors; 75 after the idle timeout (``421 4.4.2``).
 
@@ -268,7 +269,8 @@ class _Session:
             replies = list(outcome.replies.values())
             permanent = [r for r in replies if r.permanent] or replies
             text = str(permanent[0]) if permanent else ""
-            return smtpserver.listener_reply(text), errors.EX_NOUSER
+            code = errors.EX_UNAVAILABLE if permanent and permanent[0].at_mail else errors.EX_NOUSER
+            return smtpserver.listener_reply(text), code
         if outcome.status not in _ACCEPTED:
             # e.g. "quarantined": the entry we just wrote could not be read back.
             return _failure_reply(errors.SoftwareError(outcome.status)), errors.EX_TEMPFAIL

@@ -74,14 +74,30 @@ class RelaySettings(Protocol):
     def password(self) -> str | None: ...
 
 
+# A refusal (5xx) at MAIL FROM concerns the message, not a recipient: sendmail exits 69, not
+# 67, and the DSN status is derived from the stage (bounce.status_of reads the marker in str()).
+# Temporary replies at MAIL FROM are not marked: they are retried like any other.
+MAIL_STAGE = "in reply to MAIL FROM"
+
+
 class Reply:
-    """One reply for one recipient: the listener's, or code 0 when none came (temporary)."""
+    """One reply for one recipient: the listener's, or code 0 when none came (temporary).
 
-    __slots__ = ("code", "text")
+    ``stage`` is empty, or says the message was refused at MAIL FROM (the same reply for every
+    recipient), with the declared size over the listener's SIZE limit when that was so.
+    """
 
-    def __init__(self, code: int, text: str) -> None:
+    __slots__ = ("code", "stage", "text")
+
+    def __init__(self, code: int, text: str, stage: str = "") -> None:
         self.code = code
         self.text = text
+        self.stage = stage
+
+    @property
+    def at_mail(self) -> bool:
+        """The listener refused the message at MAIL FROM (not tied to a recipient)."""
+        return self.stage.startswith(MAIL_STAGE)
 
     @property
     def temporary(self) -> bool:
@@ -94,18 +110,21 @@ class Reply:
     def __str__(self) -> str:
         if self.code == 0:
             return self.text
-        return f"{self.code} {self.text}".rstrip()
+        said = f"{self.code} {self.text}".rstrip()
+        return f"{said} ({self.stage})" if self.stage else said
 
     def __repr__(self) -> str:
+        if self.stage:
+            return f"Reply({self.code!r}, {self.text!r}, {self.stage!r})"
         return f"Reply({self.code!r}, {self.text!r})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Reply):
             return NotImplemented
-        return self.code == other.code and self.text == other.text
+        return (self.code, self.text, self.stage) == (other.code, other.text, other.stage)
 
     def __hash__(self) -> int:
-        return hash((self.code, self.text))
+        return hash((self.code, self.text, self.stage))
 
 
 class SendResult:
@@ -727,6 +746,8 @@ class Session:
             *self._mail_params(size, eightbit, utf8),
         )
         if reply.code != 250:
+            if reply.permanent:
+                reply = Reply(reply.code, reply.text, self._mail_stage(size))
             out.all(recipients, reply)
             out.relay_failed = out.retry_fresh = reply.temporary
             return out
@@ -751,6 +772,13 @@ class Session:
             out.all(accepted, replies[0])
             out.relay_failed = replies[0].temporary
         return out
+
+    def _mail_stage(self, size: int) -> str:
+        """The stage of a MAIL FROM refusal; names a size over the advertised SIZE limit."""
+        limit = self.extensions.get("size", "").strip()
+        if limit.isascii() and limit.isdigit() and 0 < int(limit) < size:
+            return f"{MAIL_STAGE}; SIZE={size} over the listener's limit of {int(limit)}"
+        return MAIL_STAGE
 
     def _mail_params(self, size: int, eightbit: bool, utf8: bool) -> list[bytes]:
         params = []

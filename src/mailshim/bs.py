@@ -1,4 +1,4 @@
-"""`sendmail -bs`: run the SMTP dialogue of ``smtpserver.Session`` over stdin/stdout.
+"""`sendmail -bs`: run the SMTP dialogue of ``smtpserver.ServerSession`` over stdin/stdout.
 
 ``serve()`` reads what the client sends, answers in order (PIPELINING: replies are written
 as soon as no complete command is left in the input, never held back waiting for more),
@@ -62,7 +62,7 @@ class _Session:
         self.status = errors.EX_OK
         # SIZE in EHLO and the DATA cut-off: what submit() would take from this spool.
         self.max_size = config.max_size_for(spool.choose(config, create=False).listener_size())
-        self.smtp = smtpserver.Session(
+        self.smtp = smtpserver.ServerSession(
             config.helo_name,
             self.max_size,
             max_recipients=config.max_recipients,
@@ -268,9 +268,8 @@ class _Session:
         if outcome.status == "rejected":
             replies = list(outcome.replies.values())
             permanent = [r for r in replies if r.permanent] or replies
-            text = str(permanent[0]) if permanent else ""
             code = errors.EX_UNAVAILABLE if permanent and permanent[0].at_mail else errors.EX_NOUSER
-            return smtpserver.listener_reply(text), code
+            return smtpserver.listener_reply(permanent[0] if permanent else None), code
         if outcome.status not in _ACCEPTED:
             # e.g. "quarantined": the entry we just wrote could not be read back.
             return _failure_reply(errors.SoftwareError(outcome.status)), errors.EX_TEMPFAIL

@@ -19,15 +19,16 @@ import time
 
 from mailshim import spool
 from mailshim.errors import DataError, one_line
+from mailshim.paint import painter
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mailshim.config import Config
+    from mailshim.reply import Reply
     from mailshim.spoolfmt import Envelope, State
 
-RESET = "\x1b[0m"
 STYLES = {
     "id": "1",
     "held": "33",
@@ -98,8 +99,8 @@ class Item:
                 held=st.held,
                 last_error=st.last_error,
                 done=sorted(st.done),
-                failed=st.failed,
-                pending=st.pending,
+                failed={rcpt: str(reply) for rcpt, reply in st.failed.items()},
+                pending={rcpt: str(reply) for rcpt, reply in st.pending.items()},
             )
         return out
 
@@ -168,15 +169,6 @@ def use_color(stream: object = None) -> bool:
         return False
 
 
-def _painter(color: bool) -> Callable[[str, str], str]:
-    def paint(style: str, text: str) -> str:
-        if not color or not text:
-            return text
-        return f"\x1b[{STYLES[style]}m{text}{RESET}"
-
-    return paint
-
-
 def _next_try(st: State | None, now: float) -> str:
     if st is None or st.held or not st.next_attempt:
         return ""
@@ -196,8 +188,8 @@ def when(t: float, now: float) -> str:
     return f"{stamp} (in {age(t - now)})"
 
 
-def _replies(table: dict[str, str]) -> list[str]:
-    return [f"<{one_line(rcpt)}>: {one_line(reply)}" for rcpt, reply in table.items()]
+def _replies(table: dict[str, Reply]) -> list[str]:
+    return [f"<{one_line(rcpt)}>: {one_line(str(reply))}" for rcpt, reply in table.items()]
 
 
 def show_fields(item: Item, now: float) -> list[tuple[str, list[str]]]:
@@ -267,7 +259,7 @@ def format_listing(items: list[Item], now: float, color: bool = False) -> str:
     """
     if not items:
         return "Mail queue is empty\n"
-    paint = _painter(color)
+    paint = painter(color, STYLES)
     id_width = max(10, max(len(i.queue_id) for i in items) + 1)
     size_width = max([8, *(len(str(i.envelope.size)) for i in items if i.envelope is not None)])
     head_id = "-Queue ID-".ljust(id_width)
@@ -312,7 +304,7 @@ def _recipient(rcpt: str, st: State | None, paint: Callable[[str, str], str]) ->
     if st is not None and rcpt in st.done:
         return paint("dim", f"{text} (delivered)")
     if st is not None and rcpt in st.failed:
-        return paint("failed", f"{text} (failed: {one_line(st.failed[rcpt])})")
+        return paint("failed", f"{text} (failed: {one_line(str(st.failed[rcpt]))})")
     return text
 
 
@@ -328,7 +320,7 @@ def format_table(items: list[Item], now: float, color: bool = False) -> str:
     """``mailshim queue``: aligned columns, one row per entry, its last error below it."""
     if not items:
         return "Mail queue is empty\n"
-    paint = _painter(color)
+    paint = painter(color, STYLES)
     header = ("ID", "AGE", "SIZE", "TRIES", "STATUS", "SENDER", "RECIPIENTS")
     rows: list[tuple[Item, tuple[str, ...]]] = []
     for item in items:

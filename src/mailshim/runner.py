@@ -37,7 +37,9 @@ import sys
 import time
 
 from mailshim import bounce, maillog, spool
+from mailshim import reply as kinds
 from mailshim.errors import DataError, MailshimError
+from mailshim.reply import Reply
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mailshim.config import Config
-    from mailshim.relay import RelayClient, Reply, SendResult
+    from mailshim.relay import RelayClient, SendResult
     from mailshim.spoolfmt import State
 
 AGENT_LINGER = 1.0  # seconds an idle agent waits for more submissions before it exits
@@ -124,10 +126,9 @@ def pressure_kind(reply: Reply) -> str | None:
     """ "rate" or "greylist" when ``reply`` is back-pressure rather than a failure."""
     if reply.code == 0 or not reply.temporary:
         return None
-    word = reply.text.split(" ", 1)[0]
-    if word in RATE_LIMITED:
+    if reply.enhanced in RATE_LIMITED:
         return "rate"
-    if word in GREYLISTED:
+    if reply.enhanced in GREYLISTED:
         return "greylist"
     return None
 
@@ -169,13 +170,13 @@ def _apply_result(state: State, result: SendResult, now: float) -> str | None:
     pressure: str | None = None
     for rcpt, reply in result.replies.items():
         if 200 <= reply.code < 300:
-            state.done[rcpt] = str(reply)
+            state.done[rcpt] = reply
             state.pending.pop(rcpt, None)
         elif reply.permanent:
-            state.failed[rcpt] = str(reply)
+            state.failed[rcpt] = reply
             state.pending.pop(rcpt, None)
         else:
-            state.pending[rcpt] = str(reply)
+            state.pending[rcpt] = reply
             state.last_error = str(reply)
             kind = pressure_kind(reply)
             if kind is None:
@@ -196,7 +197,7 @@ def _write_report(
     locked: spool.LockedEntry,
     state: State,
     kind: str,
-    recipients: dict[str, str],
+    recipients: dict[str, Reply],
     now: float,
     queue_id: str | None = None,
 ) -> str:
@@ -239,7 +240,10 @@ def _expire(
     if not open_rcpts or now - env_arrival < config.lifetime:
         return False
     for rcpt in open_rcpts:
-        state.failed[rcpt] = state.pending.pop(rcpt, "") or "no attempt reached the listener"
+        last = state.pending.pop(rcpt, None)
+        state.failed[rcpt] = last or Reply(
+            0, "no attempt reached the listener", kind=kinds.NOT_TRIED
+        )
         if rcpt not in state.expired:
             state.expired.append(rcpt)
     return True
@@ -277,7 +281,10 @@ def _finish(
             and env.sender
             and now - env.arrival >= config.warn_after
         ):
-            late = {r: state.pending.get(r, "not yet tried") for r in open_rcpts}
+            late = {
+                r: state.pending.get(r) or Reply(0, "not yet tried", kind=kinds.NOT_TRIED)
+                for r in open_rcpts
+            }
             _write_report(config, locked, state, bounce.DELAYED, late, now)
             state.warned = True
         locked.save_state(state)
@@ -355,7 +362,7 @@ async def deliver_entry(
         rcpts = state.open_recipients(env)
         for rcpt in [r for r in rcpts if not _sendable(r)]:
             # Only a hand-made entry holds one: it can never go out, so it fails now.
-            state.failed[rcpt] = "553 5.1.3 the address is not valid UTF-8 (not sent)"
+            state.failed[rcpt] = Reply(553, "5.1.3 the address is not valid UTF-8 (not sent)")
             rcpts.remove(rcpt)
         if not rcpts:
             # Nothing left to send: a crash came after the last reply was recorded.
@@ -469,7 +476,7 @@ def deliver_now(
 
 
 def _is_connection_failure(replies: dict[str, Reply]) -> bool:
-    return bool(replies) and all(r.code == 0 for r in replies.values())
+    return bool(replies) and all(r.listener_down for r in replies.values())
 
 
 async def _sleep(seconds: float, stop: asyncio.Event | None) -> None:

@@ -282,9 +282,9 @@ class _Usage:
 class _Rules:
     """What the runner's own configuration says about drop-folder entries."""
 
-    def __init__(self, config: Config, per_user: int) -> None:
+    def __init__(self, config: Config, per_user: int, max_size: int | None) -> None:
         self.config = config
-        self.max_size = config.max_size
+        self.max_size = config.max_size if max_size is None else max_size
         self.max_recipients = config.max_recipients
         self.per_user = per_user
         self.entries = config.user_spool_entries
@@ -307,9 +307,13 @@ class _Rules:
         return login
 
 
-def pickup(target: Spool, config: Config, per_user: int = PICKUP_PER_USER) -> list[Pickup]:
+def pickup(
+    target: Spool, config: Config, per_user: int = PICKUP_PER_USER, max_size: int | None = None
+) -> list[Pickup]:
     """Move complete, unlocked entries from ``incoming/`` into ``queue/``, at most
-    ``per_user`` of each owner's (a fair share: see PICKUP_PER_USER).
+    ``per_user`` of each owner's (a fair share: see PICKUP_PER_USER), each at most
+    ``max_size`` bytes (default ``config.max_size``; the runner passes what the listener
+    announced when the configuration sets no limit).
 
     Each is validated and copied (never renamed: its owner could still write to it) into a
     new entry with a fresh id, the owner's uid and the pickup time; the copy is made durable
@@ -324,7 +328,7 @@ def pickup(target: Spool, config: Config, per_user: int = PICKUP_PER_USER) -> li
         return [failed.set("waiting", f"listing the drop folder: {os.strerror(exc.errno or 0)}")]
     for gone in {k for k in _told if spoolfmt.valid_id(k)} - set(names):
         del _told[gone]  # taken, or removed by its owner: a daemon's memory stays bounded
-    rules = _Rules(config, per_user)
+    rules = _Rules(config, per_user, max_size)
     usage = _Usage(target)
     results: list[Pickup] = []
     names = _fair_share(target, names, per_user)

@@ -17,7 +17,7 @@ import os
 import stat
 
 from mailshim.errors import CantCreateError, from_oserror
-from mailshim.spool import INCOMING_MODE, SUBDIRS, Spool, _listdir
+from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool, _listdir
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -49,6 +49,7 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
                 changes.append(f"{lock}: owner {uid}:{gid}, mode 0600")
         finally:
             os.close(fd)
+        changes += _make_public_file(os.path.join(target.root, LISTENER_SIZE), uid, gid)
         # Entries a root process left behind before the runner user existed.
         for name in SUBDIRS:
             changes += _give_files(os.path.join(target.root, name), uid, gid)
@@ -56,6 +57,22 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
         raise from_oserror(exc, "setting up the spool") from None
     target.forget_owner()
     return changes
+
+
+def _make_public_file(path: str, uid: int, gid: int) -> list[str]:
+    """A plain file of the runner user that everyone may read (mode 0644)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise CantCreateError(f"{path} is not a plain file; remove it and retry")
+        if (st.st_uid, st.st_gid) == (uid, gid) and stat.S_IMODE(st.st_mode) == 0o644:
+            return []
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o644)
+        return [f"{path}: owner {uid}:{gid}, mode 0644"]
+    finally:
+        os.close(fd)
 
 
 def _make_dir(path: str, uid: int, gid: int, mode: int) -> list[str]:

@@ -714,7 +714,10 @@ def test_a_users_spool_budget_holds_their_mail_in_the_drop_folder(mu):
     with the reason); another user's mail is not affected."""
     alice, bob = mu.users[ALICE], mu.users[BOB]
     text = mu.config.read_text()
-    mu.config.write_text(text + "\n[limits]\nuser_spool_entries = 2\n")
+    log = mu.base / "budget.log"
+    log.write_text("")
+    os.chown(log, mu.users[RUNNER].uid, mu.users[RUNNER].gid)
+    mu.config.write_text(text + f'\n[limits]\nuser_spool_entries = 2\n[log]\nfile = "{log}"\n')
     try:
         mu.listener.stop()
         for i in range(4):
@@ -727,6 +730,10 @@ def test_a_users_spool_budget_holds_their_mail_in_the_drop_folder(mu):
         left = mu.names("incoming")
         assert len(left) == 2 and {(mu.incoming / n).stat().st_uid for n in left} == {alice.uid}
         assert r.returncode == 0
+        # the refusal is logged, once per entry, with the reason and the key to change
+        why = [line for line in log.read_text().splitlines() if " waits: " in line]
+        assert len(why) == 2 and all(f"uid {alice.uid} already has 2 entries" in w for w in why)
+        assert all("user_spool_entries = 2" in w for w in why)
         mu.listener.start()
         mu.flush()  # two delivered: room for the other two, which a later pass delivers
         mu.flush()

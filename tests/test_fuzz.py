@@ -468,12 +468,26 @@ def _check_documented_edits(raw: bytes, dot_ends: bool, spooled: bytes) -> None:
         del got[0].fields[0]
     # the body is untouched (after edits 1-3)
     assert got[0].body_prefix + got[1] == block.body_prefix + body
-    # the input's fields are all there, in order, except Bcc/Resent-Bcc; what else is there
-    # is From/Date/Message-ID added after them
-    kept = [f.raw for f in block.fields if f.lname not in ("bcc", "resent-bcc")]
-    fields = [f.raw for f in got[0].fields]
-    assert fields[: len(kept)] == kept
-    assert [f.lname for f in got[0].fields[len(kept) :]] == [
+    # the input's fields are all there, in order, except Bcc/Resent-Bcc, bare names in the
+    # address fields qualified (qualify_headers); what else is there is Resent-Date and
+    # Resent-Message-ID after the first resent block, and From/Date/Message-ID at the end
+    bcc = ("bcc", "resent-bcc")
+    fields = list(got[0].fields)
+    end = targets.resent_block_end(block.fields)
+    if end >= 0:
+        at = len([f for f in block.fields[:end] if f.lname not in bcc])
+        want_resent = [
+            n
+            for n in ("resent-date", "resent-message-id")
+            if not message.has_field(block.fields, n)
+        ]
+        assert [f.lname for f in fields[at : at + len(want_resent)]] == want_resent
+        del fields[at : at + len(want_resent)]
+    kept = [f for f in block.fields if f.lname not in bcc]
+    assert len(fields) >= len(kept)
+    for old, now in zip(kept, fields, strict=False):
+        targets.check_kept(old, now, "add", True)
+    assert [f.lname for f in fields[len(kept) :]] == [
         n for n in ("from", "date", "message-id") if not message.has_field(block.fields, n)
     ]
 
@@ -612,7 +626,7 @@ def test_spool_entry_reader_refuses_trailing_garbage_in_records():
 
 # Spool entries crafted by a local user (finding F3 in docs/security.md). The drop folder
 # accepts any file its owner writes; spoolfmt checks only the record framing, so
-# `Spool.pickup` must check that the sender and recipients are addresses, and the runner and
+# `pickup.pickup` must check that the sender and recipients are addresses, and the runner and
 # mailq must survive whatever reaches queue/ anyway.
 
 
@@ -655,7 +669,7 @@ def test_runner_survives_any_spooled_address(world, sender, recipient):
     r = world.sendmail("-i", "good@example.net", input=b"Subject: good\n\nbody\n")
     assert r.returncode == 0, r.stderr
     (good,) = _entries(world)
-    # an id that sorts before every real one: pickup keeps the id the user chose
+    # an id that sorts before every real one (as root or the runner could write)
     craft_entry(world.spool / "queue", "0000000000000AAAAAAA", sender, [recipient])
     before = len(world.listener.messages)
     r = world.sendmail("-q", timeout=60)
@@ -687,7 +701,9 @@ def test_pickup_refuses_what_is_not_an_address(tmp_path, recipient):
     target.ensure()
     os.mkdir(target.incoming, 0o700)
     craft_entry(Path(target.incoming), "0000000000000AAAAAAA", "s@example.org", [recipient])
-    (result,) = target.pickup(50 * 1000 * 1000, 10000)
+    from mailshim import config, pickup
+
+    (result,) = pickup.pickup(target, config.Config())
     for qid in os.listdir(target.queue):
         env = target.read_envelope(qid)
         for addr in [env.sender, *env.recipients]:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     Table = dict[str, object]
 
 DEFAULT_RETRY = (60, 300, 900, 1800, 3600, 7200)
+DEFAULT_MAX_SIZE = 50 * 1000 * 1000
 TLS_MODES = ("none", "starttls", "tls")
 PROTOCOLS = ("smtp", "lmtp")
 FROM_MODES = ("add", "rewrite-local", "force")
@@ -113,36 +114,53 @@ class Config:
         "from_header",
         "helo",
         "lifetime",
+        "log_file",
         "max_recipients",
         "max_size",
         "path",
+        "qualify_headers",
         "queue_dir",
         "relays",
         "retry",
         "sender",
         "sources",
         "trusted_users",
+        "user_round_bytes",
+        "user_spool_bytes",
+        "user_spool_entries",
         "warn_after",
+        "written",
     )
 
     def __init__(self) -> None:
         self.path: str | None = None
         self.sources: dict[str, str] = {}
+        # Each value as the file wrote it ("5d", ["1m", "5m"]), for `mailshim config`.
+        self.written: dict[str, object] = {}
         self.relays: tuple[RelayConfig, ...] = (RelayConfig("relay"),)
         self._domain: str | None = None
         self.sender: str | None = None
         self.aliases_file: str | None = None
         self.from_header = "add"
+        self.qualify_headers = True
         self.aliases: dict[str, tuple[str, ...]] = {}
         self.queue_dir: str | None = None
         self.retry: tuple[int, ...] = DEFAULT_RETRY
         self.lifetime = 5 * 86400
         self.warn_after = 4 * 3600
         self.delivery_mode = "background"
-        self.max_size = 50 * 1000 * 1000
+        self.max_size = DEFAULT_MAX_SIZE
         self.max_recipients = 10000
         self.trusted_users: tuple[str, ...] = ("root",)
         self.helo: str | None = None
+        # What one submitting user (not root, not the runner) may hold in queue/ and dead/
+        # together; more waits in the drop folder, on their own quota (issue 12).
+        self.user_spool_entries = 10000
+        self.user_spool_bytes = 2 * 1000 * 1000 * 1000
+        # Bytes of entries (envelope and message) each uid may have tried per round of a
+        # pass before the next uid's turn (fair.py).
+        self.user_round_bytes = 256 * 1024
+        self.log_file: str | None = None
 
     @property
     def domain(self) -> str:
@@ -157,6 +175,13 @@ class Config:
 
     def source(self, key: str) -> str:
         return self.sources.get(key, "default")
+
+    def max_size_for(self, listener_size: int | None) -> int:
+        """The size limit: ``[submission] max_size`` when set, else the ``SIZE`` the listener
+        last announced (``Spool.listener_size``), else 50 MB."""
+        if "submission.max_size" in self.sources or not listener_size:
+            return self.max_size
+        return listener_size
 
 
 # --- value checkers: each returns the converted value or raises ValueError(reason) ---
@@ -174,6 +199,13 @@ def _nonempty(value: object) -> str:
     text = _str(value).strip()
     if not text:
         raise ValueError("must not be empty")
+    return text
+
+
+def _abs_path(value: object) -> str:
+    text = _nonempty(value)
+    if not text.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {_show(value)}")
     return text
 
 
@@ -312,6 +344,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "sender": ("sender", _nonempty),
         "aliases_file": ("aliases_file", _nonempty),
         "from_header": ("from_header", _choice(FROM_MODES)),
+        "qualify_headers": ("qualify_headers", _bool),
     },
     "queue": {
         "dir": ("queue_dir", _nonempty),
@@ -320,6 +353,12 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "warn_after": ("warn_after", parse_duration),
     },
     "delivery": {"mode": ("delivery_mode", _choice(DELIVERY_MODES))},
+    "limits": {
+        "user_spool_entries": ("user_spool_entries", _positive_int),
+        "user_spool_bytes": ("user_spool_bytes", parse_size),
+        "user_round_bytes": ("user_round_bytes", parse_size),
+    },
+    "log": {"file": ("log_file", _abs_path)},
     "submission": {
         "max_size": ("max_size", parse_size),
         "max_recipients": ("max_recipients", _positive_int),
@@ -371,6 +410,7 @@ def _apply(cfg: Config, data: Table, where: str) -> None:
                 except ValueError as exc:
                     raise ConfigError(f"{where}: [aliases] {name}: {exc}") from None
                 cfg.sources[f"aliases.{name.lower()}"] = f"file {where}"
+                cfg.written[f"aliases.{name.lower()}"] = target
         elif section in _SECTIONS:
             if not isinstance(body, dict):
                 raise ConfigError(f"{where}: [{section}] must be a table")
@@ -387,6 +427,7 @@ def _apply(cfg: Config, data: Table, where: str) -> None:
                 except ValueError as exc:
                     raise ConfigError(f"{where}: [{section}] {key}: {exc}") from None
                 cfg.sources[f"{section}.{key}"] = f"file {where}"
+                cfg.written[f"{section}.{key}"] = value
         else:
             known = ", ".join(sorted([*_SECTIONS, "relay", "aliases"]))
             raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
@@ -400,6 +441,7 @@ def _apply_relays(cfg: Config, body: object, where: str) -> None:
         cfg.relays = (relay,)
         for key in body:
             cfg.sources[f"relay.{key}"] = f"file {where}"
+            cfg.written[f"relay.{key}"] = body[key]
     elif isinstance(body, list) and body:
         relays = []
         for i, item in enumerate(body):
@@ -409,6 +451,7 @@ def _apply_relays(cfg: Config, body: object, where: str) -> None:
             relays.append(relay)
             for key in item:
                 cfg.sources[f"relay[{i}].{key}"] = f"file {where}"
+                cfg.written[f"relay[{i}].{key}"] = item[key]
         cfg.relays = tuple(relays)
     else:
         raise ConfigError(f"{where}: [relay] must be a table or a non-empty array of tables")
@@ -437,8 +480,85 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> Config:
         return cfg
     data = _read_table(path, use_cache)
     cfg.path = path
+    if os.geteuid() != 0 and not root_controlled(path):
+        data = _without_trust(cfg, data, path)
+        _trust_from_system(cfg, path, use_cache)
     _apply(cfg, data, path)
+    _check_addresses(cfg, path)
+    if cfg.log_file is not None:
+        from mailshim import maillog
+
+        maillog.use_file(cfg.log_file)
     return cfg
+
+
+# Settings that grant trust: who may choose any sender without a warning, and one sender for
+# everyone. A file the caller chose (-C, $MAILSHIM_CONFIG, their own per-user file) could
+# otherwise make anyone trusted; so they are read only from a file that root controls, and
+# else from the system configuration (issue 12, item 4).
+TRUST_KEYS = (("submission", "trusted_users"), ("addresses", "sender"))
+
+
+def root_controlled(path: str) -> bool:
+    """Only root can have written ``path``: it and every folder above it belong to root,
+    and none is writable by group or others (a sticky folder such as /tmp excepted)."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+        folder = os.path.dirname(real)
+        while True:
+            st = os.stat(folder)
+            if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                return False
+            if folder == os.path.dirname(folder):
+                return True
+            folder = os.path.dirname(folder)
+    except OSError:
+        return False
+
+
+def _without_trust(cfg: Config, data: Table, where: str) -> Table:
+    out = dict(data)
+    for section, key in TRUST_KEYS:
+        body = out.get(section)
+        if isinstance(body, dict) and key in body:
+            out[section] = {k: v for k, v in body.items() if k != key}
+            cfg.sources[f"{section}.{key}"] = (
+                f"ignored in {where} (only a file root controls may set it)"
+            )
+    return out
+
+
+def _trust_from_system(cfg: Config, where: str, use_cache: bool) -> None:
+    system = paths.SYSTEM_CONFIG
+    if where == system or not os.path.exists(system) or not root_controlled(system):
+        return
+    data = _read_table(system, use_cache)
+    for section, key in TRUST_KEYS:
+        body = data.get(section)
+        if isinstance(body, dict) and key in body:
+            attr, check = _SECTIONS[section][key]
+            try:
+                setattr(cfg, attr, check(body[key]))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{system}: [{section}] {key}: {exc}", f"[{section}] {key}"
+                ) from None
+            cfg.sources[f"{section}.{key}"] = f"file {system}"
+
+
+def _check_addresses(cfg: Config, where: str) -> None:
+    """Addresses in the file must be usable before anything is sent (issue 12, item 13)."""
+    if cfg._domain is None and cfg.sender is None and not cfg.aliases:
+        return
+    from mailshim import address  # pure, and sendmail imports it anyway
+
+    problem = address.settings_problem(cfg._domain, cfg.sender, cfg.aliases)
+    if problem is not None:
+        key, why = problem
+        raise ConfigError(f"{where}: {key}: {why}", key)
 
 
 def _read_table(path: str, use_cache: bool) -> Table:

@@ -25,7 +25,7 @@ every window.
 
 Trust: the agent runs as the submitting user on their own spool or drop-folder entry; the
 runners as root or the ``mailshim`` user. Entries are parsed strictly (spoolfmt), drop-folder
-entries are copied and checked by spool.pickup, unreadable ones are quarantined. The listener
+entries are copied and checked by pickup.py, unreadable ones are quarantined. The listener
 is untrusted: its replies arrive cleaned by relay.py and only ever go into logs, state and
 reports as text.
 """
@@ -36,7 +36,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, spool
+from mailshim import bounce, fair, maillog, spool
 from mailshim import reply as kinds
 from mailshim.errors import DataError, MailshimError
 from mailshim.reply import Reply
@@ -98,13 +98,22 @@ class Counts:
         else:
             self.bounced += 1
 
-    def summary(self) -> str:
-        text = f"{self.sent} delivered, {self.deferred} deferred, {self.bounced} bounced"
-        if self.throttled:
-            text += f", {self.throttled} slowed down by the listener"
-        if self.quarantined:
-            text += f", {self.quarantined} unreadable (moved to corrupt/)"
-        return text
+    def summary(self, untried: int = 0) -> str:
+        """One short sentence naming only what happened: "2 delivered, 1 deferred."
+
+        ``untried``: entries left alone because the listener could not be reached.
+        """
+        parts = [
+            (self.sent, "delivered"),
+            (self.deferred, "deferred"),
+            (self.bounced, "bounced"),
+            (self.throttled, "slowed down by the listener"),
+            (self.quarantined, "unreadable (moved to corrupt/)"),
+            (untried, "not tried (the listener is unreachable)"),
+            (self.skipped, "not due yet, held or busy"),
+        ]
+        said = [f"{n} {what}" for n, what in parts if n > 0]
+        return (", ".join(said) if said else "Nothing to deliver") + "."
 
 
 def next_delay(config: Config, attempts: int) -> int:
@@ -324,8 +333,7 @@ def _sendable(addr: str) -> bool:
 
 
 def _quarantine(locked: spool.LockedEntry, why: str) -> tuple[str, dict[str, Reply]]:
-    locked.release()
-    locked.spool.quarantine(locked.queue_id, why)
+    locked.quarantine(why)
     maillog.log(f"{locked.queue_id}: moved to corrupt/: {why}", error=True)
     return "quarantined", {}
 
@@ -363,6 +371,7 @@ async def deliver_entry(
                 result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
         except DataError as exc:
             return _quarantine(locked, exc.message)
+        locked.spool.record_listener_size(client.listener_size)
         now = time.time()
         _log_replies(env.queue_id, env.arrival, result, now)
         pressure = _apply_result(state, result, now)
@@ -402,21 +411,29 @@ async def deliver_drop(
             body_file = entry.message()
         except DataError:
             return "queued", {}  # the runner will look at it and quarantine it
+        rcpts = [r for r in env.recipients if r not in env.failed]
+        if not rcpts:
+            body_file.close()
+            return "queued", {}  # only refusals are left: the runner bounces them
         with body_file as body:
-            result = await client.send(env.sender, env.recipients, body, env.size, env.eightbit)
+            result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
         _log_replies(env.queue_id, env.arrival, result, time.time())
         done = set(result.sent())
         refused = set(result.bounced())
         told = interactive and (not discard_rejected or not done)
         left = [r for r in env.recipients if r not in done and not (told and r in refused)]
+        # Refusals nobody told the caller about stay in the entry as failed records: the
+        # runner bounces them and never sends the message to them again (issue 12, item 11).
+        failed = dict(env.failed)
+        failed.update((r, str(result.replies[r])) for r in left if r in refused)
         if not left:
             entry.remove()
             maillog.log(f"{env.queue_id}: removed")
             if not refused:
                 return "sent", dict(result.replies)
             return ("bounced" if done else "rejected"), dict(result.replies)
-        if len(left) < len(env.recipients):
-            entry.rewrite(left)
+        if len(left) < len(env.recipients) or len(failed) > len(env.failed):
+            entry.rewrite(left, failed)
         else:
             entry.poke()
         if refused and done:
@@ -488,10 +505,12 @@ def pickup(config: Config, target: spool.Spool, counts: Counts | None = None) ->
     moved, and how many were left because their owner still holds them."""
     if not target.has_incoming() or not target.writable():
         return 0, 0
-    target.clean_incoming()
-    results = target.pickup(config.max_size, config.max_recipients)
-    spool.log_pickups(results, lambda text, error: maillog.log(text, error=error))
-    picked = sum(1 for p in results if p.status == "picked" and not p.duplicate)
+    from mailshim import pickup as drop
+
+    drop.clean_incoming(target)
+    results = drop.pickup(target, config, max_size=config.max_size_for(target.listener_size()))
+    drop.log_pickups(results, lambda text, error: maillog.log(text, error=error))
+    picked = sum(1 for p in results if p.status == "picked")
     if counts is not None:
         counts.picked += picked
         counts.refused += sum(1 for p in results if p.status in ("rejected", "corrupt"))
@@ -515,7 +534,7 @@ async def run_pass(
     "busy" (the listener keeps asking us to slow down), "stopped" (``stop`` was set)."""
     now = time.time()
     streak = 0
-    for qid in target.ids():
+    for qid in fair.order(target, target.ids(), config.user_round_bytes):
         if stop is not None and stop.is_set():
             return "stopped"
         if only is not None and qid not in only:
@@ -709,7 +728,11 @@ def agent_main(
     if incoming is not None:
         if lock_fd is None:
             return 64
-        entry = spool.open_drop_entry(spool.Spool(spool_root, drop=True), incoming, lock_fd)
+        qid = "" if incoming == "-" else incoming  # "-": the id is read from the entry
+        try:
+            entry = spool.open_drop_entry(spool.Spool(spool_root, drop=True), qid, lock_fd)
+        except (DataError, OSError):
+            return 0  # unreadable: the runner's pickup sends it to corrupt/ with the reason
 
         async def one() -> None:
             async with _client(config) as client:

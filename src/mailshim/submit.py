@@ -18,7 +18,7 @@ import sys
 import time
 
 from mailshim import address, maillog, message, paths, spool
-from mailshim.errors import DataError, MailshimError, UsageError
+from mailshim.errors import DataError, MailshimError, UsageError, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -173,7 +173,27 @@ def envelope_sender(config: Config, requested: str | None, user: User) -> str:
         return address.qualify(checked, config.domain) if checked else ""
     if config.sender:
         return address.qualify(address.check_envelope_address(config.sender), config.domain)
-    return f"{user.login}@{config.domain}"
+    return default_sender(config, user.login)
+
+
+def default_sender(config: Config, login: str) -> str:
+    """``login@domain``; a login that makes no address (SSSD's ``jdoe@ad.example.com`` or
+    ``DOM\\jdoe``) is a configuration problem: ``[addresses] sender`` must be set."""
+    own = f"{login}@{config.domain}"
+    try:
+        if address.check_envelope_address(own) == own:
+            return own
+        problem = "it would need quoting"
+    except DataError as exc:
+        problem = exc.message
+    from mailshim.errors import ConfigError
+
+    raise ConfigError(
+        f"{config.path or 'the built-in configuration'}: [addresses] sender is not set, and"
+        f" the default sender {printable(own, 200)} is not an address ({problem}); set"
+        " [addresses] sender, or pass -f",
+        "[addresses] sender",
+    )
 
 
 # --- the submission ------------------------------------------------------------------
@@ -290,8 +310,10 @@ def _write_message(
         from_mode=config.from_header,
         domain=config.domain,
         strip_bcc=True,
+        qualify_domain=config.domain if config.qualify_headers else "",
+        resent_message_id=message.make_message_id(writer.queue_id + ".resent", config.domain),
     )
-    limit = config.max_size
+    limit = config.max_size_for(writer.spool.listener_size())
     writer.write(_forgery_warning(config, sub, user, sender, own))
     writer.write(message.edit_headers(block.fields, edits, block.had_separator, True))
     if block.body_prefix:
@@ -299,13 +321,18 @@ def _write_message(
     for chunk in reader.body():
         writer.write(chunk)
         if writer.size > limit:
-            raise DataError(
-                f"message larger than [submission] max_size ({limit} bytes): nothing was kept"
-            )
+            raise DataError(_too_large(config, limit))
     if writer.size > limit:
-        raise DataError(
-            f"message larger than [submission] max_size ({limit} bytes): nothing was kept"
-        )
+        raise DataError(_too_large(config, limit))
+
+
+def _too_large(config: Config, limit: int) -> str:
+    where = (
+        "[submission] max_size"
+        if "submission.max_size" in config.sources or limit == config.max_size
+        else "the listener's own limit (its EHLO SIZE)"
+    )
+    return f"message larger than {where} ({limit} bytes): nothing was kept"
 
 
 def _forgery_warning(config: Config, sub: Submission, user: User, sender: str, own: str) -> bytes:
@@ -348,7 +375,8 @@ def start_agent(target: spool.Spool, config: Config, entry: spool.DropEntry | No
             entry.release()
             return
         keep = [entry.fd, slot]
-        args += ["--incoming", entry.queue_id, "--lock-fd", str(entry.fd)]
+        # "-": the agent reads the id from the locked entry; argv is public in /proc
+        args += ["--incoming", "-", "--lock-fd", str(entry.fd)]
     else:
         down = target.relay_down_since()
         pause = min(r.retry_after_failure for r in config.relays)

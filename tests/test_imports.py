@@ -252,12 +252,10 @@ def test_pip_installed_sendmail_is_a_plain_script_that_imports_only_cheap_module
     points its ``#!python`` at the venv's interpreter and adds nothing, unlike the
     console-script wrapper of pip < 24, which imports ``re`` first. Built as a wheel and
     installed by the pip of a venv made with the system's python3 (pip 23 on bookworm)."""
-    source = tmp_path / "source"
+    source = tmp_path / "source"  # a copy: building in the tree would leave build/ there
+    skip = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*cache", "tests")
     repo = Path(__file__).resolve().parent.parent
-    for part in ("src", "packaging/scripts"):
-        shutil.copytree(repo / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(repo / name, source / name)
+    shutil.copytree(repo, source, ignore=shutil.ignore_patterns(*skip))
     wheels = tmp_path / "wheels"
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],

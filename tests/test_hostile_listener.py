@@ -456,6 +456,40 @@ def temporary_at_rcpt(c: Conn) -> None:
     c.send(b"221 bye\r\n")
 
 
+def _pipelined_batch(c: Conn) -> None:
+    """MAIL, RCPT and DATA, all read before any reply: the client pipelined (EHLO offers it;
+    a lock-step client sends no RCPT here, and the script fails when it gives up)."""
+    up_to_mail(c)
+    c.expect(b"RCPT")
+    c.expect(b"DATA")
+
+
+def _nothing_more(c: Conn) -> None:
+    rest = c.buf
+    while chunk := c.recv():
+        rest += chunk
+    # no body, no lone dot, and no QUIT either: in DATA mode it would be taken as body text
+    assert rest == b"", rest
+
+
+def pipelined_354_without_recipient(c: Conn) -> None:
+    # a broken listener: 354 to the DATA behind the only RCPT, which it refused
+    _pipelined_batch(c)
+    c.send(b"250 2.1.0 ok\r\n452 4.2.2 mailbox busy\r\n354 go ahead\r\n")
+    _nothing_more(c)
+
+
+def pipelined_354_after_refused_mail(c: Conn) -> None:
+    _pipelined_batch(c)
+    c.send(b"451 4.3.0 try later\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+    _nothing_more(c)
+
+
+def closes_mid_pipeline(c: Conn) -> None:
+    _pipelined_batch(c)
+    c.send(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
+
+
 STARTTLS_EHLO = b"250-mx.example.org\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
 
 
@@ -577,6 +611,9 @@ DEFER: dict[str, Script] = {
     "data_250_instead_of_354": data_250_instead_of_354,
     "bad_code_letters": bad_code_letters,
     "half_multiline_then_close": half_multiline_then_close,
+    "pipelined_354_without_recipient": pipelined_354_without_recipient,
+    "pipelined_354_after_refused_mail": pipelined_354_after_refused_mail,
+    "closes_mid_pipeline": closes_mid_pipeline,
 }
 
 DEFER_TLS: dict[str, Script] = {

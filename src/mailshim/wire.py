@@ -130,7 +130,8 @@ class LocalFailure(Exception):
 
 
 class _DataChannel(asyncio.Protocol):
-    """Owns the transport from the 354 until the replies owed for the final dot are read."""
+    """Owns the transport while a pipelined batch's replies are read, or from the 354 until
+    the replies owed for the final dot are read."""
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, previous: asyncio.BaseProtocol, room: int
@@ -390,7 +391,12 @@ class Connection:
             if stopped is None and channel.clean:
                 transport.set_protocol(previous)
             else:
-                stopped = stopped or WireError(kinds.PROTOCOL, "more replies than commands")
+                if stopped is None:
+                    # every reply came, then the link broke or sent more than was asked
+                    why = channel.error or "more replies than commands"
+                    stopped = WireError(
+                        channel.error_kind if channel.error else kinds.PROTOCOL, why
+                    )
                 self.abort()
         return replies, stopped
 

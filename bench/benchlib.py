@@ -495,7 +495,7 @@ def build_installs(work: Path, log) -> dict[str, Install]:
         [vpy, "-I", "-c", IMPORTS_CODE],
     )
 
-    # Debian style: the package's files in one folder, run by /usr/bin/python3 -I from a
+    # Debian style: the package's files in one folder, run by /usr/bin/python3 -IS from a
     # two-line script as /usr/sbin/sendmail will be. The agent is started as
     # "python3 -m mailshim.runner" without -I, so PYTHONPATH points it at the same folder
     # (sendmail itself, under -I, ignores PYTHONPATH).
@@ -522,24 +522,26 @@ def build_installs(work: Path, log) -> dict[str, Install]:
     sbin = work / "debian" / "sbin"
     sbin.mkdir()
     prelude = f"import sys\nsys.path.insert(0, {str(target)!r})\n"
+    # -IS as packaging/install-scripts.py writes it: no site module, the folder put on
+    # sys.path by the script itself
     _script(
         sbin / "sendmail",
-        f"{SYSTEM_PYTHON} -I",
+        f"{SYSTEM_PYTHON} -IS",
         prelude + "from mailshim.cli.sendmail import main\nmain()\n",
     )
     _script(
         sbin / "mailshim",
-        f"{SYSTEM_PYTHON} -I",
+        f"{SYSTEM_PYTHON} -IS",
         prelude + "from mailshim.cli.admin import main\nmain()\n",
     )
     installs["debian"] = Install(
         "debian",
-        "Debian style: /usr/bin/python3 -I script, files in a dist-packages folder",
+        "Debian style: /usr/bin/python3 -IS script, files in a dist-packages folder",
         [str(sbin / "sendmail")],
-        [SYSTEM_PYTHON, "-I", "-X", "importtime", str(sbin / "sendmail")],
+        [SYSTEM_PYTHON, "-IS", "-X", "importtime", str(sbin / "sendmail")],
         [str(sbin / "mailshim")],
         [SYSTEM_PYTHON],
-        [SYSTEM_PYTHON, "-I", "-c", prelude + IMPORTS_CODE],
+        [SYSTEM_PYTHON, "-IS", "-c", prelude + IMPORTS_CODE],
         env={"PYTHONPATH": str(target)},
     )
     return installs

@@ -3,12 +3,15 @@
 
 The entry points come from ``[project.scripts]`` in pyproject.toml, and for the MTA commands
 (plain scripts for pip, listed in ``[tool.setuptools] script-files``) from the
-``from module import function`` line of each script; each wrapper is three
-lines run by the system interpreter with ``-I`` (isolated: no PYTHON* variables, no user
-site-packages, no script folder on sys.path), which matters for a command that root, cron and
-sudo run. It also skips the ``re`` import of the generic console-script template, which is
-on ``sendmail``'s start-up path. ``sendmail`` and ``newaliases`` go to /usr/sbin (Debian), or
-every MTA name gets a suffix for RPM's ``alternatives``.
+``from module import function`` line of each script. Each wrapper is run by the system
+interpreter with ``-IS`` (one word: the kernel passes the rest of a ``#!`` line as a single
+argument). ``-I``, isolated (no PYTHON* variables, no user site-packages, no script folder
+on sys.path), matters for a command that root, cron and sudo run; ``-S``: no
+``site`` module, whose ``.pth`` processing is about a fifth of ``sendmail``'s start-up (issue
+14); the wrapper appends the folder(s) the package and its dependencies are installed in
+(``--sitelib``: Debian's dist-packages by default) to ``sys.path`` itself. It also skips the
+``re`` import of the generic console-script template. ``sendmail`` and ``newaliases`` go to
+/usr/sbin (Debian), or every MTA name gets a suffix for RPM's ``alternatives``.
 
 Trust: run at package build time, on the source tree, by the packager.
 """
@@ -21,9 +24,10 @@ import re
 import sys
 
 MTA_NAMES = ("sendmail", "mailq", "newaliases")
-TEMPLATE = """#!{python} -I
+TEMPLATE = """#!{python} -IS
 # mailshim: the `{name}` command ({target}); written by packaging/install-scripts.py
 import sys
+sys.path.extend({sitelib!r})
 from {module} import {func}
 sys.exit({func}())
 """
@@ -63,6 +67,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--root", required=True, help="package tree (DESTDIR)")
     parser.add_argument("--pyproject", default="pyproject.toml")
     parser.add_argument("--python", default="/usr/bin/python3", help="interpreter for #!")
+    parser.add_argument(
+        "--sitelib",
+        action="append",
+        help="folder holding the package and its dependencies, put on sys.path by the"
+        " wrapper (repeatable; default /usr/lib/python3/dist-packages)",
+    )
     parser.add_argument("--sbin", default="/usr/sbin", help="folder for sendmail/newaliases")
     parser.add_argument("--bin", default="/usr/bin", help="folder for the other commands")
     parser.add_argument("--suffix", default="", help="added to MTA names (.mailshim for RPM)")
@@ -70,6 +80,7 @@ def main(argv: list[str]) -> int:
         "--newaliases-in-bin", action="store_true", help="newaliases in --bin (Fedora)"
     )
     args = parser.parse_args(argv)
+    sitelib = args.sitelib or ["/usr/lib/python3/dist-packages"]
 
     for name, target in sorted(entry_points(args.pyproject).items()):
         module, _, func = target.partition(":")
@@ -89,7 +100,12 @@ def main(argv: list[str]) -> int:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(
                 TEMPLATE.format(
-                    python=args.python, name=name, target=target, module=module, func=func
+                    python=args.python,
+                    name=name,
+                    target=target,
+                    module=module,
+                    func=func,
+                    sitelib=sitelib,
                 )
             )
         os.chmod(path, 0o755)

@@ -2,8 +2,9 @@
 
 Since issue 14 only ``mailshim`` is a ``[project.scripts]`` entry; ``sendmail``, ``mailq`` and
 ``newaliases`` are plain scripts for pip (``packaging/scripts/``, listed in ``[tool.setuptools]
-script-files``). The .deb and .rpm wrappers must still cover all four, run with ``-I``, and
-work: each is written into a throwaway root and run for real.
+script-files``). The .deb and .rpm wrappers must still cover all four, run with ``-I -S`` (no
+``site``: the wrapper puts the package's folder on ``sys.path`` itself), and work: each is
+written into a throwaway root and run for real, finding mailshim only through that folder.
 """
 
 from __future__ import annotations
@@ -25,17 +26,9 @@ TARGETS = {
 
 
 def install(root: Path, *extra: str) -> None:
+    argv = [sys.executable, "-I", str(SCRIPT), "--root", str(root), "--python", sys.executable]
     subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            str(SCRIPT),
-            "--root",
-            str(root),
-            "--python",
-            sys.executable,
-            *extra,
-        ],
+        [*argv, "--sitelib", str(REPO / "src"), *extra],
         check=True,
         cwd=REPO,
         timeout=60,
@@ -73,11 +66,14 @@ def test_every_command_gets_an_isolated_wrapper(tmp_path, layout, extra, where):
     for name, folder in expected.items():
         text = (tmp_path / folder / name).read_text()
         module, func = TARGETS[name.split(".")[0]].split(":")
-        assert text.startswith(f"#!{sys.executable} -I\n"), text
+        assert text.startswith(f"#!{sys.executable} -IS\n"), text
+        assert f"sys.path.extend({[str(REPO / 'src')]!r})\n" in text
         assert f"from {module} import {func}\nsys.exit({func}())\n" in text
 
 
 def test_the_wrappers_run(tmp_path):
+    # the interpreter is the test venv's, where mailshim is an editable install that only
+    # `site` would find: under -S the wrapper's own sys.path entry (the source tree) must
     install(tmp_path)
     env = {"MAILSHIM_CONFIG": str(tmp_path / "none.toml"), "HOME": str(tmp_path)}
     aliases = subprocess.run(

@@ -21,6 +21,7 @@ import click
 
 from mailshim import __version__, maillog, paths, queueview, spool
 from mailshim import config as config_mod
+from mailshim.cli import standard_fds
 from mailshim.errors import (
     EX_NOINPUT,
     EX_OK,
@@ -580,6 +581,7 @@ def _click_error(exc: click.ClickException) -> int:
 
 
 def main() -> None:
+    standard_fds()
     try:
         code = cli.main(prog_name="mailshim", standalone_mode=False)
     except MailshimError as exc:

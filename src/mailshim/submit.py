@@ -204,11 +204,18 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
     keep = mode == "interactive" or (mode == "background" and target.drop)
     try:
         _write_message(config, sub, user, sender, reader, block, writer)
-        locked = writer.commit(reader.eightbit, keep_lock=keep)
     except BaseException:
         writer.abort()
         raise
+    # From the rename on, the entry is durable: a signal must not turn that into "nothing
+    # was kept" (the caller would send it again), so signals are ignored before it, not after.
     previous = _finish_even_if_signalled()
+    try:
+        locked = writer.commit(reader.eightbit, keep_lock=keep)
+    except BaseException:
+        writer.abort()
+        _restore_signals(previous)
+        raise
     try:
         return _hand_on(config, sub, user, sender, recipients, target, writer, mode, locked)
     finally:
@@ -247,9 +254,10 @@ def _hand_on(
 
 
 def _finish_even_if_signalled() -> dict[int, Any]:
-    """The entry is durable: until this submission is handed on, a signal must not turn
-    exit 0 into "nothing was kept" (the caller would send it again). What follows is
-    bounded by timeouts. Returns the handlers to restore (``-bs`` goes on afterwards)."""
+    """From just before the rename into the spool until this submission is handed on, a
+    signal must not turn exit 0 into "nothing was kept" (the caller would send it again).
+    What follows is bounded by timeouts. Returns the handlers to restore (``-bs`` goes on
+    afterwards)."""
     # _signal, not signal (which imports enum); it has no type stubs, hence __import__.
     _signal: Any = __import__("_signal")
     previous: dict[int, Any] = {}

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import message_queue_id, queue_config, tool
 from mailshim import config as config_mod
-from mailshim import runner, spool, spoolfmt
+from mailshim import policy, runner, spool, spoolfmt
 
 
 @pytest.fixture(autouse=True)
@@ -178,12 +178,35 @@ def test_the_retry_schedule_counts_failed_attempts(fworld):
     fworld.listener.handler.rcpt_replies = {"bob@example.org": "451 4.3.0 later"}
     (qid,) = queue(fworld)
     for attempts, delay in ((1, 2), (2, 60), (3, 600), (4, 600)):
+        make_due(fworld, qid)  # as if its time had come
         before = int(time.time())
         flush(fworld)
         st = state_of(fworld, qid)
         assert st.attempts == attempts and st.throttled == 0
         assert before + delay <= st.next_attempt <= int(time.time()) + delay
         assert st.last_error == "451 4.3.0 later"
+
+
+def make_due(world, qid) -> None:
+    target = sp(world)
+    st = target.load_state(qid)
+    st.next_attempt = 0
+    target.save_state(qid, st)
+
+
+def test_forced_flushes_before_the_due_time_never_delay_the_schedule(fworld):
+    """Issue 11: three `sendmail -q` while the listener refuses gave "TRIES 4, next in 29m".
+    A forced attempt made before the entry was due neither counts nor moves its schedule."""
+    queue_config(fworld, queue='retry = ["30s", "600s"]')
+    fworld.listener.handler.rcpt_replies = {"bob@example.org": "451 4.3.0 later"}
+    (qid,) = queue(fworld)
+    flush(fworld)  # the first attempt: due, so it counts
+    first = state_of(fworld, qid)
+    assert first.attempts == 1
+    for _ in range(3):
+        flush(fworld)
+        st = state_of(fworld, qid)
+        assert st.attempts == 1 and st.next_attempt == first.next_attempt
 
 
 def test_rate_limits_make_the_runner_pause_not_fail(fworld, monkeypatch):
@@ -217,7 +240,7 @@ def test_back_pressure_does_not_burn_the_schedule(fworld, monkeypatch):
     assert counts.sent == 1 and counts.throttled == 1
     st = state_of(fworld, second)
     assert st.attempts == 0 and st.throttled == 1 and "4.4.5" in st.last_error
-    assert st.next_attempt - int(time.time()) <= runner.PRESSURE_DELAY
+    assert st.next_attempt - int(time.time()) <= policy.PRESSURE_DELAY
 
 
 def test_greylisting_is_retried_without_counting(fworld):

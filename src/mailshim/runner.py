@@ -36,7 +36,8 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, spool
+from mailshim import bounce, maillog, policy, spool
+from mailshim.constants import DEFERRED, SENT, THROTTLED
 from mailshim.errors import DataError, MailshimError
 
 TYPE_CHECKING = False
@@ -52,11 +53,8 @@ AGENT_LINGER = 1.0  # seconds an idle agent waits for more submissions before it
 RATE_PAUSE = 1.0  # seconds to wait after a rate-limit reply before trying the entry again
 RATE_RETRIES = 2  # in-pass retries of one entry after rate limiting
 PRESSURE_STREAK = 5  # consecutive throttled entries that end a pass ("the listener is busy")
-PRESSURE_DELAY = 60  # at most this long before a throttled entry is due again
 DAEMON_POLL = 0.5  # seconds between the daemon's cheap looks at the spool folders
 LOCKED_RECHECK = 1.0  # how often the daemon looks again at drop entries held by their owner
-RATE_LIMITED = ("4.4.5",)  # Stalwart: too many messages per session or per second
-GREYLISTED = ("4.2.2",)  # Stalwart's greylisting reply
 
 
 class Counts:
@@ -105,29 +103,6 @@ class Counts:
         return text
 
 
-def next_delay(config: Config, attempts: int) -> int:
-    """Seconds until the next try after ``attempts`` counted failures (the last step repeats)."""
-    steps = config.retry
-    return steps[min(max(attempts, 1), len(steps)) - 1]
-
-
-def pressure_kind(reply: Reply) -> str | None:
-    """ "rate" or "greylist" when ``reply`` is back-pressure rather than a failure."""
-    if reply.code == 0 or not reply.temporary:
-        return None
-    word = reply.text.split(" ", 1)[0]
-    if word in RATE_LIMITED:
-        return "rate"
-    if word in GREYLISTED:
-        return "greylist"
-    return None
-
-
-def _pressure_delay(config: Config, kind: str) -> int:
-    first = config.retry[0]
-    return first if kind == "greylist" else min(first, PRESSURE_DELAY)
-
-
 def _fmt_delay(seconds: float) -> str:
     return f"{seconds:.2g}" if seconds < 10 else f"{seconds:.0f}"
 
@@ -146,40 +121,6 @@ def _log_replies(queue_id: str, arrival: int, result: SendResult, now: float) ->
             f" status={status} ({reply})",
             error=status != "sent",
         )
-
-
-def _apply_result(state: State, result: SendResult, now: float) -> str | None:
-    """Record one attempt's replies; returns the back-pressure kind when that is all it met.
-
-    Only a temporary failure that is not back-pressure counts toward the retry schedule.
-    """
-    if state.first_attempt == 0:
-        state.first_attempt = int(now)
-    state.last_attempt = int(now)
-    counted = False
-    pressure: str | None = None
-    for rcpt, reply in result.replies.items():
-        if 200 <= reply.code < 300:
-            state.done[rcpt] = str(reply)
-            state.pending.pop(rcpt, None)
-        elif reply.permanent:
-            state.failed[rcpt] = str(reply)
-            state.pending.pop(rcpt, None)
-        else:
-            state.pending[rcpt] = str(reply)
-            state.last_error = str(reply)
-            kind = pressure_kind(reply)
-            if kind is None:
-                counted = True
-            elif pressure != "rate":
-                pressure = kind
-    if counted:
-        state.attempts += 1
-        state.throttled = 0
-        return None
-    if pressure is not None:
-        state.throttled += 1
-    return pressure
 
 
 def _write_report(
@@ -224,70 +165,47 @@ def _write_report(
     return qid
 
 
-def _expire(
-    config: Config, env_arrival: int, state: State, open_rcpts: list[str], now: float
-) -> bool:
-    if not open_rcpts or now - env_arrival < config.lifetime:
-        return False
-    for rcpt in open_rcpts:
-        state.failed[rcpt] = state.pending.pop(rcpt, "") or "no attempt reached the listener"
-        if rcpt not in state.expired:
-            state.expired.append(rcpt)
-    return True
-
-
 def _finish(
     config: Config,
     locked: spool.LockedEntry,
     state: State,
     now: float,
     *,
+    pressure: str | None = None,
+    due_at: int = 0,
     interactive: bool = False,
     discard_rejected: bool = False,
-    pressure: str | None = None,
 ) -> str:
-    """Remove, bury or reschedule after an attempt.
+    """Decide (policy.decide) and carry the action out: remove, bury or reschedule.
 
-    Returns sent | deferred | throttled | bounced | rejected. ``interactive``: the caller is
-    told each refusal now (``-odi``, ``-bs``), so those get no bounce; with
-    ``discard_rejected`` (``-bs``) a message nobody accepted is dropped (the client got the
-    5xx) while a partly accepted one still bounces the rest (the client got a 250).
+    Returns the action's status (sent | deferred | throttled | bounced | rejected).
     """
     env = locked.envelope
-    open_rcpts = state.open_recipients(env)
-    if _expire(config, env.arrival, state, open_rcpts, now):
-        open_rcpts = []
-    if open_rcpts:
-        delay = (
-            _pressure_delay(config, pressure) if pressure else next_delay(config, state.attempts)
-        )
-        state.next_attempt = int(now) + delay
-        if (
-            config.warn_after
-            and not state.warned
-            and env.sender
-            and now - env.arrival >= config.warn_after
-        ):
-            late = {r: state.pending.get(r, "not yet tried") for r in open_rcpts}
-            _write_report(config, locked, state, bounce.DELAYED, late, now)
-            state.warned = True
+    action = policy.decide(
+        config,
+        env,
+        state,
+        now,
+        pressure=pressure,
+        due_at=due_at,
+        interactive=interactive,
+        discard_rejected=discard_rejected,
+    )
+    if action.status in (DEFERRED, THROTTLED):
+        if action.warn is not None:
+            _write_report(config, locked, state, bounce.DELAYED, action.warn, now)
         locked.save_state(state)
         locked.release()
-        return "throttled" if pressure else "deferred"
-    if not state.failed:
+        return action.status
+    if action.status == SENT:
         locked.remove()
         maillog.log(f"{env.queue_id}: removed")
-        return "sent"
-    told = interactive and (not discard_rejected or not state.done)
-    if told and discard_rejected:
+        return SENT
+    if not action.bury:
         locked.remove()
         maillog.log(f"{env.queue_id}: rejected by the listener; the client was told")
-        return "rejected"
-    reason = "; ".join(
-        f"<{r}>: {'expired in the queue; last error: ' if r in state.expired else ''}{why}"
-        for r, why in state.failed.items()
-    )
-    if not told and env.sender:
+        return action.status
+    if action.report is not None:
         # The report's id is recorded first: after a crash between writing the report and
         # moving the entry, the next run sees the report in the queue and does not repeat it.
         if not state.bounce_id:
@@ -298,13 +216,11 @@ def _finish(
             target.exists(state.bounce_id)
             or os.path.lexists(os.path.join(target.dead, state.bounce_id))
         ):
-            _write_report(
-                config, locked, state, bounce.FAILED, dict(state.failed), now, state.bounce_id
-            )
+            _write_report(config, locked, state, bounce.FAILED, action.report, now, state.bounce_id)
     locked.save_state(state)
-    where = locked.bury("dead", reason)
-    maillog.log(f"{env.queue_id}: moved to {where}: {reason}", error=True)
-    return "bounced" if (state.done or not told) else "rejected"
+    where = locked.bury("dead", action.reason)
+    maillog.log(f"{env.queue_id}: moved to {where}: {action.reason}", error=True)
+    return action.status
 
 
 def _sendable(addr: str) -> bool:
@@ -351,6 +267,7 @@ async def deliver_entry(
         if not rcpts:
             # Nothing left to send: a crash came after the last reply was recorded.
             return _finish(config, locked, state, time.time(), interactive=interactive), {}
+        started = time.time()
         try:
             with locked.message() as body:
                 result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
@@ -358,15 +275,18 @@ async def deliver_entry(
             return _quarantine(locked, exc.message)
         now = time.time()
         _log_replies(env.queue_id, env.arrival, result, now)
-        pressure = _apply_result(state, result, now)
+        # A forced attempt before the entry was due neither counts nor moves its schedule.
+        due_at = state.next_attempt if policy.is_early(state, started) else 0
+        pressure = policy.record(state, result.replies, now, counted=not due_at)
         status = _finish(
             config,
             locked,
             state,
             now,
+            pressure=pressure,
+            due_at=due_at,
             interactive=interactive,
             discard_rejected=discard_rejected,
-            pressure=pressure,
         )
         return status, dict(result.replies)
     finally:
@@ -563,8 +483,12 @@ async def _attempt_with_pauses(
         status, replies = await deliver_entry(config, client, locked)
         if status != "throttled":
             return status, replies
-        kinds = {pressure_kind(r) for r in replies.values()}
-        if "rate" not in kinds or tries >= RATE_RETRIES or (stop is not None and stop.is_set()):
+        kinds = {policy.pressure_kind(r) for r in replies.values()}
+        if (
+            policy.RATE not in kinds
+            or tries >= RATE_RETRIES
+            or (stop is not None and stop.is_set())
+        ):
             return status, replies
         tries += 1
         # A fresh connection clears a per-session limit; the pause, a per-second one.
@@ -798,7 +722,9 @@ class _Daemon:
                 else:
                     wake = min(wake, time.time() + LOCKED_RECHECK)  # due, but held by others
                 if status in ("down", "busy"):
-                    delay = next_delay(self.config, 1) if status == "down" else RATE_PAUSE * 5
+                    delay = (
+                        policy.next_delay(self.config, 1) if status == "down" else RATE_PAUSE * 5
+                    )
                     self.hold_until = time.time() + delay
                     self.say(f"{target.root}: the listener is {status}; next pass in {delay:.0f}s")
                     await self.client.close()
@@ -806,7 +732,7 @@ class _Daemon:
             except MailshimError as exc:
                 maillog.log(f"daemon: {exc.message}", error=True)
                 self.say(f"{target.root}: {exc.message}")
-                self.hold_until = time.time() + next_delay(self.config, 1)
+                self.hold_until = time.time() + policy.next_delay(self.config, 1)
         if self.hold_until > time.time():
             wake = max(wake, self.hold_until)
         if waiting_drops:

@@ -503,8 +503,15 @@ def flush(
     only: set[str] | None = None,
     progress: Callable[[str, str], None] | None = None,
     transcript: Callable[[str], None] | None = None,
+    force: bool = True,
 ) -> Counts:
-    """Try every entry now, over one connection (``sendmail -q``, ``mailshim flush``).
+    """One run over the queue, over one connection.
+
+    ``force`` (``sendmail -q``, ``mailshim flush``): every entry now, due or not (a failed
+    early attempt keeps its schedule: policy.py). Without it (``mailshim run``: the timer,
+    the path unit): only entries that are due, held back by their back-off; a run that
+    finds nothing due changes nothing in queue/ or incoming/, which is why the path unit
+    that watches them cannot trigger itself for ever.
 
     The drop folder is picked up first and again after each sweep, as are entries that
     arrived meanwhile (bounces included). Raises ``MailshimError`` when a spool cannot be
@@ -527,7 +534,7 @@ def flush(
                     pickup(config, target, counts)
                     while True:
                         status = await run_pass(
-                            config, client, target, counts, force=True, only=only, seen=seen,
+                            config, client, target, counts, force=force, only=only, seen=seen,
                             progress=progress,
                         )  # fmt: skip
                         if status != "done":

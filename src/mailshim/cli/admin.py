@@ -344,22 +344,48 @@ class _Progress:
 @click.option("-v", "--verbose", is_flag=True, help="Show the SMTP dialogue (on stderr).")
 @click.pass_context
 def flush_cmd(ctx: click.Context, verbose: bool) -> None:
-    """Deliver everything in the queue now, over one connection.
+    """Deliver everything in the queue now, due or not, over one connection.
 
     On a terminal a progress bar counts delivered, deferred and bounced messages; otherwise
-    one line per message ("ID: delivered"). The same as `sendmail -q`.
+    one line per message ("ID: delivered"). The same as `sendmail -q` (Postfix's
+    `postqueue -f`). A message that fails again keeps its place on the retry schedule: a
+    flush never makes the next automatic attempt later. `mailshim run` tries only what is
+    due.
 
     \b
     Examples:
       mailshim flush
       mailshim flush -v
     """
+    _run_queue(ctx, verbose, force=True)
+
+
+@cli.command("run")
+@click.option("-v", "--verbose", is_flag=True, help="Show the SMTP dialogue (on stderr).")
+@click.pass_context
+def run_cmd(ctx: click.Context, verbose: bool) -> None:
+    """Run the retry schedule once: deliver only the messages that are due.
+
+    What the packaged timer and path units (mailshim-flush.timer, mailshim-flush.path)
+    start: new messages go at once; deferred ones wait for their next attempt ([queue]
+    retry), greylisting and rate-limit pauses are kept. A run that finds nothing due
+    changes nothing in the spool. `mailshim flush` delivers everything now instead.
+
+    \b
+    Examples:
+      mailshim run
+      mailshim run -v
+    """
+    _run_queue(ctx, verbose, force=False)
+
+
+def _run_queue(ctx: click.Context, verbose: bool, force: bool) -> None:
     from mailshim import runner
 
     cfg = _config(ctx)
     spools = [s for s in spool.known_spools(cfg) if s.writable()]
     if not spools:
-        click.echo("nothing to flush: no spool this user can write")
+        click.echo("nothing to deliver: no spool this user can write")
         return
     total = sum(len(s.ids()) for s in spools)
     # The transcript goes to stderr line by line: a bar redrawn in between would garble it.
@@ -373,7 +399,11 @@ def flush_cmd(ctx: click.Context, verbose: bool) -> None:
         progress.draw()
     try:
         counts = runner.flush(
-            cfg, spools, progress=progress, transcript=transcript if verbose else None
+            cfg,
+            spools,
+            progress=progress,
+            transcript=transcript if verbose else None,
+            force=force,
         )
     finally:
         progress.finish()

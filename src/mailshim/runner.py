@@ -1,9 +1,11 @@
 """Deliver spool entries: lock → relay → remove, retry on a schedule, or bounce into dead/.
 
-Callers: the detached delivery agent that ``sendmail`` starts after spooling (``python -m
-mailshim.runner agent``), ``sendmail -q`` / ``mailshim flush`` (everything now, one
-connection), ``mailshim daemon`` (foreground: wakes on new entries and on the schedule), and
-``sendmail -odi``/``-v``/``-bs`` (one entry before replying). The runners (flush, daemon, an
+Callers: the detached delivery agent (agent.py: due entries, then it lingers until nothing
+deferred is left), ``sendmail -q`` / ``mailshim flush`` (everything now, one connection),
+``mailshim run`` (the timer and path units: only what is due), ``mailshim daemon``
+(foreground: wakes on new entries and on the schedule), and ``sendmail -odi``/``-v``/``-bs``
+(one entry before replying). What to do after each attempt is policy.py's decision; this
+module carries it out. The runners (flush, daemon, an
 agent that may write the queue) also pick up the system spool's drop folder.
 
 Per recipient: a 2xx is recorded and never sent again; a 4xx is retried alone on the
@@ -36,7 +38,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, policy, spool
+from mailshim import bounce, maillog, policy, serving, spool
 from mailshim.constants import DEFERRED, SENT, THROTTLED
 from mailshim.errors import DataError, MailshimError
 
@@ -339,7 +341,7 @@ async def deliver_drop(
         entry.release()
 
 
-def _client(config: Config, transcript: Callable[[str], None] | None = None) -> RelayClient:
+def client_for(config: Config, transcript: Callable[[str], None] | None = None) -> RelayClient:
     from mailshim.relay import RelayClient
 
     return RelayClient(config.relays, helo=config.helo_name, transcript=transcript)
@@ -360,7 +362,7 @@ def deliver_now(
         sys.stderr.flush()
 
     async def run() -> tuple[str, dict[str, Reply]]:
-        async with _client(config, transcript if verbose else None) as client:
+        async with client_for(config, transcript if verbose else None) as client:
             if isinstance(locked, spool.DropEntry):
                 return await deliver_drop(
                     config, client, locked, interactive=True, discard_rejected=discard_rejected
@@ -525,7 +527,7 @@ def flush(
     RelayClient.forget_failures()
 
     async def run() -> None:
-        async with _client(config, transcript) as client:
+        async with client_for(config, transcript) as client:
             for target in spools:
                 target.check_usable()
                 target.clean_tmp()
@@ -587,11 +589,11 @@ def _queue_stamp(target: spool.Spool) -> tuple[int, ...]:
 
 async def _agent_session(config: Config, target: spool.Spool) -> bool:
     """Deliver due entries until the queue stays quiet; False if the listener was unreachable
-    or kept asking to slow down (the runner's schedule then takes over)."""
+    or kept asking to slow down (the agent then sleeps until the next entry is due)."""
     import asyncio
 
     counts = Counts()
-    async with _client(config) as client:
+    async with client_for(config) as client:
         while True:
             stamp = _queue_stamp(target)
             pickup(config, target, counts)
@@ -606,65 +608,12 @@ async def _agent_session(config: Config, target: spool.Spool) -> bool:
                 return True
 
 
-def agent_main(
-    spool_root: str,
-    lock_fd: int | None,
-    config_path: str | None,
-    incoming: str | None = None,
-) -> int:
-    """The detached delivery agent.
-
-    With ``incoming``: the submitter's agent for its own drop-folder entry, whose lock is
-    ``lock_fd``; it makes one attempt and leaves the rest to the runner. Otherwise the
-    spool's agent: holding the spool's agent lock makes it the only one; it drains due
-    entries, lingers briefly, and exits. A ``sendmail`` that finds the lock taken does not
-    start another, trusting this one to see its entry; so after releasing the lock the agent
-    looks once more and carries on if anything is due.
-    """
-    from mailshim import config as config_mod
-
-    try:
-        config = config_mod.load(config_path)
-    except MailshimError as exc:
-        maillog.log(f"agent: {exc.message}", error=True)
-        return exc.code
+def deliver_due(config: Config, target: spool.Spool) -> bool:
+    """The agent's pass (agent.py): deliver due entries until the queue stays quiet; False
+    when the listener was unreachable or kept asking to slow down."""
     import asyncio
 
-    if incoming is not None:
-        if lock_fd is None:
-            return 64
-        entry = spool.open_drop_entry(spool.Spool(spool_root, drop=True), incoming, lock_fd)
-
-        async def one() -> None:
-            async with _client(config) as client:
-                await deliver_drop(config, client, entry)
-
-        try:
-            asyncio.run(one())
-        except MailshimError as exc:
-            maillog.log(f"agent: {exc.message}", error=True)
-        finally:
-            entry.release()
-        return 0
-
-    target = spool.Spool(spool_root)
-    fd = lock_fd if lock_fd is not None else target.try_agent_lock()
-    while fd is not None:
-        reachable = False
-        try:
-            reachable = asyncio.run(_agent_session(config, target))
-            target.mark_relay(fd, reachable)
-        except MailshimError as exc:
-            maillog.log(f"agent: {exc.message}", error=True)
-        finally:
-            os.close(fd)
-        if not reachable or not _due(target):
-            break  # when the listener is down, the runner's schedule takes over
-        fd = target.try_agent_lock()
-        if fd is not None and not _due(target):
-            os.close(fd)
-            break
-    return 0
+    return asyncio.run(_agent_session(config, target))
 
 
 # --- the daemon ---------------------------------------------------------------------------
@@ -680,6 +629,7 @@ class _Daemon:
         self.client: RelayClient | None = None
         self.hold_until = 0.0  # the listener was down or busy: wait before the next pass
         self.locks: dict[str, int] = {}
+        self.took_over: set[str] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -691,6 +641,8 @@ class _Daemon:
                 await self.client.close()
             for target in self.spools:
                 target.sync(force=True)
+                if target.root in self.locks:
+                    serving.clear_pid(target)
             for fd in self.locks.values():
                 os.close(fd)
 
@@ -702,12 +654,18 @@ class _Daemon:
         for target in self.spools:
             if target.root not in self.locks:
                 # While the daemon runs, sendmail starts no agents: the daemon sees its entry.
+                # A lingering agent is asked to leave, once: the daemon serves the spool now.
                 try:
-                    fd = target.try_agent_lock()
+                    if target.root in self.took_over:
+                        fd = target.try_agent_lock()
+                    else:
+                        self.took_over.add(target.root)
+                        fd = serving.stop_lingering(target)
                 except OSError:
                     fd = None
                 if fd is not None:
                     self.locks[target.root] = fd
+                    serving.write_pid(target, serving.DAEMON)
             try:
                 target.clean_tmp()
                 waiting_drops = pickup(self.config, target)[1] > 0 or waiting_drops
@@ -718,7 +676,7 @@ class _Daemon:
                     continue
                 counts = Counts()
                 if self.client is None:
-                    self.client = _client(self.config)
+                    self.client = client_for(self.config)
                 status = await run_pass(
                     self.config, self.client, target, counts, force=False, stop=stop
                 )
@@ -790,32 +748,3 @@ def daemon(config: Config, spools: list[spool.Spool], say: Callable[[str], None]
         return 0
     say("daemon: stopped")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] != "agent":
-        sys.stderr.write(
-            "usage: python -m mailshim.runner agent --spool DIR [--lock-fd N]"
-            " [--incoming ID] [--config FILE]\n"
-        )
-        return 64
-    root = lock = cfg = incoming = None
-    i = 1
-    while i + 1 < len(args):
-        if args[i] == "--spool":
-            root = args[i + 1]
-        elif args[i] == "--lock-fd":
-            lock = int(args[i + 1])
-        elif args[i] == "--config":
-            cfg = args[i + 1]
-        elif args[i] == "--incoming":
-            incoming = args[i + 1]
-        i += 2
-    if root is None:
-        return 64
-    return agent_main(root, lock, cfg, incoming)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

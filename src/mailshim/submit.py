@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import sys
 import time
 
 from mailshim import address, maillog, message, paths, spool
@@ -247,7 +246,9 @@ def _hand_on(
             config, locked, verbose=sub.verbose, discard_rejected=sub.discard_rejected
         )
     elif mode == "background":
-        start_agent(target, config, entry=locked if isinstance(locked, spool.DropEntry) else None)
+        from mailshim import agent
+
+        agent.start(target, config, entry=locked if isinstance(locked, spool.DropEntry) else None)
     elif locked is not None:
         locked.release()
     return outcome
@@ -333,71 +334,6 @@ def _forgery_warning(config: Config, sub: Submission, user: User, sender: str, o
     return text.encode("utf-8", "surrogateescape") + b"\r\n"
 
 
-# --- the delivery agent ------------------------------------------------------------------
-
-
-def start_agent(target: spool.Spool, config: Config, entry: spool.DropEntry | None = None) -> None:
-    """Start a detached delivery agent for ``target`` unless one already runs.
-
-    The agent lock is taken here and handed to the child, so a burst of submissions starts
-    one agent, not one per message. If the lock is held, the running agent will see this
-    entry: it rescans the queue after releasing its lock (see runner.agent_main). Root
-    starts it as the spool's owner (the ``mailshim`` user), which the runner also is.
-
-    With ``entry`` (the system spool's drop folder): the child gets that entry's lock and
-    delivers only it, if this user has no such agent running already (a per-user slot in
-    their state folder); otherwise the runner, which the drop folder wakes, delivers it.
-    """
-    args = [sys.executable, "-m", "mailshim.runner", "agent", "--spool", target.root]
-    keep: list[int] = []
-    if entry is not None:
-        slot = spool.user_agent_slot()
-        if slot is None:
-            entry.release()
-            return
-        keep = [entry.fd, slot]
-        args += ["--incoming", entry.queue_id, "--lock-fd", str(entry.fd)]
-    else:
-        down = target.relay_down_since()
-        pause = min(r.retry_after_failure for r in config.relays)
-        if down is not None and 0 <= time.time() - down < pause:
-            return  # an agent just found the listener down; the runner retries
-        try:
-            fd = target.try_agent_lock()
-        except OSError:
-            return  # the runner's schedule will pick the entry up; it is safe in the spool
-        if fd is None:
-            return
-        keep = [fd]
-        args += ["--lock-fd", str(fd)]
-    if config.path:
-        args += ["--config", os.path.abspath(config.path)]
-    owner = target.owner() if os.geteuid() == 0 and entry is None else None
-    try:
-        pid = os.fork()
-    except OSError:
-        pid = -1
-    if pid == 0:  # pragma: no cover - the child execs at once
-        try:
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDWR)
-            for std in (0, 1, 2):
-                os.dup2(null, std)
-            for fd in keep:
-                os.set_inheritable(fd, True)
-            if owner is not None and owner[0] != 0:
-                os.setgroups([])
-                os.setgid(owner[1])
-                os.setuid(owner[0])
-            os.execv(sys.executable, args)
-        finally:
-            os._exit(127)
-    for fd in keep:
-        os.close(fd)
-    if entry is not None:
-        entry.fd = -1
-
-
 def verify(config: Config, words: list[str]) -> list[tuple[str, list[str]]]:
     """For ``-bv``: each recipient as given and what it becomes."""
     out = []
@@ -414,7 +350,6 @@ __all__ = [
     "paths",
     "resolve_recipients",
     "rewrite_recipient",
-    "start_agent",
     "submit",
     "verify",
 ]

@@ -126,10 +126,15 @@ class Action:
         )
 
 
+def _since(env: Envelope, state: State) -> int:
+    """Lifetime and warnings count from arrival, or from the requeue out of dead/."""
+    return max(env.arrival, state.requeued)
+
+
 def expire(config: Config, env: Envelope, state: State, now: float) -> bool:
     """Once ``lifetime`` has passed, every open recipient fails as expired."""
     open_rcpts = state.open_recipients(env)
-    if not open_rcpts or now - env.arrival < config.lifetime:
+    if not open_rcpts or now - _since(env, state) < config.lifetime:
         return False
     for rcpt in open_rcpts:
         state.failed[rcpt] = state.pending.pop(rcpt, "") or "no attempt reached the listener"
@@ -171,7 +176,7 @@ def decide(
             config.warn_after
             and not state.warned
             and env.sender
-            and now - env.arrival >= config.warn_after
+            and now - _since(env, state) >= config.warn_after
         ):
             action.warn = {r: state.pending.get(r, "not yet tried") for r in open_rcpts}
             state.warned = True

@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, policy, serving, spool
+from mailshim import bounce, deadletters, maillog, policy, serving, spool
 from mailshim.constants import DEFERRED, SENT, THROTTLED
 from mailshim.errors import DataError, MailshimError
 
@@ -57,6 +57,7 @@ RATE_RETRIES = 2  # in-pass retries of one entry after rate limiting
 PRESSURE_STREAK = 5  # consecutive throttled entries that end a pass ("the listener is busy")
 DAEMON_POLL = 0.5  # seconds between the daemon's cheap looks at the spool folders
 LOCKED_RECHECK = 1.0  # how often the daemon looks again at drop entries held by their owner
+DEAD_EXPIRY_EVERY = 3600.0  # seconds between the daemon's looks for old dead letters
 
 
 class Counts:
@@ -531,6 +532,7 @@ def flush(
             for target in spools:
                 target.check_usable()
                 target.clean_tmp()
+                deadletters.expire(target, config.keep_dead)
                 seen: set[str] = set()
                 try:
                     pickup(config, target, counts)
@@ -593,6 +595,7 @@ async def _agent_session(config: Config, target: spool.Spool) -> bool:
     import asyncio
 
     counts = Counts()
+    deadletters.expire(target, config.keep_dead)
     async with client_for(config) as client:
         while True:
             stamp = _queue_stamp(target)
@@ -630,6 +633,7 @@ class _Daemon:
         self.hold_until = 0.0  # the listener was down or busy: wait before the next pass
         self.locks: dict[str, int] = {}
         self.took_over: set[str] = set()
+        self.dead_expired: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -668,6 +672,9 @@ class _Daemon:
                     serving.write_pid(target, serving.DAEMON)
             try:
                 target.clean_tmp()
+                if now - self.dead_expired.get(target.root, 0.0) > DEAD_EXPIRY_EVERY:
+                    self.dead_expired[target.root] = now
+                    deadletters.expire(target, self.config.keep_dead, now)
                 waiting_drops = pickup(self.config, target)[1] > 0 or waiting_drops
                 due, soonest = _schedule(target)
                 if soonest is not None:

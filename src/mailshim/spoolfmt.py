@@ -185,6 +185,7 @@ class State:
         "last_error",
         "next_attempt",
         "pending",
+        "requeued",
         "throttled",
         "warned",
     )
@@ -203,6 +204,7 @@ class State:
         self.failed: dict[str, str] = {}  # recipient -> permanent failure reply
         self.pending: dict[str, str] = {}  # recipient -> last temporary failure reply
         self.expired: list[str] = []  # recipients in ``failed`` because the lifetime ran out
+        self.requeued = 0  # when put back from dead/: the lifetime counts from then
 
     def open_recipients(self, env: Envelope) -> list[str]:
         return [r for r in env.recipients if r not in self.done and r not in self.failed]
@@ -218,6 +220,7 @@ def encode_state(state: State) -> bytes:
         "first_attempt": state.first_attempt,
         "last_attempt": state.last_attempt,
         "next_attempt": state.next_attempt,
+        "requeued": state.requeued,
         "held": state.held,
         "warned": state.warned,
         "last_error": state.last_error,
@@ -241,7 +244,9 @@ def decode_state(raw: bytes) -> State:
     if not isinstance(data, dict) or data.get("format") != STATE_MAGIC:
         raise DataError("state file has an unknown format")
     state = State()
-    for key in ("attempts", "throttled", "first_attempt", "last_attempt", "next_attempt"):
+    for key in (
+        "attempts", "throttled", "first_attempt", "last_attempt", "next_attempt", "requeued",
+    ):  # fmt: skip
         value = data.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise DataError(f"state field {key} is not a number")

@@ -97,6 +97,7 @@ def _config_rows(cfg: config_mod.Config) -> list[tuple[str, object, str]]:
     rows.append(("queue.retry", list(cfg.retry), cfg.source("queue.retry")))
     rows.append(("queue.lifetime", cfg.lifetime, cfg.source("queue.lifetime")))
     rows.append(("queue.warn_after", cfg.warn_after, cfg.source("queue.warn_after")))
+    rows.append(("queue.keep_dead", cfg.keep_dead, cfg.source("queue.keep_dead")))
     rows.append(("delivery.mode", cfg.delivery_mode, cfg.source("delivery.mode")))
     for key, value in (
         ("max_size", cfg.max_size),
@@ -150,30 +151,95 @@ def _print_items(items: list[queueview.Item], as_json: bool) -> None:
 
 @cli.group("queue", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="A JSON array for scripts.")
+@click.option("--dead", is_flag=True, help="Only the dead letters (failed for good), with why.")
 @click.option("--ids", is_flag=True, hidden=True, help="One queue id per line (completions).")
 @click.pass_context
-def queue_cmd(ctx: click.Context, as_json: bool, ids: bool) -> None:
+def queue_cmd(ctx: click.Context, as_json: bool, dead: bool, ids: bool) -> None:
     """List the queue (the default), or act on entries.
 
     One row per message: id, age, size, tries, status (new, deferred with the next try,
-    partly delivered, held), sender and recipients, and the last error below it. Colour only
-    on a terminal, never with NO_COLOR set. `mailq` shows the same in Postfix's layout.
+    partly delivered, held), sender and recipients, and the last error below it. Dead
+    letters (refused or expired; the sender got a bounce) follow in a section of their own
+    with the reason; --dead lists only them, and `mailshim queue requeue ID` puts one back.
+    Colour only on a terminal, never with NO_COLOR set. `mailq` shows the queue in
+    Postfix's layout.
 
     \b
     Examples:
       mailshim queue
+      mailshim queue --dead
       mailshim queue --json | jq -r '.[] | select(.held) | .id'
       mailshim queue show 18F2C0A1B3D4E5F6G7H8
       mailshim queue hold --all
     """
     if ctx.invoked_subcommand is not None:
         return
-    items = queueview.collect(_config(ctx))
+    from mailshim import deadletters
+
+    cfg = _config(ctx)
+    if dead:
+        buried = deadletters.collect(cfg)
+        if ids:
+            for d in buried:
+                click.echo(d.queue_id)
+        elif as_json:
+            click.echo(json.dumps([d.as_dict() for d in buried], indent=2))
+        else:
+            color = queueview.use_color(sys.stdout)
+            text = queueview.format_dead(buried, time.time(), color)
+            click.echo(text, nl=False, color=color)
+        return
+    items = queueview.collect(cfg)
     if ids:
         for item in items:
             click.echo(item.queue_id)
         return
     _print_items(items, as_json)
+    if not as_json:
+        buried = deadletters.collect(cfg)
+        if buried:
+            color = queueview.use_color(sys.stdout)
+            click.echo("")
+            click.echo("Dead letters (failed for good):")
+            click.echo(queueview.format_dead(buried, time.time(), color), nl=False, color=color)
+
+
+@queue_cmd.command(
+    "requeue",
+    epilog="\b\nExamples:\n  mailshim queue requeue 18F2C0A1B3D4E5F6G7H8\n"
+    "  mailshim queue requeue --all",
+)
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every dead letter.")
+@click.pass_context
+def queue_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
+    """Put dead letters back in the queue with a fresh schedule (each one is logged).
+
+    Recipients that were delivered stay delivered; the others are tried again at once
+    and, if they fail again, retried and bounced as for a new message.
+    """
+    from mailshim import deadletters
+
+    if not ids and not all_:
+        raise UsageError("name one or more dead letters' ids, or --all")
+    cfg = _config(ctx)
+    wanted = {i.rstrip("!*").upper() for i in ids}
+    done = 0
+    for target in spool.known_spools(cfg):
+        for qid in deadletters.ids(target):
+            if all_ or qid in wanted:
+                deadletters.requeue(target, qid)
+                wanted.discard(qid)
+                done += 1
+    if wanted:
+        raise UsageError(f"no such dead letter: {', '.join(sorted(wanted))}")
+    click.echo(f"requeue: {done} entr{'y' if done == 1 else 'ies'}")
+    if done and cfg.delivery_mode != "queue":
+        from mailshim import agent
+
+        for target in spool.known_spools(cfg):
+            if target.writable():
+                agent.start(target, cfg)  # or wake the one serving it
 
 
 @queue_cmd.command(

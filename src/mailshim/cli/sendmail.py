@@ -108,7 +108,7 @@ def _dispatch(prog: str, inv: Invocation) -> int:
         from mailshim import bs
 
         _catch_signals()
-        return bs.serve(config)
+        return bs.serve(config, mode=inv.delivery, verbose=inv.verbose)
     return _submit(prog, config, inv)
 
 

@@ -360,3 +360,54 @@ def test_daemon_finishes_the_message_in_flight_on_sigterm(fworld):
     assert b"daemon: stopped" in err
     # the reply was waited for and recorded: delivered once, gone from the spool
     assert len(fworld.listener.messages) == 1 and fworld.queued() == []
+
+
+def _stale_bounce_temp(world, qid: str) -> str:
+    """Give ``qid`` a recorded bounce id whose temp file is already there (a crash left it):
+    writing the bounce then fails with EEXIST for this entry only."""
+    target = sp(world)
+    st = target.load_state(qid)
+    st.bounce_id = spool.new_queue_id()
+    target.save_state(qid, st)
+    (world.spool / "tmp" / st.bounce_id).write_bytes(b"half a bounce")
+    return st.bounce_id
+
+
+def test_one_entry_that_cannot_be_finished_does_not_stop_the_flush(fworld):
+    """Issue 12 item 1: a stale bounce temp file made flush exit 73 and left every later
+    entry undelivered. The error is now that entry's: it waits, the others go."""
+    fworld.listener.handler.rcpt_replies = {"nobody@example.org": "550 5.1.1 no such user"}
+    (bad,) = queue(fworld, rcpts=("nobody@example.org",))
+    good = queue(fworld, n=3)
+    _stale_bounce_temp(fworld, bad)
+    done = fworld.run("mailshim", ["flush"])
+    assert done.returncode == 0, done.stderr
+    assert b"left after a local error" not in done.stderr  # the summary is on stdout
+    assert sorted(message_queue_id(m) for m in fworld.listener.messages) == sorted(good)
+    assert fworld.queued() == [bad]  # still here, for its next attempt
+    (fworld.spool / "tmp").joinpath(state_of(fworld, bad).bounce_id).unlink()
+    assert fworld.run("mailshim", ["flush"]).returncode == 0
+    assert fworld.queued() == [] and bad in dead(fworld)
+
+
+def test_one_entry_that_cannot_be_finished_does_not_pause_the_daemon(fworld):
+    queue_config(fworld, queue='retry = ["10m"]', mode="queue")  # a pause would be 10 minutes
+    fworld.listener.handler.rcpt_replies = {"nobody@example.org": "550 5.1.1 no such user"}
+    (bad,) = queue(fworld, rcpts=("nobody@example.org",))
+    _stale_bounce_temp(fworld, bad)
+    daemon = subprocess.Popen(
+        [tool("mailshim"), "daemon"], env=fworld.env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and fworld.listener.handler.sessions == 0:
+            time.sleep(0.05)  # until the daemon has met the bad entry
+        r = fworld.sendmail("-i", "bob@example.org", input=b"Subject: after\n\nbody\n")
+        assert r.returncode == 0
+        fworld.listener.wait(1, timeout=20)  # delivered at once: the spool is not paused
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0 and b"Traceback" not in err
+    assert b"next pass in" not in err

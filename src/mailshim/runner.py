@@ -57,6 +57,7 @@ RATE_RETRIES = 2  # in-pass retries of one entry after rate limiting
 PRESSURE_STREAK = 5  # consecutive throttled entries that end a pass ("the listener is busy")
 DAEMON_POLL = 0.5  # seconds between the daemon's cheap looks at the spool folders
 LOCKED_RECHECK = 1.0  # how often the daemon looks again at drop entries held by their owner
+SPOOL_RESERVE = 1024 * 1024  # bytes: less free space than this is a full spool for a pass
 DEAD_EXPIRY_EVERY = 3600.0  # seconds between the daemon's looks for old dead letters
 
 
@@ -64,9 +65,8 @@ class Counts:
     __slots__ = (
         "bounced",
         "deferred",
-        "picked",
+        "errors",
         "quarantined",
-        "refused",
         "sent",
         "skipped",
         "throttled",
@@ -79,8 +79,7 @@ class Counts:
         self.skipped = 0
         self.quarantined = 0
         self.throttled = 0
-        self.picked = 0  # drop-folder entries moved into the queue
-        self.refused = 0  # drop-folder names that were not valid entries
+        self.errors = 0  # entries left for their next attempt after a local error
 
     def total(self) -> int:
         return self.sent + self.deferred + self.bounced + self.quarantined + self.throttled
@@ -103,6 +102,8 @@ class Counts:
             text += f", {self.throttled} slowed down by the listener"
         if self.quarantined:
             text += f", {self.quarantined} unreadable (moved to corrupt/)"
+        if self.errors:
+            text += f", {self.errors} left after a local error (see the log)"
         return text
 
 
@@ -399,7 +400,7 @@ async def _sleep(seconds: float, stop: asyncio.Event | None) -> None:
         pass
 
 
-def pickup(config: Config, target: spool.Spool, counts: Counts | None = None) -> tuple[int, int]:
+def pickup(config: Config, target: spool.Spool) -> tuple[int, int]:
     """Move the drop folder's entries into the queue (runners only). Returns how many were
     moved, and how many were left because their owner still holds them."""
     if not target.has_incoming() or not target.writable():
@@ -408,9 +409,6 @@ def pickup(config: Config, target: spool.Spool, counts: Counts | None = None) ->
     results = target.pickup(config.max_size, config.max_recipients)
     spool.log_pickups(results, lambda text, error: maillog.log(text, error=error))
     picked = sum(1 for p in results if p.status == "picked" and not p.duplicate)
-    if counts is not None:
-        counts.picked += picked
-        counts.refused += sum(1 for p in results if p.status in ("rejected", "corrupt"))
     return picked, sum(1 for p in results if p.status == "busy")
 
 
@@ -447,7 +445,16 @@ async def run_pass(
         if state is not None and (state.held or (not force and state.next_attempt > now)):
             counts.skipped += 1
             continue
-        status, replies = await _attempt_with_pauses(config, client, target, qid, counts, stop)
+        try:
+            status, replies = await _attempt_with_pauses(config, client, target, qid, counts, stop)
+        except MailshimError as exc:
+            # One entry's trouble (a stale temp file in the way of its bounce, a file it may
+            # not write) is that entry's: it waits for its next attempt and the pass goes on.
+            # Only a spool that cannot record anything (read-only, full) ends the pass.
+            _spool_wide(target)
+            counts.errors += 1
+            maillog.log(f"{qid}: {exc.message}; left in the queue for its next attempt", error=True)
+            continue
         if status == "":
             continue
         counts.add(status)
@@ -461,6 +468,20 @@ async def run_pass(
         if streak >= PRESSURE_STREAK:
             return "busy"
     return "done"
+
+
+def _spool_wide(target: spool.Spool) -> None:
+    """Raise when nothing can be recorded in ``target`` any more: a read-only or missing
+    folder, or a full file system (the next entry would be sent and not recorded)."""
+    from mailshim.errors import TempFailError
+
+    target.check_usable()
+    try:
+        st = os.statvfs(target.queue)
+    except OSError:
+        return
+    if st.f_bavail * st.f_frsize < SPOOL_RESERVE or (st.f_files and st.f_favail == 0):
+        raise TempFailError(f"the spool {target.root} is full (nothing more can be recorded)")
 
 
 async def _attempt_with_pauses(
@@ -535,7 +556,7 @@ def flush(
                 deadletters.expire(target, config.keep_dead)
                 seen: set[str] = set()
                 try:
-                    pickup(config, target, counts)
+                    pickup(config, target)
                     while True:
                         status = await run_pass(
                             config, client, target, counts, force=force, only=only, seen=seen,
@@ -543,7 +564,7 @@ def flush(
                         )  # fmt: skip
                         if status != "done":
                             break
-                        picked, _ = pickup(config, target, counts)
+                        picked, _ = pickup(config, target)
                         # entries outside a -qI filter are never "seen": do not wait for them
                         left = [q for q in target.ids() if q not in seen]
                         if only is not None:
@@ -599,7 +620,7 @@ async def _agent_session(config: Config, target: spool.Spool) -> bool:
     async with client_for(config) as client:
         while True:
             stamp = _queue_stamp(target)
-            pickup(config, target, counts)
+            pickup(config, target)
             status = await run_pass(config, client, target, counts, force=False)
             target.sync(force=True)
             if status in ("down", "busy"):

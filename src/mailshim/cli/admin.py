@@ -1,4 +1,4 @@
-"""``mailshim``: the administrator's command (click): config, check, send-test, flush, queue,
+"""``mailshim``: the administrator's command (click): config, check, send-test, flush, run, queue,
 log, sink (and setup-spool, daemon from ``admin_spool``).
 
 A thin layer: each command parses its options, calls the library, prints. Errors are one line
@@ -19,9 +19,10 @@ from typing import Any
 
 import click
 
-from mailshim import __version__, maillog, paths, queueview, spool
 from mailshim import config as config_mod
+from mailshim import maillog, paths, queueview, spool
 from mailshim.cli import standard_fds
+from mailshim.cli.group import _config, cli
 from mailshim.errors import (
     EX_NOINPUT,
     EX_OK,
@@ -33,33 +34,6 @@ from mailshim.errors import (
     UsageError,
     one_line,
 )
-
-
-def _config(ctx: click.Context) -> config_mod.Config:
-    obj = ctx.ensure_object(dict)
-    if "config" not in obj:
-        obj["config"] = config_mod.load(obj.get("config_path"))
-    cfg: config_mod.Config = obj["config"]
-    return cfg
-
-
-@click.group(
-    context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="\b\nExamples:\n  mailshim check\n  mailshim send-test\n  mailshim queue\n"
-    "  mailshim flush\n  mailshim log 18F2C0A1B3D4E5F6G7H8\n  mailshim -C /etc/mailshim/test.toml"
-    " config",
-)
-@click.option("-C", "--config", "config_path", metavar="FILE", help="Read this config file.")
-@click.version_option(__version__, prog_name="mailshim")
-@click.pass_context
-def cli(ctx: click.Context, config_path: str | None) -> None:
-    """Administer mailshim: the sendmail that spools mail and hands it to one SMTP listener.
-
-    Each command has --help with examples. Errors are one line on stderr with a sysexits
-    code.
-    """
-    ctx.ensure_object(dict)["config_path"] = config_path
-
 
 # --- config ---------------------------------------------------------------------------
 

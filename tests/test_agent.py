@@ -242,3 +242,96 @@ def test_the_agent_leaves_when_the_queue_empties(world):
     world.listener.wait(1)
     wait_for(lambda: not agents(world), what="the agent to leave")
     assert world.queued() == []
+
+
+def test_a_users_own_spool_is_retried_by_their_agent():
+    """The per-user spool (no system spool this user may write: pip/pipx as a user): the
+    agent runs as that user, lingers through the outage and delivers with no runner."""
+    from conftest import others_can_run
+
+    if os.geteuid() != 0 or not others_can_run():
+        pytest.skip("needs root, and an interpreter other users can run")
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="mailshim-own-spool-"))  # pytest's is root-only
+    os.chmod(tmp_path, 0o755)
+    try:
+        _own_spool(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _own_spool(tmp_path) -> None:
+    lst = FaultListener(free_port())
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    cfg = tmp_path / "user.toml"
+    cfg.write_text(
+        f"""
+[relay]
+host = "127.0.0.1"
+port = {lst.port}
+timeout = 5
+retry_after_failure = 1
+
+[addresses]
+domain = "example.org"
+
+[queue]
+dir = "{tmp_path}/root-only/spool"
+retry = ["4s"]
+"""
+    )
+    (tmp_path / "root-only").mkdir(mode=0o700)
+    cfg.chmod(0o644)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "MAILSHIM_CONFIG": str(cfg),
+        "MAILSHIM_NO_SYSLOG": "1",
+    }
+    done = subprocess.run(
+        [tool("sendmail"), "-i", "bob@example.org"],
+        input=b"Subject: mine\n\nbody\n",
+        env=env,
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        cwd="/",
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    user_spool = home / ".local" / "state" / "mailshim" / "spool"
+    assert len(os.listdir(user_spool / "queue")) == 1
+
+    def user_agents() -> list[int]:
+        return [
+            p
+            for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if _agent_for(p, user_spool) and os.stat(f"/proc/{p}").st_uid == 65534
+        ]
+
+    try:
+        wait_for(user_agents, what="the user's agent")
+        time.sleep(3)
+        lst.start()
+        lst.wait(1, timeout=20)
+        wait_for(lambda: not user_agents(), what="the user's agent to leave")
+    finally:
+        lst.stop()
+        for pid in user_agents():
+            os.kill(pid, signal.SIGTERM)
+    assert os.listdir(user_spool / "queue") == []
+
+
+def _agent_for(pid: int, root) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return False
+    return b"mailshim.agent" in cmd and str(root).encode() in cmd

@@ -72,3 +72,31 @@ def test_queued_entry_is_not_written_to_when_stdout_is_closed(world):
     [qid] = world.queued()
     data = (world.spool / "queue" / qid).read_bytes()
     assert data.count(b"Subject: closed fds") == 1 and b"sendmail:" not in data
+
+
+def test_queue_listing_into_head_is_clean(world):
+    """`mailshim queue | head` and `mailq | head`: the reader leaves early (EPIPE); no
+    traceback, no message, the normal exit code; with stderr closed as well."""
+    import os
+
+    from mailshim import spool
+
+    target = spool.Spool(str(world.spool))
+    target.ensure()
+    for i in range(1500):  # far more than a pipe holds
+        w = target.new_entry("alice@example.org", [f"r{i}@example.org"], os.getuid())
+        w.write(b"Subject: %d\r\n\r\nbody\r\n" % i)
+        w.commit(False, sync_dir=False)
+    for prog in ("mailshim queue", "mailq"):
+        for closing in ("", "2>&-"):
+            head = tool(prog.split()[0])
+            rest = prog.split()[1:]
+            cmd = f"{shlex.quote(head)} {' '.join(rest)} {closing} | head -1"
+            done = subprocess.run(
+                ["bash", "-o", "pipefail", "-c", cmd],
+                env=world.env,
+                capture_output=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, (prog, closing, done.stderr)
+            assert done.stderr == b"" and done.stdout.count(b"\n") == 1

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 ENTRY_ENV = "MAILSHIM_AGENT_ENTRY"  # the drop entry a user's agent delivers (not in argv)
 MIN_NAP = 1.0  # never wake more often than this (an entry held by an interactive sendmail)
+RETAKE_TRIES = 10  # a leaving agent's tries at the lock when something fell due meanwhile
+RETAKE_PAUSE = 0.2
 
 
 # --- starting an agent (in sendmail) --------------------------------------------------------
@@ -223,8 +225,23 @@ def agent_main(root: str, lock_fd: int | None, config_path: str | None) -> int:
     while fd is not None:
         if not serve(config, target, fd) or _next_wake(config, target) is None:
             break
-        fd = target.try_agent_lock()
+        fd = _retake(target)
     return 0
+
+
+def _retake(target: spool.Spool) -> int | None:
+    """The lock again, after something fell due while this agent was leaving. Someone may
+    hold it for a moment (``mailshim check`` looking, a daemon starting): try for a while;
+    a holder that keeps it (a new agent, the daemon) serves the spool instead."""
+    for _ in range(RETAKE_TRIES):
+        try:
+            fd = target.try_agent_lock()
+        except OSError:
+            return None
+        if fd is not None:
+            return fd
+        time.sleep(RETAKE_PAUSE)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

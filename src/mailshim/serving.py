@@ -107,8 +107,11 @@ def _signal(pid: int, name: str) -> bool:
 
 
 def poke(target: spool.Spool) -> bool:
-    """Wake the agent serving ``target`` to deliver what is due now (SIGURG)."""
-    found = holder(target)
+    """Wake the agent serving ``target`` to deliver what is due now (SIGURG).
+
+    The caller has just found the agent lock taken; the lock is not taken again here (even
+    for a moment: an agent leaving looks once more for due entries and must find it free)."""
+    found = holder(target, locked=True)
     if found is None or found[1] != AGENT:
         return False  # nobody, or the daemon (it watches the folders itself)
     return _signal(found[0], "SIGURG")

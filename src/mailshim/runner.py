@@ -169,32 +169,14 @@ def _write_report(
     return qid
 
 
-def _finish(
-    config: Config,
-    locked: spool.LockedEntry,
-    state: State,
-    now: float,
-    *,
-    pressure: str | None = None,
-    due_at: int = 0,
-    interactive: bool = False,
-    discard_rejected: bool = False,
+def _carry_out(
+    config: Config, locked: spool.LockedEntry, state: State, action: policy.Action, now: float
 ) -> str:
-    """Decide (policy.decide) and carry the action out: remove, bury or reschedule.
+    """Carry out policy's action on ``locked``: remove, bury or reschedule.
 
     Returns the action's status (sent | deferred | throttled | bounced | rejected).
     """
     env = locked.envelope
-    action = policy.decide(
-        config,
-        env,
-        state,
-        now,
-        pressure=pressure,
-        due_at=due_at,
-        interactive=interactive,
-        discard_rejected=discard_rejected,
-    )
     if action.status in (DEFERRED, THROTTLED):
         if action.warn is not None:
             _write_report(config, locked, state, bounce.DELAYED, action.warn, now)
@@ -270,7 +252,9 @@ async def deliver_entry(
             rcpts.remove(rcpt)
         if not rcpts:
             # Nothing left to send: a crash came after the last reply was recorded.
-            return _finish(config, locked, state, time.time(), interactive=interactive), {}
+            now = time.time()
+            action = policy.decide(config, env, state, now, interactive=interactive)
+            return _carry_out(config, locked, state, action, now), {}
         started = time.time()
         try:
             with locked.message() as body:
@@ -282,17 +266,11 @@ async def deliver_entry(
         # A forced attempt before the entry was due neither counts nor moves its schedule.
         due_at = state.next_attempt if policy.is_early(state, started) else 0
         pressure = policy.record(state, result.replies, now, counted=not due_at)
-        status = _finish(
-            config,
-            locked,
-            state,
-            now,
-            pressure=pressure,
-            due_at=due_at,
-            interactive=interactive,
-            discard_rejected=discard_rejected,
-        )
-        return status, dict(result.replies)
+        action = policy.decide(
+            config, env, state, now, pressure=pressure, due_at=due_at,
+            interactive=interactive, discard_rejected=discard_rejected,
+        )  # fmt: skip
+        return _carry_out(config, locked, state, action, now), dict(result.replies)
     finally:
         locked.release()
 

@@ -453,6 +453,8 @@ def _run_queue(ctx: click.Context, verbose: bool, force: bool) -> None:
         summary += f", {untried} not tried (the listener is unreachable)"
     if counts.skipped:
         summary += f", {counts.skipped} held, not due or busy"
+    if counts.errors:
+        summary += f", {counts.errors} left after a local error (mailshim log ID says why)"
     click.echo(summary)
 
 

@@ -335,3 +335,17 @@ def _agent_for(pid: int, root) -> bool:
     except OSError:
         return False
     return b"mailshim.agent" in cmd and str(root).encode() in cmd
+
+
+def test_check_names_what_retries_each_spool(down_world):
+    world = down_world
+    configure(world, retry='["10m"]', pause=30.0)
+    idle = world.run("mailshim", ["check"]).stdout.decode()
+    assert "no delivery agent is waiting now" in idle
+    submit(world)
+    wait_for(lambda: (world.spool / "agent.lock").stat().st_size > 0, what="a failed attempt")
+    [pid] = agents(world)
+    out = world.run("mailshim", ["check"]).stdout.decode()
+    said = f"{world.spool}: deferred mail is retried by a lingering delivery agent (pid {pid})"
+    assert said in out
+    assert agents(world) == [pid]  # looking did not disturb it

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: venv demo test lint typecheck unit compat fuzz bench clean
+.PHONY: venv demo test lint typecheck unit compat fuzz bench clean real-listeners
 
 venv: $(VENV)/.stamp
 
@@ -27,8 +27,14 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest
 
-# unit last: its pytest summary is the closing line CI reads.
-test: lint typecheck fuzz compat unit
+# unit last: its pytest summary is the closing line CI reads; the real listeners are
+# installed before compat and unit run their tests.
+test: lint typecheck fuzz real-listeners compat unit
+
+# Dovecot LMTP (apt) and Haraka (npm, into ~/.cache/mailshim-tests) for
+# tests/test_real_listeners.py; a no-op when they are there.
+real-listeners:
+	bash tests/real-listeners/install.sh
 
 # Each atheris target for a bounded time over the committed corpus (tests/fuzz/corpus).
 fuzz: venv

@@ -1,10 +1,10 @@
 """Flush a spool the way a client without connection reuse would: one SMTP session per message.
 
 The comparison point for ``mailshim flush`` (issue 3's benchmark): the same runner code, the
-same spool work, but ``RelayClient(max_messages_per_connection=1)`` so that every message pays
-for connect, greeting, EHLO and QUIT. The config has no key for that limit, so this script
-swaps ``runner._client`` for one that passes it; it relies on ``runner._client``,
-``runner.flush`` and ``spool.known_spools`` keeping their current shapes.
+same spool work, but a ``RelayClient`` that QUITs after every message, so that every message
+pays for connect, greeting, EHLO and QUIT. This script swaps ``runner._client`` for it; it
+relies on ``runner._client``, ``runner.flush`` and ``spool.known_spools`` keeping their current
+shapes.
 
 Usage: python bench/one_per_session.py CONFIG   (prints "sent deferred bounced")
 
@@ -20,13 +20,16 @@ from mailshim import runner, spool
 from mailshim.relay import RelayClient
 
 
+class _OneMessageClient(RelayClient):
+    async def send(self, *args, **kwargs):
+        try:
+            return await super().send(*args, **kwargs)
+        finally:
+            await self.close()
+
+
 def _one_message_client(config, transcript=None):
-    return RelayClient(
-        config.relays,
-        helo=config.helo_name,
-        transcript=transcript,
-        max_messages_per_connection=1,
-    )
+    return _OneMessageClient(config.relays, helo=config.helo_name, transcript=transcript)
 
 
 def main() -> int:

@@ -453,8 +453,10 @@ def queue_config(
     mode: str = "background",
     extra: str = "",
     port: int | None = None,
+    relay: str = "",
 ) -> None:
-    """Rewrite ``env``'s config with more ``[queue]`` keys (retry, lifetime, warn_after)."""
+    """Rewrite ``env``'s config with more ``[queue]`` keys (retry, lifetime, warn_after), and
+    more ``[relay]`` keys (protocol, socket, tls...) from ``relay``."""
     env.config.write_text(
         f"""
 [relay]
@@ -462,6 +464,7 @@ host = "127.0.0.1"
 port = {port or env.listener.port}
 timeout = 5
 helo = "client.example.org"
+{relay}
 
 [addresses]
 domain = "example.org"

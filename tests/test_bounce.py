@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailshim import bounce
+from mailshim.reply import Reply
 from mailshim.spoolfmt import Envelope
 
 QID = "0645F1A2B3C4DK3J9QXA"
@@ -31,6 +32,8 @@ def report(**kw) -> bytes:
         message_id="0645F1A2B3C4DZZZZZZZ",
     )
     args.update(kw)
+    # Replies are written as the listener said them; the runner hands them over as fields.
+    args["recipients"] = {r: Reply.from_legacy(v) for r, v in args["recipients"].items()}
     return bounce.build_report(**args)
 
 
@@ -153,10 +156,31 @@ def test_control_characters_from_the_listener_stay_on_one_line():
 
 
 def test_status_codes():
-    assert bounce.status_of("550 5.7.1 relay denied") == "5.7.1"
-    assert bounce.status_of("550 4.7.1 mismatched class") == "5.0.0"
-    assert bounce.status_of("452 4.4.5 rate") == "4.4.5"
-    assert bounce.status_of("garbage") == "4.4.1"
+    assert bounce.status_of(Reply(550, "5.7.1 relay denied")) == "5.7.1"
+    assert bounce.status_of(Reply(550, "4.7.1 mismatched class")) == "5.0.0"
+    assert bounce.status_of(Reply(452, "4.4.5 rate")) == "4.4.5"
+    assert bounce.status_of(Reply(0, "garbage", kind="protocol")) == "4.4.1"
+
+
+@pytest.mark.parametrize(
+    ("reply", "status"),
+    [
+        (Reply(550, "Message too big!", stage="size"), "5.3.4"),
+        (Reply(552, "Message size exceeds fixed maximum"), "5.3.4"),
+        (Reply(552, "too big", stage="mail"), "5.3.4"),
+        (Reply(553, "sender not allowed", stage="mail"), "5.1.7"),
+        (Reply(553, "recipient not allowed"), "5.1.3"),
+        (Reply(530, "Authentication required", stage="mail"), "5.7.0"),
+        (Reply(535, "bad credentials"), "5.7.8"),
+        (Reply(550, "no reason given", stage="mail"), "5.0.0"),
+        (Reply(554, "5.7.1 the listener's own code wins", stage="size"), "5.7.1"),
+        (Reply(552, "5.2.2 quota: the listener's own code wins"), "5.2.2"),
+        (Reply(451, "try again later"), "4.0.0"),
+    ],
+)
+def test_status_derived_from_stage_and_code_when_the_listener_gives_none(reply, status):
+    # Issue 16 fix 2 (RFC 3463): a SIZE refusal without an enhanced code is 5.3.4, not 5.0.0.
+    assert bounce.status_of(reply) == status
 
 
 def test_the_module_is_pure():
@@ -172,7 +196,14 @@ def test_the_module_is_pure():
             imported.add(node.module or "")
         elif isinstance(node, ast.Name):
             assert node.id not in ("open", "__import__", "eval", "exec"), node.id
-    pure = {"__future__", "collections.abc", "mailshim.spoolfmt", "mailshim.message"}
+    pure = {
+        "__future__",
+        "collections.abc",
+        "mailshim.spoolfmt",
+        "mailshim.message",
+        "mailshim.reply",
+        "mailshim.constants",
+    }
     assert imported <= pure, imported
 
 

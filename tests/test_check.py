@@ -18,8 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailshim import check
-from mailshim.relay import Reply
+from mailshim import check, probe
+from mailshim.reply import Reply
+from mailshim.x509 import parse_certificate
 from relayhelpers import Certs, Listener, free_port
 
 BIN = Path(sys.executable).parent
@@ -439,7 +440,7 @@ def test_listener_smaller_than_max_size(tmp_path):
     ],
 )  # fmt: skip
 def test_classify_rcpt(reply, text, code, kind):
-    got_text, fix, got_code, got_kind = check.classify_rcpt(reply, "a@b.c", "a@b.c")
+    got_text, fix, got_code, got_kind = probe.classify_rcpt(reply, "a@b.c", "a@b.c")
     assert got_text.startswith(text) or text in got_text
     assert (got_code, got_kind) == (code, kind)
     assert fix
@@ -459,7 +460,7 @@ def test_certificate_reader_matches_cryptography(tmp_path):
     certs = Certs("localhost", "mail.example.org", "127.0.0.1", "::1")
     der = certs.cert.cert_chain_pems[0].bytes()
     cert = x509.load_pem_x509_certificate(der)
-    parsed = check.parse_certificate(cert.public_bytes(_der_encoding()))
+    parsed = parse_certificate(cert.public_bytes(_der_encoding()))
     assert parsed is not None
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert parsed["names"] == [str(n.value) for n in san]
@@ -479,14 +480,14 @@ def _der_encoding():
 
 @given(st.binary(max_size=600))
 def test_certificate_reader_never_raises(data):
-    result = check.parse_certificate(data)
+    result = parse_certificate(data)
     assert result is None or isinstance(result, dict)
 
 
 @given(st.binary(max_size=64), st.integers(min_value=0, max_value=200))
 def test_certificate_reader_survives_truncation_and_garbage(tail, cut):
     der = _TRUSTME_DER[: max(0, len(_TRUSTME_DER) - cut)] + tail
-    result = check.parse_certificate(der)
+    result = parse_certificate(der)
     assert result is None or isinstance(result, dict)
 
 

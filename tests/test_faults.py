@@ -24,6 +24,7 @@ import pytest
 
 from conftest import Env, message_queue_id, others_can_run, queue_config, tool
 from mailshim import spool, spoolfmt
+from relayhelpers import Listener
 
 MSG = b"Subject: fault test\n\nkeep me\n"
 
@@ -98,7 +99,9 @@ def test_4xx_defers_then_delivers_once(fworld, where, reply):
         h.mail_reply = reply
     q(fworld)
     st = state(fworld, qid)
-    assert fworld.queued() == [qid] and st.pending == {"bob@example.org": reply}
+    assert fworld.queued() == [qid] and {r: str(v) for r, v in st.pending.items()} == {
+        "bob@example.org": reply
+    }
     assert st.attempts == 1 and not st.done and not st.failed
     h.rcpt_replies, h.data_reply, h.mail_reply = {}, None, None
     q(fworld)
@@ -161,6 +164,48 @@ def test_connection_dropped_after_the_dot_is_the_documented_window(fworld):
     q(fworld)
     assert [message_queue_id(m) for m in fworld.listener.messages] == [qid, qid]
     assert fworld.queued() == []
+
+
+def test_no_reply_after_the_dot_waits_for_the_same_relay_and_never_fails_over(fworld):
+    """Issue 12 item 10: two listeners in front of one store. The first takes the message and
+    drops the connection before its reply: the second must not get it in the same attempt
+    (that would be a near-certain duplicate); the entry waits, and the retry sends exactly
+    one more copy, again to the first."""
+    with Listener() as second:
+        fworld.config.write_text(
+            f"""
+[[relay]]
+name = "first"
+host = "127.0.0.1"
+port = {fworld.listener.port}
+timeout = 5
+helo = "client.example.org"
+
+[[relay]]
+name = "second"
+host = "127.0.0.1"
+port = {second.port}
+timeout = 5
+helo = "client.example.org"
+
+[addresses]
+domain = "example.org"
+
+[queue]
+dir = "{fworld.spool}"
+retry = ["1s"]
+"""
+        )
+        fworld.listener.handler.drop_after_dot = 1
+        qid = submit(fworld)
+        q(fworld)
+        assert [message_queue_id(m) for m in fworld.listener.messages] == [qid]
+        assert second.handler.messages == [] and fworld.queued() == [qid]
+        pending = state(fworld, qid).pending["bob@example.org"]
+        assert (pending.code, pending.kind) == (0, "unanswered")
+        q(fworld)
+        assert [message_queue_id(m) for m in fworld.listener.messages] == [qid, qid]
+        assert second.handler.messages == [] and fworld.queued() == []
 
 
 def test_a_signal_after_the_entry_is_safe_does_not_turn_success_into_failure(fworld):

@@ -30,6 +30,7 @@ from conftest import tool
 from fuzz import targets
 from mailshim import address, argv, message, smtpserver, spool, spoolfmt
 from mailshim.errors import DataError, MailshimError
+from mailshim.reply import Reply
 
 CORPUS = Path(__file__).parent / "fuzz" / "corpus"
 # MAILSHIM_FUZZ_EXAMPLES=5000 for a longer hunt; the default is the profile's (conftest.py).
@@ -572,9 +573,10 @@ def test_state_file_nested_too_deep_is_a_data_error():
 
 def test_listener_reply_with_short_code_is_a_554():
     # Finding F1, by atheris (smtp target): "5" passed the "starts with a 5 and is digits"
-    # test and reached reply(5), a SoftwareError.
+    # test and reached reply(5), a SoftwareError. Replies are fields now; the one text
+    # parser left reads old state files, and what it makes must still give a 5xx.
     for text in ("5", "55 x", "5\r\nuser"):
-        codes = targets.well_formed_reply(smtpserver.listener_reply(text))
+        codes = targets.well_formed_reply(smtpserver.listener_reply(Reply.from_legacy(text)))
         assert len(codes) == 1 and 500 <= codes[0] <= 599
 
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from conftest import Env, free_port
 from conftest import Listener as SimpleListener
 from mailshim import queueview, spool
+from mailshim.reply import Reply
 from mailshim.spoolfmt import Envelope, State
 
 NOW = 1_800_000_000.0
@@ -43,7 +44,7 @@ def deferred(error: str = "451 4.3.0 try later", attempts: int = 2, next_in: int
     st_.attempts = attempts
     st_.last_error = error
     st_.next_attempt = int(NOW + next_in)
-    st_.pending = {"admin@example.org": error}
+    st_.pending = {"admin@example.org": Reply.from_legacy(error)}
     return st_
 
 
@@ -107,8 +108,8 @@ def test_postfix_layout_held_deferred_and_partial():
     held = State()
     held.held = True
     partial = deferred()
-    partial.done = {"bob@example.org": "250 ok"}
-    partial.failed = {"carol@example.org": "550 5.1.1 no such user"}
+    partial.done = {"bob@example.org": Reply(250, "ok")}
+    partial.failed = {"carol@example.org": Reply(550, "5.1.1 no such user")}
     items = [
         item(qid="18F2C0A1B3D4E5F6G7H8", state=held),
         item(
@@ -173,7 +174,7 @@ def test_status_words():
     held.held = True
     assert item(state=held).status == "held"
     part = deferred()
-    part.done = {"x@example.org": "250"}
+    part.done = {"x@example.org": Reply(250, "")}
     assert item(state=part).status == "partial"
 
 

@@ -17,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailshim import relay
+from mailshim import relay, wire
 from mailshim.errors import ConfigError, NoPermError
-from mailshim.relay import RelayClient, Reply, SendResult, clean_text
+from mailshim.relay import RelayClient, SendResult
+from mailshim.reply import MAX_TEXT, Reply, clean_text
 from relayhelpers import (
     DROP,
     HANG,
@@ -175,7 +176,7 @@ def test_clean_text_is_one_printable_line(text):
     assert "\n" not in line and "\r" not in line
     assert all(ord(ch) >= 32 and not 127 <= ord(ch) < 160 for ch in line)
     assert not any(0xD800 <= ord(ch) <= 0xDFFF for ch in line)
-    assert len(line) <= relay.MAX_TEXT + 3
+    assert len(line) <= MAX_TEXT + 3
     line.encode("utf-8")  # printable to any UTF-8 terminal or syslog
 
 
@@ -201,12 +202,12 @@ messages = st.lists(lines, max_size=20).map(lambda ls: b"".join(line + b"\r\n" f
 @given(data=messages, chunk=st.integers(min_value=1, max_value=40))
 def test_received_bytes_equal_the_file_after_unstuffing(shared_listener, data, chunk):
     handler = shared_listener.handler
-    saved = relay.CHUNK
-    relay.CHUNK = chunk  # tiny chunks put dots and CRLFs on every possible boundary
+    saved = wire.CHUNK
+    wire.CHUNK = chunk  # tiny chunks put dots and CRLFs on every possible boundary
     try:
         result, _ = send([relay_for(shared_listener)], data=data, eightbit=True)
     finally:
-        relay.CHUNK = saved
+        wire.CHUNK = saved
     assert result.sent() == ["b@example.test"], result
     assert handler.messages[-1].data == data
 
@@ -215,11 +216,11 @@ def test_received_bytes_equal_the_file_after_unstuffing(shared_listener, data, c
     "data",
     [
         # a dot as the first byte of the second chunk
-        b"x" * (relay.CHUNK - 2) + b"\r\n" + b".hidden\r\n",
+        b"x" * (wire.CHUNK - 2) + b"\r\n" + b".hidden\r\n",
         # CR ends the first chunk, LF + dot start the second
-        b"x" * (relay.CHUNK - 1) + b"\r\n.after split CRLF\r\n",
+        b"x" * (wire.CHUNK - 1) + b"\r\n.after split CRLF\r\n",
         # a dot ends the first chunk, its line continues in the second
-        b"x" * (relay.CHUNK - 3) + b"\r\n." + b".\r\n.\r\n",
+        b"x" * (wire.CHUNK - 3) + b"\r\n." + b".\r\n.\r\n",
         # lines that would end the message if not stuffed
         b".\r\n..\r\n...\r\n. \r\n",
         # one line much longer than a chunk, starting with a dot, 8-bit inside
@@ -240,6 +241,19 @@ def test_null_sender_is_exactly_mail_from_angle_brackets():
         result2, _ = send([relay_for(plain)], sender="<>")
     assert result.sent() and result2.sent()
     assert plain.handler.commands("MAIL") == [b"MAIL FROM:<>", b"MAIL FROM:<>"]
+
+
+def test_a_size_refusal_at_mail_from_is_the_messages(tmp_path):
+    """Issue 16: a listener whose SIZE limit the message exceeds refuses it at MAIL FROM
+    (aiosmtpd: 552); the reply says so in a field, for the exit code and the DSN status."""
+    data = MESSAGE + b"x" * 200 + b"\r\n"
+    with Listener(size_limit=100) as small:
+        result, _ = send([relay_for(small)], data=data)
+    reply = result.replies["b@example.test"]
+    assert reply.permanent and reply.at_mail and reply.stage == "size"
+    assert small.handler.messages == []
+    temporary = Reply(452, "4.3.1 later")
+    assert temporary.stage == "" and not temporary.at_mail
 
 
 def test_size_and_8bitmime_parameters(listener):
@@ -373,13 +387,6 @@ def test_one_connection_for_ten_messages_with_rset_between(listener):
     assert len(listener.handler.messages) == 10
 
 
-def test_max_messages_per_connection(listener):
-    batch = [("a@x.test", ["b@x.test"], MESSAGE, False)] * 7
-    results, _ = run(send_many([relay_for(listener)], batch, max_messages_per_connection=3))
-    assert all(r.sent() for r in results)
-    assert listener.handler.connections == 3
-
-
 def test_rate_limit_on_a_reused_connection_reconnects_once(listener):
     limit = "452 4.4.5 Rate limit exceeded"
     handler = listener.handler
@@ -488,7 +495,9 @@ def test_550_is_final_no_failover(pair):
     first.handler.script("MAIL", "550 5.1.2 Relay not allowed.")
     result, _ = send(two_relays(pair))
     assert result.bounced() == ["b@example.test"]
-    assert str(result.replies["b@example.test"]) == "550 5.1.2 Relay not allowed."
+    reply = result.replies["b@example.test"]
+    assert (reply.code, reply.enhanced, reply.stage) == (550, "5.1.2", "mail")
+    assert str(reply) == "550 5.1.2 Relay not allowed. (in reply to MAIL FROM)"
     assert result.relay == f"first[127.0.0.1]:{first.port}"
     assert second.handler.connections == 0
 
@@ -643,13 +652,29 @@ def test_starttls_verified_with_the_ca(certs, tmp_path):
         assert len(ehlos) == 2  # again after STARTTLS
 
 
+def test_tls_contexts_of_relays_sharing_a_name_keep_their_own_ca(certs, tmp_path):
+    """Issue 12 item 12: relay names need not be unique, so the TLS context cache is keyed
+    by what defines a context. The first relay (down) makes a context for its CA; the second,
+    of the same name and host, must verify its listener against its own ca_file."""
+    other = Certs("localhost", "127.0.0.1")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with Listener(tls="starttls", certs=other) as tls:
+        first = FakeRelay(free_port(), tls="starttls", ca_file=certs.ca_file(tmp_path / "a"))
+        second = relay_for(tls, tls="starttls", ca_file=other.ca_file(tmp_path / "b"))
+        assert first.name == second.name and first.host == second.host
+        result, transcript = send([first, second])
+        assert result.sent() == ["b@example.test"], (result, transcript)
+        assert tls.handler.messages[0].tls
+
+
 def test_session_open_for_a_check(certs, tmp_path):
     """The connect/EHLO/TLS step on its own, as ``mailshim check`` uses it."""
     with Listener(tls="starttls", certs=certs) as tls:
         target = relay_for(tls, tls="starttls", ca_file=certs.ca_file(tmp_path))
 
         async def probe():
-            session = await relay.Session.open(target, helo="check.test")
+            session = await relay.RelaySession.open(target, helo="check.test")
             try:
                 reply = await session.command(b"NOOP")
                 return session.greeting, session.encrypted, session.ssl_object, reply
@@ -659,11 +684,12 @@ def test_session_open_for_a_check(certs, tmp_path):
         greeting, encrypted, ssl_object, reply = run(probe())
         down = FakeRelay(free_port())
         with pytest.raises(relay.RelayDown) as failed:
-            run(relay.Session.open(down, helo="check.test"))
+            run(relay.RelaySession.open(down, helo="check.test"))
     assert greeting.startswith("listener.test") and encrypted
     assert ssl_object is not None and ssl_object.version()
     assert reply.code == 250
     assert failed.value.reply.code == 0 and "Connection refused" in failed.value.reply.text
+    assert failed.value.reply.kind == "refused"
 
 
 def test_starttls_without_the_ca_is_a_temporary_failure(certs):
@@ -672,7 +698,7 @@ def test_starttls_without_the_ca_is_a_temporary_failure(certs):
         assert tls.handler.messages == []
     reply = result.replies["b@example.test"]
     assert reply.code == 0 and reply.temporary
-    assert "certificate verif" in reply.text
+    assert "certificate verif" in reply.text and reply.kind == "tls-verify"
     assert result.relay == "none"
 
 
@@ -688,6 +714,7 @@ def test_certificate_is_checked_against_the_configured_name(tmp_path, mode):
     with Listener(tls=mode, certs=other) as tls:
         result, _ = send([relay_for(tls, tls=mode, ca_file=other.ca_file(tmp_path))])
         assert result.deferred() and "certificate verif" in result.replies["b@example.test"].text
+        assert result.replies["b@example.test"].kind == "tls-name"
     only_name = Certs("localhost")
     with Listener(tls=mode, certs=only_name) as tls:
         # dialled as 127.0.0.1, checked as "localhost"

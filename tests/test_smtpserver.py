@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from mailshim import smtpserver
 from mailshim.errors import ConfigError, DataError, SoftwareError, TempFailError
-from mailshim.smtpserver import DataDecoder, Session, listener_reply, reply
+from mailshim.reply import Reply
+from mailshim.smtpserver import DataDecoder, ServerSession, listener_reply, reply
 
 HOST = "mx.example.org"
 
@@ -44,11 +45,11 @@ def code_of(data: bytes) -> tuple[int, str]:
 
 
 class Dialogue:
-    """Drive a Session like the driver does: commands, then DATA lines through a decoder."""
+    """Drive a ServerSession like the driver does: commands, then DATA lines through a decoder."""
 
     def __init__(self, **kwargs: object) -> None:
         kwargs.setdefault("max_size", 1000000)
-        self.session = Session(HOST, **kwargs)  # type: ignore[arg-type]
+        self.session = ServerSession(HOST, **kwargs)  # type: ignore[arg-type]
         self.decoder: DataDecoder | None = None
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.tx: smtpserver.Transaction | None = None
@@ -86,11 +87,11 @@ class Dialogue:
 
 
 def test_greeting_names_the_host() -> None:
-    assert Session(HOST, 10).greeting() == b"220 mx.example.org ESMTP mailshim\r\n"
+    assert ServerSession(HOST, 10).greeting() == b"220 mx.example.org ESMTP mailshim\r\n"
 
 
 def test_hostile_hostname_is_sanitised() -> None:
-    greeting = Session("evil\r\n250 host", 10).greeting()
+    greeting = ServerSession("evil\r\n250 host", 10).greeting()
     assert greeting.count(b"\r\n") == 1
     well_formed(greeting)
 
@@ -430,11 +431,11 @@ def test_address_errors_do_not_count_toward_the_error_limit() -> None:
 
 
 def test_timeout_reply() -> None:
-    assert code_of(Session(HOST, 10).timeout()) == (421, "4.4.2")
+    assert code_of(ServerSession(HOST, 10).timeout()) == (421, "4.4.2")
 
 
 def test_misuse_of_the_data_phase_is_a_bug() -> None:
-    s = Session(HOST, 10)
+    s = ServerSession(HOST, 10)
     with pytest.raises(SoftwareError):
         s.data_finished(b"")
     s.command(b"MAIL FROM:<a@example.org>")
@@ -462,24 +463,23 @@ def test_reply_format() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("550 5.1.2 Relay not allowed.", b"550 5.1.2 Relay not allowed.\r\n"),
-        ("550 no such user", b"550 5.0.0 no such user\r\n"),
-        ("554 5.7.1 one\n554 5.7.1 two", b"554-5.7.1 one\r\n554 5.7.1 two\r\n"),
-        ("553 5.1.8 first\nsecond", b"553-5.1.8 first\r\n553 5.0.0 second\r\n"),
-        ("550 4.1.1 wrong class", b"550 5.0.0 4.1.1 wrong class\r\n"),
-        ("450 4.2.2 try later", b"554 5.0.0 Rejected by the mail listener\r\n"),
-        ("", b"554 5.0.0 Rejected by the mail listener\r\n"),
-        ("garbage", b"554 5.0.0 Rejected by the mail listener\r\n"),
-        ("550", b"550 5.0.0\r\n"),
+        (Reply(550, "5.1.2 Relay not allowed."), b"550 5.1.2 Relay not allowed.\r\n"),
+        (Reply(550, "no such user"), b"550 5.0.0 no such user\r\n"),
+        (Reply(554, "5.7.1 one two"), b"554 5.7.1 one two\r\n"),
+        (Reply(550, "4.1.1 wrong class"), b"550 5.0.0 4.1.1 wrong class\r\n"),
+        (Reply(450, "4.2.2 try later"), b"554 5.0.0 Rejected by the mail listener\r\n"),
+        (None, b"554 5.0.0 Rejected by the mail listener\r\n"),
+        (Reply(0, "garbage", kind="protocol"), b"554 5.0.0 Rejected by the mail listener\r\n"),
+        (Reply(550, ""), b"550 5.0.0\r\n"),
     ],
 )
-def test_listener_reply(text: str, expected: bytes) -> None:
+def test_listener_reply(text: Reply | None, expected: bytes) -> None:
     assert listener_reply(text) == expected
 
 
-@given(st.text())
-def test_listener_reply_is_always_a_5xx_reply(text: str) -> None:
-    codes = well_formed(listener_reply(text))
+@given(st.integers(0, 599), st.text())
+def test_listener_reply_is_always_a_5xx_reply(code: int, text: str) -> None:
+    codes = well_formed(listener_reply(Reply(code, text)))
     assert len(codes) == 1
     assert 500 <= codes[0] <= 599
 
@@ -604,6 +604,8 @@ def test_module_is_pure() -> None:
         "collections.abc",
         "mailshim.address",
         "mailshim.errors",
+        "mailshim.reply",
+        "mailshim.constants",
     }
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from mailshim import spool, spoolfmt
 from mailshim.errors import CantCreateError, DataError
+from mailshim.reply import Reply
 from mailshim.spoolfmt import Envelope
 
 ROOT = os.geteuid() == 0
@@ -133,9 +134,9 @@ def test_state_round_trip_and_a_planted_link_is_not_written_through(sp, tmp_path
     os.link(victim, os.path.join(sp.state_dir, f"{qid}.{os.getpid()}.tmp"))
     state = sp.load_state(qid)
     state.attempts = 2
-    state.pending["b@example.org"] = "451 later"
+    state.pending["b@example.org"] = Reply(451, "later")
     sp.save_state(qid, state)
-    assert sp.load_state(qid).pending == {"b@example.org": "451 later"}
+    assert sp.load_state(qid).pending == {"b@example.org": Reply(451, "later")}
     assert victim.read_bytes() == b"keep me"
 
 
@@ -146,7 +147,7 @@ def test_bury_keeps_entry_reason_and_state_and_ignores_a_planted_link(sp, tmp_pa
     os.symlink(victim, os.path.join(sp.dead, qid + ".reason"))
     locked = sp.lock(qid)
     state = locked.state()
-    state.failed["b@example.org"] = "550 no"
+    state.failed["b@example.org"] = Reply(550, "no")
     locked.save_state(state)
     where = locked.bury("dead", "<b@example.org>: 550 no")
     assert where == os.path.join(sp.dead, qid) and sp.ids() == []

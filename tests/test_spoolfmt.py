@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from hypothesis import given
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from mailshim import spoolfmt
 from mailshim.errors import DataError
+from mailshim.reply import Reply
 from mailshim.spoolfmt import Envelope, LineEnds, State
 
 QID = "0645F1A2B3C4DK3J9QXA"
@@ -92,13 +94,46 @@ def test_state_round_trip_with_every_field():
     state.last_attempt, state.next_attempt = 20, 30
     state.held, state.warned, state.last_error = True, True, "451 4.3.0 later"
     state.bounce_id = QID
-    state.done = {"a@x": "250 ok"}
-    state.failed = {"b@x": "550 no"}
-    state.pending = {"c@x": "451 later"}
+    state.done = {"a@x": Reply(250, "2.0.0 ok")}
+    state.failed = {"b@x": Reply(550, "no")}
+    state.pending = {"c@x": Reply(0, "timed out", kind="timeout")}
     state.expired = ["b@x"]
     again = spoolfmt.decode_state(spoolfmt.encode_state(state))
     for name in State.__slots__:
         assert getattr(again, name) == getattr(state, name), name
+
+
+def test_version_1_state_files_read_their_replies_from_text():
+    # Before replies were stored as fields, a state file held str(reply): an upgrade keeps
+    # every recipient's result, split into the same fields a fresh reply has.
+    raw = (
+        b'{"format": "MAILSHIM-STATE 1", "done": {"a@x": "250 2.0.0 Ok: queued"},'
+        b' "failed": {"b@x": "550 5.1.1 No such user", "c@x": "554 rejected"},'
+        b' "pending": {"d@x": "connect to relay[127.0.0.1]:25: Connection refused"}}'
+    )
+    state = spoolfmt.decode_state(raw)
+    assert state.done == {"a@x": Reply(250, "2.0.0 Ok: queued")}
+    assert state.failed["b@x"].enhanced == "5.1.1" and state.failed["b@x"].text == "No such user"
+    assert state.failed["c@x"] == Reply(554, "rejected") and state.failed["c@x"].enhanced == ""
+    pending = state.pending["d@x"]
+    assert pending.code == 0 and pending.kind == "" and "Connection refused" in pending.text
+    # Written again, it is in the new form and reads back the same.
+    again = spoolfmt.decode_state(spoolfmt.encode_state(state))
+    assert b'"MAILSHIM-STATE 2"' in spoolfmt.encode_state(state)
+    assert (again.done, again.failed, again.pending) == (state.done, state.failed, state.pending)
+
+
+def test_replies_are_stored_as_fields():
+    state = State()
+    state.failed = {"b@x": Reply(550, "5.1.1 No such user")}
+    state.pending = {"c@x": Reply(0, "no reply after the final dot", kind="unanswered")}
+    raw = json.loads(spoolfmt.encode_state(state))
+    assert raw["failed"] == {"b@x": {"code": 550, "enhanced": "5.1.1", "text": "No such user"}}
+    assert raw["pending"]["c@x"] == {
+        "code": 0,
+        "kind": "unanswered",
+        "text": "no reply after the final dot",
+    }
 
 
 def test_old_state_files_without_the_new_fields_still_read():
@@ -118,6 +153,16 @@ def test_old_state_files_without_the_new_fields_still_read():
         b'{"format": "MAILSHIM-STATE 1", "bounce_id": "../x"}',
         b'{"format": "MAILSHIM-STATE 1", "expired": "a@x"}',
         b'{"format": "MAILSHIM-STATE 1", "done": {"a": 1}}',
+        b'{"format": "MAILSHIM-STATE 2", "done": {"a": "250 ok"}}',
+        b'{"format": "MAILSHIM-STATE 2", "done": {"a": {"code": 250}}}',
+        b'{"format": "MAILSHIM-STATE 2", "done": {"a": {"code": 99, "text": ""}}}',
+        b'{"format": "MAILSHIM-STATE 2", "done": {"a": {"code": 250, "text": "", "x": 1}}}',
+        b'{"format": "MAILSHIM-STATE 2", "failed": {"a": {"code": 550, "text": "",'
+        b' "enhanced": "4.1.1"}}}',
+        b'{"format": "MAILSHIM-STATE 2", "pending": {"a": {"code": 0, "text": "",'
+        b' "kind": "made-up"}}}',
+        b'{"format": "MAILSHIM-STATE 2", "pending": {"a": {"code": 451, "text": "",'
+        b' "kind": "timeout"}}}',
         b'{"format": "MAILSHIM-STATE 1", "done": ' + b"[" * 100000,
     ],
 )
@@ -129,8 +174,8 @@ def test_damaged_state_is_a_data_error(raw):
 def test_open_recipients_leave_out_done_and_failed():
     env = Envelope(QID, "a@x", ["1@x", "2@x", "3@x"], 1, 0)
     state = State()
-    state.done["1@x"] = "250"
-    state.failed["3@x"] = "550"
+    state.done["1@x"] = Reply(250, "")
+    state.failed["3@x"] = Reply(550, "")
     assert state.open_recipients(env) == ["2@x"]
 
 

@@ -15,11 +15,16 @@ Trust: called by the runner (root, the ``mailshim`` user, or a user on their own
 recipients, the replies and the original headers come from users and from the listener: they
 are reduced to printable one-line text before going into header fields, and the original
 headers are copied as data inside their own MIME part under a boundary they do not contain.
+The replies arrive as ``Reply`` fields (code, enhanced status, text): nothing is parsed back
+out of text. Raises ``ValueError`` only for an unknown report kind or no recipient (a
+programming error, exit 70 through the caller).
 """
 
 from __future__ import annotations
 
+from mailshim.constants import REPORT_DELAYED, REPORT_FAILED, STAGE_SIZE
 from mailshim.message import format_date
+from mailshim.reply import Reply
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -29,8 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DELAYED", "FAILED", "build_report", "format_date", "status_of"]
 
-FAILED = "failed"
-DELAYED = "delayed"
+FAILED = REPORT_FAILED
+DELAYED = REPORT_DELAYED
 MAX_ORIGINAL_HEADERS = 64 * 1024
 
 
@@ -93,58 +98,52 @@ def _ascii(text: str, limit: int = 900) -> str:
     return "".join(ch if ord(ch) < 128 else "?" for ch in _printable(text, limit))
 
 
-def _smtp_reply(reply: str) -> tuple[int, str]:
-    """(code, text) of ``"550 5.1.1 No such user"``; (0, reply) when it is not an SMTP reply."""
-    head = reply[:3]
-    if len(reply) >= 3 and head.isdigit() and head.isascii() and reply[3:4] in ("", " ", "-"):
-        code = int(head)
-        if 200 <= code <= 599:
-            return code, reply[4:].strip()
-    return 0, reply
-
-
-def _enhanced(text: str) -> str | None:
-    """The RFC 3463 enhanced status code at the start of ``text``, if any ("5.1.1")."""
-    word = text.split(" ", 1)[0]
-    parts = word.split(".")
-    if len(parts) != 3 or parts[0] not in ("2", "4", "5"):
-        return None
-    a, b = parts[1], parts[2]
-    if not (a.isdigit() and b.isdigit() and a.isascii() and b.isascii()):
-        return None
-    if len(a) > 3 or len(b) > 3:
-        return None
-    return word
-
-
-def status_of(reply: str, expired: bool = False) -> str:
+def status_of(reply: Reply, expired: bool = False) -> str:
     """The Status field for a recipient whose last reply was ``reply``.
 
-    >>> status_of("550 5.1.1 No such user")
+    >>> status_of(Reply(550, "5.1.1 No such user"))
     '5.1.1'
-    >>> status_of("554 transaction failed")
+    >>> status_of(Reply(554, "transaction failed"))
     '5.0.0'
-    >>> status_of("connect to relay[127.0.0.1]:25: Connection refused")
+    >>> status_of(Reply(552, "too much mail"))
+    '5.3.4'
+    >>> status_of(Reply(0, "connect to relay[127.0.0.1]:25: Connection refused"))
     '4.4.1'
-    >>> status_of("451 4.3.0 try later", expired=True)
+    >>> status_of(Reply(451, "4.3.0 try later"), expired=True)
     '4.3.0'
-    >>> status_of("connection refused", expired=True)
+    >>> status_of(Reply(0, "connection refused"), expired=True)
     '4.4.7'
     """
-    code, text = _smtp_reply(reply)
-    if code:
-        found = _enhanced(text)
-        if found is not None and found[0] == str(code)[0]:
-            return found
-        return f"{code // 100}.0.0"
+    if reply.code:
+        return reply.enhanced or _derived(reply)
     return "4.4.7" if expired else "4.4.1"
 
 
-def _diagnostic(reply: str) -> str:
-    code, text = _smtp_reply(reply)
-    if code:
-        return f"smtp; {code} {_ascii(text)}".rstrip()
-    return f"X-mailshim; {_ascii(reply)}"
+def _derived(reply: Reply) -> str:
+    """RFC 3463 status for a reply that carries none, from its code and the command it
+    answered (RFC 5321 4.2.2 reply meanings; RFC 1870 for SIZE; RFC 4954 for AUTH).
+
+    >>> _derived(Reply(550, "Message too big!", stage="size"))
+    '5.3.4'
+    >>> _derived(Reply(553, "sender not allowed", stage="mail")), _derived(Reply(553, "no"))
+    ('5.1.7', '5.1.3')
+    """
+    klass = reply.code // 100
+    if reply.stage == STAGE_SIZE or reply.code == 552:
+        return f"{klass}.3.4"  # message too big for system / exceeded storage allocation
+    if reply.code == 553:
+        return "5.1.7" if reply.at_mail else "5.1.3"  # bad sender / recipient mailbox syntax
+    if reply.code == 530:
+        return "5.7.0"  # authentication required
+    if reply.code == 535:
+        return "5.7.8"  # authentication credentials invalid
+    return f"{klass}.0.0"
+
+
+def _diagnostic(reply: Reply) -> str:
+    if reply.code:
+        return f"smtp; {reply.code} {_ascii(reply.detail)}".rstrip()
+    return f"X-mailshim; {_ascii(reply.text)}"
 
 
 def _fold(name: str, value: str) -> str:
@@ -189,7 +188,7 @@ def _original_headers(data: bytes) -> bytes:
 
 def _human_text(
     kind: str,
-    recipients: Mapping[str, str],
+    recipients: Mapping[str, Reply],
     expired: Collection[str],
     reporting_mta: str,
     retry_until: str | None,
@@ -217,7 +216,7 @@ def _human_text(
         ]
     lines.append("")
     for rcpt, reply in recipients.items():
-        why = _printable(reply)
+        why = _printable(str(reply))
         if rcpt in expired:
             why = f"message expired in the queue; last error: {why}"
         # RFC 5322 caps a line at 998 octets: the address alone, the reason wrapped below it.
@@ -230,7 +229,7 @@ def build_report(
     *,
     kind: str,
     envelope: Envelope,
-    recipients: Mapping[str, str],
+    recipients: Mapping[str, Reply],
     original_headers: bytes,
     reporting_mta: str,
     domain: str,

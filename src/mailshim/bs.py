@@ -1,4 +1,4 @@
-"""`sendmail -bs`: run the SMTP dialogue of ``smtpserver.Session`` over stdin/stdout.
+"""`sendmail -bs`: run the SMTP dialogue of ``smtpserver.ServerSession`` over stdin/stdout.
 
 ``serve()`` reads what the client sends, answers in order (PIPELINING: replies are written
 as soon as no complete command is left in the input, never held back waiting for more),
@@ -15,7 +15,8 @@ Exit status (returned; ``cli/sendmail.py`` exits with it):
   Commands the client got an error for (a bad address, a command out of order) do not count:
   the client was told, and no message was lost.
 - otherwise the sysexits code of the first message that was not accepted: 67 refused by the
-  listener, 65 too large or malformed, 75 a local temporary failure (spool full).
+  listener, 69 refused at MAIL FROM (not tied to a recipient), 65 too large or malformed,
+  75 a local temporary failure (spool full).
 - 65 when the input ends in the middle of DATA (the message is neither sent nor kept) or after
   too many protocol errors; 75 after the idle timeout (``421 4.4.2``).
 
@@ -65,7 +66,7 @@ class _Session:
         self.eof = False
         self.broken = False  # the client no longer reads our replies
         self.status = errors.EX_OK
-        self.smtp = smtpserver.Session(
+        self.smtp = smtpserver.ServerSession(
             config.helo_name,
             config.max_size,
             max_recipients=config.max_recipients,
@@ -270,8 +271,8 @@ class _Session:
         if outcome.status == "rejected":
             replies = list(outcome.replies.values())
             permanent = [r for r in replies if r.permanent] or replies
-            text = str(permanent[0]) if permanent else ""
-            return smtpserver.listener_reply(text), errors.EX_NOUSER
+            code = errors.EX_UNAVAILABLE if permanent and permanent[0].at_mail else errors.EX_NOUSER
+            return smtpserver.listener_reply(permanent[0] if permanent else None), code
         if outcome.status not in _ACCEPTED:
             # e.g. "quarantined": the entry we just wrote could not be read back.
             return _failure_reply(errors.SoftwareError(outcome.status)), errors.EX_TEMPFAIL

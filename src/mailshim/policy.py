@@ -20,12 +20,13 @@ already cleaned by relay.py, and are only stored and quoted. Raises nothing.
 
 from __future__ import annotations
 
+from mailshim import reply as reply_mod
 from mailshim.constants import BOUNCED, DEFERRED, REJECTED, SENT, THROTTLED
+from mailshim.reply import Reply
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from mailshim.config import Config
-    from mailshim.relay import Reply
     from mailshim.spoolfmt import Envelope, State
 
 PRESSURE_DELAY = 60  # at most this long before a throttled entry is due again
@@ -45,10 +46,9 @@ def pressure_kind(reply: Reply) -> str | None:
     """``RATE`` or ``GREYLIST`` when ``reply`` is back-pressure rather than a failure."""
     if reply.code == 0 or not reply.temporary:
         return None
-    word = reply.text.split(" ", 1)[0]
-    if word in RATE_LIMITED:
+    if reply.enhanced in RATE_LIMITED:
         return RATE
-    if word in GREYLISTED:
+    if reply.enhanced in GREYLISTED:
         return GREYLIST
     return None
 
@@ -76,13 +76,13 @@ def record(
     pressure: str | None = None
     for rcpt, reply in replies.items():
         if 200 <= reply.code < 300:
-            state.done[rcpt] = str(reply)
+            state.done[rcpt] = reply
             state.pending.pop(rcpt, None)
         elif reply.permanent:
-            state.failed[rcpt] = str(reply)
+            state.failed[rcpt] = reply
             state.pending.pop(rcpt, None)
         else:
-            state.pending[rcpt] = str(reply)
+            state.pending[rcpt] = reply
             state.last_error = str(reply)
             kind = pressure_kind(reply)
             if kind is None:
@@ -114,8 +114,8 @@ class Action:
     def __init__(self, status: str) -> None:
         self.status = status
         self.next_attempt = 0
-        self.warn: dict[str, str] | None = None
-        self.report: dict[str, str] | None = None
+        self.warn: dict[str, Reply] | None = None
+        self.report: dict[str, Reply] | None = None
         self.bury = False
         self.reason = ""
 
@@ -137,7 +137,10 @@ def expire(config: Config, env: Envelope, state: State, now: float) -> bool:
     if not open_rcpts or now - _since(env, state) < config.lifetime:
         return False
     for rcpt in open_rcpts:
-        state.failed[rcpt] = state.pending.pop(rcpt, "") or "no attempt reached the listener"
+        last = state.pending.pop(rcpt, None)
+        state.failed[rcpt] = last or Reply(
+            0, "no attempt reached the listener", kind=reply_mod.NOT_TRIED
+        )
         if rcpt not in state.expired:
             state.expired.append(rcpt)
     return True
@@ -178,7 +181,10 @@ def decide(
             and env.sender
             and now - _since(env, state) >= config.warn_after
         ):
-            action.warn = {r: state.pending.get(r, "not yet tried") for r in open_rcpts}
+            action.warn = {
+                r: state.pending.get(r) or Reply(0, "not yet tried", kind=reply_mod.NOT_TRIED)
+                for r in open_rcpts
+            }
             state.warned = True
         return action
     if not state.failed:

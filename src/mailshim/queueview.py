@@ -19,6 +19,7 @@ import time
 
 from mailshim import spool
 from mailshim.errors import DataError, one_line
+from mailshim.paint import painter
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from mailshim.deadletters import DeadItem
     from mailshim.spoolfmt import Envelope, State
 
-RESET = "\x1b[0m"
 STYLES = {
     "id": "1",
     "held": "33",
@@ -99,8 +99,8 @@ class Item:
                 held=st.held,
                 last_error=st.last_error,
                 done=sorted(st.done),
-                failed=st.failed,
-                pending=st.pending,
+                failed={rcpt: str(reply) for rcpt, reply in st.failed.items()},
+                pending={rcpt: str(reply) for rcpt, reply in st.pending.items()},
             )
         return out
 
@@ -169,15 +169,6 @@ def use_color(stream: object = None) -> bool:
         return False
 
 
-def _painter(color: bool) -> Callable[[str, str], str]:
-    def paint(style: str, text: str) -> str:
-        if not color or not text:
-            return text
-        return f"\x1b[{STYLES[style]}m{text}{RESET}"
-
-    return paint
-
-
 def _next_try(st: State | None, now: float) -> str:
     if st is None or st.held or not st.next_attempt:
         return ""
@@ -197,7 +188,7 @@ def format_listing(items: list[Item], now: float, color: bool = False) -> str:
     """
     if not items:
         return "Mail queue is empty\n"
-    paint = _painter(color)
+    paint = painter(color, STYLES)
     id_width = max(10, max(len(i.queue_id) for i in items) + 1)
     size_width = max([8, *(len(str(i.envelope.size)) for i in items if i.envelope is not None)])
     head_id = "-Queue ID-".ljust(id_width)
@@ -242,7 +233,7 @@ def _recipient(rcpt: str, st: State | None, paint: Callable[[str, str], str]) ->
     if st is not None and rcpt in st.done:
         return paint("dim", f"{text} (delivered)")
     if st is not None and rcpt in st.failed:
-        return paint("failed", f"{text} (failed: {one_line(st.failed[rcpt])})")
+        return paint("failed", f"{text} (failed: {one_line(str(st.failed[rcpt]))})")
     return text
 
 
@@ -265,7 +256,7 @@ def format_dead(items: list[DeadItem], now: float, color: bool = False) -> str:
     """``mailshim queue --dead``: one row per dead letter, its reason below it."""
     if not items:
         return "No dead letters\n"
-    paint = _painter(color)
+    paint = painter(color, STYLES)
     header = ("ID", "DEAD FOR", "SIZE", "SENDER", "RECIPIENTS")
     rows = []
     for item in items:
@@ -308,7 +299,7 @@ def format_table(items: list[Item], now: float, color: bool = False) -> str:
     """``mailshim queue``: aligned columns, one row per entry, its last error below it."""
     if not items:
         return "Mail queue is empty\n"
-    paint = _painter(color)
+    paint = painter(color, STYLES)
     header = ("ID", "AGE", "SIZE", "TRIES", "STATUS", "SENDER", "RECIPIENTS")
     rows: list[tuple[Item, tuple[str, ...]]] = []
     for item in items:

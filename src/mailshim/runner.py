@@ -41,6 +41,7 @@ import time
 from mailshim import bounce, deadletters, maillog, policy, serving, spool
 from mailshim.constants import DEFERRED, SENT, THROTTLED
 from mailshim.errors import DataError, MailshimError
+from mailshim.reply import Reply
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mailshim.config import Config
-    from mailshim.relay import RelayClient, Reply, SendResult
+    from mailshim.relay import RelayClient, SendResult
     from mailshim.spoolfmt import State
 
 AGENT_LINGER = 1.0  # seconds an idle agent waits for more submissions before it exits
@@ -132,7 +133,7 @@ def _write_report(
     locked: spool.LockedEntry,
     state: State,
     kind: str,
-    recipients: dict[str, str],
+    recipients: dict[str, Reply],
     now: float,
     queue_id: str | None = None,
 ) -> str:
@@ -248,7 +249,7 @@ async def deliver_entry(
         rcpts = state.open_recipients(env)
         for rcpt in [r for r in rcpts if not _sendable(r)]:
             # Only a hand-made entry holds one: it can never go out, so it fails now.
-            state.failed[rcpt] = "553 5.1.3 the address is not valid UTF-8 (not sent)"
+            state.failed[rcpt] = Reply(553, "5.1.3 the address is not valid UTF-8 (not sent)")
             rcpts.remove(rcpt)
         if not rcpts:
             # Nothing left to send: a crash came after the last reply was recorded.
@@ -361,7 +362,7 @@ def deliver_now(
 
 
 def _is_connection_failure(replies: dict[str, Reply]) -> bool:
-    return bool(replies) and all(r.code == 0 for r in replies.values())
+    return bool(replies) and all(r.listener_down for r in replies.values())
 
 
 async def _sleep(seconds: float, stop: asyncio.Event | None) -> None:

@@ -1,6 +1,6 @@
 """The `sendmail -bs` SMTP server as a pure state machine: command lines in, reply bytes out.
 
-``Session`` holds the state of one SMTP dialogue (RFC 5321, with PIPELINING, 8BITMIME,
+``ServerSession`` holds the state of one SMTP dialogue (RFC 5321, with PIPELINING, 8BITMIME,
 SMTPUTF8, SIZE and ENHANCEDSTATUSCODES); ``DataDecoder`` turns the wire form of a DATA
 section into the message bytes (dot-unstuffing exactly once, finding the terminating dot,
 counting the size) for any split of the input into chunks. Reply helpers build well-formed
@@ -23,7 +23,9 @@ Decisions, where RFC 5321 leaves room or real servers differ:
 
 Trust: runs inside ``sendmail -bs`` with the privilege of whoever started it (not set-id). Every
 byte of input is hostile: arbitrary bytes, overlong lines, commands out of order, addresses
-crafted to inject header or protocol lines. Replies never echo control characters.
+crafted to inject header or protocol lines. Replies never echo control characters. Every
+problem with the input is a reply, never an exception; ``reply()`` raises ``SoftwareError``
+(exit 70) only for a code outside 200-599, a programming error.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from mailshim.reply import Reply
 
 # RFC 5321 4.5.3.1.4 allows 512 octets; extensions make longer lines legitimate, and 1000 is
 # the text-line limit everyone already copes with.
@@ -79,60 +83,27 @@ def reply(code: int, *lines: str) -> bytes:
     return "".join(out).encode("ascii")
 
 
-def _is_enhanced(token: str, klass: str) -> bool:
-    """Whether ``token`` looks like an RFC 3463 status code of class ``klass`` (``5.1.2``)."""
-    parts = token.split(".")
-    return (
-        len(parts) == 3
-        and parts[0] == klass
-        and all(p.isdigit() and p.isascii() and 1 <= len(p) <= 3 for p in parts)
-    )
+def listener_reply(answer: Reply | None) -> bytes:
+    """Pass back a listener's permanent reply (e.g. ``550 5.1.2 Relay not allowed``) to our
+    client.
 
+    Only 5xx replies pass: anything else becomes ``554 5.0.0``. The reply gets the enhanced
+    status code ``5.0.0`` when the listener gave none, since we advertise ENHANCEDSTATUSCODES.
 
-def _parse_listener(text: str) -> tuple[int, list[str]] | None:
-    """``550 5.1.2 Relay not allowed`` (maybe several lines) → code and reply texts, each with
-    an enhanced status code; None unless it is a 5xx reply."""
-    raw_lines = [line for line in text.replace("\r", "\n").split("\n") if line.strip()]
-    if not raw_lines:
-        return None
-    code_text = raw_lines[0][:3]
-    if not (
-        len(code_text) == 3
-        and code_text.isdigit()
-        and code_text.isascii()
-        and code_text[0] == "5"
-        and raw_lines[0][3:4] in ("", " ", "-")
-    ):
-        return None
-    texts = []
-    for i, line in enumerate(raw_lines):
-        # The first line carries the code; continuation lines may or may not repeat it.
-        body = line[4:] if i == 0 or line[:3] == code_text else line
-        body = body.strip()
-        if not _is_enhanced(body.split(" ", 1)[0], "5"):
-            body = f"5.0.0 {body}".rstrip()
-        texts.append(body)
-    return int(code_text), texts
-
-
-def listener_reply(text: str) -> bytes:
-    """Pass back a listener's permanent reply (``str(Reply)``, e.g. ``550 5.1.2 Relay not
-    allowed``) to our client, multi-line replies included.
-
-    Only 5xx replies pass: anything else becomes ``554 5.0.0``. Each line gets an enhanced
-    status code when the listener gave none, since we advertise ENHANCEDSTATUSCODES.
-
-    >>> listener_reply("550 5.1.2 Relay not allowed")
+    >>> from mailshim.reply import Reply
+    >>> listener_reply(Reply(550, "5.1.2 Relay not allowed"))
     b'550 5.1.2 Relay not allowed\\r\\n'
-    >>> listener_reply("550 no such user")
+    >>> listener_reply(Reply(550, "no such user"))
     b'550 5.0.0 no such user\\r\\n'
-    >>> listener_reply("250 ok")
+    >>> listener_reply(Reply(250, "ok"))
     b'554 5.0.0 Rejected by the mail listener\\r\\n'
     """
-    parsed = _parse_listener(text)
-    if parsed is None:
+    if answer is None or not answer.permanent:
         return reply(554, "5.0.0 Rejected by the mail listener")
-    return reply(parsed[0], *parsed[1])
+    # str() keeps the stage note ("(in reply to MAIL FROM)"): the message was refused, not a
+    # recipient, and the client should be able to tell.
+    said = str(answer)[4:]
+    return reply(answer.code, said if answer.enhanced else f"5.0.0 {said}".rstrip())
 
 
 class Transaction:
@@ -229,7 +200,7 @@ def _parse_params(text: str) -> list[tuple[str, str | None]] | None:
     return out
 
 
-class Session:
+class ServerSession:
     """One SMTP dialogue. Feed it command lines with ``command()``; after a ``Response`` that
     carries a ``transaction`` the driver reads the message (see ``DataDecoder``) and then calls
     ``data_finished()`` with the reply to the final dot."""
@@ -482,17 +453,17 @@ class Session:
         )
 
 
-_HANDLERS: dict[str, Callable[[Session, str], Response]] = {
-    "HELO": Session._helo,
-    "EHLO": Session._ehlo,
-    "MAIL": Session._mail,
-    "RCPT": Session._rcpt,
-    "DATA": Session._data,
-    "RSET": Session._rset,
-    "NOOP": Session._noop,
-    "QUIT": Session._quit,
-    "HELP": Session._help,
-    "VRFY": Session._vrfy,
+_HANDLERS: dict[str, Callable[[ServerSession, str], Response]] = {
+    "HELO": ServerSession._helo,
+    "EHLO": ServerSession._ehlo,
+    "MAIL": ServerSession._mail,
+    "RCPT": ServerSession._rcpt,
+    "DATA": ServerSession._data,
+    "RSET": ServerSession._rset,
+    "NOOP": ServerSession._noop,
+    "QUIT": ServerSession._quit,
+    "HELP": ServerSession._help,
+    "VRFY": ServerSession._vrfy,
 }
 
 

@@ -12,14 +12,18 @@ deviation is ``DataError`` and the caller moves the entry to ``corrupt/``.
 
 from __future__ import annotations
 
+from mailshim.constants import STATE_COUNTERS, STATE_FLAGS, STATE_REPLIES
 from mailshim.errors import DataError
+from mailshim.reply import Reply
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import BinaryIO
 
 MAGIC = b"MAILSHIM-ENTRY 1\n"
-STATE_MAGIC = "MAILSHIM-STATE 1"
+STATE_MAGIC = "MAILSHIM-STATE 2"
+# Version 1 stored each reply as one line of text (``str(reply)``); it is still read.
+OLD_STATE_MAGIC = "MAILSHIM-STATE 1"
 SIZE_WIDTH = 15  # fixed width so the size can be patched in place once the body is written
 MAX_ENVELOPE = 64 * 1024 * 1024
 MAX_RECORD = 4096
@@ -200,9 +204,9 @@ class State:
         self.warned = False
         self.last_error = ""
         self.bounce_id = ""  # queue id chosen for this entry's failure report, once decided
-        self.done: dict[str, str] = {}  # recipient -> the listener's reply (accepted)
-        self.failed: dict[str, str] = {}  # recipient -> permanent failure reply
-        self.pending: dict[str, str] = {}  # recipient -> last temporary failure reply
+        self.done: dict[str, Reply] = {}  # recipient -> the listener's reply (accepted)
+        self.failed: dict[str, Reply] = {}  # recipient -> permanent failure reply
+        self.pending: dict[str, Reply] = {}  # recipient -> last temporary failure reply
         self.expired: list[str] = []  # recipients in ``failed`` because the lifetime ran out
         self.requeued = 0  # when put back from dead/: the lifetime counts from then
 
@@ -225,9 +229,9 @@ def encode_state(state: State) -> bytes:
         "warned": state.warned,
         "last_error": state.last_error,
         "bounce_id": state.bounce_id,
-        "done": state.done,
-        "failed": state.failed,
-        "pending": state.pending,
+        "done": {rcpt: reply.as_fields() for rcpt, reply in state.done.items()},
+        "failed": {rcpt: reply.as_fields() for rcpt, reply in state.failed.items()},
+        "pending": {rcpt: reply.as_fields() for rcpt, reply in state.pending.items()},
         "expired": sorted(set(state.expired)),
     }
     return json.dumps(data, ensure_ascii=True, sort_keys=True).encode() + b"\n"
@@ -241,17 +245,15 @@ def decode_state(raw: bytes) -> State:
     except (UnicodeDecodeError, ValueError, RecursionError):
         # RecursionError: nesting deep enough to exhaust the parser (a planted state file).
         raise DataError("state file is not valid JSON") from None
-    if not isinstance(data, dict) or data.get("format") != STATE_MAGIC:
+    if not isinstance(data, dict) or data.get("format") not in (STATE_MAGIC, OLD_STATE_MAGIC):
         raise DataError("state file has an unknown format")
     state = State()
-    for key in (
-        "attempts", "throttled", "first_attempt", "last_attempt", "next_attempt", "requeued",
-    ):  # fmt: skip
+    for key in STATE_COUNTERS:
         value = data.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise DataError(f"state field {key} is not a number")
         setattr(state, key, value)
-    for key in ("held", "warned"):
+    for key in STATE_FLAGS:
         value = data.get(key, False)
         if not isinstance(value, bool):
             raise DataError(f"state field {key} is not true/false")
@@ -268,14 +270,22 @@ def decode_state(raw: bytes) -> State:
     if not isinstance(expired, list) or not all(isinstance(r, str) for r in expired):
         raise DataError("state field expired is not a list of recipients")
     state.expired = sorted(set(expired))
-    for key in ("done", "failed", "pending"):
+    legacy = data["format"] == OLD_STATE_MAGIC
+    for key in STATE_REPLIES:
         value = data.get(key, {})
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise DataError(f"state field {key} is not a table of replies")
-        setattr(state, key, dict(value))
+        setattr(state, key, {rcpt: _stored_reply(key, v, legacy) for rcpt, v in value.items()})
     return state
+
+
+def _stored_reply(key: str, value: object, legacy: bool) -> Reply:
+    if legacy and isinstance(value, str):
+        return Reply.from_legacy(value)
+    try:
+        return Reply.from_fields(value)
+    except ValueError as exc:
+        raise DataError(f"state field {key}: {exc}") from None
 
 
 # --- the drop folder (incoming/) ----------------------------------------------------------

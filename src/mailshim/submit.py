@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from mailshim.config import Config
-    from mailshim.relay import Reply
+    from mailshim.reply import Reply
 
 HEADER_LIMIT = 1024 * 1024
 

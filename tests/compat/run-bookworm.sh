@@ -56,5 +56,7 @@ if [ $# -eq 0 ]; then
     set -- tests/test_relay.py tests/test_sendmail.py tests/test_bs.py \
         tests/test_relay_targets.py tests/test_config.py
     [ -f tests/test_admin.py ] && set -- "$@" tests/test_admin.py
+    # STARTTLS, AUTH and LMTP against real servers (Dovecot, Haraka) with aiosmtplib 2.0
+    [ -f tests/test_real_listeners.py ] && set -- "$@" tests/test_real_listeners.py
 fi
 "$venv/bin/python" -m pytest -p no:cacheprovider -q "$@"

@@ -23,6 +23,7 @@ import re
 
 from mailshim import address, argv, message, smtpserver, spoolfmt
 from mailshim.errors import MailshimError, SoftwareError
+from mailshim.reply import Reply
 
 # sysexits(3) codes a rejection may carry (EX_USAGE .. EX_CONFIG).
 SYSEXITS = frozenset(range(64, 79))
@@ -523,8 +524,8 @@ def well_formed_reply(data: bytes) -> list[int]:
 
 
 def run_session(wire: bytes, max_size: int = 4096, max_recipients: int = 5) -> list[bytes]:
-    """Drive ``Session`` the way ``bs.py`` does over the whole client input ``wire``."""
-    session = smtpserver.Session(
+    """Drive ``ServerSession`` the way ``bs.py`` does over the whole client input ``wire``."""
+    session = smtpserver.ServerSession(
         "mx.example.org",
         max_size,
         max_recipients=max_recipients,
@@ -574,7 +575,7 @@ def target_smtp(data: bytes) -> None:
     run_session(data)
     # listener_reply: any text the listener may send back turns into a clean 5xx reply.
     text = _text(data[:600])
-    codes = well_formed_reply(smtpserver.listener_reply(text))
+    codes = well_formed_reply(smtpserver.listener_reply(Reply.from_legacy(text)))
     assert len(codes) == 1 and 500 <= codes[0] <= 599
 
 
@@ -609,10 +610,10 @@ def target_bounce(data: bytes) -> None:
     # the original headers come from a spooled message: CRLF line ends only
     original = _EOL.sub(CRLF, parts[1]) if len(parts) > 1 else b""
     pairs = parts[2:] or [b"r@example.net", b"550 5.1.1 no"]
-    recipients: dict[str, str] = {}
+    recipients: dict[str, Reply] = {}
     for i in range(0, len(pairs), 2):
         reply = pairs[i + 1] if i + 1 < len(pairs) else b""
-        recipients[_text(pairs[i])] = _text(reply)
+        recipients[_text(pairs[i])] = Reply.from_legacy(_text(reply))
     env = spoolfmt.Envelope("0123456789ABCDEFGHIJ", sender, list(recipients), 1700000000, 0)
     kind = bounce.FAILED if flags & 1 else bounce.DELAYED
     report = bounce.build_report(
@@ -669,7 +670,7 @@ def target_bounce_lines(data: bytes) -> None:
     report = bounce.build_report(
         kind=bounce.FAILED,
         envelope=env,
-        recipients={rcpt: "550 5.1.1 " + "why " * (data[0] * 2)},
+        recipients={rcpt: Reply(550, "5.1.1 " + "why " * (data[0] * 2))},
         original_headers=b"Subject: x\r\n",
         reporting_mta="mx.example.org",
         domain=DOMAIN,

@@ -127,6 +127,13 @@ def _submit(prog: str, config: Config, inv: Invocation) -> int:
     )
     outcome = submit.submit(config, sub, _read_stdin)
     refused = [(r, rep) for r, rep in outcome.replies.items() if rep.permanent]
+    at_mail = [rep for _, rep in refused if rep.at_mail]
+    if at_mail:
+        # Refused at MAIL FROM: the message itself (its size, its sender), not a recipient.
+        _say(prog, f"message {outcome.queue_id} refused by the listener: {at_mail[0]}")
+        from mailshim.errors import EX_UNAVAILABLE
+
+        return EX_UNAVAILABLE
     for rcpt, reply in refused:
         _say(prog, f"<{rcpt}>: refused by the listener: {reply}")
     if inv.verbose:

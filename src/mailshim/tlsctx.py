@@ -1,0 +1,70 @@
+"""The TLS client contexts a relay connection uses: verification settings and the pinned name.
+
+Trust: called by ``relay`` with the configuration's ``tls``, ``verify`` and ``ca_file``; the CA
+file is read with the caller's privileges. A context checks the listener's certificate against
+the configured host name, never against the address dialled. Raises ``OSError`` or
+``ValueError`` when the CA file cannot be read or parsed (``relay`` reports it as the
+``tls-settings`` failure kind: the message stays queued, exit 75).
+"""
+
+from __future__ import annotations
+
+import ssl
+
+__all__ = ["ContextCache", "tls_context"]
+
+
+class _PinnedNameContext(ssl.SSLContext):
+    """Checks the certificate against the configured host name, whatever address we dialled.
+
+    We connect to each resolved address as an IP literal (so that each is tried in turn with
+    its own timeout), which would otherwise make the TLS layer check the certificate against
+    the address. asyncio calls ``wrap_bio`` for both implicit TLS and STARTTLS, on every
+    supported Python, so this one override serves both aiosmtplib versions.
+    """
+
+    expected_name: str | None = None
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        name = server_hostname if server_side else (self.expected_name or server_hostname)
+        return super().wrap_bio(incoming, outgoing, server_side, name, session)
+
+
+def tls_context(name: str, verify: bool, ca_file: str | None) -> ssl.SSLContext:
+    """A TLS 1.2+ client context checking certificates for ``name`` (unless ``verify`` is off)."""
+    context = _PinnedNameContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.expected_name = name
+    if verify:
+        if ca_file:
+            context.load_verify_locations(cafile=ca_file)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class ContextCache:
+    """Contexts built once per client, keyed by everything that defines one.
+
+    Not by relay name: two ``[[relay]]`` tables may share a name and differ in ``ca_file``.
+    """
+
+    def __init__(self) -> None:
+        self._contexts: dict[tuple[str, bool, str | None], ssl.SSLContext] = {}
+
+    def get(self, name: str, verify: bool, ca_file: str | None) -> ssl.SSLContext:
+        key = (name, verify, ca_file)
+        context = self._contexts.get(key)
+        if context is None:
+            context = self._contexts[key] = tls_context(name, verify, ca_file)
+        return context

@@ -35,7 +35,15 @@ import os
 import select
 
 from mailshim import errors, smtpserver, submit
-from mailshim.constants import BACKGROUND, INTERACTIVE
+from mailshim.constants import (
+    BACKGROUND,
+    BOUNCED,
+    DEFERRED,
+    INTERACTIVE,
+    QUEUED,
+    REJECTED,
+    SENT,
+)
 from mailshim.errors import DataError, MailshimError, TempFailError
 
 TYPE_CHECKING = False
@@ -47,7 +55,7 @@ if TYPE_CHECKING:
 READ_SIZE = 65536
 # Statuses of submit.Outcome meaning the message is safe: with the listener, or in the spool
 # (for "bounced", some recipients accepted it and the rest get a bounce from the spool).
-_ACCEPTED = frozenset({"sent", "deferred", "queued", "bounced"})
+_ACCEPTED = frozenset({SENT, DEFERRED, QUEUED, BOUNCED})
 
 
 class _Session:
@@ -268,7 +276,7 @@ class _Session:
         if failure is not None:
             return _failure_reply(failure), failure.code
         assert outcome is not None
-        if outcome.status == "rejected":
+        if outcome.status == REJECTED:
             replies = list(outcome.replies.values())
             permanent = [r for r in replies if r.permanent] or replies
             code = errors.EX_UNAVAILABLE if permanent and permanent[0].at_mail else errors.EX_NOUSER

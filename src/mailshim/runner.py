@@ -39,7 +39,15 @@ import sys
 import time
 
 from mailshim import bounce, deadletters, maillog, policy, serving, spool
-from mailshim.constants import DEFERRED, SENT, THROTTLED
+from mailshim.constants import (
+    BOUNCED,
+    DEFERRED,
+    QUARANTINED,
+    QUEUED,
+    REJECTED,
+    SENT,
+    THROTTLED,
+)
 from mailshim.errors import DataError, MailshimError
 from mailshim.reply import Reply
 
@@ -86,13 +94,13 @@ class Counts:
         return self.sent + self.deferred + self.bounced + self.quarantined + self.throttled
 
     def add(self, status: str) -> None:
-        if status == "sent":
+        if status == SENT:
             self.sent += 1
-        elif status == "deferred":
+        elif status == DEFERRED:
             self.deferred += 1
-        elif status == "throttled":
+        elif status == THROTTLED:
             self.throttled += 1
-        elif status == "quarantined":
+        elif status == QUARANTINED:
             self.quarantined += 1
         else:
             self.bounced += 1
@@ -116,15 +124,15 @@ def _log_replies(queue_id: str, arrival: int, result: SendResult, now: float) ->
     delay = _fmt_delay(max(0.0, now - arrival))
     for rcpt, reply in result.replies.items():
         if 200 <= reply.code < 300:
-            status = "sent"
+            status = SENT
         elif reply.permanent:
-            status = "bounced"
+            status = BOUNCED
         else:
-            status = "deferred"
+            status = DEFERRED
         maillog.log(
             f"{queue_id}: to=<{rcpt}>, relay={result.relay}, delay={delay},"
             f" status={status} ({reply})",
-            error=status != "sent",
+            error=status != SENT,
         )
 
 
@@ -223,7 +231,7 @@ def _quarantine(locked: spool.LockedEntry, why: str) -> tuple[str, dict[str, Rep
     locked.release()
     locked.spool.quarantine(locked.queue_id, why)
     maillog.log(f"{locked.queue_id}: moved to corrupt/: {why}", error=True)
-    return "quarantined", {}
+    return QUARANTINED, {}
 
 
 async def deliver_entry(
@@ -292,12 +300,12 @@ async def deliver_drop(
     """
     try:
         if not entry.still_here():
-            return "queued", {}
+            return QUEUED, {}
         try:
             env = entry.envelope
             body_file = entry.message()
         except DataError:
-            return "queued", {}  # the runner will look at it and quarantine it
+            return QUEUED, {}  # the runner will look at it and quarantine it
         with body_file as body:
             result = await client.send(env.sender, env.recipients, body, env.size, env.eightbit)
         _log_replies(env.queue_id, env.arrival, result, time.time())
@@ -309,15 +317,15 @@ async def deliver_drop(
             entry.remove()
             maillog.log(f"{env.queue_id}: removed")
             if not refused:
-                return "sent", dict(result.replies)
-            return ("bounced" if done else "rejected"), dict(result.replies)
+                return SENT, dict(result.replies)
+            return (BOUNCED if done else REJECTED), dict(result.replies)
         if len(left) < len(env.recipients):
             entry.rewrite(left)
         else:
             entry.poke()
         if refused and done:
-            return "bounced", dict(result.replies)
-        return "deferred", dict(result.replies)
+            return BOUNCED, dict(result.replies)
+        return DEFERRED, dict(result.replies)
     finally:
         entry.release()
 
@@ -356,7 +364,7 @@ def deliver_now(
         result = asyncio.run(run())
     finally:
         locked.release()
-    if result[0] == "sent" and isinstance(locked, spool.LockedEntry):
+    if result[0] == SENT and isinstance(locked, spool.LockedEntry):
         locked.spool.clear_relay_down()
     return result
 
@@ -439,11 +447,11 @@ async def run_pass(
         counts.add(status)
         if progress is not None:
             progress(qid, status)
-        if status == "deferred" and _is_connection_failure(replies):
+        if status == DEFERRED and _is_connection_failure(replies):
             return "down"
-        if status == "sent":
+        if status == SENT:
             target.clear_relay_down()  # new submissions may start agents again
-        streak = streak + 1 if status == "throttled" else 0
+        streak = streak + 1 if status == THROTTLED else 0
         if streak >= PRESSURE_STREAK:
             return "busy"
     return "done"
@@ -479,12 +487,12 @@ async def _attempt_with_pauses(
         except DataError as exc:
             target.quarantine(qid, exc.message)
             maillog.log(f"{qid}: moved to corrupt/: {exc.message}", error=True)
-            return "quarantined", {}
+            return QUARANTINED, {}
         if locked is None:
             counts.skipped += 1
             return "", {}
         status, replies = await deliver_entry(config, client, locked)
-        if status != "throttled":
+        if status != THROTTLED:
             return status, replies
         kinds = {policy.pressure_kind(r) for r in replies.values()}
         if (

@@ -17,6 +17,7 @@ import pwd
 import time
 
 from mailshim import address, maillog, message, paths, spool
+from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUED
 from mailshim.errors import DataError, MailshimError, UsageError
 
 TYPE_CHECKING = False
@@ -194,13 +195,13 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
             "no recipients: name them on the command line, or use -t to take them from To/Cc/Bcc"
         )
     mode = sub.mode or config.delivery_mode
-    if sub.verbose and mode == "background":
-        mode = "interactive"
+    if sub.verbose and mode == BACKGROUND:
+        mode = INTERACTIVE
     target = spool.choose(config)
     writer = target.new_entry(sender, recipients, user.uid)
     # In the drop folder the submitter's agent needs the entry's lock from the start: the
     # runner skips locked entries, so the two never send it both.
-    keep = mode == "interactive" or (mode == "background" and target.drop)
+    keep = mode == INTERACTIVE or (mode == BACKGROUND and target.drop)
     try:
         _write_message(config, sub, user, sender, reader, block, writer)
     except BaseException:
@@ -238,14 +239,14 @@ def _hand_on(
         f"{qid}: uid={user.uid} from=<{sender}> size={writer.size} nrcpt={len(recipients)}"
         f" (queued in {target.root})"
     )
-    outcome = Outcome(qid, "queued", target)
-    if mode == "interactive" and locked is not None:
+    outcome = Outcome(qid, QUEUED, target)
+    if mode == INTERACTIVE and locked is not None:
         from mailshim import runner
 
         outcome.status, outcome.replies = runner.deliver_now(
             config, locked, verbose=sub.verbose, discard_rejected=sub.discard_rejected
         )
-    elif mode == "background":
+    elif mode == BACKGROUND:
         from mailshim import agent
 
         agent.start(target, config, entry=locked if isinstance(locked, spool.DropEntry) else None)

@@ -30,6 +30,7 @@ complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -
 
 complete -c mailshim -n '__fish_seen_subcommand_from config' -l json -d 'Print JSON for scripts'
 complete -c mailshim -n '__fish_seen_subcommand_from flush run' -s v -l verbose -d 'Show the SMTP dialogue'
+complete -c mailshim -n '__fish_seen_subcommand_from setup-spool' -l user -x -a '(__fish_complete_users)' -d 'The user the runner runs as'
 
 complete -c mailshim -n '__fish_seen_subcommand_from check' -l rcpt -x -a '(__fish_complete_users)' -d 'Also try this recipient'
 complete -c mailshim -n '__fish_seen_subcommand_from check' -l json -d 'Print JSON for scripts'
@@ -56,3 +57,4 @@ complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subc
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show delete hold release retry' -l all -d 'Every entry'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from requeue' -a '(__mailshim_dead_ids)' -d 'Dead letter id'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from requeue' -l all -d 'Every dead letter'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show' -l json -d 'Print JSON with the raw values'

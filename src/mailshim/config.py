@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     Table = dict[str, object]
 
 DEFAULT_RETRY = (60, 300, 900, 1800, 3600, 7200)
+DEFAULT_MAX_SIZE = 50 * 1000 * 1000
 TLS_MODES = ("none", "starttls", "tls")
 PROTOCOLS = ("smtp", "lmtp")
 FROM_MODES = ("add", "rewrite-local", "force")
@@ -114,9 +115,11 @@ class Config:
         "helo",
         "keep_dead",
         "lifetime",
+        "log_file",
         "max_recipients",
         "max_size",
         "path",
+        "qualify_headers",
         "queue_dir",
         "relays",
         "retry",
@@ -124,16 +127,20 @@ class Config:
         "sources",
         "trusted_users",
         "warn_after",
+        "written",
     )
 
     def __init__(self) -> None:
         self.path: str | None = None
         self.sources: dict[str, str] = {}
+        # Each value as the file wrote it ("5d", ["1m", "5m"]), for `mailshim config`.
+        self.written: dict[str, object] = {}
         self.relays: tuple[RelayConfig, ...] = (RelayConfig("relay"),)
         self._domain: str | None = None
         self.sender: str | None = None
         self.aliases_file: str | None = None
         self.from_header = "add"
+        self.qualify_headers = True
         self.aliases: dict[str, tuple[str, ...]] = {}
         self.queue_dir: str | None = None
         self.retry: tuple[int, ...] = DEFAULT_RETRY
@@ -141,10 +148,11 @@ class Config:
         self.warn_after = 4 * 3600
         self.keep_dead = 30 * 86400  # dead letters older than this are removed
         self.delivery_mode = "background"
-        self.max_size = 50 * 1000 * 1000
+        self.max_size = DEFAULT_MAX_SIZE
         self.max_recipients = 10000
         self.trusted_users: tuple[str, ...] = ("root",)
         self.helo: str | None = None
+        self.log_file: str | None = None
 
     @property
     def domain(self) -> str:
@@ -159,6 +167,13 @@ class Config:
 
     def source(self, key: str) -> str:
         return self.sources.get(key, "default")
+
+    def max_size_for(self, listener_size: int | None) -> int:
+        """The size limit: ``[submission] max_size`` when set, else the ``SIZE`` the listener
+        last announced (``Spool.listener_size``), else 50 MB."""
+        if "submission.max_size" in self.sources or not listener_size:
+            return self.max_size
+        return listener_size
 
 
 # --- value checkers: each returns the converted value or raises ValueError(reason) ---
@@ -176,6 +191,13 @@ def _nonempty(value: object) -> str:
     text = _str(value).strip()
     if not text:
         raise ValueError("must not be empty")
+    return text
+
+
+def _abs_path(value: object) -> str:
+    text = _nonempty(value)
+    if not text.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {_show(value)}")
     return text
 
 
@@ -314,6 +336,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "sender": ("sender", _nonempty),
         "aliases_file": ("aliases_file", _nonempty),
         "from_header": ("from_header", _choice(FROM_MODES)),
+        "qualify_headers": ("qualify_headers", _bool),
     },
     "queue": {
         "dir": ("queue_dir", _nonempty),
@@ -323,6 +346,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "keep_dead": ("keep_dead", parse_duration),
     },
     "delivery": {"mode": ("delivery_mode", _choice(DELIVERY_MODES))},
+    "log": {"file": ("log_file", _abs_path)},
     "submission": {
         "max_size": ("max_size", parse_size),
         "max_recipients": ("max_recipients", _positive_int),
@@ -374,6 +398,7 @@ def _apply(cfg: Config, data: Table, where: str) -> None:
                 except ValueError as exc:
                     raise ConfigError(f"{where}: [aliases] {name}: {exc}") from None
                 cfg.sources[f"aliases.{name.lower()}"] = f"file {where}"
+                cfg.written[f"aliases.{name.lower()}"] = target
         elif section in _SECTIONS:
             if not isinstance(body, dict):
                 raise ConfigError(f"{where}: [{section}] must be a table")
@@ -390,6 +415,7 @@ def _apply(cfg: Config, data: Table, where: str) -> None:
                 except ValueError as exc:
                     raise ConfigError(f"{where}: [{section}] {key}: {exc}") from None
                 cfg.sources[f"{section}.{key}"] = f"file {where}"
+                cfg.written[f"{section}.{key}"] = value
         else:
             known = ", ".join(sorted([*_SECTIONS, "relay", "aliases"]))
             raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
@@ -403,6 +429,7 @@ def _apply_relays(cfg: Config, body: object, where: str) -> None:
         cfg.relays = (relay,)
         for key in body:
             cfg.sources[f"relay.{key}"] = f"file {where}"
+            cfg.written[f"relay.{key}"] = body[key]
     elif isinstance(body, list) and body:
         relays = []
         for i, item in enumerate(body):
@@ -412,6 +439,7 @@ def _apply_relays(cfg: Config, body: object, where: str) -> None:
             relays.append(relay)
             for key in item:
                 cfg.sources[f"relay[{i}].{key}"] = f"file {where}"
+                cfg.written[f"relay[{i}].{key}"] = item[key]
         cfg.relays = tuple(relays)
     else:
         raise ConfigError(f"{where}: [relay] must be a table or a non-empty array of tables")
@@ -441,6 +469,10 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> Config:
     data = _read_table(path, use_cache)
     cfg.path = path
     _apply(cfg, data, path)
+    if cfg.log_file is not None:
+        from mailshim import maillog
+
+        maillog.use_file(cfg.log_file)
     return cfg
 
 

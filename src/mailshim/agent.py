@@ -18,8 +18,8 @@ entries), when its spool is gone, or on SIGTERM/SIGHUP/SIGINT after the entry in
 A drop-folder entry (a user's mail in the system spool) is delivered by that user's own
 agent, once; what is left the system runner retries (the drop folder wakes it).
 
-Queue ids never appear in an agent's argv (anyone may read /proc/PID/cmdline): the entry a
-drop agent delivers is named in its environment, which only its user and root can read.
+Queue ids never appear in an agent's argv (anyone may read /proc/PID/cmdline): a drop agent
+is given ``--incoming -`` and reads its entry's id from the locked entry itself.
 
 Trust: runs as the submitting user (their own spool or drop entry) or, started by root, as
 the spool's owner (the ``mailshim`` user). Entries are hostile (runner.py, spool.py). The pid
@@ -43,7 +43,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from mailshim.config import Config
 
-ENTRY_ENV = "MAILSHIM_AGENT_ENTRY"  # the drop entry a user's agent delivers (not in argv)
 MIN_NAP = 1.0  # never wake more often than this (an entry held by an interactive sendmail)
 RETAKE_TRIES = 10  # a leaving agent's tries at the lock when something fell due meanwhile
 RETAKE_PAUSE = 0.2
@@ -62,15 +61,14 @@ def start(target: spool.Spool, config: Config, entry: spool.DropEntry | None = N
     """
     args = [sys.executable, "-m", "mailshim.agent", "--spool", target.root]
     keep: list[int] = []
-    env = dict(os.environ)
     if entry is not None:
         slot = spool.user_agent_slot()
         if slot is None:
             entry.release()
             return
         keep = [entry.fd, slot]
-        args += ["--lock-fd", str(entry.fd)]
-        env[ENTRY_ENV] = entry.queue_id
+        # "-": the agent reads the id from the locked entry; argv is public in /proc
+        args += ["--incoming", "-", "--lock-fd", str(entry.fd)]
     else:
         try:
             fd = target.try_agent_lock()
@@ -84,7 +82,6 @@ def start(target: spool.Spool, config: Config, entry: spool.DropEntry | None = N
             return
         keep = [fd]
         args += ["--lock-fd", str(fd)]
-        env.pop(ENTRY_ENV, None)
     if config.path:
         args += ["--config", os.path.abspath(config.path)]
     owner = target.owner() if os.geteuid() == 0 and entry is None else None
@@ -104,7 +101,7 @@ def start(target: spool.Spool, config: Config, entry: spool.DropEntry | None = N
                 os.setgroups([])
                 os.setgid(owner[1])
                 os.setuid(owner[0])
-            os.execve(sys.executable, args, env)
+            os.execv(sys.executable, args)
         finally:
             os._exit(127)
     for fd in keep:
@@ -183,13 +180,18 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
         os.close(lock_fd)
 
 
-def _drop_agent(config: Config, root: str, lock_fd: int, qid: str) -> int:
+def _drop_agent(config: Config, root: str, lock_fd: int, incoming: str) -> int:
     """The submitter's agent for its own drop-folder entry: one attempt, then the runner's."""
     import asyncio
 
     from mailshim import runner
+    from mailshim.errors import DataError
 
-    entry = spool.open_drop_entry(spool.Spool(root, drop=True), qid, lock_fd)
+    qid = "" if incoming == "-" else incoming  # "-": the id is read from the entry
+    try:
+        entry = spool.open_drop_entry(spool.Spool(root, drop=True), qid, lock_fd)
+    except (DataError, OSError):
+        return 0  # unreadable: the runner's pickup sends it to corrupt/ with the reason
 
     async def one() -> None:
         async with runner.client_for(config) as client:
@@ -204,8 +206,10 @@ def _drop_agent(config: Config, root: str, lock_fd: int, qid: str) -> int:
     return 0
 
 
-def agent_main(root: str, lock_fd: int | None, config_path: str | None) -> int:
-    """The agent process: a drop entry's (``MAILSHIM_AGENT_ENTRY`` set) or the spool's.
+def agent_main(
+    root: str, lock_fd: int | None, config_path: str | None, incoming: str | None = None
+) -> int:
+    """The agent process: a drop entry's (``--incoming``) or the spool's.
 
     A ``sendmail`` that finds the spool's lock taken starts no agent, trusting the holder to
     see its entry; so after releasing the lock the agent looks once more and carries on if
@@ -217,9 +221,8 @@ def agent_main(root: str, lock_fd: int | None, config_path: str | None) -> int:
     except MailshimError as exc:
         maillog.log(f"agent: {exc.message}", error=True)
         return exc.code
-    qid = os.environ.pop(ENTRY_ENV, None)
-    if qid is not None:
-        return 64 if lock_fd is None else _drop_agent(config, root, lock_fd, qid)
+    if incoming is not None:
+        return 64 if lock_fd is None else _drop_agent(config, root, lock_fd, incoming)
     target = spool.Spool(root)
     fd = lock_fd if lock_fd is not None else target.try_agent_lock()
     while fd is not None:
@@ -246,7 +249,7 @@ def _retake(target: spool.Spool) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    root = cfg = None
+    root = cfg = incoming = None
     lock: int | None = None
     try:
         i = 0
@@ -257,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                 lock = int(args[i + 1])
             elif args[i] == "--config":
                 cfg = args[i + 1]
+            elif args[i] == "--incoming":
+                incoming = args[i + 1]
             else:
                 raise ValueError(args[i])
             i += 2
@@ -265,12 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     if root is None:
         try:
             sys.stderr.write(
-                "usage: python -m mailshim.agent --spool DIR [--lock-fd N] [--config FILE]\n"
+                "usage: python -m mailshim.agent --spool DIR [--lock-fd N] [--incoming -]"
+                " [--config FILE]\n"
             )
         except (OSError, AttributeError):
             pass
         return 64
-    return agent_main(root, lock, cfg)
+    return agent_main(root, lock, cfg, incoming)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ every window.
 
 Trust: the agent runs as the submitting user on their own spool or drop-folder entry; the
 runners as root or the ``mailshim`` user. Entries are parsed strictly (spoolfmt), drop-folder
-entries are copied and checked by spool.pickup, unreadable ones are quarantined. The listener
+entries are copied and checked by pickup.py, unreadable ones are quarantined. The listener
 is untrusted: its replies arrive cleaned by relay.py and only ever go into logs, state and
 reports as text.
 """
@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, deadletters, maillog, policy, serving, spool
+from mailshim import bounce, deadletters, fair, maillog, policy, serving, spool
 from mailshim.constants import (
     BOUNCED,
     DEFERRED,
@@ -208,9 +208,11 @@ def _carry_out(
         locked.remove()
         maillog.log(f"{env.queue_id}: rejected by the listener; the client was told")
         return action.status
-    if action.report is not None:
+    if action.report is not None and not state.reported:
         # The report's id is recorded first: after a crash between writing the report and
-        # moving the entry, the next run sees the report in the queue and does not repeat it.
+        # moving the entry, the next run sees the report in the queue and does not repeat it;
+        # once written, "reported" says so even after the report itself has gone out (the
+        # move to dead/ may fail and be tried again at the next attempt).
         if not state.bounce_id:
             state.bounce_id = spool.new_queue_id()
             locked.save_state(state)
@@ -220,6 +222,7 @@ def _carry_out(
             or os.path.lexists(os.path.join(target.dead, state.bounce_id))
         ):
             _write_report(config, locked, state, bounce.FAILED, action.report, now, state.bounce_id)
+        state.reported = True
     locked.save_state(state)
     where = locked.bury("dead", action.reason)
     maillog.log(f"{env.queue_id}: moved to {where}: {action.reason}", error=True)
@@ -236,8 +239,7 @@ def _sendable(addr: str) -> bool:
 
 
 def _quarantine(locked: spool.LockedEntry, why: str) -> tuple[str, dict[str, Reply]]:
-    locked.release()
-    locked.spool.quarantine(locked.queue_id, why)
+    locked.quarantine(why)
     maillog.log(f"{locked.queue_id}: moved to corrupt/: {why}", error=True)
     return QUARANTINED, {}
 
@@ -315,21 +317,29 @@ async def deliver_drop(
             body_file = entry.message()
         except DataError:
             return QUEUED, {}  # the runner will look at it and quarantine it
+        rcpts = [r for r in env.recipients if r not in env.failed]
+        if not rcpts:
+            body_file.close()
+            return QUEUED, {}  # only refusals are left: the runner bounces them
         with body_file as body:
-            result = await client.send(env.sender, env.recipients, body, env.size, env.eightbit)
+            result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
         _log_replies(env.queue_id, env.arrival, result, time.time())
         done = set(result.sent())
         refused = set(result.bounced())
         told = interactive and (not discard_rejected or not done)
         left = [r for r in env.recipients if r not in done and not (told and r in refused)]
+        # Refusals nobody told the caller about stay in the entry as failed records: the
+        # runner bounces them and never sends the message to them again (issue 12, item 11).
+        failed = dict(env.failed)
+        failed.update((r, str(result.replies[r])) for r in left if r in refused)
         if not left:
             entry.remove()
             maillog.log(f"{env.queue_id}: removed")
             if not refused:
                 return SENT, dict(result.replies)
             return (BOUNCED if done else REJECTED), dict(result.replies)
-        if len(left) < len(env.recipients):
-            entry.rewrite(left)
+        if len(left) < len(env.recipients) or len(failed) > len(env.failed):
+            entry.rewrite(left, failed)
         else:
             entry.poke()
         if refused and done:
@@ -401,10 +411,12 @@ def pickup(config: Config, target: spool.Spool) -> tuple[int, int]:
     moved, and how many were left because their owner still holds them."""
     if not target.has_incoming() or not target.writable():
         return 0, 0
-    target.clean_incoming()
-    results = target.pickup(config.max_size_for(target.listener_size()), config.max_recipients)
-    spool.log_pickups(results, lambda text, error: maillog.log(text, error=error))
-    picked = sum(1 for p in results if p.status == "picked" and not p.duplicate)
+    from mailshim import pickup as drop
+
+    drop.clean_incoming(target)
+    results = drop.pickup(target, config, max_size=config.max_size_for(target.listener_size()))
+    drop.log_pickups(results, lambda text, error: maillog.log(text, error=error))
+    picked = sum(1 for p in results if p.status == "picked")
     return picked, sum(1 for p in results if p.status == "busy")
 
 
@@ -425,7 +437,7 @@ async def run_pass(
     "busy" (the listener keeps asking us to slow down), "stopped" (``stop`` was set)."""
     now = time.time()
     streak = 0
-    for qid in target.ids():
+    for qid in fair.order(target, target.ids(), config.user_round_bytes):
         if stop is not None and stop.is_set():
             return "stopped"
         if only is not None and qid not in only:
@@ -590,10 +602,6 @@ def _schedule(target: spool.Spool) -> tuple[bool, float | None]:
         if soonest is None or state.next_attempt < soonest:
             soonest = float(state.next_attempt)
     return False, soonest
-
-
-def _due(target: spool.Spool) -> bool:
-    return _schedule(target)[0]
 
 
 def _queue_stamp(target: spool.Spool) -> tuple[int, ...]:

@@ -44,8 +44,10 @@ ENVELOPE_RECORDS = (REC_ID, REC_ARRIVAL, REC_UID, REC_SIZE, REC_BODY, REC_SENDER
 REC_FAILED = b"failed"
 
 # --- the state file's fields (spoolfmt.encode_state) ----------------------------------------
-STATE_COUNTERS = ("attempts", "throttled", "first_attempt", "last_attempt", "next_attempt")
-STATE_FLAGS = ("held", "warned")
+STATE_COUNTERS = (
+    "attempts", "throttled", "first_attempt", "last_attempt", "next_attempt", "requeued",
+)  # fmt: skip
+STATE_FLAGS = ("held", "warned", "reported")
 STATE_REPLIES = ("done", "failed", "pending")  # recipient -> reply, stored as fields
 REPLY_FIELDS = ("code", "enhanced", "text", "kind", "stage")
 

@@ -13,7 +13,7 @@
              ``mailshim flush`` for a big message; target < 40 MB each.
 (d) flush    N messages spooled while the listener is down (spooling rate), then one
              ``mailshim flush`` against one SMTP session per message; target >= 5x faster.
-(e) postfix  opt-in (``make bench-postfix``, root): the same N spooled while the listener is
+(f) postfix  opt-in (``make bench-postfix``, root): the same N spooled while the listener is
              down and flushed, by mailshim (lock-step and pipelined) and by a throwaway Postfix
              null client (bench/postfix.py) against the same listener; reports the ratio.
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl
 import postfix as pfx
 
-ALIASES = {"a": "startup", "b": "burst", "c": "rss", "d": "flush", "e": "postfix"}
+ALIASES = {"a": "startup", "b": "burst", "c": "rss", "d": "flush", "f": "postfix"}
 ORDER = ("startup", "burst", "rss", "flush", "postfix")
 DEFAULT = ("startup", "burst", "rss", "flush")  # postfix only when asked for
 
@@ -671,7 +671,7 @@ def _flush_postfix(ctx: Ctx, pf: pfx.Postfix, n: int, down: int) -> dict[str, ob
 def bench_postfix(ctx: Ctx) -> None:
     args, inst = ctx.args, ctx.main_install()
     n = args.count
-    say(f"\n## (e) side by side with Postfix: {n} queued while the listener is down, then flushed")
+    say(f"\n## (f) side by side with Postfix: {n} queued while the listener is down, then flushed")
     say(f"- load average before: {bl.loadavg()}")
     down = bl.free_port()
     try:
@@ -724,7 +724,7 @@ def main() -> int:
     ap.add_argument(
         "--only",
         default=",".join(DEFAULT),
-        help="comma-separated: startup,burst,rss,flush,postfix (or a,b,c,d,e)",
+        help="comma-separated: startup,burst,rss,flush,postfix (or a,b,c,d,f)",
     )
     ap.add_argument("--iterations", type=int, default=30, help="(a) interleaved rounds")
     ap.add_argument(
@@ -740,7 +740,7 @@ def main() -> int:
         default="dev-venv,wheel-venv,wheel-venv-c,debian",
         help="(a) installs to compare",
     )
-    ap.add_argument("--count", type=int, default=1000, help="(b, d, e) number of messages")
+    ap.add_argument("--count", type=int, default=1000, help="(b, d, f) number of messages")
     ap.add_argument("--size-mb", type=int, default=200, help="(c) message size in MB")
     ap.add_argument(
         "--qi-count",
@@ -754,7 +754,7 @@ def main() -> int:
         choices=["debian", "wheel-venv", "dev-venv"],
         help="(b, c, d) which install",
     )
-    ap.add_argument("--rounds", type=int, default=2, help="(e) rounds of each flush")
+    ap.add_argument("--rounds", type=int, default=2, help="(f) rounds of each flush")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()

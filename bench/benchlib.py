@@ -234,6 +234,15 @@ def agent_pids(spool_root: str) -> list[int]:
     return found
 
 
+def stop_agents(spool_root: str) -> None:
+    """SIGTERM the agents serving this spool (the bench's own, found by their spool path)."""
+    for pid in agent_pids(spool_root):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass  # gone meanwhile
+
+
 def peak_rss_kb(pid: int) -> int | None:
     """VmHWM of a live process, or None once it is gone."""
     try:

@@ -556,9 +556,9 @@ def _check_addresses(cfg: Config, where: str) -> None:
     """Addresses in the file must be usable before anything is sent (issue 12, item 13)."""
     if cfg._domain is None and cfg.sender is None and not cfg.aliases:
         return
-    from mailshim import address  # pure, and sendmail imports it anyway
+    from mailshim import aliases  # pure, and sendmail imports it anyway
 
-    problem = address.settings_problem(cfg._domain, cfg.sender, cfg.aliases)
+    problem = aliases.settings_problem(cfg._domain, cfg.sender, cfg.aliases)
     if problem is not None:
         key, why = problem
         raise ConfigError(f"{where}: {key}: {why}", key)

@@ -16,7 +16,7 @@ import os
 import pwd
 import time
 
-from mailshim import address, maillog, message, paths, spool
+from mailshim import address, aliases, maillog, message, paths, spool
 from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUED
 from mailshim.errors import DataError, MailshimError, UsageError, printable
 
@@ -105,10 +105,10 @@ def current_user() -> User:
 
 # --- addresses ---------------------------------------------------------------------
 
-_aliases_cache: dict[int, address.Aliases] = {}
+_aliases_cache: dict[int, aliases.Aliases] = {}
 
 
-def aliases_for(config: Config) -> address.Aliases:
+def aliases_for(config: Config) -> aliases.Aliases:
     """The config's ``[aliases]`` over the aliases(5) file; config entries win."""
     key = id(config)
     cached = _aliases_cache.get(key)
@@ -125,9 +125,9 @@ def aliases_for(config: Config) -> address.Aliases:
             raise ConfigError(
                 f"{config.path}: [addresses] aliases_file {config.aliases_file}: {exc.strerror}"
             ) from None
-        table, _skipped = address.parse_aliases_file(text)
+        table, _skipped = aliases.parse_aliases_file(text)
     table.update(config.aliases)
-    result = address.Aliases(table)
+    result = aliases.Aliases(table)
     _aliases_cache[key] = result
     return result
 
@@ -146,10 +146,10 @@ def resolve_recipients(config: Config, words: list[str]) -> list[str]:
     for word in words:
         found.extend(address.parse_address_list(word))
     out: list[str] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for addr in found:
         for final in rewrite_recipient(config, addr):
-            key = _dedupe_key(final)
+            key = address.dedupe_key(final)
             if key not in seen:
                 seen.add(key)
                 out.append(final)
@@ -159,11 +159,6 @@ def resolve_recipients(config: Config, words: list[str]) -> list[str]:
             f"({config.max_recipients})"
         )
     return out
-
-
-def _dedupe_key(addr: str) -> str:
-    local, at, domain = addr.rpartition("@")
-    return f"{local}{at}{domain.lower()}" if at else addr
 
 
 def envelope_sender(config: Config, requested: str | None, user: User) -> str:

@@ -3,9 +3,9 @@
 Pure: strings in, strings out. ``parse_aliases_file`` turns the file's text into a table;
 ``Aliases`` merges that table with the config's ``[aliases]`` and expands a recipient into its
 final addresses (recursive, loop-safe, de-duplicated); ``settings_problem`` checks the
-configured domain, sender and alias table when the configuration is read. A null client has no local delivery
-agent, so pipes, files, ``:include:`` and exim's ``:blackhole:``/``:fail:`` are skipped and
-listed, never run.
+configured domain, sender and alias table when the configuration is read. A null client has
+no local delivery agent, so pipes, files, ``:include:`` and exim's ``:blackhole:``/``:fail:``
+are skipped and listed, never run.
 
 Trust: imported by ``sendmail`` (running as any local user, on the fast path: so no ``re``,
 ``typing`` or ``email`` at run time). The aliases file is written by root, but the addresses

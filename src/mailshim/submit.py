@@ -320,7 +320,7 @@ def _write_message(
     )
     limit = config.max_size_for(writer.spool.listener_size())
     writer.write(_forgery_warning(config, sub, user, sender, own))
-    writer.write(message.edit_headers(block.fields, edits, block.had_separator, True))
+    writer.write(message.edit_headers(block.fields, edits))
     if block.body_prefix:
         writer.write(block.body_prefix)
     for chunk in reader.body():

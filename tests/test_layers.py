@@ -229,3 +229,14 @@ def test_a_new_module_must_be_placed(tmp_path: Path) -> None:
     assert violations(src) == [
         "mailshim.newthing is in no layer: add it to LAYERS and docs/design.md"
     ]
+
+
+def test_every_module_says_its_job_trust_and_what_it_raises() -> None:
+    """STYLE: the docstring is the module's man page: its one job, then Trust, then Raises."""
+    missing = []
+    for name, path in module_files(SRC).items():
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        if not doc.split("\n", 1)[0].strip():
+            missing.append(f"{name}: no first line")
+        missing.extend(f"{name}: no {word!r}" for word in ("Trust:", "Raises") if word not in doc)
+    assert missing == []

@@ -13,6 +13,10 @@ them; the table read from it is validated again like a freshly parsed one.
 Trust: runs as every user. The file named by ``-C`` or ``$MAILSHIM_CONFIG`` is the caller's
 choice and only affects the caller's own submission; the secret named by ``password_file`` is
 refused when others can read it.
+
+Raises ``ConfigError`` (exit 78) naming the file, the key and the problem (the key checks raise
+``ValueError``, which ``_apply`` turns into it) and ``NoPermError`` (exit 77) for a secret or
+file the caller may not use.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ Trust: imported by ``sendmail`` (running as any local user, on the fast path: no
 ``typing``, ``email`` or ``time`` at run time) and by the ``-bs`` server. The message bytes
 are hostile: any length, any byte, no line ends at all. Memory is bounded by the header
 ``limit`` plus a chunk or two; a 100 MB line in the body is never held whole.
+
+Raises ``DataError`` (exit 65) for a header block larger than its limit, a recipient field that
+does not parse or an unusable ``From`` address; ``SoftwareError`` (exit 70) for a programming
+error (an unknown ``from_mode``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ interrupted ``sendmail`` sends and keeps nothing.
 
 Trust: runs as the submitting user, on their stdin and argv (untrusted for syntax, trusted as
 that user's wishes). The resulting entry is what the runner will later treat as hostile.
+
+Raises ``MailshimError``: ``UsageError`` (64) with no recipients, ``DataError`` (65) for a bad
+address or a message too large, ``ConfigError`` (78) for an unreadable aliases file or a login
+that makes no sender, and the spool's ``CantCreateError`` (73), ``SpoolIOError`` (74),
+``TempFailError`` (75) or ``NoPermError`` (77); after the rename, delivery problems are
+outcomes, not exceptions.
 """
 
 from __future__ import annotations

@@ -309,3 +309,20 @@ def lg_tool(name: str) -> str:
     from conftest import tool
 
     return tool(name)
+
+
+def test_check_says_what_retries_the_users_deferred_drop_entries(lg):
+    alice = lg.users[ALICE]
+    r = lg.mailshim(alice, "check")
+    out = r.stdout.decode() + r.stderr.decode()
+    assert "retried only by that user's own delivery agent" in out, out
+    assert "your own delivery agent" not in out
+    lg.listener.stop()
+    _send(lg, ALICE, "check@example.org")
+    _until(lambda: len(_agents(alice.uid)) == 1, 10, "the user's agent")
+    (pid,) = _agents(alice.uid)
+    r = lg.mailshim(alice, "check")
+    out = r.stdout.decode() + r.stderr.decode()
+    assert f"retried by your own delivery agent (pid {pid})" in out, out
+    lg.listener.start()
+    lg.listener.wait(1, timeout=STEP + SLACK)

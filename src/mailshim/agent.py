@@ -201,6 +201,8 @@ def _drop_agent(
     qid = "" if incoming == "-" else incoming  # "-": the id is read from the entry
     target = spool.Spool(root, drop=True)
     first: str | None = None
+    if slot_fd is not None:
+        dropagent.write_pid(root)  # the slot is held from now on: pokes and check find it
     try:
         entry = spool.open_drop_entry(target, qid, lock_fd)
     except (DataError, OSError):

@@ -573,6 +573,8 @@ def check_runner(cfg: Config, report: Report) -> None:
     roots = [t.root for t in spool.known_spools(cfg)] or [system_root]
     uncovered: list[str] = []
     for root in roots:
+        if os.path.isdir(os.path.join(root, "incoming")):
+            _own_drop_agent(root, report)
         target = spool.Spool(root)
         try:
             now = serving.who_retries(target)
@@ -621,7 +623,6 @@ def check_runner(cfg: Config, report: Report) -> None:
                 " runs",
                 how,
             )  # fmt: skip
-            _own_drop_agent(root, report)
         else:
             report.add(
                 OK, "runner",

@@ -6,12 +6,14 @@ write ``queue/`` or ``state/``. Their ``sendmail`` starts an agent that tries th
 systemd, units not enabled, a container) it waited forever. This agent stays instead: it
 retries that user's own entries on the ``[queue] retry`` schedule of a configuration root
 controls, keeps per-recipient progress in the entry itself (``DropEntry.rewrite``), and
-exits when none of them is left. A runner that appears takes them over: the agent tries an
-entry only while holding its flock, as the runner's pickup does, and stands back (tries
-nothing, waits for the entries to leave the drop folder) while the spool's agent lock is
-held by the daemon or the spool's own agent. Bounces and expiry stay the runner's: an entry
-past ``[queue] lifetime`` is logged once and retried on the last step, never dropped; an
-entry whose recipients are all refused is left for the runner to bounce.
+exits when none of them is left. A runner that appears takes them over without duplicates:
+the agent tries an entry only while holding its flock and the runner's pickup skips locked
+entries; an entry that has left the drop folder (picked up, or replaced by another user's
+file) is forgotten, so the agent leaves at its next step once the runner has them all (a
+user cannot see the spool's ``agent.lock`` or ``state/``, so it does not ask whether a
+runner serves). Bounces and expiry stay the runner's: an entry past ``[queue] lifetime`` is
+logged once and retried on the last step, never dropped; an entry whose recipients are all
+refused is left for the runner to bounce.
 
 What the agent serves lives in the user's own state folder (``paths.user_state_dir``),
 never in the shared drop folder: ``drop-agent.<spool>.lock`` (held while the agent lives:
@@ -277,53 +279,39 @@ async def _attempt(
     return LATER
 
 
-def _still_ours(target: spool.Spool, qid: str) -> bool:
-    try:
-        st = os.lstat(os.path.join(target.incoming, qid))
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
-
-
-def _runner_serves(target: spool.Spool) -> bool:
-    from mailshim import serving
-
-    try:
-        return serving.lock_busy(target)
-    except OSError:
-        return False
-
-
 def _round(
-    config: Config, target: spool.Spool, tracks: dict[str, _Track], steps: tuple[int, ...]
-) -> None:
-    """Try every due entry once (one connection for them all)."""
+    config: Config,
+    target: spool.Spool,
+    tracks: dict[str, _Track],
+    steps: tuple[int, ...],
+    gone: set[str],
+) -> float:
+    """Try every due entry once (one connection for them all). Returns until when the
+    listener is taken to be down (0 when it was reached or nothing was tried)."""
     import asyncio
 
-    from mailshim import runner
+    from mailshim import maillog, runner
+    from mailshim.errors import MailshimError
 
     now = time.time()
     due = [q for q, tr in tracks.items() if tr.next_at <= now]
+    down_until = 0.0
     if not due:
-        return
-    if _runner_serves(target):
-        # The daemon or the spool's agent picks drop entries up; trying too would only race
-        # it for the locks. Wait (without taking any lock) for them to leave the drop folder.
-        for qid in due:
-            if _still_ours(target, qid):
-                tracks[qid].next_at = now + steps[0]
-            else:
-                del tracks[qid]
-                forget(target.root, qid)
-        return
+        return down_until
 
     async def run() -> None:
         async with runner.client_for(config) as client:
+            nonlocal down_until
             for i, qid in enumerate(due):
                 tr = tracks[qid]
-                got = await _attempt(config, client, target, qid, tr)
+                try:
+                    got = await _attempt(config, client, target, qid, tr)
+                except MailshimError as exc:
+                    maillog.log(f"{qid}: agent: {exc.message}", error=True)
+                    got = LATER
                 if got == GONE:
                     del tracks[qid]
+                    gone.add(qid)
                     forget(target.root, qid)
                     continue
                 if got == BUSY:
@@ -332,12 +320,16 @@ def _round(
                 tr.attempts += 1
                 tr.next_at = time.time() + steps[min(tr.attempts, len(steps)) - 1]
                 if got == DOWN:
-                    # The listener is down: the others wait with this one, no connection each.
+                    # The listener is down: the others wait with this one, no connection
+                    # each, and so do entries noted during the pause (a burst costs nothing).
                     for rest in due[i + 1 :]:
                         tracks[rest].next_at = tr.next_at
+                    pause = min(r.retry_after_failure for r in config.relays)
+                    down_until = time.time() + pause
                     return
 
     asyncio.run(run())
+    return down_until
 
 
 def _clear_pid(root: str) -> None:
@@ -349,7 +341,8 @@ def _clear_pid(root: str) -> None:
         pass
 
 
-def _write_pid(root: str) -> None:
+def write_pid(root: str) -> None:
+    """Name this process as the holder of the user's slot for ``root`` (a hint)."""
     path = _name(root, ".pid")
     if path is None:
         return
@@ -387,20 +380,25 @@ def linger(config: Config, target: spool.Spool, slot_fd: int, first: str | None)
     tracks: dict[str, _Track] = {}
     if first is not None:
         tracks[first] = _Track(time.time() + steps[0], attempts=1)
+    gone: set[str] = set()  # ids finished with: never adopted again (ids are not reused)
+    down_until = 0.0
     fd: int | None = slot_fd
     while fd is not None:
-        _write_pid(target.root)
+        write_pid(target.root)
         try:
             while True:
                 now = time.time()
                 for qid in _noted(target.root):
-                    tracks.setdefault(qid, _Track(now))
+                    if qid not in gone:
+                        tracks.setdefault(qid, _Track(max(now, down_until)))
                 if not tracks or not os.path.isdir(target.incoming):
                     break
                 try:
-                    _round(config, target, tracks, steps)
+                    down_until = _round(config, target, tracks, steps, gone)
                 except MailshimError as exc:
                     maillog.log(f"agent: {exc.message}", error=True)
+                    for tr in tracks.values():
+                        tr.next_at = max(tr.next_at, time.time() + steps[0])
                 if not tracks:
                     continue  # adopt what was noted meanwhile, or leave
                 soonest = min(tr.next_at for tr in tracks.values())
@@ -410,7 +408,7 @@ def linger(config: Config, target: spool.Spool, slot_fd: int, first: str | None)
         finally:
             _clear_pid(target.root)
             os.close(fd)
-        if not _noted(target.root) or not os.path.isdir(target.incoming):
+        if not set(_noted(target.root)) - gone or not os.path.isdir(target.incoming):
             return 0
         fd = slot(target.root)  # None: another agent of this user took over
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Listener, free_port, others_can_run
-from test_multiuser import MSG, System, User, _useradd
+from test_multiuser import MSG, System, User, _useradd, stop_processes
 
 # Names of their own: test_multiuser.py may run at the same time (another checkout).
 RUNNER, ALICE, BOB = "mshlinger-run", "mshlinger-a", "mshlinger-b"
@@ -110,6 +110,7 @@ retry = ["{STEP}s"]
         yield system
         listener.stop()
     finally:
+        stop_processes(users.values())
         for name in users:
             subprocess.run(["userdel", name], capture_output=True)
             subprocess.run(["groupdel", name], capture_output=True)

@@ -340,3 +340,25 @@ def test_check_says_what_retries_the_users_deferred_drop_entries(lg):
     assert f"retried by your own delivery agent (pid {pid})" in out, out
     lg.listener.start()
     lg.listener.wait(1, timeout=STEP + SLACK)
+
+
+def test_past_its_lifetime_the_entry_is_kept_and_retried_not_dropped(lg):
+    alice = lg.users[ALICE]
+    log = lg.base / "linger.log"
+    log.write_text("")
+    os.chmod(log, 0o666)
+    cfg = lg.base / "short-life.toml"
+    text = lg.config.read_text().replace("[queue]\n", '[queue]\nlifetime = "2s"\n')
+    cfg.write_text(text + f'\n[log]\nfile = "{log}"\n')
+    os.chmod(cfg, 0o644)
+    lg.listener.stop()
+    r = lg.sendmail(alice, "-i", "late@example.org", input=MSG, MAILSHIM_CONFIG=str(cfg))
+    assert r.returncode == 0, r.stderr.decode()
+    _agent(alice.uid)
+    _until(lambda: "older than [queue] lifetime" in log.read_text(), STEP + SLACK, "the log line")
+    # Only a runner bounces: the user's agent keeps the entry and goes on trying.
+    assert len(_incoming(lg)) == 1 and lg.listener.messages == []
+    lg.listener.start()
+    (msg,) = lg.listener.wait(1, timeout=STEP + SLACK)
+    assert msg.rcpt_tos == ["late@example.org"]
+    _until(lambda: _agents(alice.uid) == [], 10, "the agent to leave")

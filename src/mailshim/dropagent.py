@@ -325,7 +325,7 @@ def _round(
                     for rest in due[i + 1 :]:
                         tracks[rest].next_at = tr.next_at
                     pause = min(r.retry_after_failure for r in config.relays)
-                    down_until = time.time() + pause
+                    down_until = time.time() + min(pause, steps[0])
                     return
 
     asyncio.run(run())

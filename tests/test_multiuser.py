@@ -48,8 +48,11 @@ class User:
 class System:
     """The box: users, a spool under a folder everyone may traverse, a config, a listener."""
 
-    def __init__(self, base: Path, listener: Listener, users: dict[str, User]) -> None:
+    def __init__(
+        self, base: Path, listener: Listener, users: dict[str, User], runner: str = RUNNER
+    ) -> None:
         self.base = base
+        self.runner = runner
         self.listener = listener
         self.users = users
         self.spool = base / "spool"
@@ -97,7 +100,7 @@ class System:
         return json.loads(r.stdout)
 
     def flush(self, **env):
-        r = self.mailshim(self.users[RUNNER], "flush", **env)
+        r = self.mailshim(self.users[self.runner], "flush", **env)
         assert r.returncode == 0, r.stderr.decode()
         return r
 
@@ -132,15 +135,19 @@ def _useradd(name: str, home: Path) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def box():
+@contextlib.contextmanager
+def built_box(
+    names: tuple[str, str, str] = (RUNNER, ALICE, BOB), retry: str = "1s", relay: str = ""
+):
+    """Users ``names`` (runner, two submitters), a spool set up for the runner, a listener
+    and a config (``retry``; ``relay``: more [relay] lines); all removed afterwards."""
     if not others_can_run():
         pytest.skip(f"other users cannot run {sys.executable} (its folder is private)")
     base = Path(tempfile.mkdtemp(prefix="mailshim-mu-", dir="/tmp"))
     os.chmod(base, 0o755)
     users: dict[str, User] = {}
     try:
-        for name in (RUNNER, ALICE, BOB):
+        for name in names:
             home = base / f"home-{name}"
             _useradd(name, home)
             users[name] = User(name, home)
@@ -149,7 +156,7 @@ def box():
             os.chmod(home, 0o700)
         listener = Listener(free_port())
         listener.start()
-        system = System(base, listener, users)
+        system = System(base, listener, users, runner=names[0])
         system.config.write_text(
             textwrap.dedent(
                 f"""
@@ -158,18 +165,19 @@ def box():
                 port = {listener.port}
                 timeout = 5
                 helo = "client.example.org"
+                {relay}
 
                 [addresses]
                 domain = "example.org"
 
                 [queue]
                 dir = "{system.spool}"
-                retry = ["1s"]
+                retry = ["{retry}"]
                 """
             )
         )
         os.chmod(system.config, 0o644)
-        r = system.mailshim(None, "setup-spool", "--user", RUNNER)
+        r = system.mailshim(None, "setup-spool", "--user", names[0])
         assert r.returncode == 0, r.stderr.decode()
         yield system
         listener.stop()
@@ -179,6 +187,12 @@ def box():
             subprocess.run(["userdel", name], capture_output=True)
             subprocess.run(["groupdel", name], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def box():
+    with built_box() as system:
+        yield system
 
 
 @pytest.fixture

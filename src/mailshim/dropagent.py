@@ -343,22 +343,11 @@ def _clear_pid(root: str) -> None:
 
 def write_pid(root: str) -> None:
     """Name this process as the holder of the user's slot for ``root`` (a hint)."""
+    from mailshim import serving
+
     path = _name(root, ".pid")
-    if path is None:
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, f"{os.getpid()}\n".encode())
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    if path is not None:
+        serving.write_pid_file(path, "drop", 0o600)
 
 
 def linger(config: Config, target: spool.Spool, slot_fd: int, first: str | None) -> int:

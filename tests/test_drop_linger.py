@@ -10,7 +10,6 @@ a duplicate. Skipped when not root.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_multiuser import MSG, System, built_box
+from test_multiuser import MSG, System, built_box, emptied
 
 # Names of their own: test_multiuser.py may run at the same time (another checkout).
 RUNNER, ALICE, BOB = "mshlinger-run", "mshlinger-a", "mshlinger-b"
@@ -76,17 +75,7 @@ def box():
 @pytest.fixture
 def lg(box: System):
     """The box with an empty spool and listener, and no agent left behind."""
-    for folder in ("incoming", "queue", "state", "tmp", "dead", "corrupt"):
-        for name in os.listdir(box.spool / folder):
-            path = box.spool / folder / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    box.listener.handler.messages.clear()
-    if box.listener.controller is None:
-        box.listener.start()
-    mu = box
+    mu = emptied(box)
     yield mu
     for name in (ALICE, BOB, RUNNER):
         for pid in _agents(mu.users[name].uid):

@@ -198,6 +198,11 @@ def box():
 @pytest.fixture
 def mu(box):
     """The box with an empty spool and listener, for one test."""
+    return emptied(box)
+
+
+def emptied(box: System) -> System:
+    """``box`` with nothing its users run, an empty spool and a listener that accepts all."""
     stop_processes(box.users.values())
     for folder in ("incoming", "queue", "state", "tmp", "dead", "corrupt"):
         for name in os.listdir(box.spool / folder):

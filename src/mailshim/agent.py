@@ -60,9 +60,10 @@ RETAKE_PAUSE = 0.2
 def start(target: spool.Spool, config: Config, entry: spool.DropEntry | None = None) -> None:
     """Start a detached delivery agent for ``target``, or poke the one that serves it.
 
-    With ``entry`` (the system spool's drop folder): the child gets that entry's lock and
-    delivers only it, if this user has no such agent running already (a per-user slot in
-    their state folder); otherwise the runner, which the drop folder wakes, delivers it.
+    With ``entry`` (the system spool's drop folder): the entry is noted in the user's state
+    folder; the child gets its lock and the user's slot, tries it, and lingers for what the
+    user left deferred (dropagent.py). When the user's agent already runs, it is poked to
+    adopt the entry; with no state folder of their own, the runner delivers it.
     Root starts the spool's agent as the spool's owner (the ``mailshim`` user).
     """
     args = [sys.executable, "-m", "mailshim.agent", "--spool", target.root]

@@ -285,9 +285,10 @@ def _round(
     tracks: dict[str, _Track],
     steps: tuple[int, ...],
     gone: set[str],
+    down_until: float,
 ) -> float:
     """Try every due entry once (one connection for them all). Returns until when the
-    listener is taken to be down (0 when it was reached or nothing was tried)."""
+    listener is taken to be down: 0 once reached, ``down_until`` when nothing was tried."""
     import asyncio
 
     from mailshim import maillog, runner
@@ -295,9 +296,9 @@ def _round(
 
     now = time.time()
     due = [q for q, tr in tracks.items() if tr.next_at <= now]
-    down_until = 0.0
     if not due:
         return down_until
+    down_until = 0.0
 
     async def run() -> None:
         async with runner.client_for(config) as client:
@@ -383,7 +384,7 @@ def linger(config: Config, target: spool.Spool, slot_fd: int, first: str | None)
                 if not tracks or not os.path.isdir(target.incoming):
                     break
                 try:
-                    down_until = _round(config, target, tracks, steps, gone)
+                    down_until = _round(config, target, tracks, steps, gone, down_until)
                 except MailshimError as exc:
                     maillog.log(f"agent: {exc.message}", error=True)
                     for tr in tracks.values():

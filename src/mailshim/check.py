@@ -27,6 +27,7 @@ from mailshim.errors import (
 )
 from mailshim.hostnames import relay_is_local
 from mailshim.probe import probe_relays
+from mailshim.sealed import secret_holders
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -200,17 +201,29 @@ def check_relay_settings(relay: RelayConfig, report: Report, runner: int | None 
                     f"chmod 600 {path}", EX_NOPERM, name,
                 )  # fmt: skip
             elif not os.access(path, os.R_OK):
-                report.add(
-                    ERROR, "secret",
-                    f"[{name}] password_file {path} is not readable by uid {os.getuid()}"
-                    f" (owner uid {st.st_uid})",
-                    "run mailshim check as the user that delivers mail (root or mailshim)",
-                    EX_NOPERM, name,
-                )  # fmt: skip
+                if runner is not None and st.st_uid == runner:
+                    report.add(
+                        OK, "secret",
+                        f"[{name}] password_file {path} is readable by {secret_holders(st)}"
+                        " (sealed): this user cannot relay directly, the runner delivers"
+                        " its mail",
+                        relay=name,
+                    )  # fmt: skip
+                else:
+                    report.add(
+                        ERROR, "secret",
+                        f"[{name}] password_file {path} is not readable by uid {os.getuid()}"
+                        f" (owner uid {st.st_uid})",
+                        "run mailshim check as the user that delivers mail (root or mailshim)",
+                        EX_NOPERM, name,
+                    )  # fmt: skip
             else:
                 report.add(
-                    OK, "secret", f"[{name}] password_file {path} (mode {mode:04o})", relay=name
-                )
+                    OK, "secret",
+                    f"[{name}] password_file {path} (mode {mode:04o}), readable by"
+                    f" {secret_holders(st)}",
+                    relay=name,
+                )  # fmt: skip
                 _secret_owner(path, st, report, name, runner)
     if relay.ca_file and not os.access(relay.ca_file, os.R_OK):
         report.add(

@@ -75,6 +75,7 @@ def run(config_path: str | None, extra_rcpts: Sequence[str] = (), *, probe: bool
     for relay in cfg.relays:
         check_relay_settings(relay, report, runner)
     check_spool(cfg, report)
+    check_limits(cfg, report)
     check_runner(cfg, report)
     if probe and addresses is not None:
         sender, rcpts = addresses
@@ -428,6 +429,39 @@ def _check_backlog(cfg: Config, report: Report) -> None:
         text,
         "mailshim queue; then mailshim flush once the listener takes mail" if stale else "",
     )
+
+
+# --- sending limits -------------------------------------------------------------------
+
+
+def check_limits(cfg: Config, report: Report) -> None:
+    """Who is at their sending limit right now (only root and the runner can see)."""
+    import time
+
+    from mailshim import sendlimits, spool
+
+    target = spool.Spool(cfg.queue_dir or paths.SYSTEM_SPOOL)
+    if not target.has_incoming() or not os.access(target.state_dir, os.R_OK | os.X_OK):
+        return
+    limiter = sendlimits.limiter_for(cfg, target)
+    if limiter is None:
+        report.add(OK, "limits", "no per-user sending limits ([limits] user_messages = 0)")
+        return
+    rule = limiter.rule()
+    now = time.time()
+    full = limiter.at_limit(now)
+    for uid, usage in full:
+        until = time.strftime("%H:%M", time.localtime(usage.start + limiter.window))
+        report.add(
+            WARNING, "limits",
+            f"{sendlimits.login(uid)} is at its sending limit ({rule}): {usage.messages}"
+            f" messages to {usage.recipients} recipients this window; the rest waits until"
+            f" {until}",
+            "see what it sends (mailshim queue); if it is legitimate, raise [limits]"
+            " user_messages / user_recipients or add the user to trusted_users",
+        )  # fmt: skip
+    if not full:
+        report.add(OK, "limits", f"{rule} per submitting user; nobody is at the limit")
 
 
 # --- the runner -----------------------------------------------------------------------

@@ -122,6 +122,9 @@ class Config:
         "sender",
         "sources",
         "trusted_users",
+        "user_messages",
+        "user_recipients",
+        "user_window",
         "warn_after",
     )
 
@@ -143,6 +146,11 @@ class Config:
         self.max_recipients = 10000
         self.trusted_users: tuple[str, ...] = ("root",)
         self.helo: str | None = None
+        # What one submitting uid (not root, the runner or trusted_users) gets delivered per
+        # window; more waits for the next window (sendlimits.py). 0: no limit.
+        self.user_messages = 100
+        self.user_recipients = 500
+        self.user_window = 3600
 
     @property
     def domain(self) -> str:
@@ -205,6 +213,19 @@ def _positive_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"expected a whole number above 0, got {_show(value)}")
     return value
+
+
+def _nonneg_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number, 0 or more (0: no limit), got {_show(value)}")
+    return value
+
+
+def _positive_duration(value: object) -> int:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0s")
+    return seconds
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
@@ -320,6 +341,11 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "warn_after": ("warn_after", parse_duration),
     },
     "delivery": {"mode": ("delivery_mode", _choice(DELIVERY_MODES))},
+    "limits": {
+        "user_messages": ("user_messages", _nonneg_int),
+        "user_recipients": ("user_recipients", _nonneg_int),
+        "user_window": ("user_window", _positive_duration),
+    },
     "submission": {
         "max_size": ("max_size", parse_size),
         "max_recipients": ("max_recipients", _positive_int),

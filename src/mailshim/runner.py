@@ -36,7 +36,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, spool
+from mailshim import bounce, maillog, sendlimits, spool
 from mailshim import reply as kinds
 from mailshim.errors import DataError, MailshimError
 from mailshim.reply import Reply
@@ -65,6 +65,7 @@ class Counts:
     __slots__ = (
         "bounced",
         "deferred",
+        "limited",
         "picked",
         "quarantined",
         "refused",
@@ -80,6 +81,7 @@ class Counts:
         self.skipped = 0
         self.quarantined = 0
         self.throttled = 0
+        self.limited = 0  # held for their submitter's next window (sendlimits)
         self.picked = 0  # drop-folder entries moved into the queue
         self.refused = 0  # drop-folder names that were not valid entries
 
@@ -95,6 +97,8 @@ class Counts:
             self.throttled += 1
         elif status == "quarantined":
             self.quarantined += 1
+        elif status == "limited":
+            self.limited += 1
         else:
             self.bounced += 1
 
@@ -104,6 +108,8 @@ class Counts:
             text += f", {self.throttled} slowed down by the listener"
         if self.quarantined:
             text += f", {self.quarantined} unreadable (moved to corrupt/)"
+        if self.limited:
+            text += f", {self.limited} held by the sending limits"
         return text
 
 
@@ -515,6 +521,7 @@ async def run_pass(
     "busy" (the listener keeps asking us to slow down), "stopped" (``stop`` was set)."""
     now = time.time()
     streak = 0
+    limiter = sendlimits.limiter_for(config, target) if target.has_incoming() else None
     for qid in target.ids():
         if stop is not None and stop.is_set():
             return "stopped"
@@ -530,6 +537,9 @@ async def run_pass(
             state = None  # deliver_entry quarantines the entry
         if state is not None and (state.held or (not force and state.next_attempt > now)):
             counts.skipped += 1
+            continue
+        if limiter is not None and not sendlimits.gate(limiter, target, qid, now):
+            counts.add("limited")
             continue
         status, replies = await _attempt_with_pauses(config, client, target, qid, counts, stop)
         if status == "":

@@ -17,7 +17,7 @@ import pwd
 import sys
 import time
 
-from mailshim import address, maillog, message, paths, spool
+from mailshim import address, maillog, message, paths, sealed, spool
 from mailshim.errors import DataError, MailshimError, UsageError
 
 TYPE_CHECKING = False
@@ -198,6 +198,10 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
     if sub.verbose and mode == "background":
         mode = "interactive"
     target = spool.choose(config)
+    if target.drop and sealed.sealed_out(config):
+        # Sealed: only the runner can read the listener's secret, so this user's own agent
+        # (or an interactive attempt) could only fail. The drop folder wakes the runner.
+        mode = "queue"
     writer = target.new_entry(sender, recipients, user.uid)
     # In the drop folder the submitter's agent needs the entry's lock from the start: the
     # runner skips locked entries, so the two never send it both.

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import others_can_run, tool
+from mailshim import check as mailshim_check
 from relayhelpers import Listener
 from test_multiuser import System, User, _useradd
 
@@ -247,7 +248,11 @@ def check(sb, user: User | None, *args: str) -> subprocess.CompletedProcess:
 
 def test_check_reports_sealed_as_the_user_and_as_root(sb):
     alice = sb.users[ALICE]
-    as_user = check(sb, alice)
+    daemon = sb.daemon()
+    try:
+        as_user = check(sb, alice)
+    finally:
+        stop(daemon)
     out = as_user.stdout.decode()
     assert as_user.returncode == 0, out
     assert f"readable by only {RUNNER} (sealed)" in out
@@ -309,3 +314,13 @@ def test_a_burst_over_the_limit_goes_window_by_window_and_others_are_unaffected(
     )  # each once: nothing lost, nothing twice
     assert len(got) == burst + 2
     assert sb.names("queue") == [] and sb.names("dead") == []
+
+
+def test_check_as_a_sealed_user_with_no_runner_is_an_error(sb):
+    if mailshim_check.daemon_pids() or mailshim_check.systemd_running():
+        pytest.skip("a mailshim runner (or systemd) is active on this machine")
+    r = check(sb, sb.users[ALICE])
+    out = r.stdout.decode()
+    assert r.returncode == 69, out
+    (line,) = [x for x in out.splitlines() if x.startswith("error")]
+    assert "sealed: only the runner can deliver this user's mail, and nothing runs it" in line

@@ -27,7 +27,7 @@ from mailshim.errors import (
 )
 from mailshim.hostnames import relay_is_local
 from mailshim.probe import probe_relays
-from mailshim.sealed import secret_holders
+from mailshim.sealed import sealed_out, secret_holders
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -555,6 +555,14 @@ def check_runner(cfg: Config, report: Report) -> None:
         report.add(
             ERROR, "runner",
             'delivery mode is "queue" and nothing runs the queue: mail stays spooled',
+            how, EX_UNAVAILABLE,
+        )  # fmt: skip
+        return
+    if sealed_out(cfg):
+        report.add(
+            ERROR, "runner",
+            "sealed: only the runner can deliver this user's mail, and nothing runs it: mail"
+            " stays in the drop folder",
             how, EX_UNAVAILABLE,
         )  # fmt: skip
         return

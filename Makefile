@@ -4,18 +4,34 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: venv demo test lint typecheck unit compat fuzz bench clean real-listeners
+.PHONY: venv demo test tools lint typecheck unit compat fuzz bench dist pypi-check clean \
+	real-listeners
 
-venv: $(VENV)/.stamp
+# One venv, filled in steps: each stamp says what is installed, so `make demo` needs only
+# the package and its sink, and `make test` adds the test and lint tools.
+venv: $(VENV)/.stamp-test
 
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp-base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,sink,dev,fuzz]'
+	rm -f $(VENV)/.stamp-sink $(VENV)/.stamp-test
 	touch $@
 
-demo: venv
-	bash scripts/demo.sh
+$(VENV)/.stamp-sink: $(VENV)/.stamp-base
+	$(BIN)/pip install -q -e '.[sink]'
+	touch $@
+
+# atheris has no wheel for every platform (aarch64) and needs clang's libFuzzer to build:
+# without it `make fuzz` runs the same targets under hypothesis (tests/test_fuzz.py).
+$(VENV)/.stamp-test: $(VENV)/.stamp-base
+	$(BIN)/pip install -q -e '.[test,sink,dev]'
+	@$(BIN)/pip install -q -e '.[fuzz]' >$(VENV)/atheris.log 2>&1 \
+	    || echo "atheris cannot be installed on $$(uname -m) (see $(VENV)/atheris.log):" \
+	        "make fuzz runs the fuzz targets under hypothesis instead"
+	touch $@
+
+demo: $(VENV)/.stamp-sink
+	VENV=$(VENV) bash scripts/demo.sh
 
 lint: venv
 	$(BIN)/ruff check src tests bench
@@ -27,21 +43,57 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest
 
-# unit last: its pytest summary is the closing line CI reads; the real listeners are
-# installed before compat and unit run their tests.
-test: lint typecheck fuzz real-listeners compat unit
+# unit last: its pytest summary is the closing line CI reads; the test tools and the real
+# listeners are installed before compat and unit run their tests.
+test: tools lint typecheck fuzz real-listeners compat unit
 
 # Dovecot LMTP (apt) and Haraka (npm, into ~/.cache/mailshim-tests) for
 # tests/test_real_listeners.py; a no-op when they are there.
 real-listeners:
 	bash tests/real-listeners/install.sh
 
-# Each atheris target for a bounded time over the committed corpus (tests/fuzz/corpus).
+# The programs some tests drive (the tests skip without them; README "Tests" says which):
+# installed with apt when we are root and apt-get exists, quietly; otherwise listed.
+TEST_TOOLS = swaks:swaks php:php-cli zsh:zsh fish:fish mandoc:mandoc
+APT_QUIET = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+tools:
+	@missing=""; for t in $(TEST_TOOLS); do \
+	    command -v "$${t%%:*}" >/dev/null || missing="$$missing $${t#*:}"; done; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing the test tools:$$missing"; \
+	    $(APT_QUIET) $$missing >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 && $(APT_QUIET) $$missing >/dev/null 2>&1; } \
+	    || echo "could not install$$missing: the tests needing them are skipped"; \
+	else \
+	    echo "not installed:$$missing: the tests needing them are skipped" \
+	        "(as root with apt-get, make test installs them)"; \
+	fi
+
+# Each atheris target for a bounded time over the committed corpus (tests/fuzz/corpus);
+# where atheris is missing, the same targets under hypothesis, and the corpus replayed.
 fuzz: venv
-	sh tests/fuzz/run.sh -t $${FUZZ_SECONDS:-10}
+	@if $(BIN)/python -c 'import atheris' 2>/dev/null; then \
+	    sh tests/fuzz/run.sh -t $${FUZZ_SECONDS:-10}; \
+	else \
+	    echo "fuzz: no atheris here: running the fuzz targets under hypothesis instead"; \
+	    $(BIN)/pytest -q -p no:cacheprovider tests/test_fuzz.py; \
+	fi
 
 compat: venv
 	bash tests/compat/run-bookworm.sh
+
+# PyPI: the sdist and the wheel, checked by twine (long description, metadata).
+DIST_FILES = dist/mailshim-$(VERSION).tar.gz dist/mailshim-$(VERSION)-py3-none-any.whl
+dist: $(VENV)/.stamp-base
+	$(BIN)/pip install -q build twine
+	rm -f $(DIST_FILES)
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict $(DIST_FILES)
+
+# What a pipx user gets: the wheel in a clean pipx home, `mailshim check`, a sink round trip.
+pypi-check: dist
+	bash .ci/pypi-check.sh dist/mailshim-$(VERSION)-py3-none-any.whl
 
 bench: venv
 	$(BIN)/python bench/run.py

@@ -26,7 +26,7 @@ _mailshim()
 
     # The value of an option that takes one.
     case $prev in
-        --rcpt)
+        --rcpt | --user)
             local IFS=$'\n'
             # shellcheck disable=SC2207
             COMPREPLY=($(compgen -u -- "$cur"))
@@ -63,7 +63,7 @@ _mailshim()
     for ((i = 1; i < COMP_CWORD; i++)); do
         word=${COMP_WORDS[i]}
         case $word in
-            --rcpt | --host | --port | --dir | -C | --config) ((i++)) ;;
+            --rcpt | --host | --port | --dir | --user | -C | --config) ((i++)) ;;
             -*) ;;
             *) positional+=("$word") ;;
         esac
@@ -133,7 +133,16 @@ retry"
                     ;;
                 list) _mailshim_compgen "$cur" "--json
 --help" ;;
-                show | delete | hold | release | retry)
+                show)
+                    if [[ $cur == -* ]]; then
+                        _mailshim_compgen "$cur" "--all
+--json
+--help"
+                    else
+                        _mailshim_queue_ids "$cur"
+                    fi
+                    ;;
+                delete | hold | release | retry)
                     if [[ $cur == -* ]]; then
                         _mailshim_compgen "$cur" "--all
 --help"
@@ -143,6 +152,8 @@ retry"
                     ;;
             esac
             ;;
+        setup-spool) _mailshim_compgen "$cur" "--user
+--help" ;;
         *) _mailshim_compgen "$cur" "--help" ;;
     esac
     return 0

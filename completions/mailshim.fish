@@ -25,6 +25,7 @@ complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -
 
 complete -c mailshim -n '__fish_seen_subcommand_from config' -l json -d 'Print JSON for scripts'
 complete -c mailshim -n '__fish_seen_subcommand_from flush' -s v -l verbose -d 'Show the SMTP dialogue'
+complete -c mailshim -n '__fish_seen_subcommand_from setup-spool' -l user -x -a '(__fish_complete_users)' -d 'The user the runner runs as'
 
 complete -c mailshim -n '__fish_seen_subcommand_from check' -l rcpt -x -a '(__fish_complete_users)' -d 'Also try this recipient'
 complete -c mailshim -n '__fish_seen_subcommand_from check' -l json -d 'Print JSON for scripts'
@@ -47,3 +48,4 @@ complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from show delete hold release retry" -l json -d 'Print JSON for scripts'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show delete hold release retry' -a '(__mailshim_queue_ids)' -d 'Queue id'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show delete hold release retry' -l all -d 'Every entry'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show' -l json -d 'Print JSON with the raw values'

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # make demo: a cron-style message through the real `sendmail` to a local debugging listener.
+# VENV names the environment whose bin/ holds python, sendmail, mailq and mailshim (make's
+# .venv, or a pipx venv: .ci/pypi-check.sh runs this on the installed wheel).
 set -euo pipefail
 BIN="${VENV:-.venv}/bin"
 work=$(mktemp -d)
@@ -20,7 +22,11 @@ root = "admin@example.org"
 
 [queue]
 dir = "$work/spool"
+
+[log]
+file = "$work/mailshim.log"
 TOML
+export MAILSHIM_CONFIG="$work/config.toml" MAILSHIM_CACHE_DIR="$work/cache"
 
 echo "== starting the sink (mailshim sink) on 127.0.0.1:$port"
 "$BIN/mailshim" sink --port "$port" --dir "$work/mail" --quiet &
@@ -30,9 +36,12 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
+echo "== will mail flow? mailshim check"
+"$BIN/mailshim" check
+
 echo "== as Debian's cron does: sendmail -FCronDaemon -i -B8BITMIME -oem root"
 printf 'From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@%s> echo backup done\nMIME-Version: 1.0\nContent-Type: text/plain; charset=UTF-8\n\nbackup done\n' "$(hostname)" |
-  MAILSHIM_CONFIG="$work/config.toml" "$BIN/sendmail" -FCronDaemon -i -B8BITMIME -oem root
+  "$BIN/sendmail" -FCronDaemon -i -B8BITMIME -oem root
 echo "   sendmail exited $?"
 
 for _ in $(seq 200); do
@@ -40,6 +49,14 @@ for _ in $(seq 200); do
   sleep 0.05
 done
 echo "== the listener received:"
-cat "$work/mail"/*.eml | tr -d '\r'
+received=$(cat "$work/mail"/*.eml | tr -d '\r')
+echo "$received"
+qid=$(sed -n 's/^Message-ID: <\([A-Z0-9]*\)@.*/\1/p' <<<"$received")
+for _ in $(seq 100); do
+  grep -q "$qid: to=.*status=sent" "$work/mailshim.log" 2>/dev/null && break
+  sleep 0.05
+done
+echo "== its story: mailshim log $qid"
+"$BIN/mailshim" log "$qid"
 echo "== queue after delivery:"
-MAILSHIM_CONFIG="$work/config.toml" "$BIN/mailq"
+"$BIN/mailq"

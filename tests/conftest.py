@@ -65,14 +65,15 @@ class Received:
     def header(self, name: str) -> list[str]:
         out = []
         lines = self.headers.decode("utf-8", "replace").split("\r\n")
-        current = None
+        matched = False  # the field being continued is one of ``name``
         for line in lines:
-            if line[:1] in (" ", "\t") and current is not None:
-                out[-1] += line
+            if line[:1] in (" ", "\t"):
+                if matched:
+                    out[-1] += line
                 continue
             key, sep, value = line.partition(":")
-            current = key if sep else None
-            if sep and key.lower() == name.lower():
+            matched = bool(sep) and key.lower() == name.lower()
+            if matched:
                 out.append(value.strip())
         return out
 

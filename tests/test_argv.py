@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -119,6 +121,48 @@ def test_legacy_flags_are_ignored(flag):
 def test_unknown_flag_is_a_usage_error_naming_it():
     with pytest.raises(UsageError, match="-W"):
         parse("-W root")
+
+
+def test_unknown_letter_names_the_word_and_where_to_look():
+    with pytest.raises(UsageError) as info:
+        parse("-tZ root")
+    assert "-Z in '-tZ'" in info.value.message
+    assert "man sendmail" in info.value.message and "mailshim --help" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("word", "pointer"),
+    [
+        ("--help", "man sendmail"),
+        ("--version", "mailshim --version"),
+        ("--verbose", "man sendmail"),
+        ("--from=alice", "man sendmail"),
+    ],
+)
+def test_long_options_name_the_word(word, pointer):
+    with pytest.raises(UsageError) as info:
+        argv.parse([word, "root"])
+    assert word in info.value.message and pointer in info.value.message
+    assert "unknown option --:" not in info.value.message
+
+
+def test_long_options_after_double_dash_are_recipients():
+    assert argv.parse(["--", "--help"]).recipients == ["--help"]
+
+
+@pytest.mark.parametrize("word", ["--help", "--version"])
+def test_real_sendmail_help_and_version(tmp_path, word):
+    from conftest import tool
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MAILSHIM_NO_SYSLOG": "1"}
+    env["MAILSHIM_CONFIG"] = str(tmp_path / "none.toml")
+    proc = subprocess.run(
+        [tool("sendmail"), word], input=b"", capture_output=True, env=env, timeout=30
+    )
+    assert proc.returncode == 64
+    lines = proc.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sendmail: {word} ")
+    assert "mailshim --" in lines[0] and "Traceback" not in proc.stderr.decode()
 
 
 def test_missing_argument():

@@ -48,10 +48,10 @@ def codes(stdout: bytes) -> list[int]:
 
 
 def spool_files(world: Env) -> list[str]:
-    """Every file in the spool but the agent's lock: what was kept."""
+    """Every file in the spool but the agent's lock and the listener's size: what was kept."""
     found = []
     for root, _dirs, files in os.walk(world.spool):
-        found += [os.path.join(root, f) for f in files if f != "agent.lock"]
+        found += [os.path.join(root, f) for f in files if f not in ("agent.lock", "listener-size")]
     return sorted(found)
 
 

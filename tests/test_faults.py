@@ -480,7 +480,10 @@ def test_fifty_submitters_and_two_runners_while_the_listener_flaps(fworld):
             _, err = d.communicate(timeout=30)
             assert d.returncode == 0 and b"Traceback" not in err, err
             said += err
-    assert b"deferred" in said or b"the listener is" in said, said  # the flapping was felt
+    # Whether a daemon met the flapping depends on timing (the submitters' agents may take
+    # every message, or wait out a "listener down" mark): nothing is asserted about it. (This
+    # once matched flush's "0 deferred", which every summary printed.)
+    assert b"daemon: stopped" in said, said
     subjects = collections.Counter(m.header("Subject")[0] for m in listener.messages)
     assert subjects == collections.Counter(f"C{i}" for i in range(50))
 

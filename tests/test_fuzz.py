@@ -468,12 +468,26 @@ def _check_documented_edits(raw: bytes, dot_ends: bool, spooled: bytes) -> None:
         del got[0].fields[0]
     # the body is untouched (after edits 1-3)
     assert got[0].body_prefix + got[1] == block.body_prefix + body
-    # the input's fields are all there, in order, except Bcc/Resent-Bcc; what else is there
-    # is From/Date/Message-ID added after them
-    kept = [f.raw for f in block.fields if f.lname not in ("bcc", "resent-bcc")]
-    fields = [f.raw for f in got[0].fields]
-    assert fields[: len(kept)] == kept
-    assert [f.lname for f in got[0].fields[len(kept) :]] == [
+    # the input's fields are all there, in order, except Bcc/Resent-Bcc, bare names in the
+    # address fields qualified (qualify_headers); what else is there is Resent-Date and
+    # Resent-Message-ID after the first resent block, and From/Date/Message-ID at the end
+    bcc = ("bcc", "resent-bcc")
+    fields = list(got[0].fields)
+    end = targets.resent_block_end(block.fields)
+    if end >= 0:
+        at = len([f for f in block.fields[:end] if f.lname not in bcc])
+        want_resent = [
+            n
+            for n in ("resent-date", "resent-message-id")
+            if not message.has_field(block.fields, n)
+        ]
+        assert [f.lname for f in fields[at : at + len(want_resent)]] == want_resent
+        del fields[at : at + len(want_resent)]
+    kept = [f for f in block.fields if f.lname not in bcc]
+    assert len(fields) >= len(kept)
+    for old, now in zip(kept, fields, strict=False):
+        targets.check_kept(old, now, "add", True)
+    assert [f.lname for f in fields[len(kept) :]] == [
         n for n in ("from", "date", "message-id") if not message.has_field(block.fields, n)
     ]
 

@@ -31,10 +31,11 @@ CONFIG_KEYS = {
         "host", "port", "socket", "tls", "verify", "ca_file", "username", "password_file",
         "timeout", "helo", "protocol", "name", "retry_after_failure",
     ],
-    "addresses": ["domain", "sender", "aliases_file", "from_header"],
+    "addresses": ["domain", "sender", "aliases_file", "from_header", "qualify_headers"],
     "queue": ["dir", "retry", "lifetime", "warn_after"],
     "delivery": ["mode"],
     "submission": ["max_size", "max_recipients", "trusted_users", "helo"],
+    "log": ["file"],
 }  # fmt: skip
 EXIT_CODES = [0, 64, 65, 66, 67, 69, 70, 71, 73, 74, 75, 77, 78]
 REQUIRED_SECTIONS = [

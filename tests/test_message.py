@@ -12,8 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailshim.address import find_unqualified
 from mailshim.errors import EX_DATAERR, DataError
 from mailshim.message import (
+    QUALIFIED_FIELDS,
     Field,
     HeaderEdits,
     Reader,
@@ -816,12 +818,31 @@ def test_property_only_documented_edits(data, dot_ends, sizes, chunk_size, strip
         added += b"Date: " + DATE.encode() + b"\r\n"
     if "message-id" not in names:
         added += b"Message-ID: " + MID.encode() + b"\r\n"
-    assert head == kept + added + b"\r\n"
+    # A resent block gets its Resent-Date after its first run of Resent- fields.
+    end = resent_block_end(block.fields)
+    at = len(b"".join(f.raw for f in block.fields[:end] if f.lname not in removed))
+    resent = b""
+    if end >= 0 and "resent-date" not in names:
+        resent = b"Resent-Date: " + DATE.encode() + b"\r\n"
+    assert head == kept[:at] + resent + kept[at:] + added + b"\r\n"
 
     # Put back what the edits took out: the input (normalised) again.
     if not strip_bcc:
+        head = head[:at] + head[at + len(resent) :]
         restored = head[: len(kept)] + (b"\r\n" if block.had_separator else b"") + body
         assert restored == expected
+
+
+def resent_block_end(fields) -> int:
+    """Index after the first run of Resent- fields; -1 without any."""
+    lnames = [f.lname for f in fields]
+    starts = [i for i, name in enumerate(lnames) if name.startswith("resent-")]
+    if not starts:
+        return -1
+    end = starts[0]
+    while end < len(lnames) and lnames[end].startswith("resent-"):
+        end += 1
+    return end
 
 
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
@@ -858,3 +879,94 @@ def test_property_recipients_never_crash(data):
         header_recipients(block.fields)
     except DataError as exc:
         assert exc.code == EX_DATAERR
+
+
+# --- qualifying address fields (append_at_myorigin) and completing resent blocks -----------
+
+MARK = b"@q.invalid"  # a domain the generated inputs never contain
+ADDRESS_PARTS = [
+    b"root", b"a@b.example", b" ", b",", b"(Cron Daemon)", b"<", b">", b'"', b"x y", b":",
+    b";", b"\xc3\xa9", b"\r\n ", b"\r\n\t", b"@", b"[1.2.3.4]", b"\\", b"()", b".",
+]  # fmt: skip
+FIELD_NAMES = [
+    b"From", b"Sender", b"Reply-To", b"To", b"Cc", b"Bcc", b"Resent-From", b"Resent-Sender",
+    b"Resent-To", b"Resent-Cc", b"Resent-Date", b"Resent-Message-ID", b"Subject", b"X-To",
+    b"Comments", b"TO", b"resent-cc",
+]  # fmt: skip
+address_field = st.builds(
+    lambda n, v: n + b":" + v + b"\r\n",
+    st.sampled_from(FIELD_NAMES),
+    st.lists(st.sampled_from(ADDRESS_PARTS), max_size=8).map(b"".join),
+)
+
+
+def _unqualified_count(field) -> int:
+    try:
+        return len(find_unqualified(field.raw.split(b":", 1)[1].decode("utf-8", "surrogateescape")))
+    except DataError:
+        return 0
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(raws=st.lists(address_field, max_size=8), strip_bcc=st.booleans())
+def test_property_qualify_changes_only_address_fields(raws, strip_bcc):
+    fields = fields_of(b"".join(raws) + b"\r\n")
+    ed = HeaderEdits(
+        date=DATE, resent_message_id=MID, qualify_domain="q.invalid", strip_bcc=strip_bcc
+    )
+    out = _field_raws(edit_headers(fields, ed, True, True))
+    removed = ("bcc", "resent-bcc") if strip_bcc else ()
+    kept = [f for f in fields if f.lname not in removed]
+    end = resent_block_end(fields)
+    names = {f.lname for f in fields}
+    extra = []
+    if end >= 0 and "resent-date" not in names:
+        extra.append(b"Resent-Date: " + DATE.encode())
+    if end >= 0 and "resent-message-id" not in names:
+        extra.append(b"Resent-Message-ID: " + MID.encode())
+    # The resent additions sit right after the first run of Resent- fields, and nowhere else.
+    at = len([f for f in fields[: max(end, 0)] if f.lname not in removed])
+    assert out[at : at + len(extra)] == extra
+    del out[at : at + len(extra)]
+    if "date" not in names:  # the ordinary Date, appended at the end
+        assert out.pop() == b"Date: " + DATE.encode()
+    assert len(out) == len(kept)
+    for f, got in zip(kept, out, strict=True):
+        got += b"\r\n"
+        if f.lname in QUALIFIED_FIELDS:
+            # Output = input with "@domain" inserted once per bare address, nothing else.
+            assert got.replace(MARK, b"") == f.raw
+            assert got.count(MARK) == _unqualified_count(f)
+            assert _unqualified_count(Field(got)) == 0
+        else:
+            assert got == f.raw
+
+
+def test_resent_additions_at_the_end_when_the_block_ends_the_header():
+    fields = fields_of(b"Subject: s\nResent-To: a@x.example\n\n")
+    out = edit_headers(fields, HeaderEdits(date=DATE, resent_message_id="<r@x>"), True, True)
+    assert out == (
+        b"Subject: s\r\nResent-To: a@x.example\r\nResent-Date: " + DATE.encode() + b"\r\n"
+        b"Resent-Message-ID: <r@x>\r\nDate: " + DATE.encode() + b"\r\n\r\n"
+    )
+
+
+def test_resent_additions_after_the_first_block_only():
+    fields = fields_of(
+        b"Resent-To: new@x.example\nResent-From: me@x.example\nReceived: x\n"
+        b"Resent-To: old@x.example\nFrom: a@x.example\n\n"
+    )
+    out = edit_headers(fields, HeaderEdits(date=DATE, resent_message_id="<r@x>"), True, True)
+    lines = out.split(b"\r\n")
+    assert lines[2] == b"Resent-Date: " + DATE.encode()
+    assert lines[3] == b"Resent-Message-ID: <r@x>" and lines[4] == b"Received: x"
+    assert out.count(b"Resent-Date") == 1
+
+
+def test_qualify_cron_and_sudo_fields():
+    fields = fields_of(b"From: root (Cron Daemon)\nTo: root\nSubject: root\nX-Cron-Env: <root>\n\n")
+    out = edit_headers(fields, HeaderEdits(qualify_domain="example.org"), True, True)
+    assert out == (
+        b"From: root@example.org (Cron Daemon)\r\nTo: root@example.org\r\n"
+        b"Subject: root\r\nX-Cron-Env: <root>\r\n\r\n"
+    )

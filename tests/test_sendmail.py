@@ -29,7 +29,7 @@ def test_debian_cron_message_arrives_with_added_headers(world):
     assert msg.mail_from == f"{_login()}@example.org"
     assert msg.header("Subject") == ["Cron <root@host> run-parts /etc/cron.daily"]
     assert len(msg.header("Date")) == 1 and len(msg.header("Message-ID")) == 1
-    assert msg.header("From") == ["root (Cron Daemon)"]  # present: left alone
+    assert msg.header("From") == ["root@example.org (Cron Daemon)"]  # present: qualified
     assert msg.body == b"backup done\r\n"
     world.wait_queue_empty()
 

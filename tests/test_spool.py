@@ -195,6 +195,9 @@ def test_setup_sets_owners_and_modes_and_is_idempotent(tmp_path):
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, USER + 1, 0o3733)
     st = os.stat(os.path.join(sp.root, "agent.lock"))
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (USER, 0o600)
+    # Every submitter may read the listener's size; only the runner user may write it.
+    st = os.stat(os.path.join(sp.root, "listener-size"))
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, USER + 1, 0o644)
     assert sp.setup(USER, USER + 1) == []
 
 

@@ -92,6 +92,8 @@ def parse(args: list[str], prog: str = "sendmail") -> Invocation:
         if word == "--":
             inv.recipients.extend(_safe(w, "a recipient") for w in args[i:])
             break
+        if word.startswith("--"):
+            raise UsageError(_long_word(word))
         if not word.startswith("-") or word == "-":
             if word != "-":
                 inv.recipients.append(_safe(word, "a recipient"))
@@ -116,8 +118,23 @@ def parse(args: list[str], prog: str = "sendmail") -> Invocation:
             if letter in _FLAGS:
                 _flag(inv, letter)
                 continue
-            raise UsageError(f"unknown option -{letter} (see sendmail(8) for the options)")
+            where = "" if word == "-" + letter else f" in {word!r}"
+            raise UsageError(f"unknown option -{letter}{where}: {_SEE}")
     return inv
+
+
+_SEE = "`man sendmail` lists the options; `mailshim --help` the administration commands"
+
+
+def _long_word(word: str) -> str:
+    """The message for a GNU-style long option: sendmail has none, but people try them."""
+    shown = word if len(word) <= 40 and word.isprintable() else repr(word[:40])
+    name = word.partition("=")[0]
+    if name == "--version":
+        return f"{shown} is not a sendmail option: `mailshim --version` prints the version"
+    if name == "--help":
+        return f"{shown} is not a sendmail option: {_SEE}"
+    return f"unknown option {shown} (sendmail takes single-letter options): {_SEE}"
 
 
 def _flag(inv: Invocation, letter: str) -> None:

@@ -32,7 +32,7 @@ import errno
 import os
 import select
 
-from mailshim import errors, smtpserver, submit
+from mailshim import errors, smtpserver, spool, submit
 from mailshim.errors import DataError, MailshimError, TempFailError
 
 TYPE_CHECKING = False
@@ -60,9 +60,11 @@ class _Session:
         self.eof = False
         self.broken = False  # the client no longer reads our replies
         self.status = errors.EX_OK
+        # SIZE in EHLO and the DATA cut-off: what submit() would take from this spool.
+        self.max_size = config.max_size_for(spool.choose(config, create=False).listener_size())
         self.smtp = smtpserver.ServerSession(
             config.helo_name,
-            config.max_size,
+            self.max_size,
             max_recipients=config.max_recipients,
             rewrite=self._rewrite,
         )
@@ -155,7 +157,7 @@ class _Session:
                 raise DataError("connection closed in DATA")
             if self.abort == "timeout":
                 raise TempFailError("idle timeout in DATA")
-            if self.decoder.size > self.config.max_size:
+            if self.decoder.size > self.max_size:
                 self.abort = "oversize"
                 raise DataError("message too large")
         start = self.pending_at
@@ -255,7 +257,7 @@ class _Session:
 
     def _verdict(self, outcome: Outcome | None, failure: MailshimError | None) -> tuple[bytes, int]:
         """The reply to the final dot and the exit status it implies."""
-        if self.abort == "oversize" or self.decoder.size > self.config.max_size:
+        if self.abort == "oversize" or self.decoder.size > self.max_size:
             return (
                 smtpserver.reply(552, "5.3.4 Message size exceeds fixed maximum message size"),
                 errors.EX_DATAERR,

@@ -76,6 +76,7 @@ def run(config_path: str | None, extra_rcpts: Sequence[str] = (), *, probe: bool
         check_relay_settings(relay, report, runner)
     check_spool(cfg, report)
     check_limits(cfg, report)
+    check_log(cfg, report)
     check_runner(cfg, report)
     if probe and addresses is not None:
         sender, rcpts = addresses
@@ -403,6 +404,40 @@ def _check_writable(root: str, report: Report) -> None:
     )  # fmt: skip
 
 
+def check_log(cfg: Config, report: Report) -> None:
+    """Where the log lines go: a host with neither syslog nor ``[log] file`` keeps none, and
+    ``mailshim log ID`` then has nothing to tell."""
+    from mailshim import maillog
+
+    target = cfg.log_file
+    if target is None:
+        if maillog.available():
+            report.add(OK, "log", "to syslog (mail facility, tag mailshim)")
+            return
+        report.add(
+            WARNING, "log",
+            "no syslog socket (/dev/log): log lines go nowhere, so mailshim log finds"
+            " nothing and failures leave no trace",
+            'set [log] file = "/var/log/mailshim.log" (writable by the runner user), or run'
+            " a syslog daemon; mailshim daemon also writes them to its stderr",
+        )  # fmt: skip
+        return
+    if os.path.exists(target):
+        usable = os.path.isfile(target) and os.access(target, os.W_OK)
+    else:
+        usable = os.access(os.path.dirname(target) or "/", os.W_OK | os.X_OK)
+    if usable:
+        also = " and syslog" if maillog.available() else ""
+        report.add(OK, "log", f"to {target}{also}; mailshim log reads it")
+    else:
+        report.add(
+            WARNING, "log",
+            f"this user cannot append to {target}: its log lines are dropped",
+            f"create it for the runner user and the administrators (chown mailshim {target};"
+            " chmod 640)",
+        )  # fmt: skip
+
+
 def _check_backlog(cfg: Config, report: Report) -> None:
     import time
 
@@ -418,10 +453,21 @@ def _check_backlog(cfg: Config, report: Report) -> None:
     now = time.time()
     arrivals = [i.envelope.arrival for i in items if i.envelope is not None]
     oldest = queueview.age(now - min(arrivals)) if arrivals else "?"
-    errors = [i.state.last_error for i in items if i.state is not None and i.state.last_error]
     text = f"{len(items)} message{'s' if len(items) != 1 else ''} waiting, oldest {oldest}"
-    if errors:
-        text += f"; last error: {errors[-1]}"
+    # An entry that is still here after an attempt failed: the most recent such attempt.
+    tried = [(i.state, i.queue_id) for i in items if i.state is not None and i.state.last_error]
+    if tried:
+        state, qid = max(tried, key=lambda pair: pair[0].last_attempt)
+        ago = queueview.age(now - state.last_attempt) if state.last_attempt else "?"
+        report.add(
+            WARNING,
+            "queue",
+            f"{text}; the last attempt ({ago} ago) failed: {state.last_error}",
+            "make the listener take mail again (the listener lines of this check show"
+            " whether it is reachable and what it refuses), then run mailshim flush;"
+            f" mailshim queue show {qid} and mailshim log {qid} tell that message's story",
+        )
+        return
     stale = bool(arrivals) and now - min(arrivals) > 3600
     report.add(
         WARNING if stale else OK,

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     Table = dict[str, object]
 
 DEFAULT_RETRY = (60, 300, 900, 1800, 3600, 7200)
+DEFAULT_MAX_SIZE = 50 * 1000 * 1000
 TLS_MODES = ("none", "starttls", "tls")
 PROTOCOLS = ("smtp", "lmtp")
 FROM_MODES = ("add", "rewrite-local", "force")
@@ -113,9 +114,11 @@ class Config:
         "from_header",
         "helo",
         "lifetime",
+        "log_file",
         "max_recipients",
         "max_size",
         "path",
+        "qualify_headers",
         "queue_dir",
         "relays",
         "retry",
@@ -126,26 +129,31 @@ class Config:
         "user_recipients",
         "user_window",
         "warn_after",
+        "written",
     )
 
     def __init__(self) -> None:
         self.path: str | None = None
         self.sources: dict[str, str] = {}
+        # Each value as the file wrote it ("5d", ["1m", "5m"]), for `mailshim config`.
+        self.written: dict[str, object] = {}
         self.relays: tuple[RelayConfig, ...] = (RelayConfig("relay"),)
         self._domain: str | None = None
         self.sender: str | None = None
         self.aliases_file: str | None = None
         self.from_header = "add"
+        self.qualify_headers = True
         self.aliases: dict[str, tuple[str, ...]] = {}
         self.queue_dir: str | None = None
         self.retry: tuple[int, ...] = DEFAULT_RETRY
         self.lifetime = 5 * 86400
         self.warn_after = 4 * 3600
         self.delivery_mode = "background"
-        self.max_size = 50 * 1000 * 1000
+        self.max_size = DEFAULT_MAX_SIZE
         self.max_recipients = 10000
         self.trusted_users: tuple[str, ...] = ("root",)
         self.helo: str | None = None
+        self.log_file: str | None = None
         # What one submitting uid (not root, the runner or trusted_users) gets delivered per
         # window; more waits for the next window (sendlimits.py). 0: no limit.
         self.user_messages = 100
@@ -166,6 +174,13 @@ class Config:
     def source(self, key: str) -> str:
         return self.sources.get(key, "default")
 
+    def max_size_for(self, listener_size: int | None) -> int:
+        """The size limit: ``[submission] max_size`` when set, else the ``SIZE`` the listener
+        last announced (``Spool.listener_size``), else 50 MB."""
+        if "submission.max_size" in self.sources or not listener_size:
+            return self.max_size
+        return listener_size
+
 
 # --- value checkers: each returns the converted value or raises ValueError(reason) ---
 
@@ -182,6 +197,13 @@ def _nonempty(value: object) -> str:
     text = _str(value).strip()
     if not text:
         raise ValueError("must not be empty")
+    return text
+
+
+def _abs_path(value: object) -> str:
+    text = _nonempty(value)
+    if not text.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {_show(value)}")
     return text
 
 
@@ -333,6 +355,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "sender": ("sender", _nonempty),
         "aliases_file": ("aliases_file", _nonempty),
         "from_header": ("from_header", _choice(FROM_MODES)),
+        "qualify_headers": ("qualify_headers", _bool),
     },
     "queue": {
         "dir": ("queue_dir", _nonempty),
@@ -341,6 +364,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "warn_after": ("warn_after", parse_duration),
     },
     "delivery": {"mode": ("delivery_mode", _choice(DELIVERY_MODES))},
+    "log": {"file": ("log_file", _abs_path)},
     "limits": {
         "user_messages": ("user_messages", _nonneg_int),
         "user_recipients": ("user_recipients", _nonneg_int),
@@ -397,6 +421,7 @@ def _apply(cfg: Config, data: Table, where: str) -> None:
                 except ValueError as exc:
                     raise ConfigError(f"{where}: [aliases] {name}: {exc}") from None
                 cfg.sources[f"aliases.{name.lower()}"] = f"file {where}"
+                cfg.written[f"aliases.{name.lower()}"] = target
         elif section in _SECTIONS:
             if not isinstance(body, dict):
                 raise ConfigError(f"{where}: [{section}] must be a table")
@@ -413,6 +438,7 @@ def _apply(cfg: Config, data: Table, where: str) -> None:
                 except ValueError as exc:
                     raise ConfigError(f"{where}: [{section}] {key}: {exc}") from None
                 cfg.sources[f"{section}.{key}"] = f"file {where}"
+                cfg.written[f"{section}.{key}"] = value
         else:
             known = ", ".join(sorted([*_SECTIONS, "relay", "aliases"]))
             raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
@@ -426,6 +452,7 @@ def _apply_relays(cfg: Config, body: object, where: str) -> None:
         cfg.relays = (relay,)
         for key in body:
             cfg.sources[f"relay.{key}"] = f"file {where}"
+            cfg.written[f"relay.{key}"] = body[key]
     elif isinstance(body, list) and body:
         relays = []
         for i, item in enumerate(body):
@@ -435,6 +462,7 @@ def _apply_relays(cfg: Config, body: object, where: str) -> None:
             relays.append(relay)
             for key in item:
                 cfg.sources[f"relay[{i}].{key}"] = f"file {where}"
+                cfg.written[f"relay[{i}].{key}"] = item[key]
         cfg.relays = tuple(relays)
     else:
         raise ConfigError(f"{where}: [relay] must be a table or a non-empty array of tables")
@@ -464,6 +492,10 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> Config:
     data = _read_table(path, use_cache)
     cfg.path = path
     _apply(cfg, data, path)
+    if cfg.log_file is not None:
+        from mailshim import maillog
+
+        maillog.use_file(cfg.log_file)
     return cfg
 
 

@@ -1,17 +1,23 @@
-"""One syslog line per event, Postfix style, on the mail facility, tagged ``mailshim``.
+"""One log line per event, Postfix style: to syslog (mail facility, tag ``mailshim``), to the
+``[log] file`` when one is configured, and to stderr for ``mailshim daemon`` when neither is
+there (containers, minimal hosts).
 
-``journalctl -t mailshim`` or ``grep QUEUEID /var/log/mail.log`` then tells a message's whole
-story; ``story()`` reads it back for ``mailshim log ID``. Where there is no syslog socket
-(containers, CI) nothing is written and nothing fails.
+``journalctl -t mailshim``, ``grep QUEUEID /var/log/mail.log`` or the ``[log] file`` then tell
+a message's whole story; ``story()`` reads it back for ``mailshim log ID``. A line that cannot
+be written (no syslog socket, a log file this user may not append to) is dropped: logging
+never makes a submission or a delivery fail.
 
 Trust: any process. Text is reduced to one printable line before it is logged, so addresses
-and replies from other users or the listener cannot forge extra log lines. ``story()`` runs
-as the administrator and only reads what that user may read (the journal, the log files).
+and replies from other users or the listener cannot forge extra log lines. The log file is
+opened append-only without following a link, and only a regular file is written. ``story()``
+runs as the administrator and only reads what that user may read. Raises nothing; ``story``
+raises OSError for an unreadable file named with ``--file``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from mailshim.errors import one_line
 
@@ -22,6 +28,45 @@ if TYPE_CHECKING:
 _SOCKETS = ("/dev/log", "/var/run/syslog")
 _opened = False
 _available: bool | None = None
+_file: str | None = None  # [log] file
+_stderr = False  # mailshim daemon: log to stderr when there is no syslog and no file
+
+
+def use_file(path: str | None) -> None:
+    """Also append each line to ``path`` (``[log] file``); None: syslog only."""
+    global _file
+    _file = path
+
+
+def use_stderr(on: bool) -> None:
+    """Write lines to stderr when neither syslog nor a log file takes them (the daemon)."""
+    global _stderr
+    _stderr = on
+
+
+def _append(path: str, line: str) -> bool:
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    data = f"{stamp} {os.uname().nodename} mailshim[{os.getpid()}]: {line}\n"
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o640)
+    except OSError:
+        return False
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        # One write with O_APPEND: lines of concurrent processes never interleave.
+        os.write(fd, data.encode("utf-8", "replace"))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def available() -> bool:
@@ -32,16 +77,26 @@ def available() -> bool:
 
 
 def log(text: str, *, error: bool = False) -> None:
-    """Send ``text`` (already "QUEUEID: key=value, ..." shaped) to syslog, if there is one."""
+    """Log ``text`` (already "QUEUEID: key=value, ..." shaped): syslog, the log file, or
+    the daemon's stderr (see the module docstring)."""
     global _opened
+    line = one_line(text)
+    if _file is not None:
+        _append(_file, line)
     if os.environ.get("MAILSHIM_NO_SYSLOG") or not available():
+        if _stderr and _file is None:
+            try:
+                sys.stderr.write(f"mailshim: {line}\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
         return
     import syslog
 
     if not _opened:
         syslog.openlog("mailshim", syslog.LOG_PID, syslog.LOG_MAIL)
         _opened = True
-    syslog.syslog(syslog.LOG_WARNING if error else syslog.LOG_INFO, one_line(text))
+    syslog.syslog(syslog.LOG_WARNING if error else syslog.LOG_INFO, line)
 
 
 # --- reading the story back (``mailshim log ID``) -----------------------------------------
@@ -119,12 +174,14 @@ def default_files() -> list[str]:
     return out
 
 
-def story(queue_id: str, path: str | None = None) -> tuple[list[str], list[str]]:
+def story(
+    queue_id: str, path: str | None = None, log_file: str | None = None
+) -> tuple[list[str], list[str]]:
     """A message's log lines and where they were looked for.
 
     With ``path``, only that file. Otherwise the journal (``journalctl -t mailshim``) when it
-    works and knows the id, else the mail log files. Raises OSError for an unreadable
-    ``path``.
+    works and knows the id, else ``log_file`` (``[log] file``), else the mail log files.
+    Raises OSError for an unreadable ``path``.
     """
     if path is not None:
         return list(follow(file_lines(path), queue_id)), [path]
@@ -132,6 +189,15 @@ def story(queue_id: str, path: str | None = None) -> tuple[list[str], list[str]]
     found = journal_story(queue_id)
     if found is not None:
         searched.append("the journal (" + " ".join(JOURNAL) + ")")
+        if found:
+            return found, searched
+    if log_file is not None:
+        searched.append(log_file)
+        try:
+            found = list(follow(file_lines(log_file), queue_id))
+        except OSError as exc:
+            searched[-1] += f" ({exc.strerror})"
+            found = []
         if found:
             return found, searched
     files = default_files()

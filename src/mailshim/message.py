@@ -16,7 +16,13 @@ The only changes mailshim makes to a message (the "documented edits"):
    in ``force`` mode the first ``From:`` is replaced in place (later ones dropped); in
    ``rewrite-local`` mode ``@domain`` is inserted after each address without a domain in
    ``From:``, ``Sender:`` and ``Reply-To:``, every other byte of those fields kept;
-6. a blank line always ends the header section, inserted when the input had none.
+6. with ``qualify_domain`` (Postfix's ``append_at_myorigin``), ``@domain`` is inserted after
+   each address without a domain in ``From:``, ``Sender:``, ``Reply-To:``, ``To:``, ``Cc:``
+   and their ``Resent-`` forms, every other byte of those fields kept; a field that does not
+   parse is left exactly as it was;
+7. when a ``Resent-`` field is present, ``Resent-Date:`` and ``Resent-Message-ID:`` are added
+   if missing, right after the first run of ``Resent-`` fields (the newest resent block);
+8. a blank line always ends the header section, inserted when the input had none.
 
 Header field values are decoded as UTF-8 with ``errors="surrogateescape"`` (``value_text``),
 so undecodable bytes survive a round trip and never raise.
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 __all__ = [
+    "QUALIFIED_FIELDS",
     "Field",
     "HeaderBlock",
     "HeaderEdits",
@@ -307,6 +314,18 @@ def header_recipients(fields: list[Field]) -> list[str]:
 
 FROM_MODES = ("add", "rewrite-local", "force")
 _REWRITE_FIELDS = ("from", "sender", "reply-to")
+# The address fields a recipient reads (RFC 5322 3.6.2, 3.6.3, 3.6.6); Bcc is removed anyway.
+QUALIFIED_FIELDS = (
+    "from",
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "resent-from",
+    "resent-sender",
+    "resent-to",
+    "resent-cc",
+)
 _ATEXT_PUNCT = "!#$%&'*+-/=?^_`{|}~"
 _ENCODED_WORD_BYTES = 45  # 60 base64 characters: "=?UTF-8?B?" + 60 + "?=" is 72 <= 75
 _FOLD_AT = 78
@@ -325,6 +344,8 @@ class HeaderEdits:
         "from_display",
         "from_mode",
         "message_id",
+        "qualify_domain",
+        "resent_message_id",
         "strip_bcc",
     )
 
@@ -338,6 +359,8 @@ class HeaderEdits:
         from_mode: str = "add",
         domain: str = "",
         strip_bcc: bool = False,
+        qualify_domain: str = "",
+        resent_message_id: str | None = None,
     ) -> None:
         if from_mode not in FROM_MODES:
             raise SoftwareError(f"unknown from_mode {from_mode!r}")
@@ -348,6 +371,8 @@ class HeaderEdits:
         self.from_mode = from_mode
         self.domain = domain
         self.strip_bcc = strip_bcc
+        self.qualify_domain = qualify_domain
+        self.resent_message_id = resent_message_id
 
 
 def _clean(text: str) -> str:
@@ -437,6 +462,26 @@ def _rewrite_local(field: Field, domain: str) -> bytes:
     return field.raw[:colon] + text.encode("utf-8", "surrogateescape")
 
 
+def _resent_additions(fields: list[Field], edits: HeaderEdits) -> tuple[int, bytes]:
+    """Where (index into ``fields``) and what to insert for an incomplete resent block.
+
+    RFC 5322 3.6.6: each resent block needs Resent-Date, and Resent-Message-ID should be
+    there. They go after the first run of ``Resent-`` fields, which a resender prepends.
+    """
+    first = next((i for i, f in enumerate(fields) if f.lname.startswith("resent-")), -1)
+    if first < 0:
+        return -1, b""
+    end = first
+    while end < len(fields) and fields[end].lname.startswith("resent-"):
+        end += 1
+    added = b""
+    if edits.date and not has_field(fields, "resent-date"):
+        added += _simple_field("Resent-Date", edits.date)
+    if edits.resent_message_id and not has_field(fields, "resent-message-id"):
+        added += _simple_field("Resent-Message-ID", edits.resent_message_id)
+    return end, added
+
+
 def edit_headers(
     fields: list[Field], edits: HeaderEdits, had_separator: bool = True, has_body: bool = True
 ) -> bytes:
@@ -448,7 +493,10 @@ def edit_headers(
     """
     out: list[bytes] = []
     want_from = bool(edits.from_addr)
-    for f in fields:
+    resent_at, resent_added = _resent_additions(fields, edits)
+    for i, f in enumerate(fields):
+        if i == resent_at and resent_added:
+            out.append(resent_added)
         if edits.strip_bcc and f.lname in ("bcc", "resent-bcc"):
             continue
         if f.lname == "from" and edits.from_mode == "force" and edits.from_addr:
@@ -456,10 +504,15 @@ def edit_headers(
                 out.append(_from_field(edits))
                 want_from = False
             continue
+        if edits.qualify_domain and f.lname in QUALIFIED_FIELDS:
+            out.append(_rewrite_local(f, edits.qualify_domain))
+            continue
         if edits.from_mode == "rewrite-local" and f.lname in _REWRITE_FIELDS and edits.domain:
             out.append(_rewrite_local(f, edits.domain))
             continue
         out.append(f.raw)
+    if resent_at == len(fields) and resent_added:
+        out.append(resent_added)
     if want_from and not has_field(fields, "from"):
         out.append(_from_field(edits))
     if edits.date and not has_field(fields, "date"):

@@ -270,7 +270,9 @@ def _describe_session(
             'set tls = "starttls" (or "tls") if the listener supports it',
         )
     size = session.extensions.get("size", "")
-    if size.isdigit() and 0 < int(size) < cfg.max_size:
+    # Without [submission] max_size the limit follows this very SIZE (Spool.listener_size).
+    explicit = "submission.max_size" in cfg.sources
+    if explicit and size.isdigit() and 0 < int(size) < cfg.max_size:
         add(
             WARNING,
             "size",

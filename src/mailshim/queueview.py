@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mailshim.config import Config
+    from mailshim.reply import Reply
     from mailshim.spoolfmt import Envelope, State
 
 STYLES = {
@@ -174,6 +175,77 @@ def _next_try(st: State | None, now: float) -> str:
     if st.next_attempt <= now:
         return "due now"
     return f"in {age(st.next_attempt - now)}"
+
+
+# --- mailshim queue show: one entry, for a person -----------------------------------------
+
+
+def when(t: float, now: float) -> str:
+    """A local date with how long ago (or until) it is: "2026-12-02 02:00:55 +0100 (3h12m ago)"."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(t))
+    if t <= now:
+        return f"{stamp} ({age(now - t)} ago)"
+    return f"{stamp} (in {age(t - now)})"
+
+
+def _replies(table: dict[str, Reply]) -> list[str]:
+    return [f"<{one_line(rcpt)}>: {one_line(str(reply))}" for rcpt, reply in table.items()]
+
+
+def show_fields(item: Item, now: float) -> list[tuple[str, list[str]]]:
+    """(label, lines) for ``mailshim queue show``: human dates and sizes; empty fields left
+    out. ``Item.as_dict`` keeps the raw values (``--json``)."""
+    env, st = item.envelope, item.state
+    out: list[tuple[str, list[str]]] = [("id", [item.queue_id]), ("status", [item.status])]
+    if env is None:
+        return [*out, ("error", [one_line(item.error)]), ("spool", [item.spool.root])]
+    size = human_size(env.size)
+    out.append(("size", [f"{size} ({env.size} bytes)" if size != str(env.size) else size]))
+    out.append(("arrived", [when(env.arrival, now)]))
+    out.append(("sender", [one_line(env.sender) or "<> (null sender: a bounce)"]))
+    out.append(("recipients", [one_line(r) for r in env.recipients]))
+    try:
+        import pwd
+
+        owner = f"{pwd.getpwuid(env.uid).pw_name} (uid {env.uid})"
+    except (KeyError, OverflowError):
+        owner = f"uid {env.uid}"
+    out.append(("submitted by", [owner]))
+    if st is not None:
+        if st.held:
+            out.append(("held", ["yes: not delivered until released (mailshim queue release)"]))
+        if st.attempts or st.throttled:
+            tries = f"{st.attempts}"
+            if st.throttled:
+                tries += f" (and {st.throttled} slowed down by the listener)"
+            out.append(("attempts", [tries]))
+        if st.last_attempt:
+            out.append(("last attempt", [when(st.last_attempt, now)]))
+        if st.next_attempt and not st.held:
+            out.append(("next attempt", [when(st.next_attempt, now)]))
+        if st.last_error:
+            out.append(("last error", [one_line(st.last_error)]))
+        for label, table in (
+            ("delivered to", st.done),
+            ("failed", st.failed),
+            ("waiting for", st.pending),
+        ):
+            if table:
+                out.append((label, _replies(table)))
+    out.append(("spool", [item.spool.root]))
+    return out
+
+
+def format_show(item: Item, now: float) -> str:
+    """The fields of ``show_fields`` as aligned "label: value" lines, lists one per line."""
+    fields = show_fields(item, now)
+    width = max(len(label) for label, _ in fields) + 1
+    lines = []
+    for label, values in fields:
+        first, *rest = values or [""]
+        lines.append(f"{label + ':':<{width}} {first}".rstrip())
+        lines.extend(f"{'':<{width}} {v}" for v in rest)
+    return "\n".join(lines) + "\n"
 
 
 # --- mailq: Postfix's layout ------------------------------------------------------------

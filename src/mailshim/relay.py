@@ -588,6 +588,8 @@ class RelayClient:
         self._session: RelaySession | None = None
         self._contexts = ContextCache()
         self._lock: asyncio.Lock | None = None
+        # The SIZE the last listener greeted with announced (see RelaySession.size_limit).
+        self.listener_size: int | None = None
 
     async def __aenter__(self) -> RelayClient:
         return self
@@ -638,6 +640,7 @@ class RelayClient:
         fresh = await RelaySession.open(
             relay, helo=self._helo, say=self._say, contexts=self._contexts
         )
+        self.listener_size = fresh.size_limit()
         # The old connection (to a relay further down the list) goes only once this one works.
         if current is not None:
             await current.quit()

@@ -102,15 +102,23 @@ class Counts:
         else:
             self.bounced += 1
 
-    def summary(self) -> str:
-        text = f"{self.sent} delivered, {self.deferred} deferred, {self.bounced} bounced"
-        if self.throttled:
-            text += f", {self.throttled} slowed down by the listener"
-        if self.quarantined:
-            text += f", {self.quarantined} unreadable (moved to corrupt/)"
-        if self.limited:
-            text += f", {self.limited} held by the sending limits"
-        return text
+    def summary(self, untried: int = 0) -> str:
+        """One short sentence naming only what happened: "2 delivered, 1 deferred."
+
+        ``untried``: entries left alone because the listener could not be reached.
+        """
+        parts = [
+            (self.sent, "delivered"),
+            (self.deferred, "deferred"),
+            (self.bounced, "bounced"),
+            (self.throttled, "slowed down by the listener"),
+            (self.quarantined, "unreadable (moved to corrupt/)"),
+            (self.limited, "held by the sending limits"),
+            (untried, "not tried (the listener is unreachable)"),
+            (self.skipped, "not due yet, held or busy"),
+        ]
+        said = [f"{n} {what}" for n, what in parts if n > 0]
+        return (", ".join(said) if said else "Nothing to deliver") + "."
 
 
 def next_delay(config: Config, attempts: int) -> int:
@@ -369,6 +377,7 @@ async def deliver_entry(
                 result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
         except DataError as exc:
             return _quarantine(locked, exc.message)
+        locked.spool.record_listener_size(client.listener_size)
         now = time.time()
         _log_replies(env.queue_id, env.arrival, result, now)
         pressure = _apply_result(state, result, now)
@@ -495,7 +504,7 @@ def pickup(config: Config, target: spool.Spool, counts: Counts | None = None) ->
     if not target.has_incoming() or not target.writable():
         return 0, 0
     target.clean_incoming()
-    results = target.pickup(config.max_size, config.max_recipients)
+    results = target.pickup(config.max_size_for(target.listener_size()), config.max_recipients)
     spool.log_pickups(results, lambda text, error: maillog.log(text, error=error))
     picked = sum(1 for p in results if p.status == "picked" and not p.duplicate)
     if counts is not None:

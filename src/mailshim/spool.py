@@ -10,6 +10,8 @@ root, 0711; docs/spool.md explains each)::
     dead/       entries that failed permanently or expired, with .reason    mailshim 0700
     corrupt/    entries that could not be read, kept for a human            mailshim 0700
     agent.lock  held by the one delivery agent or daemon working on this spool
+    listener-size  the SIZE the listener last announced in EHLO (digits); 0644, so every
+                submitter may size its limit by it                             mailshim 0644
 
 A per-user spool (under the XDG state folder) has the same layout without ``incoming/``.
 
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from mailshim.config import Config
 
 SUBDIRS = ("tmp", "queue", "state", "dead", "corrupt")
+LISTENER_SIZE = "listener-size"
 INCOMING_MODE = 0o3733  # setgid + sticky; owner rwx, group and others may only create
 ENTRY_MODE_DROP = 0o640  # the runner reads drop-folder entries through the group
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -144,6 +147,7 @@ class Spool:
         self._owner: tuple[int, int] | None = None
         self._dirty = False
         self._synced_at = 0.0
+        self._listener_size: int | None = None  # as last recorded by this process
 
     def __repr__(self) -> str:
         return f"Spool({self.root!r}{', drop=True' if self.drop else ''})"
@@ -191,6 +195,7 @@ class Spool:
                     changes.append(f"{lock}: owner {uid}:{gid}, mode 0600")
             finally:
                 os.close(fd)
+            changes += _make_public_file(os.path.join(self.root, LISTENER_SIZE), uid, gid)
             # Entries a root process left behind before the runner user existed.
             for name in SUBDIRS:
                 changes += _give_files(os.path.join(self.root, name), uid, gid)
@@ -421,6 +426,61 @@ class Spool:
                 os.pwrite(lock_fd, b"relay down\n", 0)
         except OSError:
             pass  # only an optimisation
+
+    # --- the listener's own size limit ------------------------------------------
+    # The delivery side records the EHLO SIZE it last saw; submissions then refuse early
+    # (exit 65, nothing kept) exactly what the listener would refuse, and nothing less.
+
+    def listener_size(self) -> int | None:
+        """The SIZE the listener last announced, as recorded here; None when unknown.
+
+        Only a file of the spool's owner (or root) counts: it sets how much others may send.
+        """
+        try:
+            fd = os.open(os.path.join(self.root, LISTENER_SIZE), _READ)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            own = self.owner()
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, own[0] if own else 0):
+                return None
+            raw = os.read(fd, 32)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        text = raw.strip()
+        if raw.endswith(b"\n") and text.isdigit() and 0 < len(text) < 19:
+            return int(text)
+        return None
+
+    def record_listener_size(self, size: int | None) -> None:
+        """Remember ``size`` (the runner; best effort: a stale figure only moves a default)."""
+        if size is None or size <= 0 or size == self._listener_size:
+            return
+        self._listener_size = size
+        if self.listener_size() == size:
+            return
+        data = b"%d\n" % size
+        try:
+            # O_CREAT without O_TRUNC: the system spool's root is root's, where setup-spool
+            # made this file for the runner; a per-user spool's owner may create it.
+            fd = os.open(
+                os.path.join(self.root, LISTENER_SIZE),
+                os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK,
+                0o644,
+            )
+        except OSError:
+            return
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def try_agent_lock(self) -> int | None:
         """An fd holding the spool's agent lock, or None when an agent already runs."""
@@ -687,6 +747,22 @@ def _already_picked(target: Spool, qid: str, env: Envelope, uid: int) -> bool:
     except (DataError, OSError):
         return False
     return (have.uid, have.sender, have.recipients) == (uid, env.sender, env.recipients)
+
+
+def _make_public_file(path: str, uid: int, gid: int) -> list[str]:
+    """A plain file of the runner user that everyone may read (mode 0644)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise CantCreateError(f"{path} is not a plain file; remove it and retry")
+        if (st.st_uid, st.st_gid) == (uid, gid) and stat.S_IMODE(st.st_mode) == 0o644:
+            return []
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o644)
+        return [f"{path}: owner {uid}:{gid}, mode 0644"]
+    finally:
+        os.close(fd)
 
 
 def _make_dir(path: str, uid: int, gid: int, mode: int) -> list[str]:

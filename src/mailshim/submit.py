@@ -294,8 +294,10 @@ def _write_message(
         from_mode=config.from_header,
         domain=config.domain,
         strip_bcc=True,
+        qualify_domain=config.domain if config.qualify_headers else "",
+        resent_message_id=message.make_message_id(writer.queue_id + ".resent", config.domain),
     )
-    limit = config.max_size
+    limit = config.max_size_for(writer.spool.listener_size())
     writer.write(_forgery_warning(config, sub, user, sender, own))
     writer.write(message.edit_headers(block.fields, edits, block.had_separator, True))
     if block.body_prefix:
@@ -303,13 +305,18 @@ def _write_message(
     for chunk in reader.body():
         writer.write(chunk)
         if writer.size > limit:
-            raise DataError(
-                f"message larger than [submission] max_size ({limit} bytes): nothing was kept"
-            )
+            raise DataError(_too_large(config, limit))
     if writer.size > limit:
-        raise DataError(
-            f"message larger than [submission] max_size ({limit} bytes): nothing was kept"
-        )
+        raise DataError(_too_large(config, limit))
+
+
+def _too_large(config: Config, limit: int) -> str:
+    where = (
+        "[submission] max_size"
+        if "submission.max_size" in config.sources or limit == config.max_size
+        else "the listener's own limit (its EHLO SIZE)"
+    )
+    return f"message larger than {where} ({limit} bytes): nothing was kept"
 
 
 def _forgery_warning(config: Config, sub: Submission, user: User, sender: str, own: str) -> bytes:

@@ -251,12 +251,24 @@ def _value(raw: bytes) -> str:
     return _text(raw[raw.index(b":") + 1 :].replace(CRLF, b"")).strip(" \t")
 
 
+def resent_block_end(fields: list[message.Field]) -> int:
+    """Index after the first run of Resent- fields (where edit 7 inserts); -1 without any."""
+    names = [f.lname for f in fields]
+    start = next((i for i, n in enumerate(names) if n.startswith("resent-")), -1)
+    if start < 0:
+        return -1
+    while start < len(names) and names[start].startswith("resent-"):
+        start += 1
+    return start
+
+
 def check_edits(
     fields: list[message.Field],
     mode: str,
     strip_bcc: bool,
     from_addr: str,
     from_display: str | None,
+    qualify: bool = False,
 ) -> bytes:
     """``edit_headers`` changes only what the README lists; its output reads back the same."""
     edits = message.HeaderEdits(
@@ -267,6 +279,8 @@ def check_edits(
         from_mode=mode,
         domain=DOMAIN,
         strip_bcc=strip_bcc,
+        qualify_domain=DOMAIN if qualify else "",
+        resent_message_id=message.make_message_id("0123456789ABCDEFGHIJ.resent", DOMAIN),
     )
     try:
         out = message.edit_headers(fields, edits)
@@ -277,7 +291,15 @@ def check_edits(
     reread = message.Reader(Chunked(out + b"body\r\n", []), False).header_block(1 << 22)
     assert reread.had_separator and reread.body_prefix == b"body\r\n", out[-200:]
     assert b"".join(f.raw for f in reread.fields) + CRLF == out, "edited header reads back"
-    new = reread.fields
+    new = list(reread.fields)
+    # Edit 7: a resent block gets its missing Resent-Date / Resent-Message-ID after its
+    # first run of Resent- fields; take them out, then the rest must match edits 4-6.
+    end = resent_block_end(fields)
+    if end >= 0:
+        at = len([f for f in fields[:end] if not (strip_bcc and f.lname in _BCC)])
+        want = [n for n in ("resent-date", "resent-message-id") if not message.has_field(fields, n)]
+        assert [f.lname for f in new[at : at + len(want)]] == want, [f.raw for f in new]
+        del new[at : at + len(want)]
     kept = [f for f in fields if not (strip_bcc and f.lname in _BCC)]
     want_added = [
         n for n in _ADDED if not message.has_field(fields, n) and (n != "from" or from_addr)
@@ -287,19 +309,17 @@ def check_edits(
         froms = [f for f in new if f.lname == "from"]
         assert len(froms) == 1, [f.raw for f in froms]
         made_from = froms
-        rest_new = [f.raw for f in new if f.lname != "from"]
-        rest_old = [f.raw for f in kept if f.lname != "from"]
-        assert rest_new[: len(rest_old)] == rest_old
-        assert [f.lname for f in new if f.lname != "from"][len(rest_old) :] == [
+        rest_new = [f for f in new if f.lname != "from"]
+        rest_old = [f for f in kept if f.lname != "from"]
+        for old, now in zip(rest_old, rest_new, strict=False):
+            check_kept(old, now, mode, qualify)
+        assert [f.lname for f in rest_new][len(rest_old) :] == [
             n for n in want_added if n != "from"
         ]
     else:
         assert len(new) == len(kept) + len(want_added), [f.raw for f in new]
         for old, now in zip(kept, new, strict=False):
-            if mode == "rewrite-local" and old.lname in ("from", "sender", "reply-to"):
-                _check_rewritten(old, now)
-            else:
-                assert now.raw == old.raw, (old.raw, now.raw)
+            check_kept(old, now, mode, qualify)
         added = new[len(kept) :]
         assert [f.lname for f in added] == want_added, [f.raw for f in added]
         made_from = [f for f in added if f.lname == "from"]
@@ -308,6 +328,16 @@ def check_edits(
     if strip_bcc:
         assert not any(f.lname in _BCC for f in new)
     return out
+
+
+def check_kept(old: message.Field, now: message.Field, mode: str, qualify: bool) -> None:
+    """A caller's field: the same bytes, or (edits 5 and 6) only ``@domain`` inserted."""
+    if (qualify and old.lname in message.QUALIFIED_FIELDS) or (
+        mode == "rewrite-local" and old.lname in ("from", "sender", "reply-to")
+    ):
+        _check_rewritten(old, now)
+    else:
+        assert now.raw == old.raw, (old.raw, now.raw)
 
 
 def _check_rewritten(old: message.Field, now: message.Field) -> None:
@@ -342,8 +372,10 @@ def target_message(data: bytes) -> None:
         return
     block, body, _reader = got
     display = None if flags & 0x80 else "Fuzz " + _text(raw[:40])
-    out = check_edits(block.fields, mode, strip_bcc, "user@" + DOMAIN, display)
-    if out and mode == "add" and not strip_bcc:
+    qualify = bool((flags ^ split) & 1)
+    out = check_edits(block.fields, mode, strip_bcc, "user@" + DOMAIN, display, qualify)
+    resent = resent_block_end(block.fields) >= 0
+    if out and mode == "add" and not strip_bcc and not qualify and not resent:
         # With nothing to remove, the input (edits 1-3) is a prefix-and-suffix of the output.
         want = expected_message(raw, dot_ends)
         head = b"".join(f.raw for f in block.fields)

@@ -63,77 +63,29 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 # --- config ---------------------------------------------------------------------------
 
 
-def _config_rows(cfg: config_mod.Config) -> list[tuple[str, object, str]]:
-    rows: list[tuple[str, object, str]] = []
-    multi = len(cfg.relays) > 1
-    for i, relay in enumerate(cfg.relays):
-        prefix = f"relay[{i}]" if multi else "relay"
-        for key in (
-            "name",
-            "host",
-            "port",
-            "socket",
-            "tls",
-            "verify",
-            "ca_file",
-            "username",
-            "password_file",
-            "timeout",
-            "helo",
-            "protocol",
-            "retry_after_failure",
-        ):
-            value = getattr(relay, key)
-            src_key = f"relay[{i}].{key}" if multi else f"relay.{key}"
-            rows.append((f"{prefix}.{key}", value, cfg.source(src_key)))
-    dom_src = cfg.source("addresses.domain")
-    rows.append(("addresses.domain", cfg.domain, dom_src if dom_src != "default" else "host FQDN"))
-    for key in ("sender", "aliases_file", "from_header"):
-        rows.append((f"addresses.{key}", getattr(cfg, key), cfg.source(f"addresses.{key}")))
-    for name, targets in sorted(cfg.aliases.items()):
-        rows.append((f"aliases.{name}", list(targets), cfg.source(f"aliases.{name}")))
-    rows.append(("queue.dir", cfg.queue_dir or paths.SYSTEM_SPOOL, cfg.source("queue.dir")))
-    rows.append(("queue.retry", list(cfg.retry), cfg.source("queue.retry")))
-    rows.append(("queue.lifetime", cfg.lifetime, cfg.source("queue.lifetime")))
-    rows.append(("queue.warn_after", cfg.warn_after, cfg.source("queue.warn_after")))
-    rows.append(("delivery.mode", cfg.delivery_mode, cfg.source("delivery.mode")))
-    for key, value in (
-        ("max_size", cfg.max_size),
-        ("max_recipients", cfg.max_recipients),
-        ("trusted_users", list(cfg.trusted_users)),
-        ("helo", cfg.helo),
-    ):
-        rows.append((f"submission.{key}", value, cfg.source(f"submission.{key}")))
-    return rows
-
-
 @cli.command("config")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (seconds, bytes).")
 @click.pass_context
 def config_cmd(ctx: click.Context, as_json: bool) -> None:
     """Print the effective configuration and where each value comes from.
+
+    Values read as the configuration file writes them (5d, ["1m", "5m"], 50M, 30s);
+    --json gives seconds and bytes instead.
 
     \b
     Examples:
       mailshim config
       mailshim -C /etc/mailshim/test.toml config --json
     """
+    from mailshim import configview
+
     cfg = _config(ctx)
-    rows = _config_rows(cfg)
+    table = configview.rows(cfg, configview.spool_listener_size(cfg))
     if as_json:
-        values = {k: {"value": v, "source": src} for k, v, src in rows}
+        values = {r.key: {"value": r.value, "source": r.source} for r in table}
         click.echo(json.dumps({"file": cfg.path, "values": values}, indent=2))
         return
-    click.echo(f"# configuration file: {cfg.path or 'none (built-in defaults)'}")
-    width = max(len(k) for k, _, _ in rows)
-    for key, value, source in rows:
-        click.echo(f"{key:<{width}}  {_shown(value)}    # {source}")
-
-
-def _shown(value: object) -> str:
-    if value is None:
-        return "unset"
-    return value if isinstance(value, str) else json.dumps(value)
+    click.echo(configview.format_rows(cfg, table), nl=False)
 
 
 # --- queue ----------------------------------------------------------------------------
@@ -216,18 +168,26 @@ def _locked(target: spool.Spool, qid: str) -> spool.LockedEntry:
 )
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every entry.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array with the raw values.")
 @click.pass_context
-def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
-    """Print the envelope, state and headers of entries."""
+def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bool) -> None:
+    """Print the envelope, state and headers of entries.
+
+    Dates are local with their age ("2026-12-02 02:00:55 +0000 (3m ago)"); fields with
+    nothing to say are left out. --json gives the raw values (epoch seconds, bytes).
+    """
+    shown_items: list[dict[str, object]] = []
     for target, qid in _targets(ctx, ids, all_):
         try:
             item = queueview.Item(target, qid, target.read_envelope(qid), target.load_state(qid))
         except FileNotFoundError:
-            click.echo(f"{qid}: delivered or removed meanwhile\n")
+            if not as_json:
+                click.echo(f"{qid}: delivered or removed meanwhile\n")
             continue
-        for key, value in item.as_dict().items():
-            shown = one_line(value) if isinstance(value, str) else json.dumps(value)
-            click.echo(f"{key}: {shown}")
+        if as_json:
+            shown_items.append(item.as_dict())
+            continue
+        click.echo(queueview.format_show(item, time.time()), nl=False)
         locked = target.lock(qid)
         if locked is not None:
             try:
@@ -238,6 +198,8 @@ def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
             click.echo("")
             click.echo(head.decode("utf-8", "replace").replace("\r\n", "\n"))
         click.echo("")
+    if as_json:
+        click.echo(json.dumps(shown_items, indent=2))
 
 
 def _queue_action(ctx: click.Context, ids: tuple[str, ...], all_: bool, action: str) -> None:
@@ -376,13 +338,8 @@ def flush_cmd(ctx: click.Context, verbose: bool) -> None:
         )
     finally:
         progress.finish()
-    summary = f"{counts.sent} delivered, {counts.deferred} deferred, {counts.bounced} bounced"
     untried = total - counts.total() - counts.skipped
-    if untried > 0 and counts.deferred:
-        summary += f", {untried} not tried (the listener is unreachable)"
-    if counts.skipped:
-        summary += f", {counts.skipped} held, not due or busy"
-    click.echo(summary)
+    click.echo(counts.summary(untried if untried > 0 and counts.deferred else 0))
 
 
 # --- check ----------------------------------------------------------------------------
@@ -511,13 +468,15 @@ def send_test_cmd(ctx: click.Context, address: str) -> None:
     "--file", "path", metavar="PATH", hidden=True,
     help="Read this log file instead of the journal and /var/log/mail.log.",
 )  # fmt: skip
-def log_cmd(queue_id: str, path: str | None) -> None:
+@click.pass_context
+def log_cmd(ctx: click.Context, queue_id: str, path: str | None) -> None:
     """Show one message's whole story from the logs.
 
     Every submission, attempt, deferral, delivery, bounce and expiry is one syslog line
     with the queue id. This prints them from the journal (journalctl -t mailshim) when it
-    has them, else from /var/log/mail.log (or /var/log/maillog); `--file PATH` reads that
-    file instead. A bounce's own queue id is followed too. Exit 66 when no line is found.
+    has them, else from the [log] file when one is configured, else from /var/log/mail.log
+    (or /var/log/maillog); `--file PATH` reads that file instead. A bounce's own queue id
+    is followed too. Exit 66 when no line is found.
 
     \b
     Examples:
@@ -530,7 +489,11 @@ def log_cmd(queue_id: str, path: str | None) -> None:
     if not maillog.looks_like_id(wanted):
         raise UsageError(f"{queue_id!r} is not a queue id (20 letters and digits, or a prefix)")
     try:
-        lines, searched = maillog.story(wanted, path)
+        log_file = _config(ctx).log_file
+    except MailshimError:
+        log_file = None  # a broken config must not hide the system's logs
+    try:
+        lines, searched = maillog.story(wanted, path, log_file)
     except OSError as exc:
         raise NoInputError(f"{path}: {exc.strerror}") from None
     if not lines:

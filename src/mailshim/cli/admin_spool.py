@@ -14,7 +14,7 @@ import pwd
 
 import click
 
-from mailshim import paths, spool
+from mailshim import maillog, paths, spool
 from mailshim.cli.admin import _config, cli
 from mailshim.errors import NoPermError, NoUserError
 
@@ -27,8 +27,7 @@ DEFAULT_USER = "mailshim"
     "user",
     default=DEFAULT_USER,
     metavar="NAME",
-    hidden=True,  # shown once the completions and mailshim(8) list it
-    help="The user the runner runs as (default: mailshim).",
+    help="The user the runner runs as and who owns the queue (default: mailshim).",
 )
 @click.pass_context
 def setup_spool_cmd(ctx: click.Context, user: str) -> None:
@@ -38,6 +37,11 @@ def setup_spool_cmd(ctx: click.Context, user: str) -> None:
     The spool root belongs to root (0711); queue/, tmp/, state/, dead/ and corrupt/ to the
     runner user (0700); incoming/ is the drop folder every user may write but not list
     (3733, group of the runner user). It changes nothing that is already right.
+
+    \b
+    Examples:
+      mailshim setup-spool
+      mailshim setup-spool --user mail
     """
     if os.geteuid() != 0:
         raise NoPermError("setup-spool must run as root")
@@ -86,6 +90,8 @@ def daemon_cmd(ctx: click.Context) -> None:
     def say(line: str) -> None:
         click.echo(f"mailshim: {line}", err=True)
 
+    # Without syslog or a [log] file, the log lines go where a container's logs are kept.
+    maillog.use_stderr(True)
     code = runner.daemon(cfg, spools, say)
     if code:
         ctx.exit(code)

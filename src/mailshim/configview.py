@@ -34,7 +34,9 @@ _RELAY_KEYS = (
     "retry_after_failure",
 )
 # Keys whose machine value is seconds or bytes, shown back in the file's units.
-_DURATIONS = ("timeout", "retry_after_failure", "queue.lifetime", "queue.warn_after")
+_DURATIONS = (
+    "timeout", "retry_after_failure", "queue.lifetime", "queue.warn_after", "limits.user_window",
+)  # fmt: skip
 _SIZES = ("submission.max_size",)
 _VALUE_WIDTH = 40  # a longer value pushes its source further right rather than every row
 
@@ -157,6 +159,8 @@ def rows(cfg: Config, listener_size: int | None = None) -> list[Row]:
     add("submission.max_recipients", cfg.max_recipients, cfg.source("submission.max_recipients"))
     add("submission.trusted_users", list(cfg.trusted_users), cfg.source("submission.trusted_users"))
     add("submission.helo", cfg.helo, cfg.source("submission.helo"))
+    for key in ("user_messages", "user_recipients", "user_window"):
+        add(f"limits.{key}", getattr(cfg, key), cfg.source(f"limits.{key}"))
     add("log.file", cfg.log_file, cfg.source("log.file"))
     return out
 

@@ -6,6 +6,10 @@ edited, the entry is streamed to tmp/, fsynced and renamed into queue/; only the
 talk to the listener. Any failure or signal before the rename removes the temp file, so an
 interrupted ``sendmail`` sends and keeps nothing.
 
+In a sealed set-up (the relay's secret readable only by the runner user; ``sealed.py``) a
+user's submission is left in the drop folder for the runner, whatever the delivery mode: the
+user could not authenticate to the listener.
+
 Trust: runs as the submitting user, on their stdin and argv (untrusted for syntax, trusted as
 that user's wishes). The resulting entry is what the runner will later treat as hostile.
 """

@@ -28,7 +28,7 @@ import pytest
 from conftest import others_can_run, tool
 from mailshim import check as mailshim_check
 from relayhelpers import Listener
-from test_multiuser import System, User, _useradd
+from test_multiuser import System, User, _useradd, mu  # noqa: F401 (mu: a fixture)
 
 pytestmark = [
     pytest.mark.root,
@@ -150,16 +150,10 @@ def box():
 
 
 @pytest.fixture
-def sb(box):
-    """The box with an empty spool, counters and listener, for one test."""
-    for folder in ("incoming", "queue", "state", "tmp", "dead", "corrupt"):
-        for name in os.listdir(box.spool / folder):
-            path = box.spool / folder / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    box.listener.handler.messages.clear()
+def sb(request):
+    """The box emptied for one test (test_multiuser's ``mu``, over this module's ``box``),
+    with the sealed configuration written again."""
+    box = request.getfixturevalue("mu")
     box.write_config(box.listener.port)
     return box
 
@@ -175,12 +169,20 @@ def test_a_sealed_user_never_talks_to_the_listener(sb):
     for mode in ("-odb", "-odi", "-v"):
         r = sb.sendmail(alice, mode, "-i", "waits@example.org", input=MSG)
         assert (r.returncode, r.stderr) == (0, b""), mode
+    # an interactive -bs session (Symfony Mailer's way) is answered from the spool
+    dialogue = (
+        b"HELO [127.0.0.1]\r\nMAIL FROM:<" + ALICE.encode() + b"@example.org>\r\n"
+        b"RCPT TO:<bs@example.org>\r\nDATA\r\nSubject: bs\r\n\r\nhi\r\n.\r\nQUIT\r\n"
+    )
+    r = sb.sendmail(alice, "-bs", "-odi", input=dialogue)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    assert b"250 2.0.0 Ok: queued as" in r.stdout
     time.sleep(0.5)  # an agent, had one been started, would have connected by now
     assert sb.listener.handler.connections == before
-    assert len(sb.names("incoming")) == 3
+    assert len(sb.names("incoming")) == 4
     daemon = sb.daemon()
     try:
-        got = sb.wait_received(3)
+        got = sb.wait_received(4)
     finally:
         stop(daemon)
     assert all(m.login == b"mailshim" for m in got)

@@ -386,7 +386,9 @@ def test_expand_wide_dag_terminates():
 
 
 def test_config_table_values_may_be_lists_as_text_and_wins_over_file():
-    al = Aliases({"Root": ("a@x.example, Admin <b@x.example>",)}, "root: c@x.example\n")
+    table, _ = parse_aliases_file("root: c@x.example\n")
+    table.update({"root": ("a@x.example, Admin <b@x.example>",)})  # as submit.aliases_for
+    al = Aliases(table)
     assert al.expand("root", "example.org") == ["a@x.example", "b@x.example"]
 
 

@@ -384,10 +384,10 @@ def _nobody() -> tuple[int, int]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="setting up a system spool needs root")
 def test_system_spool_as_set_up_is_fine_and_a_loose_drop_folder_is_not(tmp_path):
-    from mailshim import spool
+    from mailshim import spool, spoolsetup
 
     uid, gid = _nobody()
-    spool.Spool(str(tmp_path / "spool")).setup(uid, gid)
+    spoolsetup.setup(spool.Spool(str(tmp_path / "spool")), uid, gid)
     with Listener() as listener:
         config = write_config(tmp_path, tcp_relay(listener.port))
         r = run_check(tmp_path, config)
@@ -402,10 +402,10 @@ def test_system_spool_as_set_up_is_fine_and_a_loose_drop_folder_is_not(tmp_path)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="setting up a system spool needs root")
 def test_secret_the_runner_cannot_read(tmp_path):
-    from mailshim import spool
+    from mailshim import spool, spoolsetup
 
     uid, gid = _nobody()
-    spool.Spool(str(tmp_path / "spool")).setup(uid, gid)
+    spoolsetup.setup(spool.Spool(str(tmp_path / "spool")), uid, gid)
     secret = tmp_path / "secret"
     secret.write_text("right\n")
     secret.chmod(0o600)  # root's: the runner, running as nobody, cannot read it

@@ -191,3 +191,77 @@ def test_password_file_readable_by_others_is_refused(tmp_path):
 )
 def test_durations(text, seconds):
     assert config.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "section, key, value, shown",
+    [
+        ("addresses", "domain", "@example.org", "[addresses] domain"),
+        ("addresses", "domain", "exa mple.org", "[addresses] domain"),
+        ("addresses", "domain", "example.org.", "[addresses] domain"),
+        ("addresses", "sender", "two@at@example.org", "[addresses] sender"),
+        ("addresses", "sender", "<>", "[addresses] sender"),
+        ("aliases", "root", "not an address <", "[aliases] root"),
+    ],
+)
+def test_unusable_addresses_are_refused_when_the_file_is_read(tmp_path, section, key, value, shown):
+    """Issue 12 item 13: exit 78 naming the file, the key and the problem, at load."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[{section}]\n{key} = "{value}"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(str(path), use_cache=False)
+    assert err.value.code == 78 and err.value.key == shown
+    assert err.value.message.startswith(f"{path}: {shown}: ")
+
+
+def test_a_login_that_makes_no_address_needs_a_sender(tmp_path):
+    """SSSD logins (jdoe@ad.example.com, DOM\\jdoe) make no login@domain: 78 naming
+    [addresses] sender; with the key set, the same login submits."""
+    from mailshim import submit
+
+    path = tmp_path / "c.toml"
+    path.write_text('[addresses]\ndomain = "example.org"\n')
+    cfg = config.load(str(path), use_cache=False)
+    for login in ("jdoe@ad.example.com", "DOM\\jdoe"):
+        with pytest.raises(ConfigError) as err:
+            submit.default_sender(cfg, login)
+        assert err.value.key == "[addresses] sender" and err.value.code == 78
+        assert str(path) in err.value.message
+    assert submit.default_sender(cfg, "jdoe") == "jdoe@example.org"
+
+
+def test_sendmail_and_check_name_the_bad_key(tmp_path):
+    import subprocess
+
+    from conftest import tool
+
+    path = tmp_path / "c.toml"
+    path.write_text('[addresses]\ndomain = "@example.org"\n')
+    env = {**os.environ, "MAILSHIM_CONFIG": str(path), "MAILSHIM_NO_SYSLOG": "1"}
+    r = subprocess.run([tool("sendmail"), "-bv", "root"], capture_output=True, env=env)
+    assert r.returncode == 78 and r.stderr.count(b"\n") == 1, r.stderr
+    assert b"[addresses] domain" in r.stderr and b"root@@" not in r.stdout
+    r = subprocess.run([tool("mailshim"), "check"], capture_output=True, env=env)
+    assert r.returncode == 78
+    assert b"fix [addresses] domain" in r.stdout + r.stderr, r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
+def test_root_controlled_files(tmp_path):
+    """Only a file that root alone could have written may grant trust (issue 12, item 4)."""
+    os.chmod(tmp_path, 0o755)
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    os.chmod(path, 0o644)
+    assert config.root_controlled(str(path))
+    os.chmod(path, 0o664)  # group-writable
+    assert not config.root_controlled(str(path))
+    os.chmod(path, 0o644)
+    os.chown(path, 4242, 4242)  # someone else's
+    assert not config.root_controlled(str(path))
+    os.chown(path, 0, 0)
+    os.chmod(tmp_path, 0o777)  # a folder anyone may swap it in
+    assert not config.root_controlled(str(path))
+    os.chmod(tmp_path, 0o1777)  # sticky, like /tmp: nobody else can replace root's file
+    assert config.root_controlled(str(path))
+    os.chmod(tmp_path, 0o755)

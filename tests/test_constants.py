@@ -30,6 +30,10 @@ def test_envelope_records_are_written_in_the_named_order():
     head = spoolfmt.encode_envelope(env).data.split(b"\n\n", 1)[0]
     names = [line.split(b" ", 1)[0] for line in head.split(b"\n")[1:]]
     assert tuple(dict.fromkeys(names)) == constants.ENVELOPE_RECORDS
+    env.failed = {"c@example.org": "550 5.1.1 no"}
+    head = spoolfmt.encode_envelope(env).data.split(b"\n\n", 1)[0]
+    names = [line.split(b" ", 1)[0] for line in head.split(b"\n")[1:]]
+    assert tuple(dict.fromkeys(names)) == (*constants.ENVELOPE_RECORDS, constants.REC_FAILED)
 
 
 def test_state_fields_are_the_named_ones():

@@ -626,7 +626,7 @@ def test_spool_entry_reader_refuses_trailing_garbage_in_records():
 
 # Spool entries crafted by a local user (finding F3 in docs/security.md). The drop folder
 # accepts any file its owner writes; spoolfmt checks only the record framing, so
-# `Spool.pickup` must check that the sender and recipients are addresses, and the runner and
+# `pickup.pickup` must check that the sender and recipients are addresses, and the runner and
 # mailq must survive whatever reaches queue/ anyway.
 
 
@@ -669,7 +669,7 @@ def test_runner_survives_any_spooled_address(world, sender, recipient):
     r = world.sendmail("-i", "good@example.net", input=b"Subject: good\n\nbody\n")
     assert r.returncode == 0, r.stderr
     (good,) = _entries(world)
-    # an id that sorts before every real one: pickup keeps the id the user chose
+    # an id that sorts before every real one (as root or the runner could write)
     craft_entry(world.spool / "queue", "0000000000000AAAAAAA", sender, [recipient])
     before = len(world.listener.messages)
     r = world.sendmail("-q", timeout=60)
@@ -701,7 +701,9 @@ def test_pickup_refuses_what_is_not_an_address(tmp_path, recipient):
     target.ensure()
     os.mkdir(target.incoming, 0o700)
     craft_entry(Path(target.incoming), "0000000000000AAAAAAA", "s@example.org", [recipient])
-    (result,) = target.pickup(50 * 1000 * 1000, 10000)
+    from mailshim import config, pickup
+
+    (result,) = pickup.pickup(target, config.Config())
     for qid in os.listdir(target.queue):
         env = target.read_envelope(qid)
         for addr in [env.sender, *env.recipients]:

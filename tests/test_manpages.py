@@ -35,6 +35,7 @@ CONFIG_KEYS = {
     "queue": ["dir", "retry", "lifetime", "warn_after"],
     "delivery": ["mode"],
     "submission": ["max_size", "max_recipients", "trusted_users", "helo"],
+    "limits": ["user_spool_entries", "user_spool_bytes", "user_round_bytes"],
     "log": ["file"],
 }  # fmt: skip
 EXIT_CODES = [0, 64, 65, 66, 67, 69, 70, 71, 73, 74, 75, 77, 78]

@@ -256,17 +256,21 @@ def test_the_runner_records_the_file_owner_not_the_uid_record(mu):
     )
     mu.flush()  # the listener is down: picked up into the queue and deferred
     assert mu.names("incoming") == []
-    assert sorted(mu.names("queue")) == sorted([qid, forged])
-    for name in (qid, forged):
+    queued = mu.names("queue")
+    assert len(queued) == 2 and not {qid, forged} & set(queued)  # fresh ids, the runner's
+    for name in queued:
         env = spool.Spool(str(mu.spool)).read_envelope(name)
-        assert env.uid == alice.uid
+        assert env.uid == alice.uid and env.arrival > 1
         assert (mu.spool / "queue" / name).stat().st_uid == run.uid
     mu.listener.start()
     mu.flush()
-    # both go out; the forged sender is issue 7's to flag, the uid is already alice's
-    assert sorted(m.mail_from for m in mu.listener.wait(2)) == sorted(
-        [f"{ALICE}@example.org", "root@example.org"]
-    )
+    got = {m.mail_from: m.data for m in mu.listener.wait(2)}
+    assert sorted(got) == sorted([f"{ALICE}@example.org", "root@example.org"])
+    # the forged sender is flagged at pickup, under the runner's configuration, with the uid
+    forged_msg = got["root@example.org"]
+    assert f": {ALICE} set sender to root@example.org using -f".encode() in forged_msg
+    assert f"(mailshim pickup, from userid {alice.uid})".encode() in forged_msg
+    assert b"X-Authentication-Warning" not in got[f"{ALICE}@example.org"]
     assert mu.names("queue") == []
 
 
@@ -318,8 +322,9 @@ def test_planted_links_fifos_and_huge_files_change_nothing(mu, tmp_path):
     # alice has a message in the queue that bob will aim at
     mu.listener.stop()
     assert mu.sendmail(alice, "-odq", "-i", "x@example.org", input=MSG).returncode == 0
+    (submitted,) = mu.names("incoming")  # sendmail's id, in the Message-ID
     mu.flush()
-    (alices,) = mu.names("queue")
+    (alices,) = mu.names("queue")  # the runner's own id for it
     alices_bytes = (mu.spool / "queue" / alices).read_bytes()
     ids = [spool.new_queue_id() for _ in range(8)]
     planted = mu.python(
@@ -363,7 +368,7 @@ def test_planted_links_fifos_and_huge_files_change_nothing(mu, tmp_path):
     assert secret.read_bytes() == b"root's secret\n"
     assert (after.st_uid, after.st_mode, after.st_nlink) == (before.st_uid, before.st_mode, 1)
     (msg,) = mu.listener.messages  # only alice's message went out ...
-    assert message_queue_id(msg) == alices and b"secret" not in msg.data
+    assert message_queue_id(msg) == submitted and b"secret" not in msg.data
     assert alices_bytes.endswith(msg.data[-10:])  # ... as she wrote it
     assert mu.names("queue") == []
 
@@ -585,8 +590,9 @@ def test_a_user_flooding_the_drop_folder_does_not_hold_back_others(mu):
         box.users[RUNNER],
         f"""
         import json
-        from mailshim import spool
-        results = spool.Spool({str(box.spool)!r}).pickup(50_000_000, 1000, per_user=3)
+        from mailshim import config, pickup, spool
+        cfg = config.load({str(box.config)!r})
+        results = pickup.pickup(spool.Spool({str(box.spool)!r}), cfg, per_user=3)
         print(json.dumps([p.name for p in results if p.status == "picked"]))
         """,
     )
@@ -599,3 +605,388 @@ def test_a_user_flooding_the_drop_folder_does_not_hold_back_others(mu):
     box.flush()
     box.wait_delivered(start + 9)
     assert not set(box.names("incoming")) & dropped
+
+
+# --- issue 12: the drop folder under attack -----------------------------------------------------
+
+
+def _drop_envelope(mu, user: User, name: str, sender: str, rcpts: list[str], body: bytes, **kw):
+    """``user`` writes an entry by hand into incoming/ (as a hostile user would)."""
+    size = kw.get("size", len(body))
+    mu.python(
+        user,
+        f"""
+        import json, os
+        from mailshim import spoolfmt
+        env = spoolfmt.Envelope({name!r}, {sender!r}, {rcpts!r}, {kw.get("arrival", 1)!r},
+                                0, False, {size!r})
+        fd = os.open({str(mu.incoming / name)!r}, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, spoolfmt.encode_envelope(env).data + {body!r})
+        if {kw.get("sparse", False)!r}:
+            os.ftruncate(fd, os.fstat(fd).st_size + {size!r} - {len(body)!r})
+        os.close(fd)
+        print(json.dumps(True))
+        """,
+    )
+
+
+def _wait_for_incoming(mu, predicate, timeout: float = 15.0) -> list[str]:
+    """Wait until the drop folder holds only complete entries and ``predicate(names)``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = mu.names("incoming")
+        if not any(n.startswith(".") for n in names) and predicate(names):
+            return names
+        time.sleep(0.05)
+    raise AssertionError(f"incoming holds {mu.names('incoming')}")
+
+
+def _queued(mu, folder: str = "queue") -> dict[str, spoolfmt.Envelope]:
+    s = spool.Spool(str(mu.spool))
+    out = {}
+    for name in mu.names(folder):
+        if spoolfmt.valid_id(name):
+            with open(os.path.join(s.root, folder, name), "rb") as f:
+                out[name] = spoolfmt.decode_envelope(f)[0]
+    return out
+
+
+@pytest.fixture
+def small(box, tmp_path):
+    """A second system spool on a 24 MB tmpfs, set up for the same runner user."""
+    mnt = Path(tempfile.mkdtemp(prefix="mailshim-small-", dir="/tmp"))
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m,mode=0755", "tmpfs", str(mnt)],
+        capture_output=True,
+    )
+    if r.returncode != 0:
+        mnt.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        system = System(box.base, box.listener, box.users)
+        system.spool = mnt / "spool"
+        system.config = mnt / "config.toml"
+        text = box.config.read_text().replace(str(box.spool), str(system.spool))
+        system.config.write_text(text)
+        os.chmod(system.config, 0o644)
+        r = system.mailshim(None, "setup-spool", "--user", RUNNER)
+        assert r.returncode == 0, r.stderr.decode()
+        box.listener.handler.messages.clear()
+        if box.listener.controller is None:
+            box.listener.start()
+        yield system
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_an_entry_that_does_not_fit_never_stops_the_queue(small):
+    """Item 1/2: a sparse 45 MB entry and a real one too big for the room left wait or go to
+    corrupt/ one by one; the queue is delivered; flush exits 0."""
+    mu = small
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    mu.listener.stop()
+    assert mu.sendmail(bob, "-odq", "-i", "carol@example.org", input=MSG).returncode == 0
+    mu.flush()  # bob's message is now in queue/, deferred
+    assert len(mu.names("queue")) == 1
+    sparse = spool.new_queue_id()
+    _drop_envelope(
+        mu, alice, sparse, f"{ALICE}@example.org", ["x@example.org"], b"Subject: s\r\n\r\n",
+        size=45 * 1000 * 1000, sparse=True,
+    )  # fmt: skip
+    big = b"Subject: big\n\n" + b"x" * 1000 + b"\n"
+    r = mu.sendmail(alice, "-odq", "-i", "y@example.org", input=big * 14000)  # 14 MB
+    assert r.returncode == 0, r.stderr.decode()
+    (waiting,) = set(mu.names("incoming")) - {sparse}
+    mu.listener.start()
+    r = mu.flush()
+    (msg,) = mu.listener.wait(1)
+    assert msg.rcpt_tos == ["carol@example.org"] and mu.names("queue") == []
+    assert mu.names("incoming") == [waiting]  # waits for room, on alice's own quota
+    assert r.returncode == 0
+    reason = (mu.spool / "corrupt" / f"incoming.{sparse}.reason").read_text()
+    assert "sparse" in reason and f"uid {alice.uid}" in reason
+    assert (mu.spool / "corrupt" / f"incoming.{sparse}").stat().st_blocks < 64
+
+
+def test_a_users_spool_budget_holds_their_mail_in_the_drop_folder(mu):
+    """Item 2: over [limits] user_spool_entries, a user's entries wait in incoming/ (logged
+    with the reason); another user's mail is not affected."""
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    text = mu.config.read_text()
+    log = mu.base / "budget.log"
+    log.write_text("")
+    os.chown(log, mu.users[RUNNER].uid, mu.users[RUNNER].gid)
+    mu.config.write_text(text + f'\n[limits]\nuser_spool_entries = 2\n[log]\nfile = "{log}"\n')
+    try:
+        mu.listener.stop()
+        for i in range(4):
+            r = mu.sendmail(alice, "-odq", "-i", f"a{i}@example.org", input=MSG)
+            assert r.returncode == 0
+        assert mu.sendmail(bob, "-odq", "-i", "b@example.org", input=MSG).returncode == 0
+        r = mu.flush()
+        owners = sorted(e.uid for e in _queued(mu).values())
+        assert owners == sorted([alice.uid, alice.uid, bob.uid])
+        left = mu.names("incoming")
+        assert len(left) == 2 and {(mu.incoming / n).stat().st_uid for n in left} == {alice.uid}
+        assert r.returncode == 0
+        # the refusal is logged, once per entry, with the reason and the key to change
+        why = [line for line in log.read_text().splitlines() if " waits: " in line]
+        assert len(why) == 2 and all(f"uid {alice.uid} already has 2 entries" in w for w in why)
+        assert all("user_spool_entries = 2" in w for w in why)
+        mu.listener.start()
+        mu.flush()  # two delivered: room for the other two, which a later pass delivers
+        mu.flush()
+        mu.listener.wait(5)
+        assert mu.names("incoming") == [] and mu.names("queue") == []
+    finally:
+        mu.config.write_text(text)
+
+
+def test_a_planted_dead_letter_name_is_never_replaced(mu):
+    """Item 5: an entry dropped under the id of another user's dead letter gets a fresh id;
+    dead/<id>, .reason and .state stay as they were."""
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    mu.listener.handler.rcpt_replies["nobody@example.org"] = "550 5.1.1 no such user"
+    assert mu.sendmail(alice, "-odq", "-i", "nobody@example.org", input=MSG).returncode == 0
+    mu.flush()
+    (dead,) = [n for n in mu.names("dead") if spoolfmt.valid_id(n)]
+    before = {s: (mu.spool / "dead" / (dead + s)).read_bytes() for s in ("", ".reason", ".state")}
+    _drop_envelope(mu, bob, dead, "b@example.org", ["nobody@example.org"], b"Subject: x\r\n\r\n")
+    mu.flush()
+    after = {s: (mu.spool / "dead" / (dead + s)).read_bytes() for s in ("", ".reason", ".state")}
+    assert after == before
+    buried = _queued(mu, "dead")
+    assert buried[dead].uid == alice.uid
+    assert sorted(e.uid for e in buried.values()) == sorted([alice.uid, bob.uid])
+    # b@example.org is not bob's address: its failure report (to b@, as Postfix does) says
+    # so in the returned headers, with the uid that really sent it
+    (report,) = [m for m in mu.listener.wait(2) if m.rcpt_tos == ["b@example.org"]]
+    assert report.mail_from == "<>" and b"X-Authentication-Warning: " in report.data
+    assert f"{BOB} set sender to b@example.org".encode() in report.data
+    assert f"from userid {bob.uid}".encode() in report.data
+
+
+def test_planted_temp_names_do_not_make_a_message_go_twice(mu):
+    """Item 6: bob plants the names alice's agent used to create (.<id>.tmp, .<id>.poke);
+    her partly deferred message still goes to each recipient once."""
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    mu.listener.handler.rcpt_replies["later@example.org"] = "451 4.3.0 later"
+    r = mu.sendmail(alice, "-odq", "-i", "ok@example.org", "later@example.org", input=MSG)
+    assert r.returncode == 0
+    (qid,) = mu.names("incoming")
+    mu.python(
+        bob,
+        f"""
+        import json, os
+        for name in (".{qid}.tmp", ".{qid}.poke"):
+            fd = os.open(os.path.join({str(mu.incoming)!r}, name), os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        print(json.dumps(True))
+        """,
+    )
+    # alice's own agent, as sendmail starts it: one attempt at her locked drop entry
+    mu.python(
+        alice,
+        f"""
+        import fcntl, json, os
+        from mailshim import config, runner, spool
+        s = spool.Spool({str(mu.spool)!r}, drop=True)
+        fd = os.open(os.path.join(s.incoming, {qid!r}), os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        status, _ = runner.deliver_now(config.load(), spool.open_drop_entry(s, {qid!r}, fd))
+        print(json.dumps(status))
+        """,
+    )
+    assert [m.rcpt_tos for m in mu.listener.messages] == [["ok@example.org"]]
+    assert sorted(mu.names("incoming")) == sorted([qid, f".{qid}.tmp", f".{qid}.poke"])
+    del mu.listener.handler.rcpt_replies["later@example.org"]
+    mu.flush()
+    assert [m.rcpt_tos for m in mu.listener.wait(2)] == [
+        ["ok@example.org"],
+        ["later@example.org"],
+    ]
+    assert mu.names("queue") == []
+
+
+def test_refusals_the_caller_was_not_told_are_bounced_not_resent(mu):
+    """Item 11: alice's background agent gets a 550 for one recipient; the runner bounces it
+    from the failed record and never offers the message to that recipient again."""
+    alice = mu.users[ALICE]
+    mu.listener.handler.rcpt_replies["nobody@example.org"] = "550 5.1.1 no such user"
+    r = mu.sendmail(alice, "-i", "ok@example.org", "nobody@example.org", input=MSG)
+    assert r.returncode == 0
+    mu.listener.wait(1)
+    _wait_for_incoming(mu, lambda names: len(names) == 1)
+    # were the runner to send the message again, the listener would now take it
+    del mu.listener.handler.rcpt_replies["nobody@example.org"]
+    mu.flush()
+    msgs = mu.listener.wait(2)
+    assert [m.rcpt_tos for m in msgs] == [["ok@example.org"], [f"{ALICE}@example.org"]]
+    assert msgs[1].mail_from == "<>" and b"550 5.1.1 no such user" in msgs[1].data
+    assert mu.names("incoming") == [] and mu.names("queue") == []
+
+
+def test_a_backdated_drop_entry_does_not_expire_at_its_first_deferral(mu):
+    """Item 8: the arrival record of a drop entry is ignored; pickup's time counts."""
+    alice = mu.users[ALICE]
+    mu.listener.stop()
+    name = spool.new_queue_id()
+    _drop_envelope(mu, alice, name, f"{ALICE}@example.org", ["x@example.org"], b"S: x\r\n\r\n")
+    started = time.time()
+    mu.flush()
+    (env,) = _queued(mu).values()
+    assert env.arrival >= int(started) and [n for n in mu.names("dead")] == []
+
+
+def test_folders_planted_in_the_drop_folder_are_removed(mu):
+    """Item 8: a non-empty folder, named like an entry or not, does not stay forever."""
+    bob = mu.users[BOB]
+    names = [spool.new_queue_id(), "junk"]
+    mu.python(
+        bob,
+        f"""
+        import json, os
+        for name in {names!r}:
+            d = os.path.join({str(mu.incoming)!r}, name)
+            os.mkdir(d)
+            os.mkdir(os.path.join(d, "sub"))
+            with open(os.path.join(d, "sub", "f"), "w") as f:
+                f.write("x" * 1000)
+            os.symlink("/etc/passwd", os.path.join(d, "link"))
+            for p in (os.path.join(d, "sub"), d):
+                os.chmod(p, 0o777)  # bob lets others in: the runner may empty it
+        print(json.dumps(True))
+        """,
+    )
+    mu.flush()
+    assert mu.names("incoming") == [] and os.path.exists("/etc/passwd")
+
+
+def test_one_users_heavy_entries_do_not_hold_another_users_message(mu):
+    """Item 3: fairness by work: 12 entries of 300 recipients from alice, then one message
+    from bob; with a 4 KiB round, bob's message goes first, not after alice's 3,600 RCPTs."""
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    text = mu.config.read_text()
+    # (no sending limit here: 3,600 recipients from alice are the point)
+    mu.config.write_text(text + "\n[limits]\nuser_round_bytes = 4096\nuser_recipients = 0\n")
+    try:
+        mu.listener.stop()
+        rcpts = [f"r{i}@example.org" for i in range(300)]
+        for _ in range(12):
+            assert mu.sendmail(alice, "-odq", "-i", *rcpts, input=MSG).returncode == 0
+        assert mu.sendmail(bob, "-odq", "-i", "b@example.org", input=MSG).returncode == 0
+        mu.flush()  # picked up in name order: bob's got the newest queue id
+        mu.listener.start()
+        mu.flush()
+        msgs = mu.listener.wait(13, timeout=60)
+        first = [m.mail_from for m in msgs[:2]]
+        assert f"{BOB}@example.org" in first, [m.mail_from for m in msgs]
+    finally:
+        mu.config.write_text(text)
+
+
+def test_terminal_escapes_in_a_subject_never_reach_roots_terminal(mu):
+    """Item 7 / issue 17 item 4: OSC 0 (title), OSC 52 (clipboard), CSI, C1 CSI and a bidi
+    override in alice's Subject and sender name are shown as "?" by ``mailshim queue show``
+    and ``mailq`` run by root."""
+    alice = mu.users[ALICE]
+    mu.listener.stop()
+    subject = (
+        "hi \x1b]0;pwned\x07 \x1b]52;c;cm0gLXJmIH4=\x07 \x1b[2J\x1b[31mred \u009b31m"
+        " \u202eevil\u2066x\u2069"
+    )
+    msg = f"Subject: {subject}\nX-Note: \u009d8;;http://evil\u009c\n\nbody\n".encode()
+    r = mu.sendmail(alice, "-odq", "-i", "-F", "Al\x1b[1mice", "x@example.org", input=msg)
+    assert r.returncode == 0, r.stderr.decode()
+    mu.flush()
+    assert len(mu.names("queue")) == 1
+    for argv in (["mailshim", "queue", "show", "--all"], ["mailq"]):
+        r = mu.run(None, [tool(argv[0]), *argv[1:]])
+        assert r.returncode == 0, r.stderr.decode()
+        out = r.stdout.decode("utf-8")
+        bad = [c for c in out if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) < 0xA0]
+        bad += [c for c in out if 0x202A <= ord(c) <= 0x202E or 0x2066 <= ord(c) <= 0x2069]
+        assert bad == [], (argv, out)
+    assert (
+        "?]0;pwned?" in mu.run(None, [tool("mailshim"), "queue", "show", "--all"]).stdout.decode()
+    )
+
+
+def test_trust_comes_only_from_a_file_root_controls(mu):
+    """Item 4: bob's own file (-C or $MAILSHIM_CONFIG) cannot make him trusted or set
+    everyone's sender; his mail as alice carries the warning, and mailq shows it is his."""
+    alice, bob = mu.users[ALICE], mu.users[BOB]
+    text = mu.config.read_text()
+    trusted = bob.home / "trusted.toml"
+    trusted.write_text(text.replace("[addresses]", '[addresses]\n') + (
+        f'\n[submission]\ntrusted_users = ["{BOB}"]\n'
+    ))  # fmt: skip
+    as_alice = bob.home / "sender.toml"
+    as_alice.write_text(text.replace("[addresses]", f'[addresses]\nsender = "{ALICE}@example.org"'))
+    for path in (trusted, as_alice):
+        os.chown(path, bob.uid, bob.gid)
+    r = mu.sendmail(
+        bob, "-C", str(trusted), "-odi", "-i", "-f", f"{ALICE}@example.org", "x@example.org",
+        input=MSG,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr.decode()
+    r = mu.sendmail(bob, "-odi", "-i", "y@example.org", input=MSG, MAILSHIM_CONFIG=str(as_alice))
+    assert r.returncode == 0, r.stderr.decode()
+    first, second = mu.listener.wait(2)
+    assert first.mail_from == f"{ALICE}@example.org"
+    assert f": {BOB} set sender to {ALICE}@example.org using -f".encode() in first.data
+    assert second.mail_from == f"{BOB}@example.org"
+    r = mu.mailshim(bob, "-C", str(trusted), "config")
+    assert b"ignored in" in r.stdout, r.stdout.decode()
+    # the system file (root's) still grants trust: alice is trusted there
+    mu.config.write_text(text + f'\n[submission]\ntrusted_users = ["root", "{ALICE}"]\n')
+    try:
+        r = mu.sendmail(alice, "-odi", "-i", "-f", "ops@example.org", "z@example.org", input=MSG)
+        assert r.returncode == 0, r.stderr.decode()
+        (third,) = mu.listener.wait(3)[2:]
+        assert third.mail_from == "ops@example.org"
+        assert b"X-Authentication-Warning" not in third.data
+        # mailq shows whose a queued sender that is not theirs is
+        mu.listener.stop()
+        r = mu.sendmail(bob, "-odq", "-i", "-f", f"{ALICE}@example.org", "q@example.org",
+                        input=MSG)  # fmt: skip
+        assert r.returncode == 0
+        mu.flush()
+        out = mu.run(None, [tool("mailq")]).stdout.decode()
+        assert f"{ALICE}@example.org (from {BOB})" in out, out
+    finally:
+        mu.config.write_text(text)
+
+
+def test_the_agents_argv_does_not_show_the_queue_id(mu):
+    """Item 5: /proc/PID/cmdline is public; alice's agent does not carry her entry's id."""
+    import socket
+
+    alice = mu.users[ALICE]
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never greets: the agent waits
+    text = mu.config.read_text()
+    mu.config.write_text(
+        text.replace(f"port = {mu.listener.port}", f"port = {silent.getsockname()[1]}")
+    )
+    seen: dict[str, list[bytes]] = {}
+    try:
+        r = mu.sendmail(alice, "-i", "x@example.org", input=MSG)
+        assert r.returncode == 0, r.stderr.decode()
+        (qid,) = _wait_for_incoming(mu, lambda names: len(names) == 1)
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                with contextlib.suppress(OSError):
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if b"--incoming" in argv and os.stat(f"/proc/{pid}").st_uid == alice.uid:
+                        seen[pid] = argv
+            time.sleep(0.02)
+        assert seen, "the agent was not seen"
+        assert all(qid.encode() not in b" ".join(argv) for argv in seen.values()), seen
+    finally:
+        mu.config.write_text(text)
+        silent.close()  # resets the agent's connection: it gives up and exits
+        deadline = time.monotonic() + 15
+        while any(os.path.exists(f"/proc/{pid}") for pid in seen) and time.monotonic() < deadline:
+            time.sleep(0.05)

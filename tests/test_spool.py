@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from mailshim import spool, spoolfmt
+from mailshim import pickup, spool, spoolfmt, spoolsetup
+from mailshim.config import Config
 from mailshim.errors import CantCreateError, DataError
 from mailshim.reply import Reply
 from mailshim.spoolfmt import Envelope
@@ -69,8 +70,10 @@ def plant(sp: spool.Spool, name: str, data: bytes, uid: int = USER) -> str:
     return path
 
 
-def pick(sp: spool.Spool) -> dict[str, spool.Pickup]:
-    return {p.name: p for p in sp.pickup(MAX_SIZE, 100)}
+def pick(sp: spool.Spool, max_size: int = MAX_SIZE) -> dict[str, pickup.Pickup]:
+    cfg = Config()
+    cfg.max_size, cfg.max_recipients, cfg._domain = max_size, 100, "example.org"
+    return {p.name: p for p in pickup.pickup(sp, cfg)}
 
 
 # --- entries ------------------------------------------------------------------------------
@@ -79,7 +82,7 @@ def pick(sp: spool.Spool) -> dict[str, spool.Pickup]:
 def test_an_entry_is_visible_only_once_committed(sp):
     w = sp.new_entry("a@example.org", ["b@example.org"], 0)
     w.write(b"Subject: x\r\n\r\nbody\r\n")
-    assert sp.ids() == [] and os.listdir(sp.tmp) == [w.queue_id]
+    assert sp.ids() == [] and os.listdir(sp.tmp) == [os.path.basename(w.tmp_path)]
     w.commit(True)
     assert sp.ids() == [w.queue_id] and os.listdir(sp.tmp) == []
     env = sp.read_envelope(w.queue_id)
@@ -150,10 +153,53 @@ def test_bury_keeps_entry_reason_and_state_and_ignores_a_planted_link(sp, tmp_pa
     state.failed["b@example.org"] = Reply(550, "no")
     locked.save_state(state)
     where = locked.bury("dead", "<b@example.org>: 550 no")
-    assert where == os.path.join(sp.dead, qid) and sp.ids() == []
+    # the taken name is left as it is: the entry goes under a fresh id beside it
+    assert os.path.dirname(where) == sp.dead and where != os.path.join(sp.dead, qid)
+    assert sp.ids() == [] and os.path.islink(os.path.join(sp.dead, qid + ".reason"))
     with open(where + ".reason") as f:
         assert f.read() == "<b@example.org>: 550 no\n"
     assert os.path.exists(where + ".state") and victim.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("folder", ["dead", "corrupt"])
+def test_bury_never_replaces_a_file_in_dead_or_corrupt(sp, folder):
+    qid = make_entry(sp)
+    for suffix in ("", ".reason", ".state"):
+        with open(os.path.join(sp.root, folder, qid + suffix), "w") as f:
+            f.write("someone else's" + suffix)
+    locked = sp.lock(qid)
+    state = locked.state()
+    state.failed["b@example.org"] = Reply(550, "no")
+    locked.save_state(state)
+    where = locked.bury(folder, "why")
+    for suffix in ("", ".reason", ".state"):
+        with open(os.path.join(sp.root, folder, qid + suffix)) as f:
+            assert f.read() == "someone else's" + suffix
+    assert os.path.exists(where + ".state") and sp.ids() == []
+    assert not os.path.exists(os.path.join(sp.state_dir, qid))
+
+
+def test_a_stale_temp_file_never_makes_a_create_fail(sp):
+    qid = spool.new_queue_id()
+    for name in (qid, f"{qid}.tmp"):  # what the old, predictable names would have hit
+        with open(os.path.join(sp.tmp, name), "w") as f:
+            f.write("stale")
+    w = sp.new_entry("a@example.org", ["b@example.org"], 0, queue_id=qid)
+    w.write(b"x\r\n")
+    w.commit(False)
+    assert sp.ids() == [qid]
+
+
+def test_a_writer_stopped_between_link_and_unlink_leaves_a_lockable_entry(sp):
+    w = sp.new_entry("a@example.org", ["b@example.org"], 0)
+    w.write(b"x\r\n")
+    os.fsync(w.fd)
+    w._file.flush()
+    os.link(w.tmp_path, sp.path(w.queue_id))  # the first half of the commit, then a crash
+    os.close(w.fd)
+    locked = sp.lock(w.queue_id)
+    assert locked is not None and os.listdir(sp.tmp) == []
+    locked.release()
 
 
 def test_clean_tmp_spares_a_writer_still_at_work(sp):
@@ -184,7 +230,7 @@ def test_agent_lock_is_exclusive(sp):
 @needs_root
 def test_setup_sets_owners_and_modes_and_is_idempotent(tmp_path):
     sp = spool.Spool(str(tmp_path / "sys" / "mailshim"))
-    changes = sp.setup(USER, USER + 1)
+    changes = spoolsetup.setup(sp, USER, USER + 1)
     assert changes
     st = os.stat(sp.root)
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o711)
@@ -198,32 +244,32 @@ def test_setup_sets_owners_and_modes_and_is_idempotent(tmp_path):
     # Every submitter may read the listener's size; only the runner user may write it.
     st = os.stat(os.path.join(sp.root, "listener-size"))
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, USER + 1, 0o644)
-    assert sp.setup(USER, USER + 1) == []
+    assert spoolsetup.setup(sp, USER, USER + 1) == []
 
 
 @needs_root
 def test_setup_refuses_a_planted_link_and_gives_only_single_link_files(tmp_path):
     sp = spool.Spool(str(tmp_path / "sys"))
-    sp.setup(USER, USER)
+    spoolsetup.setup(sp, USER, USER)
     victim = tmp_path / "victim"
     victim.write_bytes(b"root's")
     os.link(victim, os.path.join(sp.queue, "linked"))
     own = os.path.join(sp.queue, spool.new_queue_id())
     open(own, "wb").close()
-    sp.setup(USER, USER)
+    spoolsetup.setup(sp, USER, USER)
     assert os.stat(own).st_uid == USER
     assert os.stat(victim).st_uid == 0  # a hard link is never chowned
     os.rmdir(sp.corrupt)
     os.symlink(str(tmp_path), sp.corrupt)
     with pytest.raises(CantCreateError):
-        sp.setup(USER, USER)
+        spoolsetup.setup(sp, USER, USER)
     assert os.stat(tmp_path).st_uid == 0
 
 
 @needs_root
 def test_root_gives_what_it_writes_to_the_spool_owner(tmp_path):
     sp = spool.Spool(str(tmp_path / "sys"))
-    sp.setup(USER, USER)
+    spoolsetup.setup(sp, USER, USER)
     qid = make_entry(sp)
     locked = sp.lock(qid)
     locked.save_state(locked.state())
@@ -240,26 +286,34 @@ def test_pickup_records_the_owner_not_the_uid_record(dropsp):
     qid = spool.new_queue_id()
     plant(dropsp, qid, drop_bytes(qid, uid=0))
     (p,) = pick(dropsp).values()
-    assert (p.status, p.queue_id, p.uid) == ("picked", qid, USER)
+    assert (p.status, p.uid) == ("picked", USER)
+    assert p.queue_id != qid  # a fresh id: the user's choice decides no name in the spool
     assert os.listdir(dropsp.incoming) == []
-    env = dropsp.read_envelope(qid)
+    env = dropsp.read_envelope(p.queue_id)
     assert env.uid == USER and env.sender == "u@example.org"
-    locked = dropsp.lock(qid)
+    locked = dropsp.lock(p.queue_id)
     with locked.message() as body:
-        assert body.read() == b"Subject: x\r\n\r\nhello\r\n"
-    assert os.stat(dropsp.path(qid)).st_uid == os.geteuid()  # a copy the runner owns
+        data = body.read()
+    # u@example.org is not uid 4242's address: the warning and a trace line go on top
+    assert data.endswith(b"Subject: x\r\n\r\nhello\r\n")
+    assert data.startswith(b"Received: by ") and b"from userid 4242" in data
+    assert b"X-Authentication-Warning: " in data and b" set sender to u@example.org" in data
+    assert os.stat(dropsp.path(p.queue_id)).st_uid == os.geteuid()  # a copy the runner owns
 
 
-def test_pickup_normalises_line_ends_and_clamps_arrival(dropsp):
+@pytest.mark.parametrize("skew", [10**6, -(10**6)])
+def test_pickup_normalises_line_ends_and_takes_arrival_from_pickup(dropsp, skew):
     qid = spool.new_queue_id()
     body = b"Subject: x\n\nline\r.\r\nSMUGGLED\ncaf\xc3\xa9"
-    plant(dropsp, qid, drop_bytes(qid, body, arrival=int(time.time()) + 10**6))
-    assert pick(dropsp)[qid].status == "picked"
-    env = dropsp.read_envelope(qid)
-    assert env.arrival <= time.time() and env.eightbit
-    with dropsp.lock(qid).message() as f:
+    plant(dropsp, qid, drop_bytes(qid, body, arrival=int(time.time()) + skew))
+    before = int(time.time())
+    p = pick(dropsp)[qid]
+    assert p.status == "picked"
+    env = dropsp.read_envelope(p.queue_id)
+    assert before <= env.arrival <= time.time() and env.eightbit
+    with dropsp.lock(p.queue_id).message() as f:
         data = f.read()
-    assert data == b"Subject: x\r\n\r\nline\r\n.\r\nSMUGGLED\r\ncaf\xc3\xa9\r\n"
+    assert data.endswith(b"Subject: x\r\n\r\nline\r\n.\r\nSMUGGLED\r\ncaf\xc3\xa9\r\n")
     assert env.size == len(data)
 
 
@@ -352,23 +406,42 @@ def test_pickup_never_overwrites_a_queued_entry(dropsp):
     assert dropsp.read_envelope(p.queue_id).sender == "u@example.org"
 
 
-@needs_root
-def test_pickup_recognises_its_own_copy_after_a_crash(dropsp):
+def test_pickup_refuses_a_sparse_entry_without_copying_it(dropsp):
     qid = spool.new_queue_id()
-    data = drop_bytes(qid)
-    plant(dropsp, qid, data)
-    assert pick(dropsp)[qid].status == "picked"
-    plant(dropsp, qid, data)  # as if the runner died before removing the original
-    p = pick(dropsp)[qid]
-    assert p.status == "picked" and p.duplicate and p.queue_id == qid
-    assert dropsp.ids() == [qid] and os.listdir(dropsp.incoming) == []
+    size = 8 * 1024 * 1024
+    head = drop_bytes(qid, b"Subject: x\r\n\r\n", size=size)
+    path = plant(dropsp, qid, head)
+    with open(path, "r+b") as f:
+        f.truncate(len(head) + size)  # a valid entry whose message is one big hole
+    p = pick(dropsp, max_size=2 * size)[qid]
+    assert p.status == "corrupt" and "sparse" in p.reason
+    assert dropsp.ids() == [] and os.listdir(dropsp.incoming) == []
+
+
+def pick_with_failed_record(sp: spool.Spool, reply: str) -> pickup.Pickup:
+    """A drop entry for a@ and b@ whose agent recorded ``reply`` as a@'s refusal."""
+    qid = spool.new_queue_id()
+    env = Envelope(qid, "u@example.org", ["a@example.org", "b@example.org"], 1, 0, False, 3)
+    env.failed = {"a@example.org": reply}
+    plant(sp, qid, spoolfmt.encode_envelope(env).data + b"x\r\n")
+    return pick(sp)[qid]
+
+
+def test_pickup_moves_failed_records_into_the_state(dropsp):
+    p = pick_with_failed_record(dropsp, "550 5.1.1 no such user")
+    assert p.status == "picked"
+    state = dropsp.load_state(p.queue_id)
+    assert {r: str(reply) for r, reply in state.failed.items()} == {
+        "a@example.org": "550 5.1.1 no such user"
+    }
+    assert state.open_recipients(dropsp.read_envelope(p.queue_id)) == ["b@example.org"]
 
 
 def test_clean_incoming_keeps_live_temp_files_and_removes_the_rest(dropsp):
     qid = spool.new_queue_id()
-    live = plant(dropsp, spoolfmt.temp_name(qid), b"partial")
-    stale = plant(dropsp, spoolfmt.temp_name(spool.new_queue_id()), b"partial")
-    old = time.time() - 2 * spool.STALE_TEMP
+    live = plant(dropsp, spoolfmt.temp_name(qid, "A" * 12), b"partial")
+    stale = plant(dropsp, spoolfmt.temp_name(spool.new_queue_id(), "B" * 12), b"partial")
+    old = time.time() - 2 * pickup.STALE_TEMP
     os.utime(stale, (old, old))
     os.utime(live, (old, old))
     fd = os.open(live, os.O_RDONLY)
@@ -377,14 +450,14 @@ def test_clean_incoming_keeps_live_temp_files_and_removes_the_rest(dropsp):
     os.symlink("/etc/passwd", os.path.join(dropsp.incoming, ".evil.tmp"))
     os.mkdir(os.path.join(dropsp.incoming, "adir"))
     try:
-        dropsp.clean_incoming(now=time.time() + 0)
+        pickup.clean_incoming(dropsp, now=time.time() + 0)
         left = set(os.listdir(dropsp.incoming))
     finally:
         os.close(fd)
     # the stale one is young by ctime (just planted): kept until its ctime is old too
     assert os.path.basename(live) in left and not os.path.exists(junk)
     assert ".evil.tmp" not in left and "adir" not in left
-    dropsp.clean_incoming(now=time.time() + 2 * spool.STALE_TEMP)
+    pickup.clean_incoming(dropsp, now=time.time() + 2 * pickup.STALE_TEMP)
     assert os.listdir(dropsp.incoming) == []
 
 
@@ -394,7 +467,8 @@ def test_clean_incoming_keeps_live_temp_files_and_removes_the_rest(dropsp):
 def test_drop_writer_uses_a_temp_name_and_a_group_readable_mode(dropsp):
     s = spool.Spool(dropsp.root, drop=True)
     w = s.new_entry("a@example.org", ["b@example.org", "c@example.org"], 1000)
-    assert os.listdir(s.incoming) == [spoolfmt.temp_name(w.queue_id)]
+    (temp,) = os.listdir(s.incoming)
+    assert spoolfmt.is_temp_name(temp) and temp.startswith(f".{w.queue_id}.")
     w.write(b"Subject: x\r\n\r\nhi\r\n")
     entry = w.commit(False, keep_lock=True)
     assert isinstance(entry, spool.DropEntry)
@@ -402,8 +476,9 @@ def test_drop_writer_uses_a_temp_name_and_a_group_readable_mode(dropsp):
     assert stat.S_IMODE(os.stat(entry.path).st_mode) == 0o640
     assert pick(dropsp)[w.queue_id].status == "busy"  # its submitter holds it
     entry.rewrite(["c@example.org"])  # b was delivered by the submitter's agent
-    assert pick(dropsp)[w.queue_id].status == "picked"
-    env = dropsp.read_envelope(w.queue_id)
+    p = pick(dropsp)[w.queue_id]
+    assert p.status == "picked"
+    env = dropsp.read_envelope(p.queue_id)
     assert env.recipients == ["c@example.org"] and env.uid == os.geteuid()
 
 
@@ -440,3 +515,38 @@ def test_decode_of_a_written_entry_matches(sp):
     with open(sp.path(qid), "rb") as f:
         env, _ = spoolfmt.decode_envelope(f)
     assert env.recipients == ["x@example.org", "y@example.org"] and env.queue_id == qid
+
+
+def test_a_drop_entry_handed_over_as_an_fd_names_itself(dropsp):
+    """The agent need not carry the id in its argv (/proc shows it to every user)."""
+    s = spool.Spool(dropsp.root, drop=True)
+    w = s.new_entry("a@example.org", ["b@example.org"], 1000)
+    w.write(b"x\r\n")
+    entry = w.commit(False, keep_lock=True)
+    adopted = spool.open_drop_entry(s, "", entry.fd)
+    assert adopted.queue_id == w.queue_id and adopted.still_here()
+    entry.release()
+
+
+def test_clean_tmp_at_any_step_of_a_bury_keeps_the_state(sp):
+    """Issue 12 item 12: bury gives the state its new name before the entry leaves queue/,
+    so clean_tmp (which drops a state whose entry is gone) never finds it orphaned."""
+    qid = make_entry(sp)
+    locked = sp.lock(qid)
+    state = locked.state()
+    state.done["b@example.org"] = Reply(250, "ok")
+    locked.save_state(state)
+    locked.release()
+    state_path = os.path.join(sp.state_dir, qid)
+    os.link(state_path, os.path.join(sp.dead, qid + ".state"))  # bury's first step
+    sp.clean_tmp(older_than=0)
+    assert os.path.exists(state_path) and sp.ids() == [qid]
+    os.rename(sp.path(qid), os.path.join(sp.dead, qid))  # its second; then a stop
+    sp.clean_tmp(older_than=0)
+    with open(os.path.join(sp.dead, qid + ".state"), "rb") as f:
+        assert spoolfmt.decode_state(f.read()).done == {"b@example.org": Reply(250, "ok")}
+
+
+def test_pickup_refuses_a_failed_record_that_is_not_a_refusal(dropsp):
+    p = pick_with_failed_record(dropsp, "250 2.0.0 fine, thanks")
+    assert p.status == "corrupt" and "no 5xx reply" in p.reason and dropsp.ids() == []

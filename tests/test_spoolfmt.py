@@ -54,7 +54,15 @@ def test_patched_size_and_body_type_read_back():
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda b: b.replace(b"MAILSHIM-ENTRY 1", b"MAILSHIM-ENTRY 2"),
+        lambda b: b.replace(b"MAILSHIM-ENTRY 1", b"MAILSHIM-ENTRY 3"),
+        # version 1 has no failed records; version 2's must name a recipient, after them
+        lambda b: b.replace(b"\n\n", b"\nfailed b@example.org\t550 no\n\n", 1),
+        lambda b: b.replace(b"MAILSHIM-ENTRY 1", b"MAILSHIM-ENTRY 2").replace(
+            b"\n\n", b"\nfailed z@example.org\t550 no\n\n", 1
+        ),
+        lambda b: b.replace(b"MAILSHIM-ENTRY 1", b"MAILSHIM-ENTRY 2").replace(
+            b"rcpt c@", b"failed b@example.org\t550 no\nrcpt c@"
+        ),
         lambda b: b.replace(b"arrival ", b"arrivel "),
         lambda b: b.replace(b"uid 1000", b"uid -1"),
         lambda b: b.replace(b"body 7bit", b"body 9bit"),
@@ -83,9 +91,22 @@ def test_queue_ids_are_safe_file_names():
 
 
 def test_temp_names_are_never_queue_ids():
-    name = spoolfmt.temp_name(QID)
-    assert spoolfmt.is_temp_name(name) and not spoolfmt.valid_id(name)
+    for kind in ("tmp", "poke"):
+        name = spoolfmt.temp_name(QID, "ABCDEFGHJK23", kind)
+        assert spoolfmt.is_temp_name(name) and not spoolfmt.valid_id(name)
     assert not spoolfmt.is_temp_name(QID) and not spoolfmt.is_temp_name(".x.tmp")
+    assert not spoolfmt.is_temp_name(f".{QID}.tmp")  # the old, guessable name
+    assert not spoolfmt.is_temp_name(f".{QID}.ABCDEFGHJK23.exe")
+
+
+def test_failed_records_round_trip_as_version_2():
+    env = Envelope(QID, "a@example.org", ["b@example.org", "c@example.org"], 1, 1000)
+    plain = spoolfmt.encode_envelope(env).data
+    env.failed = {"c@example.org": "550 5.1.1 no such user"}
+    data = spoolfmt.encode_envelope(env).data
+    assert plain.startswith(b"MAILSHIM-ENTRY 1\n") and data.startswith(b"MAILSHIM-ENTRY 2\n")
+    back, _ = spoolfmt.decode_envelope(io.BytesIO(data))
+    assert back.failed == env.failed and back.recipients == env.recipients
 
 
 def test_state_round_trip_with_every_field():

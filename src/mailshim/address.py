@@ -19,7 +19,7 @@ the offending text on one line (shortened to 200 characters).
 
 from __future__ import annotations
 
-from mailshim.errors import DataError
+from mailshim.errors import DataError, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -55,9 +55,7 @@ _SHOW = 200  # longest piece of hostile text quoted in an error message
 
 def _show(text: str) -> str:
     """Make hostile text printable in a one-line message (no surrogates, bounded length)."""
-    if len(text) > _SHOW:
-        text = text[:_SHOW] + "..."
-    return "".join("?" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+    return printable(text, _SHOW)
 
 
 def _is_text_char(c: str) -> bool:
@@ -533,6 +531,40 @@ def check_envelope_address(addr: str) -> str:
     raise DataError(f"invalid address: {_show(addr)} ({problem})")
 
 
+def settings_problem(
+    domain: str | None, sender: str | None, aliases: dict[str, tuple[str, ...]]
+) -> tuple[str, str] | None:
+    """The first configured address setting that is not usable, as (key, problem); None
+    when all are. Checked when the configuration is read, so that a bad ``domain`` cannot
+    make ``root@@example.org`` or send users' mail silently to ``corrupt/`` at pickup.
+
+    >>> settings_problem("example.org.", None, {})
+    ('[addresses] domain', 'example.org. is not a domain name (bad domain label)')
+    >>> settings_problem("example.org", "noreply", {"root": ("ops@example.org",)}) is None
+    True
+    """
+    if domain is not None:
+        problem = _domain_problem(domain) if domain[:1] != "[" else "an address literal"
+        if problem:
+            return "[addresses] domain", f"{_show(domain)} is not a domain name ({problem})"
+    qualify_with = domain or "example.invalid"
+    if sender is not None:
+        try:
+            canon = check_envelope_address(sender)
+            if not canon:
+                return "[addresses] sender", "the null sender <> cannot be everyone's sender"
+            check_envelope_address(qualify(canon, qualify_with))
+        except DataError as exc:
+            return "[addresses] sender", exc.message
+    table = Aliases(aliases)
+    for name in aliases:
+        try:
+            table.expand(name, qualify_with)
+        except DataError as exc:
+            return f"[aliases] {_show(name)}", exc.message
+    return None
+
+
 def qualify(addr: str, domain: str) -> str:
     """Give a bare local name the default domain; anything else is returned unchanged.
 
@@ -685,11 +717,9 @@ class Aliases:
 
     __slots__ = ("_cache", "_raw", "skipped")
 
-    def __init__(self, table: dict[str, tuple[str, ...]], file_text: str | None = None) -> None:
+    def __init__(self, table: dict[str, tuple[str, ...]]) -> None:
         merged: dict[str, tuple[str, ...]] = {}
         self.skipped: list[tuple[str, str]] = []
-        if file_text is not None:
-            merged, self.skipped = parse_aliases_file(file_text)
         for name, targets in table.items():
             merged[name.lower()] = tuple(targets)  # the config table wins over the file
         self._raw = merged

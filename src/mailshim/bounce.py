@@ -23,6 +23,7 @@ programming error, exit 70 through the caller).
 from __future__ import annotations
 
 from mailshim.constants import REPORT_DELAYED, REPORT_FAILED, STAGE_SIZE
+from mailshim.errors import printable
 from mailshim.message import format_date
 from mailshim.reply import Reply
 
@@ -45,13 +46,7 @@ def _printable(text: str, limit: int = 900) -> str:
     >>> _printable("a\\r\\nb\\x00c\\udcff")
     'a b?c?'
     """
-    out = []
-    for ch in " ".join(text.split()):
-        num = ord(ch)
-        # Controls and the surrogates that stand for undecodable bytes become "?".
-        out.append("?" if num < 32 or num == 127 or 0xD800 <= num <= 0xDFFF else ch)
-    line = "".join(out)
-    return line if len(line) <= limit else line[:limit] + "..."
+    return printable(" ".join(text.split()), limit)
 
 
 def _octets(text: str, limit: int) -> str:

@@ -60,13 +60,15 @@ def run(config_path: str | None, extra_rcpts: Sequence[str] = (), *, probe: bool
     try:
         cfg = config_mod.load(config_path)
     except MailshimError as exc:
+        key = exc.key if isinstance(exc, ConfigError) else ""
         report.add(
             ERROR,
             "config",
             exc.message,
+            f"fix {key} and run mailshim check again" if key else
             "fix the file and run mailshim check again",
             EX_CONFIG if isinstance(exc, ConfigError) else exc.code,
-        )
+        )  # fmt: skip
         return report
     report.config_path = cfg.path
     check_config_file(cfg, report)

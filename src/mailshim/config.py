@@ -127,6 +127,9 @@ class Config:
         "trusted_users",
         "user_messages",
         "user_recipients",
+        "user_round_bytes",
+        "user_spool_bytes",
+        "user_spool_entries",
         "user_window",
         "warn_after",
         "written",
@@ -153,6 +156,13 @@ class Config:
         self.max_recipients = 10000
         self.trusted_users: tuple[str, ...] = ("root",)
         self.helo: str | None = None
+        # What one submitting user (not root, not the runner) may hold in queue/ and dead/
+        # together; more waits in the drop folder, on their own quota (issue 12).
+        self.user_spool_entries = 10000
+        self.user_spool_bytes = 2 * 1000 * 1000 * 1000
+        # Bytes of entries (envelope and message) each uid may have tried per round of a
+        # pass before the next uid's turn (fair.py).
+        self.user_round_bytes = 256 * 1024
         self.log_file: str | None = None
         # What one submitting uid (not root, the runner or trusted_users) gets delivered per
         # window; more waits for the next window (sendlimits.py). 0: no limit.
@@ -364,12 +374,15 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "warn_after": ("warn_after", parse_duration),
     },
     "delivery": {"mode": ("delivery_mode", _choice(DELIVERY_MODES))},
-    "log": {"file": ("log_file", _abs_path)},
     "limits": {
+        "user_spool_entries": ("user_spool_entries", _positive_int),
+        "user_spool_bytes": ("user_spool_bytes", parse_size),
+        "user_round_bytes": ("user_round_bytes", parse_size),
         "user_messages": ("user_messages", _nonneg_int),
         "user_recipients": ("user_recipients", _nonneg_int),
         "user_window": ("user_window", _positive_duration),
     },
+    "log": {"file": ("log_file", _abs_path)},
     "submission": {
         "max_size": ("max_size", parse_size),
         "max_recipients": ("max_recipients", _positive_int),
@@ -491,12 +504,85 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> Config:
         return cfg
     data = _read_table(path, use_cache)
     cfg.path = path
+    if os.geteuid() != 0 and not root_controlled(path):
+        data = _without_trust(cfg, data, path)
+        _trust_from_system(cfg, path, use_cache)
     _apply(cfg, data, path)
+    _check_addresses(cfg, path)
     if cfg.log_file is not None:
         from mailshim import maillog
 
         maillog.use_file(cfg.log_file)
     return cfg
+
+
+# Settings that grant trust: who may choose any sender without a warning, and one sender for
+# everyone. A file the caller chose (-C, $MAILSHIM_CONFIG, their own per-user file) could
+# otherwise make anyone trusted; so they are read only from a file that root controls, and
+# else from the system configuration (issue 12, item 4).
+TRUST_KEYS = (("submission", "trusted_users"), ("addresses", "sender"))
+
+
+def root_controlled(path: str) -> bool:
+    """Only root can have written ``path``: it and every folder above it belong to root,
+    and none is writable by group or others (a sticky folder such as /tmp excepted)."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+        folder = os.path.dirname(real)
+        while True:
+            st = os.stat(folder)
+            if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                return False
+            if folder == os.path.dirname(folder):
+                return True
+            folder = os.path.dirname(folder)
+    except OSError:
+        return False
+
+
+def _without_trust(cfg: Config, data: Table, where: str) -> Table:
+    out = dict(data)
+    for section, key in TRUST_KEYS:
+        body = out.get(section)
+        if isinstance(body, dict) and key in body:
+            out[section] = {k: v for k, v in body.items() if k != key}
+            cfg.sources[f"{section}.{key}"] = (
+                f"ignored in {where} (only a file root controls may set it)"
+            )
+    return out
+
+
+def _trust_from_system(cfg: Config, where: str, use_cache: bool) -> None:
+    system = paths.SYSTEM_CONFIG
+    if where == system or not os.path.exists(system) or not root_controlled(system):
+        return
+    data = _read_table(system, use_cache)
+    for section, key in TRUST_KEYS:
+        body = data.get(section)
+        if isinstance(body, dict) and key in body:
+            attr, check = _SECTIONS[section][key]
+            try:
+                setattr(cfg, attr, check(body[key]))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{system}: [{section}] {key}: {exc}", f"[{section}] {key}"
+                ) from None
+            cfg.sources[f"{section}.{key}"] = f"file {system}"
+
+
+def _check_addresses(cfg: Config, where: str) -> None:
+    """Addresses in the file must be usable before anything is sent (issue 12, item 13)."""
+    if cfg._domain is None and cfg.sender is None and not cfg.aliases:
+        return
+    from mailshim import address  # pure, and sendmail imports it anyway
+
+    problem = address.settings_problem(cfg._domain, cfg.sender, cfg.aliases)
+    if problem is not None:
+        key, why = problem
+        raise ConfigError(f"{where}: {key}: {why}", key)
 
 
 def _read_table(path: str, use_cache: bool) -> Table:

@@ -40,6 +40,8 @@ REC_BODY = b"body"
 REC_SENDER = b"sender"
 REC_RCPT = b"rcpt"
 ENVELOPE_RECORDS = (REC_ID, REC_ARRIVAL, REC_UID, REC_SIZE, REC_BODY, REC_SENDER, REC_RCPT)
+# Format version 2, drop-folder entries only: "failed RCPT<TAB>REPLY" after the rcpt records.
+REC_FAILED = b"failed"
 
 # --- the state file's fields (spoolfmt.encode_state) ----------------------------------------
 STATE_COUNTERS = ("attempts", "throttled", "first_attempt", "last_attempt", "next_attempt")

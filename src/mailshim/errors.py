@@ -27,19 +27,49 @@ EX_NOPERM = 77
 EX_CONFIG = 78
 
 
+# Characters that must never reach a terminal or a log as themselves: they end or forge a
+# line (CR, LF, U+2028, U+2029), start escape sequences (ESC, and the C1 CSI/OSC/DCS bytes
+# U+0080-U+009F that a UTF-8 terminal also obeys), or reorder what is shown (the bidi
+# embeddings, overrides and isolates U+202A-U+202E, U+2066-U+2069). Lone surrogates stand for
+# undecodable bytes and cannot be printed at all.
+_HIDDEN = frozenset(range(0x20)) | frozenset(range(0x7F, 0xA0)) | frozenset(range(0x202A, 0x202F))
+_HIDDEN |= frozenset(range(0x2066, 0x206A)) | {0x2028, 0x2029}
+
+
+def printable(text: str, limit: int = 0, *, ascii_only: bool = False) -> str:
+    """The one helper that makes text from a message, a listener or a user safe to print:
+    a single line for a terminal, syslog, a report or a reply.
+
+    Line ends become spaces; every other control (C0, DEL, C1), bidi override or isolate,
+    line separator and lone surrogate becomes "?" (so a Subject cannot retitle, recolour
+    or rewrite root's terminal through ``mailq``); ``ascii_only`` also turns anything
+    beyond ASCII into "?". The result is stripped and, with ``limit``, cut to that many
+    characters plus "...".
+
+    >>> printable("bad\\r\\nline\\x00 \\x1b]0;pwned\\x07 \\u202eevil \\x9b31m")
+    'bad line? ?]0;pwned? ?evil ?31m'
+    """
+    if not (text.isprintable() and (text.isascii() or not ascii_only)):
+        text = text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+        out = []
+        for ch in text:
+            code = ord(ch)
+            if code in _HIDDEN or 0xD800 <= code <= 0xDFFF or (ascii_only and code > 0x7E):
+                out.append(" " if ch == "\t" else "?")
+            else:
+                out.append(ch)
+        text = "".join(out)
+    text = text.strip()
+    return text if not limit or len(text) <= limit else text[:limit] + "..."
+
+
 def one_line(text: str) -> str:
-    """Make ``text`` safe for a single stderr or syslog line.
+    """Make ``text`` safe for a single stderr or syslog line (``printable``, unbounded).
 
     >>> one_line("bad\\r\\nline\\x00")
     'bad line?'
     """
-    out = []
-    for ch in text.replace("\r\n", " ").replace("\n", " ").replace("\r", " "):
-        code = ord(ch)
-        # control characters forge lines; lone surrogates (undecodable bytes) cannot print
-        bad = (code < 32 and ch != "\t") or code == 127 or 0xD800 <= code <= 0xDFFF
-        out.append("?" if bad else ch)
-    return "".join(out).strip()
+    return printable(text)
 
 
 class MailshimError(Exception):
@@ -116,9 +146,15 @@ class NoPermError(MailshimError):
 
 
 class ConfigError(MailshimError):
-    """The configuration is wrong: names the file, the key and the problem."""
+    """The configuration is wrong: names the file, the key and the problem.
+
+    ``key`` ("[addresses] domain") lets ``mailshim check`` name the same key in its fix."""
 
     code = EX_CONFIG
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def from_oserror(exc: OSError, doing: str) -> MailshimError:

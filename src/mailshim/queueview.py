@@ -280,7 +280,7 @@ def format_listing(items: list[Item], now: float, color: bool = False) -> str:
         total += env.size
         held = st is not None and st.held
         cell = (item.queue_id + ("!" if held else "")).ljust(id_width)
-        sender = one_line(env.sender) or "MAILER-DAEMON"
+        sender = _sender(env, "MAILER-DAEMON")
         lines.append(
             f"{paint('id', cell)} {env.size:>{size_width}} {age(now - env.arrival):>7}  {sender}"
         )
@@ -297,6 +297,30 @@ def format_listing(items: list[Item], now: float, color: bool = False) -> str:
     kbytes = (total + 1023) // 1024
     lines.append(f"-- {kbytes} Kbytes in {count} Request{'s' if count != 1 else ''}.")
     return "\n".join(lines) + "\n"
+
+
+_logins: dict[int, str] = {}
+
+
+def _sender(env: Envelope, null: str) -> str:
+    """The sender, and the submitting user next to it when it is not theirs (issue 12)."""
+    if not env.sender:
+        return null
+    shown = one_line(env.sender)
+    if env.uid == 0:
+        return shown
+    login = _logins.get(env.uid)
+    if login is None:
+        import pwd
+
+        try:
+            login = pwd.getpwuid(env.uid).pw_name
+        except KeyError:
+            login = f"uid {env.uid}"
+        _logins[env.uid] = login
+    if env.sender.rpartition("@")[0].lower() != login.lower():
+        shown += f" (from {one_line(login)})"
+    return shown
 
 
 def _recipient(rcpt: str, st: State | None, paint: Callable[[str, str], str]) -> str:
@@ -340,7 +364,7 @@ def format_table(items: list[Item], now: float, color: bool = False) -> str:
             human_size(env.size),
             str(st.attempts if st is not None else 0),
             status,
-            one_line(env.sender) or "<>",
+            _sender(env, "<>"),
             shown,
         )))  # fmt: skip
     widths = [max(len(header[c]), *(len(r[c]) for _, r in rows)) for c in range(len(header))]

@@ -9,9 +9,10 @@ over the listener's limit): it concerns the message, not a recipient (issue 16).
 fields once, where it arrives, and stored as fields in the spool's state files (``as_fields`` /
 ``from_fields``); ``from_legacy`` reads the one-line form older state files hold.
 
-Trust: pure; no I/O, and it imports only ``constants``. Texts come from the listener, which
-is hostile-or-broken: callers clean them to one printable line (``clean_text``) before they
-make a ``Reply``, and ``from_fields`` checks every stored field's type and range. Raises
+Trust: pure; no I/O, and it imports only ``constants`` and ``errors`` (``printable``). Texts
+come from the listener, which is hostile-or-broken: callers clean them to one printable line
+(``clean_text``) before they make a ``Reply``, and ``from_fields`` checks every stored
+field's type and range. Raises
 ``ValueError`` only from ``from_fields`` (the state reader turns it into ``DataError``: the
 entry goes to corrupt/).
 """
@@ -19,6 +20,7 @@ entry goes to corrupt/).
 from __future__ import annotations
 
 from mailshim.constants import REPLY_FIELDS, REPLY_STAGES, STAGE_SIZE
+from mailshim.errors import printable
 
 __all__ = [
     "AUTH_CLEARTEXT",
@@ -99,17 +101,7 @@ def clean_text(text: str) -> str:
     >>> clean_text("5.1.1 no\\nsuch\\x1b[31m user")
     '5.1.1 no such?[31m user'
     """
-    out = []
-    for ch in " ".join(text.splitlines()):
-        num = ord(ch)
-        if ch == "\t":
-            out.append(" ")
-        elif num < 32 or 127 <= num < 160 or 0xD800 <= num <= 0xDFFF:
-            out.append("?")
-        else:
-            out.append(ch)
-    line = "".join(out).strip()
-    return line if len(line) <= MAX_TEXT else line[:MAX_TEXT] + "..."
+    return printable(" ".join(text.splitlines()), MAX_TEXT)
 
 
 def enhanced_code(word: str, code: int) -> bool:

@@ -25,7 +25,7 @@ every window.
 
 Trust: the agent runs as the submitting user on their own spool or drop-folder entry; the
 runners as root or the ``mailshim`` user. Entries are parsed strictly (spoolfmt), drop-folder
-entries are copied and checked by spool.pickup, unreadable ones are quarantined. The listener
+entries are copied and checked by pickup.py, unreadable ones are quarantined. The listener
 is untrusted: its replies arrive cleaned by relay.py and only ever go into logs, state and
 reports as text.
 """
@@ -36,7 +36,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, sendlimits, spool
+from mailshim import bounce, fair, maillog, sendlimits, spool
 from mailshim import reply as kinds
 from mailshim.errors import DataError, MailshimError
 from mailshim.reply import Reply
@@ -338,8 +338,7 @@ def _sendable(addr: str) -> bool:
 
 
 def _quarantine(locked: spool.LockedEntry, why: str) -> tuple[str, dict[str, Reply]]:
-    locked.release()
-    locked.spool.quarantine(locked.queue_id, why)
+    locked.quarantine(why)
     maillog.log(f"{locked.queue_id}: moved to corrupt/: {why}", error=True)
     return "quarantined", {}
 
@@ -417,21 +416,29 @@ async def deliver_drop(
             body_file = entry.message()
         except DataError:
             return "queued", {}  # the runner will look at it and quarantine it
+        rcpts = [r for r in env.recipients if r not in env.failed]
+        if not rcpts:
+            body_file.close()
+            return "queued", {}  # only refusals are left: the runner bounces them
         with body_file as body:
-            result = await client.send(env.sender, env.recipients, body, env.size, env.eightbit)
+            result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
         _log_replies(env.queue_id, env.arrival, result, time.time())
         done = set(result.sent())
         refused = set(result.bounced())
         told = interactive and (not discard_rejected or not done)
         left = [r for r in env.recipients if r not in done and not (told and r in refused)]
+        # Refusals nobody told the caller about stay in the entry as failed records: the
+        # runner bounces them and never sends the message to them again (issue 12, item 11).
+        failed = dict(env.failed)
+        failed.update((r, str(result.replies[r])) for r in left if r in refused)
         if not left:
             entry.remove()
             maillog.log(f"{env.queue_id}: removed")
             if not refused:
                 return "sent", dict(result.replies)
             return ("bounced" if done else "rejected"), dict(result.replies)
-        if len(left) < len(env.recipients):
-            entry.rewrite(left)
+        if len(left) < len(env.recipients) or len(failed) > len(env.failed):
+            entry.rewrite(left, failed)
         else:
             entry.poke()
         if refused and done:
@@ -503,10 +510,12 @@ def pickup(config: Config, target: spool.Spool, counts: Counts | None = None) ->
     moved, and how many were left because their owner still holds them."""
     if not target.has_incoming() or not target.writable():
         return 0, 0
-    target.clean_incoming()
-    results = target.pickup(config.max_size_for(target.listener_size()), config.max_recipients)
-    spool.log_pickups(results, lambda text, error: maillog.log(text, error=error))
-    picked = sum(1 for p in results if p.status == "picked" and not p.duplicate)
+    from mailshim import pickup as drop
+
+    drop.clean_incoming(target)
+    results = drop.pickup(target, config, max_size=config.max_size_for(target.listener_size()))
+    drop.log_pickups(results, lambda text, error: maillog.log(text, error=error))
+    picked = sum(1 for p in results if p.status == "picked")
     if counts is not None:
         counts.picked += picked
         counts.refused += sum(1 for p in results if p.status in ("rejected", "corrupt"))
@@ -531,7 +540,7 @@ async def run_pass(
     now = time.time()
     streak = 0
     limiter = sendlimits.limiter_for(config, target) if target.has_incoming() else None
-    for qid in target.ids():
+    for qid in fair.order(target, target.ids(), config.user_round_bytes):
         if stop is not None and stop.is_set():
             return "stopped"
         if only is not None and qid not in only:
@@ -728,7 +737,11 @@ def agent_main(
     if incoming is not None:
         if lock_fd is None:
             return 64
-        entry = spool.open_drop_entry(spool.Spool(spool_root, drop=True), incoming, lock_fd)
+        qid = "" if incoming == "-" else incoming  # "-": the id is read from the entry
+        try:
+            entry = spool.open_drop_entry(spool.Spool(spool_root, drop=True), qid, lock_fd)
+        except (DataError, OSError):
+            return 0  # unreadable: the runner's pickup sends it to corrupt/ with the reason
 
         async def one() -> None:
             async with _client(config) as client:

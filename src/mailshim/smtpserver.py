@@ -31,7 +31,7 @@ problem with the input is a reply, never an exception; ``reply()`` raises ``Soft
 from __future__ import annotations
 
 from mailshim.address import check_envelope_address, is_8bit_address
-from mailshim.errors import DataError, MailshimError, SoftwareError, TempFailError
+from mailshim.errors import DataError, MailshimError, SoftwareError, TempFailError, printable
 
 TYPE_CHECKING = False
 
@@ -56,13 +56,11 @@ _NOT_IMPLEMENTED = frozenset(
 
 def _safe_text(text: str) -> str:
     """One reply line's text: printable ASCII only, bounded length."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        out.append(ch if 32 <= code < 127 else "?")
-        if len(out) >= MAX_REPLY_TEXT:
-            break
-    return "".join(out).strip()
+    # A line end inside one reply line is shown as "?", like any control, not as a space.
+    return printable(text[:MAX_REPLY_TEXT].translate(_LINE_ENDS), ascii_only=True)
+
+
+_LINE_ENDS = {10: "?", 13: "?"}
 
 
 def reply(code: int, *lines: str) -> bytes:

@@ -1,7 +1,7 @@
-"""The only module that touches the spool folder: enqueue, pick up, list, lock, state, bury.
+"""The queue-file API: enqueue, list, lock, state, bury; the only module writing queue files.
 
 Layout under the spool root (owners and modes of the system spool, whose root belongs to
-root, 0711; docs/spool.md explains each)::
+root, 0711; docs/spool.md explains each; ``spoolsetup`` creates them)::
 
     incoming/   drop folder: any user's ``sendmail`` leaves entries here   mailshim 3733
     tmp/        entries being written by root or the runner                mailshim 0700
@@ -14,22 +14,29 @@ root, 0711; docs/spool.md explains each)::
                 submitter may size its limit by it                             mailshim 0644
 
 A per-user spool (under the XDG state folder) has the same layout without ``incoming/``.
+Taking entries from ``incoming/`` into ``queue/`` is ``pickup``'s job, not this module's.
 
-Durability: an entry is written to ``tmp/``, fsynced, renamed into ``queue/`` and the folder
-is fsynced before anyone is told it is safe. A drop-folder entry is written under a temporary
-name in ``incoming/``, fsynced, renamed, and fsynced again (its writer may not read the folder,
-so cannot fsync it; on Linux file systems the second fsync commits the rename). Exclusion:
-whoever delivers or moves an entry holds an flock on its file, so two agents or runners never
-send one message twice.
+Durability: an entry is written to ``tmp/<id>.<random>``, fsynced, linked into ``queue/``
+(a link never replaces a name, as a rename would), and the folder is fsynced before anyone is
+told it is safe. A drop-folder entry is written under a random temporary name in
+``incoming/``, fsynced, linked, and fsynced again (its writer may not read the folder, so
+cannot fsync it; on Linux file systems the second fsync commits the link). Exclusion: whoever
+delivers or moves an entry holds an flock on its file until the move is done, so two agents
+or runners never send one message twice.
 
-Trust: runs as the submitting user (their own spool, or the drop folder of the system spool),
-as root, and as the runner (root or the ``mailshim`` user). Everything in ``incoming/`` is
-hostile: names are checked against the queue-id alphabet, ``lstat`` decides before anything
-is opened, files are opened with O_NOFOLLOW|O_NONBLOCK and checked with ``fstat`` (regular,
-one link, bounded size), the submitter is the file's owner (never the ``uid`` record), and the
-entry is copied, normalised and re-encoded rather than trusted in place. Files this module
-creates use O_EXCL and never O_TRUNC, so a planted link cannot make a privileged process
-truncate or write something else; root gives what it creates to the spool's owner.
+Trust: runs as the submitting user (their own spool, or their entries in the drop folder of
+the system spool), as root, and as the runner (root or the ``mailshim`` user). Files this
+module creates use O_EXCL under names with 60 random bits (a fresh name on EEXIST) and never
+O_TRUNC, so a planted or stale file cannot make a create fail or a privileged process
+truncate or write something else; nothing in ``queue/``, ``dead/`` or ``corrupt/`` is ever
+replaced (a taken name makes a buried entry go under a fresh id); the only rename over a name
+is ``state/<id>``, by the holder of the entry's lock, and a user's own drop entry, by its
+owner. Root gives what it creates to the spool's owner.
+
+Raises: ``CantCreateError`` (73) when a name that must be new is taken or a folder is not one;
+``DataError`` (65) for an entry that cannot be read (the caller moves it to ``corrupt/``);
+other ``OSError``s as their sysexits code (``errors.from_oserror``: 75 full or over quota,
+73 read-only or missing, 77 denied, 74 otherwise).
 """
 
 from __future__ import annotations
@@ -62,13 +69,7 @@ _READ = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NOCTTY | os.O_NONBLOCK
 _CREATE = os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _O_NOCTTY
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 SYNC_INTERVAL = 0.2  # seconds: removals of delivered entries are made durable in batches
-PICKUP_BATCH = 64
-# At most this many entries of one owner are taken from the drop folder per pickup, so a
-# user who floods it cannot make everyone else's mail wait behind theirs; the rest is taken
-# by the next pickups (a flush picks up again after every sweep).
-PICKUP_PER_USER = 256
-STALE_TEMP = 24 * 3600.0  # a temp entry nobody holds, untouched this long, is removed
-UNREADABLE_GRACE = 24 * 3600.0  # a drop entry the runner may not read is removed after this
+TEMP_TRIES = 16  # fresh random names tried before a create gives up (EEXIST each time)
 COPY_CHUNK = 1024 * 1024
 
 
@@ -78,6 +79,69 @@ def new_queue_id(now_ns: int | None = None) -> str:
     rand = int.from_bytes(os.urandom(5), "big")
     tail = "".join(_B32[(rand >> (5 * i)) & 31] for i in range(7))
     return f"{usec:013X}"[-13:] + tail
+
+
+def _tag() -> str:
+    """Random characters for a temp name (60 bits): another user cannot plant it first."""
+    rand = int.from_bytes(os.urandom(8), "big")
+    return "".join(_B32[(rand >> (5 * i)) & 31] for i in range(spoolfmt.TAG_LENGTH))
+
+
+def _create_temp(make_path: Callable[[str], str], mode: int) -> tuple[str, int]:
+    """Create a new file under an unpredictable name (O_EXCL, a fresh name on EEXIST), so a
+    stale or planted file never makes a create fail. Returns (path, fd)."""
+    for _ in range(TEMP_TRIES - 1):
+        path = make_path(_tag())
+        try:
+            return path, os.open(path, os.O_RDWR | _CREATE, mode)
+        except FileExistsError:
+            continue
+    path = make_path(_tag())
+    return path, os.open(path, os.O_RDWR | _CREATE, mode)
+
+
+def _link_no_replace(src: str, dst: str) -> None:
+    """Give ``src`` the name ``dst`` and drop ``src``; never replaces an existing ``dst``
+    (rename would). ``dst`` already naming the same file (a crash between the two steps)
+    counts as done. Raises FileExistsError when ``dst`` is another file."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        if not _same(os.lstat(src), os.lstat(dst)):
+            raise
+    except OSError as exc:
+        # A file system without hard links (vfat, some FUSE): look, then rename. The folders
+        # are the spool owner's, or sticky, where nobody else's name can be renamed over.
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "exists", dst) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def move_no_replace(target: Spool, src: str, folder: str, name: str, reason: str) -> str:
+    """Move ``src`` into ``dead/`` or ``corrupt/`` as ``name`` with a ``.reason`` file; when
+    that name is taken by another file, under a fresh queue id instead. Returns the path.
+
+    A look, then a rename: only the runner (and root) can create names in those folders
+    (0700), and the one moving an entry holds its lock, so nothing can appear in between;
+    a rename, unlike a link, also works on a drop-folder file another user owns
+    (``fs.protected_hardlinks``) and is atomic if the process stops."""
+    target_dir = target.dead if folder == "dead" else target.corrupt
+    if not os.path.isdir(target_dir):
+        os.makedirs(target_dir, mode=0o700, exist_ok=True)
+    dst = os.path.join(target_dir, name)
+    for _ in range(TEMP_TRIES):
+        if not (os.path.lexists(dst) or os.path.lexists(dst + ".reason")):
+            break
+        dst = os.path.join(target_dir, new_queue_id())
+    else:
+        raise CantCreateError(f"no free name in {target_dir}")
+    os.rename(src, dst)
+    _write_reason(target, dst + ".reason", reason)
+    return dst
 
 
 def _fsync_dir(path: str) -> None:
@@ -169,40 +233,9 @@ class Spool:
         except OSError as exc:
             raise from_oserror(exc, "creating the spool folder") from None
 
-    def setup(self, uid: int, gid: int) -> list[str]:
-        """Create or repair the system spool for the runner user ``uid``/``gid`` (as root).
-
-        The root folder belongs to root (so the runner user cannot swap a subfolder for a
-        link that root would then write through); the subfolders and the agent lock belong
-        to the runner user; ``incoming/`` is the drop folder. Returns what was changed.
-        """
-        changes: list[str] = []
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.root)), mode=0o755, exist_ok=True)
-            changes += _make_dir(self.root, 0, 0, 0o711)
-            for name in SUBDIRS:
-                changes += _make_dir(os.path.join(self.root, name), uid, gid, 0o700)
-            changes += _make_dir(self.incoming, uid, gid, INCOMING_MODE)
-            lock = os.path.join(self.root, "agent.lock")
-            fd = os.open(lock, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                    raise CantCreateError(f"{lock} is not a plain file; remove it and retry")
-                if (st.st_uid, st.st_gid) != (uid, gid) or stat.S_IMODE(st.st_mode) != 0o600:
-                    os.fchown(fd, uid, gid)
-                    os.fchmod(fd, 0o600)
-                    changes.append(f"{lock}: owner {uid}:{gid}, mode 0600")
-            finally:
-                os.close(fd)
-            changes += _make_public_file(os.path.join(self.root, LISTENER_SIZE), uid, gid)
-            # Entries a root process left behind before the runner user existed.
-            for name in SUBDIRS:
-                changes += _give_files(os.path.join(self.root, name), uid, gid)
-        except OSError as exc:
-            raise from_oserror(exc, "setting up the spool") from None
+    def forget_owner(self) -> None:
+        """The spool's owner changed (setup-spool): look it up again when next needed."""
         self._owner = None
-        return changes
 
     def writable(self) -> bool:
         """This process may create entries in ``queue/`` directly (root, the spool owner).
@@ -342,12 +375,27 @@ class Spool:
                 return None
             if not stat.S_ISREG(st.st_mode):
                 raise DataError("spool entry is not a regular file")
+            if st.st_nlink == 2 and self._drop_temp_twin(qid, st):
+                st = os.fstat(fd)
             if st.st_nlink != 1:
                 raise DataError("spool entry has more than one link")
             return LockedEntry(self, qid, fd)
         except BaseException:
             _close(fd)
             raise
+
+    def _drop_temp_twin(self, qid: str, st: os.stat_result) -> bool:
+        """A writer stopped between linking ``tmp/<id>.<random>`` into queue/ and unlinking
+        it: the second name goes (we hold the lock, so that writer is gone)."""
+        for name in _listdir(self.tmp):
+            if name.startswith(qid + "."):
+                path = os.path.join(self.tmp, name)
+                try:
+                    if _same(os.lstat(path), st):
+                        return _unlink(path)
+                except OSError:
+                    continue
+        return False
 
     # --- state ---------------------------------------------------------------
 
@@ -367,13 +415,16 @@ class Spool:
             raw = f.read(16 * 1024 * 1024)
         return spoolfmt.decode_state(raw)
 
-    def save_state(self, qid: str, state: State) -> None:
+    def save_state(self, qid: str, state: State, sync: bool = True) -> None:
+        """Replace the state of ``qid`` (whose entry this process holds locked) atomically.
+
+        The one rename over an existing name in the spool: ``state/<id>`` is written only
+        by the holder of the entry's lock, and replacing it whole is the point."""
         path = os.path.join(self.state_dir, qid)
-        tmp = f"{path}.{os.getpid()}.tmp"
         data = spoolfmt.encode_state(state)
+        tmp = ""
         try:
-            _unlink(tmp)
-            fd = os.open(tmp, os.O_WRONLY | _CREATE, 0o600)
+            tmp, fd = _create_temp(lambda tag: f"{path}.{tag}.tmp", 0o600)
             try:
                 self.give(fd)
                 os.write(fd, data)
@@ -381,9 +432,11 @@ class Spool:
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-            _fsync_dir(self.state_dir)
+            if sync:
+                _fsync_dir(self.state_dir)
         except OSError as exc:
-            _unlink(tmp)
+            if tmp:
+                _unlink(tmp)
             raise from_oserror(exc, "saving the state of an entry") from None
 
     # --- the agent lock --------------------------------------------------------
@@ -525,288 +578,12 @@ class Spool:
         return removed
 
     def quarantine(self, qid: str, reason: str) -> None:
-        """Move an unreadable entry to corrupt/ (a human decides)."""
+        """Move an entry that cannot even be locked (a link, not a plain file) to corrupt/,
+        for a human. Whoever can lock it uses ``LockedEntry.bury("corrupt", ...)``."""
         try:
-            os.rename(self.path(qid), os.path.join(self.corrupt, qid))
-            _write_reason(self, os.path.join(self.corrupt, qid + ".reason"), reason)
+            move_no_replace(self, self.path(qid), "corrupt", qid, reason)
         except OSError:
             pass
-
-    # --- the drop folder (runner side) --------------------------------------------
-
-    def clean_incoming(self, now: float | None = None) -> int:
-        """Remove what is not an entry from ``incoming/``: abandoned temp files, links,
-        FIFOs, sockets, stray names. Entries (queue-id names) are left to ``pickup``."""
-        removed = 0
-        cutoff = (time.time() if now is None else now) - STALE_TEMP
-        for name in _listdir(self.incoming):
-            if spoolfmt.valid_id(name):
-                continue
-            path = os.path.join(self.incoming, name)
-            if spoolfmt.is_temp_name(name):
-                if _remove_if_abandoned(path, cutoff, hostile=True):
-                    removed += 1
-                continue
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                try:
-                    os.rmdir(path)
-                    removed += 1
-                except OSError:
-                    pass
-            elif _unlink(path):
-                removed += 1
-        return removed
-
-    def pickup(
-        self, max_size: int, max_recipients: int, per_user: int = PICKUP_PER_USER
-    ) -> list[Pickup]:
-        """Move complete, unlocked entries from ``incoming/`` into ``queue/``, at most
-        ``per_user`` of each owner's (a fair share: see PICKUP_PER_USER).
-
-        Each is validated and copied (never renamed: its owner could still write to it),
-        with the owner's uid and a fresh envelope; the copy is made durable before the
-        original goes. Returns one ``Pickup`` per name looked at (for the log).
-        """
-        if not self.has_incoming():
-            return []
-        try:
-            names = sorted(n for n in os.listdir(self.incoming) if spoolfmt.valid_id(n))
-        except OSError as exc:
-            raise from_oserror(exc, "listing the drop folder") from None
-        names = self._fair_share(names, per_user)
-        results: list[Pickup] = []
-        for start in range(0, len(names), PICKUP_BATCH):
-            batch: list[Pickup] = []
-            try:
-                for name in names[start : start + PICKUP_BATCH]:
-                    batch.append(self._take(name, max_size, max_recipients))
-            except MailshimError:
-                for p in batch:
-                    if p.status == "picked":
-                        p.abandon()
-                raise
-            taken = [p for p in batch if p.status == "picked"]
-            if taken:
-                try:
-                    _fsync_dir(self.queue)
-                except OSError as exc:
-                    for p in taken:
-                        p.abandon()
-                    raise from_oserror(exc, "saving picked-up entries") from None
-                for p in taken:
-                    p.finish()
-                try:
-                    _fsync_dir(self.incoming)
-                except OSError:
-                    pass
-            results += batch
-        return results
-
-    def _fair_share(self, names: list[str], per_user: int) -> list[str]:
-        taken: dict[int, int] = {}
-        out = []
-        for name in names:
-            try:
-                owner = os.lstat(os.path.join(self.incoming, name)).st_uid
-            except OSError:
-                continue
-            if taken.get(owner, 0) < per_user:
-                taken[owner] = taken.get(owner, 0) + 1
-                out.append(name)
-        return out
-
-    def _take(self, name: str, max_size: int, max_recipients: int) -> Pickup:
-        path = os.path.join(self.incoming, name)
-        pick = Pickup(self, name)
-        try:
-            before = os.lstat(path)
-        except OSError:
-            return pick.set("gone")
-        if not stat.S_ISREG(before.st_mode):
-            return pick.reject(before, "not a regular file")
-        if before.st_nlink != 1:
-            return pick.reject(before, "a file with more than one link")
-        limit = max_size + max_recipients * spoolfmt.MAX_RECORD + 65536
-        if before.st_size > limit:
-            return pick.reject(before, f"{before.st_size} bytes is over the limit")
-        try:
-            fd = os.open(path, _READ)
-        except FileNotFoundError:
-            return pick.set("gone")
-        except PermissionError:
-            if time.time() - before.st_ctime > UNREADABLE_GRACE:
-                return pick.reject(before, "unreadable by the runner for a day")
-            return pick.set("busy", "unreadable by the runner (mode or group changed?)")
-        except OSError as exc:
-            return pick.set("busy", os.strerror(exc.errno or 0))
-        pick.src_fd = fd
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pick.close()
-            return pick.set("busy", "locked by its writer or its owner's agent")
-        st = os.fstat(fd)
-        pick.src = st
-        try:
-            again = os.lstat(path)
-        except OSError:
-            pick.close()
-            return pick.set("gone")
-        if not (_same(st, before) and _same(again, st)):
-            pick.close()
-            return pick.set("busy", "replaced while being looked at")
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > limit:
-            pick.close()
-            return pick.reject(st, "changed into something that is not an entry")
-        try:
-            self._copy(pick, fd, st, max_size, max_recipients)
-        except DataError as exc:
-            pick.close()
-            return pick.corrupt(exc.message)
-        except MailshimError:
-            pick.close()
-            raise
-        return pick
-
-    def _copy(
-        self, pick: Pickup, fd: int, st: os.stat_result, max_size: int, max_recipients: int
-    ) -> None:
-        with open(os.dup(fd), "rb") as src:
-            env, offset = spoolfmt.decode_envelope(src)
-            if env.queue_id != pick.name:
-                raise DataError(f"entry named {pick.name} claims to be {env.queue_id}")
-            if len(env.recipients) > max_recipients:
-                raise DataError(f"{len(env.recipients)} recipients is over the limit")
-            if st.st_size - offset != env.size:
-                raise DataError(f"message is {st.st_size - offset} bytes, envelope says {env.size}")
-            if env.size > max_size:
-                raise DataError(f"message of {env.size} bytes is over the limit")
-            _check_addresses(env)
-            qid = env.queue_id
-            if os.path.lexists(os.path.join(self.queue, qid)):
-                if _already_picked(self, qid, env, st.st_uid):
-                    pick.duplicate = True
-                    pick.queue_id = qid
-                    pick.uid = st.st_uid
-                    pick.status = "picked"
-                    return
-                qid = new_queue_id()
-            # The submitter is whoever owns the file; a forged uid record changes nothing.
-            # An arrival time in the future would postpone expiry: it is clamped to now.
-            arrival = min(env.arrival, int(time.time()))
-            writer = EntryWriter(
-                self, Envelope(qid, env.sender, env.recipients, arrival, st.st_uid), drop=False
-            )
-            try:
-                ends = spoolfmt.LineEnds()
-                copied = 0
-                eightbit = False
-                while copied <= env.size:
-                    chunk = src.read(min(COPY_CHUNK, env.size + 1 - copied))
-                    if not chunk:
-                        break
-                    copied += len(chunk)
-                    out = ends.feed(chunk)
-                    eightbit = eightbit or not out.isascii()
-                    writer.write(out)
-                if copied != env.size:
-                    raise DataError("the entry changed while it was being copied")
-                writer.write(ends.end())
-                pick.copy = writer.commit(eightbit, keep_lock=True, sync_dir=False)
-            except BaseException:
-                writer.abort()
-                raise
-        pick.queue_id = qid
-        pick.uid = st.st_uid
-        pick.status = "picked"
-
-
-def _check_addresses(env: Envelope) -> None:
-    """Only what ``sendmail`` itself would spool passes: canonical, qualified addresses (the
-    boundary checks again what the front end checked, STYLE.md)."""
-    from mailshim import address  # pure; only runners pay for it here
-
-    for what, addr in [("sender", env.sender), *(("recipient", r) for r in env.recipients)]:
-        try:
-            canon = address.check_envelope_address(addr)
-        except DataError as exc:
-            raise DataError(f"{what}: {exc.message}") from None
-        if canon != addr or (addr and "@" not in addr) or (what == "recipient" and not addr):
-            shown = addr.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
-            raise DataError(f"{what} {shown[:80]!r} is not a canonical, qualified address")
-
-
-def _already_picked(target: Spool, qid: str, env: Envelope, uid: int) -> bool:
-    """queue/<qid> is this very entry, copied by a runner that died before removing it."""
-    try:
-        have = target.read_envelope(qid)
-    except (DataError, OSError):
-        return False
-    return (have.uid, have.sender, have.recipients) == (uid, env.sender, env.recipients)
-
-
-def _make_public_file(path: str, uid: int, gid: int) -> list[str]:
-    """A plain file of the runner user that everyone may read (mode 0644)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, 0o644)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            raise CantCreateError(f"{path} is not a plain file; remove it and retry")
-        if (st.st_uid, st.st_gid) == (uid, gid) and stat.S_IMODE(st.st_mode) == 0o644:
-            return []
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, 0o644)
-        return [f"{path}: owner {uid}:{gid}, mode 0644"]
-    finally:
-        os.close(fd)
-
-
-def _make_dir(path: str, uid: int, gid: int, mode: int) -> list[str]:
-    try:
-        os.mkdir(path, mode & 0o777)
-        made = [f"{path}: created"]
-    except FileExistsError:
-        made = []
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise CantCreateError(
-                f"{path} exists and is not a folder; remove it and retry"
-            ) from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if (st.st_uid, st.st_gid) != (uid, gid):
-            os.fchown(fd, uid, gid)
-            made.append(f"{path}: owner {uid}:{gid}")
-        # chown clears set-id bits: the mode is set last, and always.
-        os.fchmod(fd, mode)
-        if stat.S_IMODE(st.st_mode) != mode:
-            made.append(f"{path}: mode {mode:04o}")
-    finally:
-        os.close(fd)
-    return made
-
-
-def _give_files(folder: str, uid: int, gid: int) -> list[str]:
-    """Give root-owned plain files in ``folder`` to the runner user. Files with more than one
-    link are left alone: chowning a planted hard link would hand over its other name too."""
-    changed = []
-    for name in _listdir(folder):
-        path = os.path.join(folder, name)
-        try:
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == 0 and uid != 0:
-                os.lchown(path, uid, gid)
-                changed.append(f"{path}: owner {uid}:{gid}")
-        except OSError:
-            continue
-    return changed
 
 
 def _remove_if_abandoned(path: str, cutoff: float, hostile: bool = False) -> bool:
@@ -845,107 +622,13 @@ def _write_reason(spool: Spool, path: str, reason: str) -> None:
         os.close(fd)
 
 
-class Pickup:
-    """What became of one name in ``incoming/``: picked, busy, gone, rejected or corrupt."""
-
-    __slots__ = (
-        "copy",
-        "duplicate",
-        "name",
-        "queue_id",
-        "reason",
-        "spool",
-        "src",
-        "src_fd",
-        "status",
-        "uid",
-    )
-
-    def __init__(self, spool: Spool, name: str) -> None:
-        self.spool = spool
-        self.name = name
-        self.status = ""
-        self.reason = ""
-        self.queue_id = ""
-        self.uid = -1
-        self.duplicate = False
-        self.src_fd = -1
-        self.src: os.stat_result | None = None
-        self.copy: LockedEntry | DropEntry | None = None
-
-    def __repr__(self) -> str:
-        return f"Pickup({self.name}, {self.status}, {self.queue_id}, {self.reason!r})"
-
-    def set(self, status: str, reason: str = "") -> Pickup:
-        self.status = status
-        self.reason = reason
-        return self
-
-    def close(self) -> None:
-        if self.src_fd >= 0:
-            _close(self.src_fd)
-            self.src_fd = -1
-
-    def reject(self, st: os.stat_result, reason: str) -> Pickup:
-        """Not an entry at all: the name goes (unlinking a link never touches its target)."""
-        self.uid = st.st_uid
-        path = os.path.join(self.spool.incoming, self.name)
-        try:
-            now = os.lstat(path)
-            if _same(now, st):
-                if stat.S_ISDIR(now.st_mode):
-                    os.rmdir(path)  # an empty one; a full one is its owner's clutter
-                else:
-                    os.unlink(path)
-        except OSError:
-            pass
-        return self.set("rejected", reason)
-
-    def corrupt(self, reason: str) -> Pickup:
-        """A plain file that is not a valid entry: kept in corrupt/ for a human."""
-        src = os.path.join(self.spool.incoming, self.name)
-        dst = os.path.join(self.spool.corrupt, f"incoming.{self.name}")
-        try:
-            st = os.lstat(src)
-            self.uid = st.st_uid
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                os.rename(src, dst)
-                why = f"from incoming/ (uid {st.st_uid}): {reason}"
-                _write_reason(self.spool, dst + ".reason", why)
-        except OSError:
-            _unlink(src)
-        return self.set("corrupt", reason)
-
-    def finish(self) -> None:
-        """The copy is durable: remove the original (if it is still the file we read)."""
-        path = os.path.join(self.spool.incoming, self.name)
-        try:
-            now = os.lstat(path)
-            if self.src is not None and _same(now, self.src):
-                os.unlink(path)
-        except OSError:
-            pass
-        self.close()
-        if self.copy is not None:
-            self.copy.release()
-            self.copy = None
-
-    def abandon(self) -> None:
-        """The copy could not be made durable: drop it, keep the original."""
-        if isinstance(self.copy, LockedEntry) and not self.duplicate:
-            _unlink(os.path.join(self.spool.queue, self.queue_id))
-        if self.copy is not None:
-            self.copy.release()
-            self.copy = None
-        self.close()
-        self.status = "busy"
-
-
 class EntryWriter:
     """A new entry being written; ``commit()`` makes it durable and visible.
 
-    In the drop folder the temp file is ``incoming/.<id>.tmp`` (mode 0640, group of the
-    folder: the runner reads it through the group); elsewhere it is ``tmp/<id>``.
+    In the drop folder the temp file is ``incoming/.<id>.<random>.tmp`` (mode 0640, group of
+    the folder: the runner reads it through the group); elsewhere it is ``tmp/<id>.<random>``.
+    The random part is new for every create, so no file planted or left behind can make the
+    create fail; the final name is linked, never renamed over (``_link_no_replace``).
     """
 
     def __init__(self, spool: Spool, envelope: Envelope, drop: bool = False) -> None:
@@ -955,17 +638,27 @@ class EntryWriter:
         self.drop = drop
         self._enc = spoolfmt.encode_envelope(envelope)
         if drop:
-            self.tmp_path = os.path.join(spool.incoming, spoolfmt.temp_name(self.queue_id))
+            folder = spool.incoming
             self.final_path = os.path.join(spool.incoming, self.queue_id)
         else:
-            self.tmp_path = os.path.join(spool.tmp, self.queue_id)
+            folder = spool.tmp
             self.final_path = os.path.join(spool.queue, self.queue_id)
+        self.replace = False  # DropEntry.rewrite: the owner replaces their own entry
         self.size = 0
         self.eightbit = False
         self._done = False
         self.fd = -1
+        qid = self.queue_id
+        self.tmp_path = ""
         try:
-            self.fd = os.open(self.tmp_path, os.O_RDWR | _CREATE, 0o600)
+            if drop:
+                self.tmp_path, self.fd = _create_temp(
+                    lambda tag: os.path.join(folder, spoolfmt.temp_name(qid, tag)), 0o600
+                )
+            else:
+                self.tmp_path, self.fd = _create_temp(
+                    lambda tag: os.path.join(folder, f"{qid}.{tag}"), 0o600
+                )
         except OSError as exc:
             raise from_oserror(exc, "creating the spool entry") from None
         try:
@@ -1002,7 +695,10 @@ class EntryWriter:
             os.pwrite(self.fd, digits, self._enc.size_offset)
             os.pwrite(self.fd, body, spoolfmt.body_type_offset(self._enc.size_offset))
             os.fsync(self.fd)
-            os.rename(self.tmp_path, self.final_path)
+            if self.replace:
+                os.rename(self.tmp_path, self.final_path)
+            else:
+                _link_no_replace(self.tmp_path, self.final_path)
             self._done = True
             if self.drop:
                 # The submitter cannot open incoming/ to fsync it; fsync of the renamed file
@@ -1013,6 +709,8 @@ class EntryWriter:
         except OSError as exc:
             if not self._done:
                 self.abort()
+            if isinstance(exc, FileExistsError):
+                raise CantCreateError(f"{self.final_path} already exists") from None
             raise from_oserror(exc, "committing the spool entry") from None
         except MailshimError:
             self.abort()
@@ -1031,7 +729,8 @@ class EntryWriter:
         if self._done:
             return
         self._done = True
-        _unlink(self.tmp_path)
+        if self.tmp_path:
+            _unlink(self.tmp_path)
         try:
             self._file.close()
         except (OSError, AttributeError):
@@ -1096,6 +795,10 @@ class _Held:
 class LockedEntry(_Held):
     """An entry in queue/ whose flock this process holds."""
 
+    def quarantine(self, reason: str) -> str:
+        """Unreadable: to corrupt/ for a human, the lock held until it is there."""
+        return self.bury("corrupt", reason)
+
     def state(self) -> State:
         return self.spool.load_state(self.queue_id)
 
@@ -1118,17 +821,31 @@ class LockedEntry(_Held):
         self.release()
 
     def bury(self, folder: str, reason: str) -> str:
-        """Move to dead/ (or corrupt/) with the reason and last state; returns the new path."""
+        """Move to dead/ (or corrupt/) with the reason and last state; returns the new path.
+
+        The lock is held until the move is complete. Nothing there is replaced: a name that
+        is taken (by a planted or older file) makes the entry go under a fresh id. The state
+        gets its new name before the entry leaves queue/, so ``clean_tmp``, which removes a
+        state whose entry is gone, can never take it in between."""
         target_dir = self.spool.dead if folder == "dead" else self.spool.corrupt
-        target = os.path.join(target_dir, self.queue_id)
+        src = os.path.join(self.spool.queue, self.queue_id)
+        state_path = os.path.join(self.spool.state_dir, self.queue_id)
         try:
             if not os.path.isdir(target_dir):
                 os.makedirs(target_dir, mode=0o700, exist_ok=True)
-            os.rename(os.path.join(self.spool.queue, self.queue_id), target)
-            _write_reason(self.spool, target + ".reason", reason)
-            state_path = os.path.join(self.spool.state_dir, self.queue_id)
-            if os.path.lexists(state_path):
-                os.rename(state_path, target + ".state")
+            name = self._free_name(target_dir, state_path)
+            target = os.path.join(target_dir, name)
+            has_state = os.path.lexists(state_path)
+            if has_state:
+                try:
+                    os.link(state_path, target + ".state")
+                except FileExistsError:
+                    pass  # ours, from a bury a crash interrupted (_free_name checked)
+            target = move_no_replace(self.spool, src, folder, name, reason)
+            if has_state:
+                if not target.endswith(name):
+                    os.link(state_path, target + ".state")
+                _unlink(state_path)
             _fsync_dir(target_dir)
             _fsync_dir(self.spool.queue)
         except OSError as exc:
@@ -1136,6 +853,24 @@ class LockedEntry(_Held):
         finally:
             self.release()
         return target
+
+    def _free_name(self, target_dir: str, state_path: str) -> str:
+        """The entry's id, unless dead/<id> (or its .state) is another file: then a new id."""
+        name = self.queue_id
+        pairs = [(os.path.join(self.spool.queue, name), os.path.join(target_dir, name))]
+        pairs.append((state_path, os.path.join(target_dir, name + ".state")))
+        for mine, there in pairs:
+            try:
+                theirs = os.lstat(there)
+            except FileNotFoundError:
+                continue
+            try:
+                if _same(os.lstat(mine), theirs):
+                    continue
+            except FileNotFoundError:
+                pass
+            return new_queue_id()
+        return name
 
 
 class DropEntry(_Held):
@@ -1169,18 +904,21 @@ class DropEntry(_Held):
                     raise from_oserror(exc, "removing a delivered entry") from None
         self.release()
 
-    def rewrite(self, recipients: list[str]) -> None:
-        """Atomically replace the entry by one for ``recipients`` only (same id, same arrival)."""
+    def rewrite(self, recipients: list[str], failed: dict[str, str] | None = None) -> None:
+        """Atomically replace the entry by one for ``recipients`` only (same id, same arrival).
+
+        ``failed``: recipients (among ``recipients``) the listener refused while nobody could
+        tell the caller, with the reply: the runner bounces them and never sends them again.
+        The replacement is a rename over the owner's own entry (the sticky drop folder lets
+        nobody else's name be replaced); a stop in between leaves the old or the new one."""
         env = self.envelope
         if not self.still_here():
             self.release()
             return
-        _unlink(os.path.join(self.spool.incoming, spoolfmt.temp_name(self.queue_id)))
-        writer = EntryWriter(
-            self.spool,
-            Envelope(self.queue_id, env.sender, list(recipients), env.arrival, env.uid),
-            drop=True,
-        )
+        new = Envelope(self.queue_id, env.sender, list(recipients), env.arrival, env.uid)
+        new.failed = dict(failed or {})
+        writer = EntryWriter(self.spool, new, drop=True)
+        writer.replace = True
         try:
             with self.message() as body:
                 while True:
@@ -1197,16 +935,27 @@ class DropEntry(_Held):
 
     def poke(self) -> None:
         """Create and remove a name in incoming/ so that a runner watching it looks again."""
-        path = os.path.join(self.spool.incoming, f".{self.queue_id}.poke")
+        folder = self.spool.incoming
+        qid = self.queue_id
         try:
-            os.close(os.open(path, os.O_WRONLY | _CREATE, 0o600))
+            path, fd = _create_temp(
+                lambda tag: os.path.join(folder, spoolfmt.temp_name(qid, tag, "poke")), 0o600
+            )
+            os.close(fd)
             os.unlink(path)
         except OSError:
             pass
 
 
 def open_drop_entry(spool: Spool, qid: str, fd: int) -> DropEntry:
-    """Adopt a locked drop-folder entry handed over as an open fd (the agent's side)."""
+    """Adopt a locked drop-folder entry handed over as an open fd (the agent's side).
+
+    ``qid`` "" reads the id from the entry itself, so that it need not be in the agent's
+    argv, where every local user can read it in /proc (issue 12, item 5)."""
+    if qid == "":
+        with open(fd, "rb", closefd=False) as f:
+            f.seek(0)
+            qid = spoolfmt.decode_envelope(f)[0].queue_id
     if not spoolfmt.valid_id(qid):
         raise DataError(f"not a queue id: {qid[:40]!r}")
     return DropEntry(spool, qid, fd)
@@ -1280,17 +1029,3 @@ def known_spools(config: Config) -> list[Spool]:
         if os.access(spool.queue, os.R_OK | os.X_OK) and all(s.root != root for s in out):
             out.append(spool)
     return out
-
-
-def log_pickups(results: list[Pickup], log: Callable[[str, bool], None]) -> None:
-    """One log line per picked-up or refused drop-folder entry."""
-    for p in results:
-        if p.status == "picked":
-            if p.duplicate:
-                log(f"{p.queue_id}: incoming copy already in the queue; removed", False)
-            elif p.queue_id != p.name:
-                log(f"{p.queue_id}: uid={p.uid} picked up from incoming/{p.name}", False)
-            else:
-                log(f"{p.queue_id}: uid={p.uid} picked up from incoming/", False)
-        elif p.status in ("rejected", "corrupt"):
-            log(f"incoming/{p.name}: uid={p.uid} refused ({p.status}): {p.reason}", True)

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
 MAGIC = b"MAILSHIM-ENTRY 1\n"
+# Version 2 adds ``failed`` records (recipients already refused); it is written only when an
+# entry has them, so a runner of an older release still reads every other entry.
+MAGIC_2 = b"MAILSHIM-ENTRY 2\n"
 STATE_MAGIC = "MAILSHIM-STATE 2"
 # Version 1 stored each reply as one line of text (``str(reply)``); it is still read.
 OLD_STATE_MAGIC = "MAILSHIM-STATE 1"
@@ -39,7 +42,16 @@ def valid_id(name: str) -> bool:
 class Envelope:
     """Who the message is from and for, as stored in the entry."""
 
-    __slots__ = ("arrival", "eightbit", "queue_id", "recipients", "sender", "size", "uid")
+    __slots__ = (
+        "arrival",
+        "eightbit",
+        "failed",
+        "queue_id",
+        "recipients",
+        "sender",
+        "size",
+        "uid",
+    )
 
     def __init__(
         self,
@@ -58,6 +70,10 @@ class Envelope:
         self.uid = uid
         self.eightbit = eightbit
         self.size = size
+        # recipient -> the listener's permanent refusal, for recipients among ``recipients``
+        # that were refused while nobody could tell the caller: the runner bounces them and
+        # never sends them again.
+        self.failed: dict[str, str] = {}
 
 
 class EncodedEnvelope:
@@ -84,7 +100,7 @@ def encode_envelope(env: Envelope) -> EncodedEnvelope:
         raise DataError(f"bad queue id {env.queue_id!r}")
     if not env.recipients:
         raise DataError("an entry needs at least one recipient")
-    parts = [MAGIC, b"id " + env.queue_id.encode() + b"\n"]
+    parts = [MAGIC_2 if env.failed else MAGIC, b"id " + env.queue_id.encode() + b"\n"]
     parts.append(b"arrival %d\n" % env.arrival)
     parts.append(b"uid %d\n" % env.uid)
     head = b"".join(parts)
@@ -94,6 +110,11 @@ def encode_envelope(env: Envelope) -> EncodedEnvelope:
     parts.append(b"sender " + _field(env.sender, "sender") + b"\n")
     for rcpt in env.recipients:
         parts.append(b"rcpt " + _field(rcpt, "recipient") + b"\n")
+    for rcpt, reply in env.failed.items():
+        if rcpt not in env.recipients or "\t" in rcpt:
+            raise DataError(f"failed recipient {rcpt[:80]!r} is not among the recipients")
+        text = _field(reply, "reply").replace(b"\t", b" ")
+        parts.append(b"failed " + _field(rcpt, "recipient") + b"\t" + text + b"\n")
     parts.append(b"\n")
     data = b"".join(parts)
     return EncodedEnvelope(data, size_offset, len(data))
@@ -138,7 +159,8 @@ def decode_envelope(f: BinaryIO) -> tuple[Envelope, int]:
 
     Raises ``DataError`` on anything but the exact record sequence.
     """
-    if f.readline(len(MAGIC) + 1) != MAGIC:
+    first = f.readline(len(MAGIC) + 1)
+    if first not in (MAGIC, MAGIC_2):
         raise DataError("not a mailshim spool entry (bad first line)")
     qid = _record(f, b"id")
     if not valid_id(qid):
@@ -154,6 +176,7 @@ def decode_envelope(f: BinaryIO) -> tuple[Envelope, int]:
         raise DataError(f"unknown body type {body[:20]!r}")
     sender = _record(f, b"sender")
     recipients: list[str] = []
+    failed: dict[str, str] = {}
     consumed = 0
     while True:
         line = _line(f, "recipients")
@@ -162,16 +185,34 @@ def decode_envelope(f: BinaryIO) -> tuple[Envelope, int]:
             raise DataError("envelope larger than the spool format allows")
         if line == b"":
             break
-        if not line.startswith(b"rcpt "):
+        if b"\r" in line or b"\x00" in line:
+            raise DataError("malformed recipient record")
+        if line.startswith(b"failed ") and first == MAGIC_2 and recipients:
+            rcpt, tab, reply = line[7:].decode("utf-8", "surrogateescape").partition("\t")
+            if not tab or rcpt not in recipients or rcpt in failed or not reply:
+                raise DataError("a failed record that names no recipient of this entry")
+            failed[rcpt] = reply
+            continue
+        if not line.startswith(b"rcpt ") or failed:
             raise DataError(f"unexpected record {line[:40]!r} among recipients")
         value = line[5:]
-        if not value or b"\r" in value or b"\x00" in value:
-            raise DataError("empty or malformed recipient record")
+        if not value:
+            raise DataError("empty recipient record")
         recipients.append(value.decode("utf-8", "surrogateescape"))
     if not recipients:
         raise DataError("entry has no recipients")
     env = Envelope(qid, sender, recipients, arrival, uid, body == "8bit", size)
+    env.failed = failed
     return env, f.tell()
+
+
+def peek_uid(f: BinaryIO) -> int:
+    """The ``uid`` record of an entry (at offset 0), reading only the first three records."""
+    if f.readline(len(MAGIC) + 1) not in (MAGIC, MAGIC_2):
+        raise DataError("not a mailshim spool entry (bad first line)")
+    _record(f, b"id")
+    _record(f, b"arrival")
+    return _number(_record(f, b"uid"), "uid")
 
 
 class State:
@@ -288,13 +329,27 @@ def _stored_reply(key: str, value: object, legacy: bool) -> Reply:
 # --- the drop folder (incoming/) ----------------------------------------------------------
 
 
-def temp_name(qid: str) -> str:
-    """The name an entry has in ``incoming/`` while its writer fills it (never a queue id)."""
-    return f".{qid}.tmp"
+TAG_LENGTH = 12
+
+
+def temp_name(qid: str, tag: str, kind: str = "tmp") -> str:
+    """The name an entry has in ``incoming/`` while its writer fills it (``kind`` "tmp"), or
+    a name created and removed to wake a runner ("poke"); never a queue id. ``tag`` is
+    random (the caller's ``os.urandom``): a name another user can guess can be planted first.
+    """
+    return f".{qid}.{tag}.{kind}"
 
 
 def is_temp_name(name: str) -> bool:
-    return name.startswith(".") and name.endswith(".tmp") and valid_id(name[1:-4])
+    parts = name.split(".")
+    return (
+        len(parts) == 4
+        and parts[0] == ""
+        and valid_id(parts[1])
+        and len(parts[2]) == TAG_LENGTH
+        and all(c in ID_ALPHABET for c in parts[2])
+        and parts[3] in ("tmp", "poke")
+    )
 
 
 class LineEnds:

@@ -22,7 +22,7 @@ import sys
 import time
 
 from mailshim import address, maillog, message, paths, sealed, spool
-from mailshim.errors import DataError, MailshimError, UsageError
+from mailshim.errors import DataError, MailshimError, UsageError, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -177,7 +177,27 @@ def envelope_sender(config: Config, requested: str | None, user: User) -> str:
         return address.qualify(checked, config.domain) if checked else ""
     if config.sender:
         return address.qualify(address.check_envelope_address(config.sender), config.domain)
-    return f"{user.login}@{config.domain}"
+    return default_sender(config, user.login)
+
+
+def default_sender(config: Config, login: str) -> str:
+    """``login@domain``; a login that makes no address (SSSD's ``jdoe@ad.example.com`` or
+    ``DOM\\jdoe``) is a configuration problem: ``[addresses] sender`` must be set."""
+    own = f"{login}@{config.domain}"
+    try:
+        if address.check_envelope_address(own) == own:
+            return own
+        problem = "it would need quoting"
+    except DataError as exc:
+        problem = exc.message
+    from mailshim.errors import ConfigError
+
+    raise ConfigError(
+        f"{config.path or 'the built-in configuration'}: [addresses] sender is not set, and"
+        f" the default sender {printable(own, 200)} is not an address ({problem}); set"
+        " [addresses] sender, or pass -f",
+        "[addresses] sender",
+    )
 
 
 # --- the submission ------------------------------------------------------------------
@@ -363,7 +383,8 @@ def start_agent(target: spool.Spool, config: Config, entry: spool.DropEntry | No
             entry.release()
             return
         keep = [entry.fd, slot]
-        args += ["--incoming", entry.queue_id, "--lock-fd", str(entry.fd)]
+        # "-": the agent reads the id from the locked entry; argv is public in /proc
+        args += ["--incoming", "-", "--lock-fd", str(entry.fd)]
     else:
         down = target.relay_down_since()
         pause = min(r.retry_after_failure for r in config.relays)

@@ -31,6 +31,7 @@ from mailshim.errors import (
     TempFailError,
     UsageError,
     one_line,
+    printable,
 )
 
 
@@ -196,7 +197,10 @@ def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bo
             finally:
                 locked.release()
             click.echo("")
-            click.echo(head.decode("utf-8", "replace").replace("\r\n", "\n"))
+            # Headers are the sender's text: escapes in a Subject must not reach the terminal.
+            for line in head.decode("utf-8", "replace").split("\r\n"):
+                folded = line[:1] in (" ", "\t")
+                click.echo(("    " if folded else "") + printable(line))
         click.echo("")
     if as_json:
         click.echo(json.dumps(shown_items, indent=2))

@@ -14,7 +14,7 @@ import pwd
 
 import click
 
-from mailshim import maillog, paths, spool
+from mailshim import maillog, paths, spool, spoolsetup
 from mailshim.cli.admin import _config, cli
 from mailshim.errors import NoPermError, NoUserError
 
@@ -55,7 +55,7 @@ def setup_spool_cmd(ctx: click.Context, user: str) -> None:
         ) from None
     cfg = _config(ctx)
     target = spool.Spool(cfg.queue_dir or paths.SYSTEM_SPOOL)
-    for change in target.setup(pw.pw_uid, pw.pw_gid):
+    for change in spoolsetup.setup(target, pw.pw_uid, pw.pw_gid):
         click.echo(change)
     click.echo(f"spool ready: {target.root} (runner user {user})")
 

@@ -1,0 +1,119 @@
+"""Create or repair the system spool's folders, owners and modes (``mailshim setup-spool``).
+
+Trust: runs as root only, once at installation or when an administrator repairs the spool.
+The spool's root belongs to root (so the runner user cannot swap a subfolder for a link that
+root would then write through); every folder is opened with O_NOFOLLOW|O_DIRECTORY and
+changed through its descriptor, so a planted link is refused, never followed; files with more
+than one link are never chowned. Nothing here reads entries or touches ``queue/`` contents.
+
+Raises: ``CantCreateError`` (73) when a name that must be a folder or plain file is something
+else; other ``OSError``s become their sysexits code through ``errors.from_oserror``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from mailshim.errors import CantCreateError, from_oserror
+from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool, _listdir
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def setup(target: Spool, uid: int, gid: int) -> list[str]:
+    """Create or repair the system spool for the runner user ``uid``/``gid`` (as root).
+
+    The root folder belongs to root (so the runner user cannot swap a subfolder for a
+    link that root would then write through); the subfolders and the agent lock belong
+    to the runner user; ``incoming/`` is the drop folder. Returns what was changed.
+    """
+    changes: list[str] = []
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(target.root)), mode=0o755, exist_ok=True)
+        changes += _make_dir(target.root, 0, 0, 0o711)
+        for name in SUBDIRS:
+            changes += _make_dir(os.path.join(target.root, name), uid, gid, 0o700)
+        changes += _make_dir(target.incoming, uid, gid, INCOMING_MODE)
+        lock = os.path.join(target.root, "agent.lock")
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise CantCreateError(f"{lock} is not a plain file; remove it and retry")
+            if (st.st_uid, st.st_gid) != (uid, gid) or stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, 0o600)
+                changes.append(f"{lock}: owner {uid}:{gid}, mode 0600")
+        finally:
+            os.close(fd)
+        changes += _make_public_file(os.path.join(target.root, LISTENER_SIZE), uid, gid)
+        # Entries a root process left behind before the runner user existed.
+        for name in SUBDIRS:
+            changes += _give_files(os.path.join(target.root, name), uid, gid)
+    except OSError as exc:
+        raise from_oserror(exc, "setting up the spool") from None
+    target.forget_owner()
+    return changes
+
+
+def _make_public_file(path: str, uid: int, gid: int) -> list[str]:
+    """A plain file of the runner user that everyone may read (mode 0644)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise CantCreateError(f"{path} is not a plain file; remove it and retry")
+        if (st.st_uid, st.st_gid) == (uid, gid) and stat.S_IMODE(st.st_mode) == 0o644:
+            return []
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o644)
+        return [f"{path}: owner {uid}:{gid}, mode 0644"]
+    finally:
+        os.close(fd)
+
+
+def _make_dir(path: str, uid: int, gid: int, mode: int) -> list[str]:
+    try:
+        os.mkdir(path, mode & 0o777)
+        made = [f"{path}: created"]
+    except FileExistsError:
+        made = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise CantCreateError(
+                f"{path} exists and is not a folder; remove it and retry"
+            ) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+            made.append(f"{path}: owner {uid}:{gid}")
+        # chown clears set-id bits: the mode is set last, and always.
+        os.fchmod(fd, mode)
+        if stat.S_IMODE(st.st_mode) != mode:
+            made.append(f"{path}: mode {mode:04o}")
+    finally:
+        os.close(fd)
+    return made
+
+
+def _give_files(folder: str, uid: int, gid: int) -> list[str]:
+    """Give root-owned plain files in ``folder`` to the runner user. Files with more than one
+    link are left alone: chowning a planted hard link would hand over its other name too."""
+    changed = []
+    for name in _listdir(folder):
+        path = os.path.join(folder, name)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == 0 and uid != 0:
+                os.lchown(path, uid, gid)
+                changed.append(f"{path}: owner {uid}:{gid}")
+        except OSError:
+            continue
+    return changed

@@ -1,0 +1,43 @@
+"""fair: the order of a delivery pass, round-robin by uid and by bytes of work."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailshim import fair, spool
+
+
+@pytest.mark.parametrize(
+    "items, quantum, expected",
+    [
+        # one user's heavy entries cannot hold another's light one behind them
+        ([("a1", 1, 900), ("a2", 1, 900), ("b1", 2, 10)], 1000, ["a1", "b1", "a2"]),
+        ([("a1", 1, 5000), ("a2", 1, 5000), ("b1", 2, 10)], 1000, ["b1", "a1", "a2"]),
+        # many light entries go together, up to the round's bytes
+        (
+            [("a1", 1, 10), ("a2", 1, 10), ("a3", 1, 10), ("b1", 2, 10)],
+            20,
+            ["a1", "a2", "b1", "a3"],
+        ),
+        # within one uid, arrival order is kept; uids take turns by their oldest entry
+        ([("b1", 2, 1), ("a1", 1, 1), ("b2", 2, 1), ("a2", 1, 1)], 1, ["b1", "a1", "b2", "a2"]),
+        ([], 1000, []),
+    ],
+)
+def test_round_robin_table(items, quantum, expected):
+    assert fair.round_robin(items, quantum) == expected
+
+
+def test_order_reads_the_uid_record_and_puts_unreadable_entries_first(tmp_path):
+    sp = spool.Spool(str(tmp_path / "spool"))
+    sp.ensure()
+    ids = []
+    for uid, body in ((1, b"x" * 5000), (1, b"x" * 5000), (2, b"small")):
+        w = sp.new_entry("a@example.org", ["b@example.org"], uid)
+        w.write(body)
+        w.commit(False)
+        ids.append(w.queue_id)
+    broken = spool.new_queue_id()
+    (tmp_path / "spool" / "queue" / broken).write_bytes(b"not an entry")
+    order = fair.order(sp, sorted([*ids, broken]), quantum=1024)
+    assert order == [broken, ids[2], ids[0], ids[1]]

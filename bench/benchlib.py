@@ -214,8 +214,8 @@ class Listener:
 
 
 def agent_pids(spool_root: str) -> list[int]:
-    """Processes running ``mailshim.runner agent`` for this spool."""
-    marker, root = b"mailshim.runner", spool_root.encode()
+    """Processes running ``mailshim.agent`` for this spool."""
+    marker, root = b"mailshim.agent", spool_root.encode()
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -493,7 +493,7 @@ def build_installs(work: Path, log) -> dict[str, Install]:
 
     # Debian style: the package's files in one folder, run by /usr/bin/python3 -I from a
     # two-line script as /usr/sbin/sendmail will be. The agent is started as
-    # "python3 -m mailshim.runner" without -I, so PYTHONPATH points it at the same folder
+    # "python3 -m mailshim.agent" without -I, so PYTHONPATH points it at the same folder
     # (sendmail itself, under -I, ignores PYTHONPATH).
     target = work / "debian" / "dist-packages"
     log("installing the wheel into a Debian-style folder (pip install --target)")

@@ -18,6 +18,13 @@ _mailshim_queue_ids()
     _mailshim_compgen "$cur" "$ids"
 }
 
+_mailshim_dead_ids()
+{
+    local cur=$1 ids
+    ids=$(command mailshim queue --dead --ids 2>/dev/null) || ids=
+    _mailshim_compgen "$cur" "$ids"
+}
+
 _mailshim()
 {
     local cur=${COMP_WORDS[COMP_CWORD]} prev= i word
@@ -81,6 +88,7 @@ _mailshim()
 check
 send-test
 flush
+run
 daemon
 queue
 log
@@ -93,7 +101,7 @@ setup-spool"
         check) _mailshim_compgen "$cur" "--rcpt
 --json
 --help" ;;
-        flush) _mailshim_compgen "$cur" "--verbose
+        flush | run) _mailshim_compgen "$cur" "--verbose
 --help" ;;
         send-test)
             if [[ $cur == -* ]]; then
@@ -121,6 +129,7 @@ setup-spool"
                 '')
                     if [[ $cur == -* ]]; then
                         _mailshim_compgen "$cur" "--json
+--dead
 --help"
                     else
                         _mailshim_compgen "$cur" "list
@@ -128,7 +137,16 @@ show
 delete
 hold
 release
-retry"
+retry
+requeue"
+                    fi
+                    ;;
+                requeue)
+                    if [[ $cur == -* ]]; then
+                        _mailshim_compgen "$cur" "--all
+--help"
+                    else
+                        _mailshim_dead_ids "$cur"
                     fi
                     ;;
                 list) _mailshim_compgen "$cur" "--json

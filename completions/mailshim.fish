@@ -5,8 +5,12 @@ function __mailshim_queue_ids
     command mailshim queue --ids 2>/dev/null
 end
 
-set -l __mailshim_commands config check send-test flush daemon queue log sink setup-spool
-set -l __mailshim_actions list show delete hold release retry
+function __mailshim_dead_ids
+    command mailshim queue --dead --ids 2>/dev/null
+end
+
+set -l __mailshim_commands config check send-test flush run daemon queue log sink setup-spool
+set -l __mailshim_actions list show delete hold release retry requeue
 
 complete -c mailshim -f
 complete -c mailshim -s h -l help -d 'Show help'
@@ -16,15 +20,16 @@ complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a config -d 'Print the effective configuration and its sources'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a check -d 'Say whether mail would flow, and why not'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a send-test -d 'Send a test message now and show the reply'
-complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a flush -d 'Deliver everything that is due now'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a flush -d 'Deliver everything now, due or not'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a run -d 'Deliver what is due (the retry schedule), once'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a daemon -d 'Run the spool in the foreground'
-complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a queue -d 'List, show, delete, hold, release or retry entries'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a queue -d 'List, show, delete, hold, release, retry or requeue entries'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a log -d 'Show the syslog lines of one message'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a sink -d 'A debugging listener'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a setup-spool -d 'Create the system spool with its owners and modes'
 
 complete -c mailshim -n '__fish_seen_subcommand_from config' -l json -d 'Print JSON for scripts'
-complete -c mailshim -n '__fish_seen_subcommand_from flush' -s v -l verbose -d 'Show the SMTP dialogue'
+complete -c mailshim -n '__fish_seen_subcommand_from flush run' -s v -l verbose -d 'Show the SMTP dialogue'
 complete -c mailshim -n '__fish_seen_subcommand_from setup-spool' -l user -x -a '(__fish_complete_users)' -d 'The user the runner runs as'
 
 complete -c mailshim -n '__fish_seen_subcommand_from check' -l rcpt -x -a '(__fish_complete_users)' -d 'Also try this recipient'
@@ -45,7 +50,11 @@ complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a hold -d 'Keep entries without trying them'
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a release -d 'Undo hold'
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a retry -d 'Make entries due now'
-complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from show delete hold release retry" -l json -d 'Print JSON for scripts'
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a requeue -d 'Put dead letters back in the queue'
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from show delete hold release retry requeue" -l json -d 'Print JSON for scripts'
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -l dead -d 'List only the dead letters'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show delete hold release retry' -a '(__mailshim_queue_ids)' -d 'Queue id'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show delete hold release retry' -l all -d 'Every entry'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from requeue' -a '(__mailshim_dead_ids)' -d 'Dead letter id'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from requeue' -l all -d 'Every dead letter'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show' -l json -d 'Print JSON with the raw values'

@@ -221,6 +221,7 @@ class Env:
             HOME=str(tmp / "home"),
         )
         self.env.pop("XDG_CONFIG_HOME", None)
+        _ENVS.append(self)
 
     def reconfigure(
         self, extra: str = "", mode: str = "background", port: int | None = None
@@ -251,6 +252,36 @@ class Env:
                 return
             time.sleep(0.02)
         raise AssertionError(f"queue still holds {self.queued()}")
+
+
+def stop_agents(spool_root: Path) -> None:
+    """End the delivery agent this test's submissions left lingering on its spool (it would
+    otherwise sleep until its next retry, long after the test)."""
+    import signal
+
+    pid_file = spool_root / "state" / "agent.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (OSError, ValueError, IndexError):
+        return
+    if b"mailshim.agent" in cmdline and str(spool_root).encode() in cmdline:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+_ENVS: list[Env] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_lingering_agents():
+    """After each test, stop the agents its Envs' spools still have."""
+    yield
+    while _ENVS:
+        stop_agents(_ENVS.pop().spool)
 
 
 @pytest.fixture

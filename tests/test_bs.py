@@ -48,15 +48,19 @@ def codes(stdout: bytes) -> list[int]:
 
 
 def spool_files(world: Env) -> list[str]:
-    """Every file in the spool but the agent's lock and the listener's size: what was kept."""
+    """Every file in the spool but the agent's lock and pid file and the listener's size: what
+    was kept."""
     found = []
     for root, _dirs, files in os.walk(world.spool):
-        found += [os.path.join(root, f) for f in files if f not in ("agent.lock", "listener-size")]
+        skip = ("agent.lock", "agent.pid", "listener-size")
+        found += [os.path.join(root, f) for f in files if f not in skip]
     return sorted(found)
 
 
-def bs_run(world: Env, data: bytes, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-    return world.sendmail("-bs", input=data, timeout=timeout)
+def bs_run(
+    world: Env, data: bytes, timeout: float = 120, *flags: str
+) -> subprocess.CompletedProcess[bytes]:
+    return world.sendmail("-bs", *flags, input=data, timeout=timeout)
 
 
 def test_pipelined_dialogue_written_at_once(world: Env) -> None:
@@ -298,7 +302,7 @@ def test_listener_5xx_is_passed_back(world: Env) -> None:
         + transaction("s@example.org", "fine@example.net")
         + lines("QUIT")
     )
-    r = bs_run(world, data)
+    r = bs_run(world, data, 120, "-odi")  # interactive: the listener's verdict is the reply
     assert r.stderr == b""
     got = replies(r.stdout)
     assert got[5] == "550 5.1.2 Relay not allowed."
@@ -313,7 +317,8 @@ def test_listener_5xx_is_passed_back(world: Env) -> None:
 def test_listener_5xx_leaves_nothing_in_the_spool(world: Env) -> None:
     """The client was told (5xx after the dot): no bounce, no dead/ entry."""
     world.listener.handler.rcpt_replies["refused@example.net"] = "550 5.1.1 No such user"
-    r = bs_run(world, lines("EHLO c") + transaction("s@example.org", "refused@example.net"))
+    data = lines("EHLO c") + transaction("s@example.org", "refused@example.net")
+    r = bs_run(world, data, 120, "-odi")
     assert replies(r.stdout)[-1] == "550 5.1.1 No such user"
     assert r.returncode == EX_NOUSER
     assert spool_files(world) == []
@@ -543,3 +548,32 @@ def test_non_blocking_output_pipe(world: Env) -> None:
         os.close(out_r)
     assert status == EX_OK
     assert codes(got[0]) == [220, 250, *[250] * count, 221]
+
+
+def test_background_mode_answers_once_spooled_with_a_listener_that_never_greets(world: Env) -> None:
+    """Issue 11 item 4: a `-bs` session in background mode against a listener that accepts
+    TCP and never greets got its 250 only after the relay timeout (30 s). It is answered
+    once the message is durable; the agent waits for the listener, not the client."""
+    from relayhelpers import SilentListener
+
+    with SilentListener() as silent:
+        world.reconfigure(port=silent.port)  # relay timeout 10 s (conftest)
+        started = time.monotonic()
+        r = bs_run(
+            world, lines("EHLO c") + transaction("s@example.org", "a@example.net") + lines("QUIT")
+        )
+        took = time.monotonic() - started
+    assert r.returncode == EX_OK and r.stderr == b""
+    assert replies(r.stdout)[-2].startswith("250 2.0.0 Ok: queued as ")
+    assert took < 5, f"{took:.1f}s: the session waited for the listener"  # not the 10 s timeout
+    assert len(world.queued()) == 1  # kept for the agent
+
+
+def test_interactive_bs_still_waits_for_the_listener_verdict(world: Env) -> None:
+    world.listener.handler.rcpt_replies["refused@example.net"] = "550 5.1.1 No such user"
+    data = lines("EHLO c") + transaction("s@example.org", "refused@example.net") + lines("QUIT")
+    background = bs_run(world, data)
+    assert replies(background.stdout)[-2].startswith("250 ")  # spooled; a bounce will follow
+    for flag in ("-odi", "-v"):
+        r = bs_run(world, data, 120, flag)
+        assert replies(r.stdout)[-2] == "550 5.1.1 No such user", flag

@@ -54,9 +54,10 @@ FLAG_ARGS = {
     "-h": "1",
 }
 COMMANDS = {
-    "config", "check", "send-test", "flush", "daemon", "queue", "log", "sink", "setup-spool",
+    "config", "check", "send-test", "flush", "run", "daemon", "queue", "log", "sink",
+    "setup-spool",
 }  # fmt: skip
-ACTIONS = {"list", "show", "delete", "hold", "release", "retry"}
+ACTIONS = {"list", "show", "delete", "hold", "release", "retry", "requeue"}
 
 
 # --- the shells ------------------------------------------------------------------------

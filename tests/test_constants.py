@@ -6,7 +6,7 @@ import ast
 import inspect
 import json
 
-from mailshim import config, constants, runner, spoolfmt
+from mailshim import config, constants, policy, spoolfmt
 from mailshim.reply import Reply
 from mailshim.spoolfmt import Envelope, State
 
@@ -46,7 +46,7 @@ def test_state_fields_are_the_named_ones():
 
 
 def test_back_pressure_kinds():
-    assert runner.pressure_kind(Reply(452, "4.4.5 slow down")) == "rate"
-    assert runner.pressure_kind(Reply(452, "4.2.2 greylisted")) == "greylist"
-    assert runner.pressure_kind(Reply(451, "4.3.0 later")) is None
-    assert runner.pressure_kind(Reply(0, "4.4.5 is not a reply", kind="closed")) is None
+    assert policy.pressure_kind(Reply(452, "4.4.5 slow down")) == "rate"
+    assert policy.pressure_kind(Reply(452, "4.2.2 greylisted")) == "greylist"
+    assert policy.pressure_kind(Reply(451, "4.3.0 later")) is None
+    assert policy.pressure_kind(Reply(0, "4.4.5 is not a reply", kind="closed")) is None

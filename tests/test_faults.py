@@ -359,7 +359,7 @@ def run_crashes(world: Env, sendmails: int, pairs: int, seed: int) -> None:
     promised, _killed = _sendmail_phase(world, crashes, sendmails)
     _wait_agents_gone(world)
     crashes.settle()
-    agent = [sys.executable, "-m", "mailshim.runner", "agent", "--spool", str(world.spool)]
+    agent = [sys.executable, "-m", "mailshim.agent", "--spool", str(world.spool)]
     agent += ["--config", str(world.config)]
     flush = [tool("mailshim"), "flush"]
     handler = world.listener.handler
@@ -430,6 +430,14 @@ def test_fifty_submitters_and_two_runners_while_the_listener_flaps(fworld):
         )
         for _ in range(2)
     ]
+    # The daemons serve the spool before the first submission (else that submission's agent
+    # would, lingering, until the first daemon asks it to leave).
+    pid_file = fworld.spool / "state" / "agent.pid"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and b"daemon" not in (
+        pid_file.read_bytes() if pid_file.exists() else b""
+    ):
+        time.sleep(0.05)
     stop = threading.Event()
 
     def flap() -> None:

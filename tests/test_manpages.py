@@ -32,7 +32,7 @@ CONFIG_KEYS = {
         "timeout", "helo", "protocol", "name", "retry_after_failure",
     ],
     "addresses": ["domain", "sender", "aliases_file", "from_header", "qualify_headers"],
-    "queue": ["dir", "retry", "lifetime", "warn_after"],
+    "queue": ["dir", "retry", "lifetime", "warn_after", "keep_dead"],
     "delivery": ["mode"],
     "submission": ["max_size", "max_recipients", "trusted_users", "helo"],
     "limits": ["user_spool_entries", "user_spool_bytes", "user_round_bytes"],

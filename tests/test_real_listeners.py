@@ -97,7 +97,8 @@ def test_bs_session_exits_69_for_a_refusal_at_mail_from(world):
         b"EHLO client\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
         b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n"
     )
-    r = world.sendmail("-bs", input=dialogue)
+    # -odi: only an interactive -bs session waits for the listener's verdict (issue 11 item 4)
+    r = world.sendmail("-bs", "-odi", input=dialogue)
     assert r.returncode == 69, (r.stdout, r.stderr)
     assert b"550 5.7.1 sender blocked (in reply to MAIL FROM)\r\n" in r.stdout
 

@@ -4,9 +4,11 @@ flushes run in-process, the daemon and concurrent flushes as real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,7 +17,7 @@ import pytest
 
 from conftest import message_queue_id, queue_config, tool
 from mailshim import config as config_mod
-from mailshim import runner, spool, spoolfmt
+from mailshim import policy, runner, spool, spoolfmt
 
 
 @pytest.fixture(autouse=True)
@@ -178,12 +180,35 @@ def test_the_retry_schedule_counts_failed_attempts(fworld):
     fworld.listener.handler.rcpt_replies = {"bob@example.org": "451 4.3.0 later"}
     (qid,) = queue(fworld)
     for attempts, delay in ((1, 2), (2, 60), (3, 600), (4, 600)):
+        make_due(fworld, qid)  # as if its time had come
         before = int(time.time())
         flush(fworld)
         st = state_of(fworld, qid)
         assert st.attempts == attempts and st.throttled == 0
         assert before + delay <= st.next_attempt <= int(time.time()) + delay
         assert st.last_error == "451 4.3.0 later"
+
+
+def make_due(world, qid) -> None:
+    target = sp(world)
+    st = target.load_state(qid)
+    st.next_attempt = 0
+    target.save_state(qid, st)
+
+
+def test_forced_flushes_before_the_due_time_never_delay_the_schedule(fworld):
+    """Issue 11: three `sendmail -q` while the listener refuses gave "TRIES 4, next in 29m".
+    A forced attempt made before the entry was due neither counts nor moves its schedule."""
+    queue_config(fworld, queue='retry = ["30s", "600s"]')
+    fworld.listener.handler.rcpt_replies = {"bob@example.org": "451 4.3.0 later"}
+    (qid,) = queue(fworld)
+    flush(fworld)  # the first attempt: due, so it counts
+    first = state_of(fworld, qid)
+    assert first.attempts == 1
+    for _ in range(3):
+        flush(fworld)
+        st = state_of(fworld, qid)
+        assert st.attempts == 1 and st.next_attempt == first.next_attempt
 
 
 def test_rate_limits_make_the_runner_pause_not_fail(fworld, monkeypatch):
@@ -217,7 +242,7 @@ def test_back_pressure_does_not_burn_the_schedule(fworld, monkeypatch):
     assert counts.sent == 1 and counts.throttled == 1
     st = state_of(fworld, second)
     assert st.attempts == 0 and st.throttled == 1 and "4.4.5" in st.last_error
-    assert st.next_attempt - int(time.time()) <= runner.PRESSURE_DELAY
+    assert st.next_attempt - int(time.time()) <= policy.PRESSURE_DELAY
 
 
 def test_greylisting_is_retried_without_counting(fworld):
@@ -337,3 +362,67 @@ def test_daemon_finishes_the_message_in_flight_on_sigterm(fworld):
     assert b"daemon: stopped" in err
     # the reply was waited for and recorded: delivered once, gone from the spool
     assert len(fworld.listener.messages) == 1 and fworld.queued() == []
+
+
+@contextlib.contextmanager
+def _immovable(world, qid: str):
+    """Make ``queue/<qid>`` immutable (chattr +i): linking, renaming or removing it fails
+    with EPERM, even for root, so finishing that one entry is a local error."""
+    path = world.spool / "queue" / qid
+    if shutil.which("chattr") is None or os.geteuid() != 0:
+        pytest.skip("needs root and chattr")
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("this file system has no immutable flag")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def test_one_entry_that_cannot_be_finished_does_not_stop_the_flush(fworld):
+    """Issue 12 item 1: one entry that could not be finished (then: a stale bounce temp
+    file; here: an entry that cannot be moved to dead/) made flush exit non-zero and left
+    every later entry undelivered. The error is now that entry's: it waits, the others go."""
+    fworld.listener.handler.rcpt_replies = {"nobody@example.org": "550 5.1.1 no such user"}
+    (bad,) = queue(fworld, rcpts=("nobody@example.org",))
+    good = queue(fworld, n=3)
+    with _immovable(fworld, bad):
+        done = fworld.run("mailshim", ["flush"])
+        assert done.returncode == 0, done.stderr
+        assert b"1 left after a local error" in done.stdout
+        sent = [message_queue_id(m) for m in fworld.listener.messages if m.mail_from != "<>"]
+        assert sorted(sent) == sorted(good)
+        assert bad in fworld.queued()  # still here, for its next attempt
+    assert fworld.run("mailshim", ["flush"]).returncode == 0
+    # buried (under a fresh id if its first, interrupted move left a name behind)
+    assert fworld.queued() == [] and len(dead(fworld)) == 1
+    assert len(reports(fworld)) == 1  # one bounce, however many attempts it took
+
+
+def test_one_entry_that_cannot_be_finished_does_not_pause_the_daemon(fworld):
+    queue_config(fworld, queue='retry = ["10m"]', mode="queue")  # a pause would be 10 minutes
+    fworld.listener.handler.rcpt_replies = {"nobody@example.org": "550 5.1.1 no such user"}
+    (bad,) = queue(fworld, rcpts=("nobody@example.org",))
+    with _immovable(fworld, bad):
+        daemon = subprocess.Popen(
+            [tool("mailshim"), "daemon"], env=fworld.env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and fworld.listener.handler.sessions == 0:
+                time.sleep(0.05)  # until the daemon has met the bad entry
+            r = fworld.sendmail("-i", "bob@example.org", input=b"Subject: after\n\nbody\n")
+            assert r.returncode == 0
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any(
+                m.rcpt_tos == ["bob@example.org"] for m in fworld.listener.messages
+            ):
+                time.sleep(0.05)
+            # delivered at once: the spool is not paused for a retry step
+            assert any(m.rcpt_tos == ["bob@example.org"] for m in fworld.listener.messages)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            _, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0 and b"Traceback" not in err
+    assert b"next pass in" not in err

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
+
+import pytest
 
 from conftest import Listener, free_port, tool
 
@@ -340,3 +343,37 @@ def test_once_a_flush_gets_through_submissions_start_agents_again(tmp_path):
         lst.wait(2)  # delivered by a new agent, with no flush
     finally:
         lst.stop()
+
+
+SIGNAL_AT_RENAME = """
+import os, signal, sys
+real_rename = os.rename
+def rename(src, dst, *args, **kwargs):
+    real_rename(src, dst, *args, **kwargs)
+    if os.sep + {folder!r} + os.sep in str(dst):
+        os.kill(os.getpid(), signal.{sig})  # a real signal, just after the entry is in place
+os.rename = rename
+from mailshim.cli.sendmail import main
+sys.argv[0] = "sendmail"
+main()
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_signal_during_commit_never_says_nothing_was_kept(world, sig):
+    """Issue 12 item 9: a signal between the rename into the spool and the end of commit
+    used to give exit 75 ("nothing was sent or kept") while the entry went out: the caller
+    sends again and the mail arrives twice. Signals are now ignored from before the rename."""
+
+    world.reconfigure(mode="queue")
+    code = SIGNAL_AT_RENAME.format(folder="queue", sig=sig)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "-i", "bob"],
+        input=b"Subject: signalled\n\nbody\n",
+        env=world.env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"nothing was" not in done.stderr
+    assert len(world.queued()) == 1

@@ -4,7 +4,9 @@
 as soon as no complete command is left in the input, never held back waiting for more),
 streams each message's DATA section through ``smtpserver.DataDecoder`` into
 ``submit.submit()`` (so memory stays flat whatever the message size), and answers the final
-dot only once the message is accepted by the listener or durably spooled.
+dot once the message is durably spooled (background and queue mode: the agent or the runner
+delivers it, as Postfix's ``sendmail -bs`` does), or, in interactive mode (``-odi``, ``-v``),
+once the listener has given its verdict.
 
 Exit status (returned; ``cli/sendmail.py`` exits with it):
 
@@ -33,6 +35,15 @@ import os
 import select
 
 from mailshim import errors, smtpserver, spool, submit
+from mailshim.constants import (
+    BACKGROUND,
+    BOUNCED,
+    DEFERRED,
+    INTERACTIVE,
+    QUEUED,
+    REJECTED,
+    SENT,
+)
 from mailshim.errors import DataError, MailshimError, TempFailError
 
 TYPE_CHECKING = False
@@ -44,14 +55,17 @@ if TYPE_CHECKING:
 READ_SIZE = 65536
 # Statuses of submit.Outcome meaning the message is safe: with the listener, or in the spool
 # (for "bounced", some recipients accepted it and the rest get a bounce from the spool).
-_ACCEPTED = frozenset({"sent", "deferred", "queued", "bounced"})
+_ACCEPTED = frozenset({SENT, DEFERRED, QUEUED, BOUNCED})
 
 
 class _Session:
     """One ``sendmail -bs`` run: the buffers and the state of the data phase."""
 
-    def __init__(self, config: Config, infd: int, outfd: int, idle_timeout: float) -> None:
+    def __init__(
+        self, config: Config, infd: int, outfd: int, idle_timeout: float, mode: str
+    ) -> None:
         self.config = config
+        self.mode = mode
         self.infd = infd
         self.outfd = outfd
         self.timeout_ms = max(1, int(idle_timeout * 1000))
@@ -218,13 +232,12 @@ class _Session:
         self.decoder = smtpserver.DataDecoder()
         self.pending, self.pending_at = b"", 0
         self.abort = None
-        mode = "queue" if self.config.delivery_mode == "queue" else "interactive"
         submission = submit.Submission(
             tx.sender or "<>",
             list(tx.recipients),
             extract=False,
             dot_ends=False,
-            mode=mode,
+            mode=self.mode,
             discard_rejected=True,
         )
         outcome: Outcome | None = None
@@ -265,7 +278,7 @@ class _Session:
         if failure is not None:
             return _failure_reply(failure), failure.code
         assert outcome is not None
-        if outcome.status == "rejected":
+        if outcome.status == REJECTED:
             replies = list(outcome.replies.values())
             permanent = [r for r in replies if r.permanent] or replies
             code = errors.EX_UNAVAILABLE if permanent and permanent[0].at_mail else errors.EX_NOUSER
@@ -288,6 +301,23 @@ def _failure_reply(exc: MailshimError) -> bytes:
     return smtpserver.reply(451, "4.3.0 Error: local error, message not kept, try again later")
 
 
-def serve(config: Config, infd: int = 0, outfd: int = 1, idle_timeout: float = 300.0) -> int:
-    """Run one ``sendmail -bs`` session on ``infd``/``outfd``; returns the exit status."""
-    return _Session(config, infd, outfd, idle_timeout).run()
+def serve(
+    config: Config,
+    infd: int = 0,
+    outfd: int = 1,
+    idle_timeout: float = 300.0,
+    *,
+    mode: str | None = None,
+    verbose: bool = False,
+) -> int:
+    """Run one ``sendmail -bs`` session on ``infd``/``outfd``; returns the exit status.
+
+    ``mode`` (``-od``, else ``[delivery] mode``): in background and queue mode each message
+    is answered 250 once it is durably spooled, and the agent (or the runner) delivers it,
+    as for a piped message: a listener that never answers holds no client. Interactive mode
+    (``-odi``, or ``-v``) relays first and answers with the listener's per-recipient verdict.
+    """
+    chosen = mode or config.delivery_mode
+    if verbose and chosen == BACKGROUND:
+        chosen = INTERACTIVE
+    return _Session(config, infd, outfd, idle_timeout, chosen).run()

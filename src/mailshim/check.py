@@ -307,6 +307,7 @@ def check_spool(cfg: Config, report: Report) -> None:
         report.add(OK, "spool", f"{root} (owner {_owner(st.st_uid)}, mode {_mode_text(st)})")
     _check_writable(root, report)
     _check_backlog(cfg, report)
+    _check_dead(cfg, report)
 
 
 def _spool_problems(root: str, st: os.stat_result) -> list[tuple[str, str]]:
@@ -512,6 +513,20 @@ def check_limits(cfg: Config, report: Report) -> None:
         report.add(OK, "limits", f"{rule} per submitting user; nobody is at the limit")
 
 
+def _check_dead(cfg: Config, report: Report) -> None:
+    """Dead letters are failures someone should look at: warn for a week after each."""
+    from mailshim import deadletters
+
+    recent = deadletters.recent(cfg)
+    if recent:
+        report.add(
+            WARNING, "dead letters",
+            f"{recent} message{'s' if recent != 1 else ''} failed for good in the last 7 days"
+            " (the senders got bounces)",
+            "mailshim queue --dead shows why; mailshim queue requeue ID retries one",
+        )  # fmt: skip
+
+
 # --- the runner -----------------------------------------------------------------------
 
 
@@ -578,20 +593,39 @@ _ENABLED = ("enabled", "enabled-runtime", "static", "alias", "indirect", "genera
 
 
 def check_runner(cfg: Config, report: Report) -> None:
-    """Something must retry deferred mail: the flush timer, the daemon unit or process."""
+    """Per spool, what retries deferred mail: the units, the daemon, a lingering delivery
+    agent, or nothing (and whether that matters)."""
+    from mailshim import serving, spool
+
     states = unit_states()
     enabled = [u for u, s in states.items() if s in _ENABLED]
     pids = daemon_pids()
-    retriers = [f"{u} ({states[u]})" for u in enabled if u in RETRYING_UNITS]
-    retriers += [f"mailshim daemon (pid {p})" for p in pids]
-    if retriers:
-        report.add(OK, "runner", "deferred mail is retried by " + ", ".join(retriers))
-        if states and "mailshim-flush.path" not in enabled and not pids:
-            report.add(
-                OK, "runner",
-                "mailshim-flush.path is not enabled: mail other users drop in the spool waits"
-                " for the delivery agent or the next timer run",
-            )  # fmt: skip
+    units = [f"{u} ({states[u]})" for u in enabled if u in RETRYING_UNITS]
+    system_root = cfg.queue_dir or paths.SYSTEM_SPOOL
+    roots = [t.root for t in spool.known_spools(cfg)] or [system_root]
+    uncovered: list[str] = []
+    for root in roots:
+        target = spool.Spool(root)
+        try:
+            now = serving.who_retries(target)
+        except OSError:
+            now = None
+        who = list(units) if root == system_root else []
+        if now is not None:
+            who.append(now)
+        elif pids and root == system_root:
+            who += [f"mailshim daemon (pid {p})" for p in pids]
+        if who:
+            report.add(OK, "runner", f"{root}: deferred mail is retried by " + ", ".join(who))
+            if root == system_root and states and "mailshim-flush.path" not in enabled and not pids:
+                report.add(
+                    OK, "runner",
+                    "mailshim-flush.path is not enabled: mail other users drop in the spool"
+                    " waits for the delivery agent or the next timer run",
+                )  # fmt: skip
+            continue
+        uncovered.append(root)
+    if not uncovered:
         return
     how = "systemctl enable --now mailshim-flush.timer mailshim-flush.path"
     if not states:
@@ -606,18 +640,29 @@ def check_runner(cfg: Config, report: Report) -> None:
             how, EX_UNAVAILABLE,
         )  # fmt: skip
         return
-    if sealed_out(cfg):
+    if sealed_out(cfg) and system_root in uncovered:
         report.add(
             ERROR, "runner",
-            "sealed: only the runner can deliver this user's mail, and nothing runs it: mail"
-            " stays in the drop folder",
+            f"{system_root}: sealed: only the runner can deliver this user's mail, and"
+            " nothing runs it: mail stays in the drop folder",
             how, EX_UNAVAILABLE,
         )  # fmt: skip
         return
     why = ", ".join(f"{u} is {s}" for u, s in states.items()) or "systemd is not running"
-    report.add(
-        WARNING, "runner",
-        f"nothing retries deferred mail ({why}; no mailshim daemon running): a message"
-        " that could not be delivered at once waits until someone runs mailshim flush",
-        how,
-    )  # fmt: skip
+    for root in uncovered:
+        drop = os.path.isdir(os.path.join(root, "incoming"))
+        if drop:
+            report.add(
+                WARNING, "runner",
+                f"{root}: nothing runs it ({why}; no mailshim daemon running): mail"
+                " that other users drop in it and could not be delivered at once waits"
+                " until someone runs mailshim flush (root's own mail is retried by the"
+                " delivery agent its sendmail starts, which lingers while mail is deferred)",
+                how,
+            )  # fmt: skip
+        else:
+            report.add(
+                OK, "runner",
+                f"{root}: no delivery agent is waiting now; the agent each sendmail starts"
+                " lingers while mail is deferred and retries it on the [queue] retry schedule",
+            )  # fmt: skip

@@ -113,6 +113,7 @@ class Config:
         "delivery_mode",
         "from_header",
         "helo",
+        "keep_dead",
         "lifetime",
         "log_file",
         "max_recipients",
@@ -151,6 +152,7 @@ class Config:
         self.retry: tuple[int, ...] = DEFAULT_RETRY
         self.lifetime = 5 * 86400
         self.warn_after = 4 * 3600
+        self.keep_dead = 30 * 86400  # dead letters older than this are removed
         self.delivery_mode = "background"
         self.max_size = DEFAULT_MAX_SIZE
         self.max_recipients = 10000
@@ -372,6 +374,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "retry": ("retry", _retry),
         "lifetime": ("lifetime", parse_duration),
         "warn_after": ("warn_after", parse_duration),
+        "keep_dead": ("keep_dead", parse_duration),
     },
     "delivery": {"mode": ("delivery_mode", _choice(DELIVERY_MODES))},
     "limits": {

@@ -35,7 +35,8 @@ _RELAY_KEYS = (
 )
 # Keys whose machine value is seconds or bytes, shown back in the file's units.
 _DURATIONS = (
-    "timeout", "retry_after_failure", "queue.lifetime", "queue.warn_after", "limits.user_window",
+    "timeout", "retry_after_failure", "queue.lifetime", "queue.warn_after", "queue.keep_dead",
+    "limits.user_window",
 )  # fmt: skip
 _SIZES = ("submission.max_size", "limits.user_spool_bytes", "limits.user_round_bytes")
 _VALUE_WIDTH = 40  # a longer value pushes its source further right rather than every row
@@ -150,6 +151,7 @@ def rows(cfg: Config, listener_size: int | None = None) -> list[Row]:
     add("queue.retry", list(cfg.retry), cfg.source("queue.retry"))
     add("queue.lifetime", cfg.lifetime, cfg.source("queue.lifetime"))
     add("queue.warn_after", cfg.warn_after, cfg.source("queue.warn_after"))
+    add("queue.keep_dead", cfg.keep_dead, cfg.source("queue.keep_dead"))
     add("delivery.mode", cfg.delivery_mode, cfg.source("delivery.mode"))
     size_source = cfg.source("submission.max_size")
     max_size = cfg.max_size_for(listener_size)

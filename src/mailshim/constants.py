@@ -25,7 +25,8 @@ THROTTLED = "throttled"  # deferred by back-pressure (rate limit, greylisting): 
 BOUNCED = "bounced"  # refused for good; a report went to the sender; moved to dead/
 REJECTED = "rejected"  # refused for good, and the caller was told at once (-odi, -bs)
 QUARANTINED = "quarantined"  # unreadable; moved to corrupt/
-STATUSES = (QUEUED, SENT, DEFERRED, THROTTLED, BOUNCED, REJECTED, QUARANTINED)
+LIMITED = "limited"  # not tried: held for its submitter's next sending window (sendlimits)
+STATUSES = (QUEUED, SENT, DEFERRED, THROTTLED, BOUNCED, REJECTED, QUARANTINED, LIMITED)
 
 # --- delivery status notifications (bounce.py) ---------------------------------------------
 REPORT_FAILED = "failed"  # Action: failed; the entry goes to dead/
@@ -44,8 +45,10 @@ ENVELOPE_RECORDS = (REC_ID, REC_ARRIVAL, REC_UID, REC_SIZE, REC_BODY, REC_SENDER
 REC_FAILED = b"failed"
 
 # --- the state file's fields (spoolfmt.encode_state) ----------------------------------------
-STATE_COUNTERS = ("attempts", "throttled", "first_attempt", "last_attempt", "next_attempt")
-STATE_FLAGS = ("held", "warned")
+STATE_COUNTERS = (
+    "attempts", "throttled", "first_attempt", "last_attempt", "next_attempt", "requeued",
+)  # fmt: skip
+STATE_FLAGS = ("held", "warned", "reported")
 STATE_REPLIES = ("done", "failed", "pending")  # recipient -> reply, stored as fields
 REPLY_FIELDS = ("code", "enhanced", "text", "kind", "stage")
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mailshim.config import Config
+    from mailshim.deadletters import DeadItem
     from mailshim.reply import Reply
     from mailshim.spoolfmt import Envelope, State
 
@@ -333,8 +334,58 @@ def _recipient(rcpt: str, st: State | None, paint: Callable[[str, str], str]) ->
 
 
 def print_queue(config: Config) -> int:
-    sys.stdout.write(format_listing(collect(config), time.time(), use_color(sys.stdout)))
+    """``mailq``: Postfix's listing, then one line about dead letters when there are any."""
+    from mailshim import deadletters
+
+    text = format_listing(collect(config), time.time(), use_color(sys.stdout))
+    dead = deadletters.count(config)
+    if dead:
+        text += (
+            f"-- {dead} dead letter{'s' if dead != 1 else ''} (failed for good):"
+            " mailshim queue --dead lists them\n"
+        )
+    sys.stdout.write(text)
     return 0
+
+
+def format_dead(items: list[DeadItem], now: float, color: bool = False) -> str:
+    """``mailshim queue --dead``: one row per dead letter, its reason below it."""
+    if not items:
+        return "No dead letters\n"
+    paint = painter(color, STYLES)
+    header = ("ID", "DEAD FOR", "SIZE", "SENDER", "RECIPIENTS")
+    rows = []
+    for item in items:
+        env = item.envelope
+        rcpts = [one_line(r) for r in env.recipients] if env else []
+        shown = rcpts[0] + (f" +{len(rcpts) - 1}" if len(rcpts) > 1 else "") if rcpts else "?"
+        rows.append((
+            item.queue_id,
+            age(max(0.0, now - item.buried)),
+            human_size(env.size) if env else "?",
+            (one_line(env.sender) or "<>") if env else "?",
+            shown,
+        ))  # fmt: skip
+    widths = [max(len(header[c]), *(len(r[c]) for r in rows)) for c in range(len(header))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            cell.rjust(widths[c]) if c in (1, 2) else cell.ljust(widths[c])
+            for c, cell in enumerate(cells)
+        ).rstrip()
+
+    lines = [paint("dim", line(header))]
+    for item, cells in zip(items, rows, strict=True):
+        lines.append(paint("failed", line(cells)))
+        if item.reason:
+            lines.append(" " * (widths[0] + 2) + paint("error", one_line(item.reason)))
+    count = len(items)
+    lines.append("")
+    lines.append(
+        f"{count} dead letter{'s' if count != 1 else ''}:"
+        " mailshim queue requeue ID puts one back; [queue] keep_dead ages them out"
+    )
+    return "\n".join(lines) + "\n"
 
 
 # --- mailshim queue: one row per entry ------------------------------------------------

@@ -1,9 +1,11 @@
 """Deliver spool entries: lock → relay → remove, retry on a schedule, or bounce into dead/.
 
-Callers: the detached delivery agent that ``sendmail`` starts after spooling (``python -m
-mailshim.runner agent``), ``sendmail -q`` / ``mailshim flush`` (everything now, one
-connection), ``mailshim daemon`` (foreground: wakes on new entries and on the schedule), and
-``sendmail -odi``/``-v``/``-bs`` (one entry before replying). The runners (flush, daemon, an
+Callers: the detached delivery agent (agent.py: due entries, then it lingers until nothing
+deferred is left), ``sendmail -q`` / ``mailshim flush`` (everything now, one connection),
+``mailshim run`` (the timer and path units: only what is due), ``mailshim daemon``
+(foreground: wakes on new entries and on the schedule), and ``sendmail -odi``/``-v``/``-bs``
+(one entry before replying). What to do after each attempt is policy.py's decision; this
+module carries it out. The runners (flush, daemon, an
 agent that may write the queue) also pick up the system spool's drop folder.
 
 Per recipient: a 2xx is recorded and never sent again; a 4xx is retried alone on the
@@ -36,8 +38,17 @@ import os
 import sys
 import time
 
-from mailshim import bounce, fair, maillog, sendlimits, spool
-from mailshim import reply as kinds
+from mailshim import bounce, deadletters, fair, maillog, policy, sendlimits, serving, spool
+from mailshim.constants import (
+    BOUNCED,
+    DEFERRED,
+    LIMITED,
+    QUARANTINED,
+    QUEUED,
+    REJECTED,
+    SENT,
+    THROTTLED,
+)
 from mailshim.errors import DataError, MailshimError
 from mailshim.reply import Reply
 
@@ -54,21 +65,19 @@ AGENT_LINGER = 1.0  # seconds an idle agent waits for more submissions before it
 RATE_PAUSE = 1.0  # seconds to wait after a rate-limit reply before trying the entry again
 RATE_RETRIES = 2  # in-pass retries of one entry after rate limiting
 PRESSURE_STREAK = 5  # consecutive throttled entries that end a pass ("the listener is busy")
-PRESSURE_DELAY = 60  # at most this long before a throttled entry is due again
 DAEMON_POLL = 0.5  # seconds between the daemon's cheap looks at the spool folders
 LOCKED_RECHECK = 1.0  # how often the daemon looks again at drop entries held by their owner
-RATE_LIMITED = ("4.4.5",)  # Stalwart: too many messages per session or per second
-GREYLISTED = ("4.2.2",)  # Stalwart's greylisting reply
+SPOOL_RESERVE = 1024 * 1024  # bytes: less free space than this is a full spool for a pass
+DEAD_EXPIRY_EVERY = 3600.0  # seconds between the daemon's looks for old dead letters
 
 
 class Counts:
     __slots__ = (
         "bounced",
         "deferred",
+        "errors",
         "limited",
-        "picked",
         "quarantined",
-        "refused",
         "sent",
         "skipped",
         "throttled",
@@ -81,23 +90,22 @@ class Counts:
         self.skipped = 0
         self.quarantined = 0
         self.throttled = 0
+        self.errors = 0  # entries left for their next attempt after a local error
         self.limited = 0  # held for their submitter's next window (sendlimits)
-        self.picked = 0  # drop-folder entries moved into the queue
-        self.refused = 0  # drop-folder names that were not valid entries
 
     def total(self) -> int:
         return self.sent + self.deferred + self.bounced + self.quarantined + self.throttled
 
     def add(self, status: str) -> None:
-        if status == "sent":
+        if status == SENT:
             self.sent += 1
-        elif status == "deferred":
+        elif status == DEFERRED:
             self.deferred += 1
-        elif status == "throttled":
+        elif status == THROTTLED:
             self.throttled += 1
-        elif status == "quarantined":
+        elif status == QUARANTINED:
             self.quarantined += 1
-        elif status == "limited":
+        elif status == LIMITED:
             self.limited += 1
         else:
             self.bounced += 1
@@ -116,31 +124,10 @@ class Counts:
             (self.limited, "held by the sending limits"),
             (untried, "not tried (the listener is unreachable)"),
             (self.skipped, "not due yet, held or busy"),
+            (self.errors, "left after a local error (mailshim log ID says why)"),
         ]
         said = [f"{n} {what}" for n, what in parts if n > 0]
         return (", ".join(said) if said else "Nothing to deliver") + "."
-
-
-def next_delay(config: Config, attempts: int) -> int:
-    """Seconds until the next try after ``attempts`` counted failures (the last step repeats)."""
-    steps = config.retry
-    return steps[min(max(attempts, 1), len(steps)) - 1]
-
-
-def pressure_kind(reply: Reply) -> str | None:
-    """ "rate" or "greylist" when ``reply`` is back-pressure rather than a failure."""
-    if reply.code == 0 or not reply.temporary:
-        return None
-    if reply.enhanced in RATE_LIMITED:
-        return "rate"
-    if reply.enhanced in GREYLISTED:
-        return "greylist"
-    return None
-
-
-def _pressure_delay(config: Config, kind: str) -> int:
-    first = config.retry[0]
-    return first if kind == "greylist" else min(first, PRESSURE_DELAY)
 
 
 def _fmt_delay(seconds: float) -> str:
@@ -151,50 +138,16 @@ def _log_replies(queue_id: str, arrival: int, result: SendResult, now: float) ->
     delay = _fmt_delay(max(0.0, now - arrival))
     for rcpt, reply in result.replies.items():
         if 200 <= reply.code < 300:
-            status = "sent"
+            status = SENT
         elif reply.permanent:
-            status = "bounced"
+            status = BOUNCED
         else:
-            status = "deferred"
+            status = DEFERRED
         maillog.log(
             f"{queue_id}: to=<{rcpt}>, relay={result.relay}, delay={delay},"
             f" status={status} ({reply})",
-            error=status != "sent",
+            error=status != SENT,
         )
-
-
-def _apply_result(state: State, result: SendResult, now: float) -> str | None:
-    """Record one attempt's replies; returns the back-pressure kind when that is all it met.
-
-    Only a temporary failure that is not back-pressure counts toward the retry schedule.
-    """
-    if state.first_attempt == 0:
-        state.first_attempt = int(now)
-    state.last_attempt = int(now)
-    counted = False
-    pressure: str | None = None
-    for rcpt, reply in result.replies.items():
-        if 200 <= reply.code < 300:
-            state.done[rcpt] = reply
-            state.pending.pop(rcpt, None)
-        elif reply.permanent:
-            state.failed[rcpt] = reply
-            state.pending.pop(rcpt, None)
-        else:
-            state.pending[rcpt] = reply
-            state.last_error = str(reply)
-            kind = pressure_kind(reply)
-            if kind is None:
-                counted = True
-            elif pressure != "rate":
-                pressure = kind
-    if counted:
-        state.attempts += 1
-        state.throttled = 0
-        return None
-    if pressure is not None:
-        state.throttled += 1
-    return pressure
 
 
 def _write_report(
@@ -239,78 +192,33 @@ def _write_report(
     return qid
 
 
-def _expire(
-    config: Config, env_arrival: int, state: State, open_rcpts: list[str], now: float
-) -> bool:
-    if not open_rcpts or now - env_arrival < config.lifetime:
-        return False
-    for rcpt in open_rcpts:
-        last = state.pending.pop(rcpt, None)
-        state.failed[rcpt] = last or Reply(
-            0, "no attempt reached the listener", kind=kinds.NOT_TRIED
-        )
-        if rcpt not in state.expired:
-            state.expired.append(rcpt)
-    return True
-
-
-def _finish(
-    config: Config,
-    locked: spool.LockedEntry,
-    state: State,
-    now: float,
-    *,
-    interactive: bool = False,
-    discard_rejected: bool = False,
-    pressure: str | None = None,
+def _carry_out(
+    config: Config, locked: spool.LockedEntry, state: State, action: policy.Action, now: float
 ) -> str:
-    """Remove, bury or reschedule after an attempt.
+    """Carry out policy's action on ``locked``: remove, bury or reschedule.
 
-    Returns sent | deferred | throttled | bounced | rejected. ``interactive``: the caller is
-    told each refusal now (``-odi``, ``-bs``), so those get no bounce; with
-    ``discard_rejected`` (``-bs``) a message nobody accepted is dropped (the client got the
-    5xx) while a partly accepted one still bounces the rest (the client got a 250).
+    Returns the action's status (sent | deferred | throttled | bounced | rejected).
     """
     env = locked.envelope
-    open_rcpts = state.open_recipients(env)
-    if _expire(config, env.arrival, state, open_rcpts, now):
-        open_rcpts = []
-    if open_rcpts:
-        delay = (
-            _pressure_delay(config, pressure) if pressure else next_delay(config, state.attempts)
-        )
-        state.next_attempt = int(now) + delay
-        if (
-            config.warn_after
-            and not state.warned
-            and env.sender
-            and now - env.arrival >= config.warn_after
-        ):
-            late = {
-                r: state.pending.get(r) or Reply(0, "not yet tried", kind=kinds.NOT_TRIED)
-                for r in open_rcpts
-            }
-            _write_report(config, locked, state, bounce.DELAYED, late, now)
-            state.warned = True
+    if action.status in (DEFERRED, THROTTLED):
+        if action.warn is not None:
+            _write_report(config, locked, state, bounce.DELAYED, action.warn, now)
         locked.save_state(state)
         locked.release()
-        return "throttled" if pressure else "deferred"
-    if not state.failed:
+        return action.status
+    if action.status == SENT:
         locked.remove()
         maillog.log(f"{env.queue_id}: removed")
-        return "sent"
-    told = interactive and (not discard_rejected or not state.done)
-    if told and discard_rejected:
+        return SENT
+    if not action.bury:
         locked.remove()
         maillog.log(f"{env.queue_id}: rejected by the listener; the client was told")
-        return "rejected"
-    reason = "; ".join(
-        f"<{r}>: {'expired in the queue; last error: ' if r in state.expired else ''}{why}"
-        for r, why in state.failed.items()
-    )
-    if not told and env.sender:
+        return action.status
+    if action.report is not None and not state.reported:
         # The report's id is recorded first: after a crash between writing the report and
-        # moving the entry, the next run sees the report in the queue and does not repeat it.
+        # moving the entry, the next run sees the report in the queue and does not repeat it;
+        # once written, "reported" says so even after the report itself has gone out (the
+        # move to dead/ may fail and be tried again at the next attempt).
         if not state.bounce_id:
             state.bounce_id = spool.new_queue_id()
             locked.save_state(state)
@@ -319,13 +227,12 @@ def _finish(
             target.exists(state.bounce_id)
             or os.path.lexists(os.path.join(target.dead, state.bounce_id))
         ):
-            _write_report(
-                config, locked, state, bounce.FAILED, dict(state.failed), now, state.bounce_id
-            )
+            _write_report(config, locked, state, bounce.FAILED, action.report, now, state.bounce_id)
+        state.reported = True
     locked.save_state(state)
-    where = locked.bury("dead", reason)
-    maillog.log(f"{env.queue_id}: moved to {where}: {reason}", error=True)
-    return "bounced" if (state.done or not told) else "rejected"
+    where = locked.bury("dead", action.reason)
+    maillog.log(f"{env.queue_id}: moved to {where}: {action.reason}", error=True)
+    return action.status
 
 
 def _sendable(addr: str) -> bool:
@@ -340,7 +247,7 @@ def _sendable(addr: str) -> bool:
 def _quarantine(locked: spool.LockedEntry, why: str) -> tuple[str, dict[str, Reply]]:
     locked.quarantine(why)
     maillog.log(f"{locked.queue_id}: moved to corrupt/: {why}", error=True)
-    return "quarantined", {}
+    return QUARANTINED, {}
 
 
 async def deliver_entry(
@@ -370,7 +277,10 @@ async def deliver_entry(
             rcpts.remove(rcpt)
         if not rcpts:
             # Nothing left to send: a crash came after the last reply was recorded.
-            return _finish(config, locked, state, time.time(), interactive=interactive), {}
+            now = time.time()
+            action = policy.decide(config, env, state, now, interactive=interactive)
+            return _carry_out(config, locked, state, action, now), {}
+        started = time.time()
         try:
             with locked.message() as body:
                 result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
@@ -379,17 +289,14 @@ async def deliver_entry(
         locked.spool.record_listener_size(client.listener_size)
         now = time.time()
         _log_replies(env.queue_id, env.arrival, result, now)
-        pressure = _apply_result(state, result, now)
-        status = _finish(
-            config,
-            locked,
-            state,
-            now,
-            interactive=interactive,
-            discard_rejected=discard_rejected,
-            pressure=pressure,
-        )
-        return status, dict(result.replies)
+        # A forced attempt before the entry was due neither counts nor moves its schedule.
+        due_at = state.next_attempt if policy.is_early(state, started) else 0
+        pressure = policy.record(state, result.replies, now, counted=not due_at)
+        action = policy.decide(
+            config, env, state, now, pressure=pressure, due_at=due_at,
+            interactive=interactive, discard_rejected=discard_rejected,
+        )  # fmt: skip
+        return _carry_out(config, locked, state, action, now), dict(result.replies)
     finally:
         locked.release()
 
@@ -410,16 +317,16 @@ async def deliver_drop(
     """
     try:
         if not entry.still_here():
-            return "queued", {}
+            return QUEUED, {}
         try:
             env = entry.envelope
             body_file = entry.message()
         except DataError:
-            return "queued", {}  # the runner will look at it and quarantine it
+            return QUEUED, {}  # the runner will look at it and quarantine it
         rcpts = [r for r in env.recipients if r not in env.failed]
         if not rcpts:
             body_file.close()
-            return "queued", {}  # only refusals are left: the runner bounces them
+            return QUEUED, {}  # only refusals are left: the runner bounces them
         with body_file as body:
             result = await client.send(env.sender, rcpts, body, env.size, env.eightbit)
         _log_replies(env.queue_id, env.arrival, result, time.time())
@@ -435,20 +342,20 @@ async def deliver_drop(
             entry.remove()
             maillog.log(f"{env.queue_id}: removed")
             if not refused:
-                return "sent", dict(result.replies)
-            return ("bounced" if done else "rejected"), dict(result.replies)
+                return SENT, dict(result.replies)
+            return (BOUNCED if done else REJECTED), dict(result.replies)
         if len(left) < len(env.recipients) or len(failed) > len(env.failed):
             entry.rewrite(left, failed)
         else:
             entry.poke()
         if refused and done:
-            return "bounced", dict(result.replies)
-        return "deferred", dict(result.replies)
+            return BOUNCED, dict(result.replies)
+        return DEFERRED, dict(result.replies)
     finally:
         entry.release()
 
 
-def _client(config: Config, transcript: Callable[[str], None] | None = None) -> RelayClient:
+def client_for(config: Config, transcript: Callable[[str], None] | None = None) -> RelayClient:
     from mailshim.relay import RelayClient
 
     return RelayClient(config.relays, helo=config.helo_name, transcript=transcript)
@@ -469,7 +376,7 @@ def deliver_now(
         sys.stderr.flush()
 
     async def run() -> tuple[str, dict[str, Reply]]:
-        async with _client(config, transcript if verbose else None) as client:
+        async with client_for(config, transcript if verbose else None) as client:
             if isinstance(locked, spool.DropEntry):
                 return await deliver_drop(
                     config, client, locked, interactive=True, discard_rejected=discard_rejected
@@ -482,7 +389,7 @@ def deliver_now(
         result = asyncio.run(run())
     finally:
         locked.release()
-    if result[0] == "sent" and isinstance(locked, spool.LockedEntry):
+    if result[0] == SENT and isinstance(locked, spool.LockedEntry):
         locked.spool.clear_relay_down()
     return result
 
@@ -505,7 +412,7 @@ async def _sleep(seconds: float, stop: asyncio.Event | None) -> None:
         pass
 
 
-def pickup(config: Config, target: spool.Spool, counts: Counts | None = None) -> tuple[int, int]:
+def pickup(config: Config, target: spool.Spool) -> tuple[int, int]:
     """Move the drop folder's entries into the queue (runners only). Returns how many were
     moved, and how many were left because their owner still holds them."""
     if not target.has_incoming() or not target.writable():
@@ -516,9 +423,6 @@ def pickup(config: Config, target: spool.Spool, counts: Counts | None = None) ->
     results = drop.pickup(target, config, max_size=config.max_size_for(target.listener_size()))
     drop.log_pickups(results, lambda text, error: maillog.log(text, error=error))
     picked = sum(1 for p in results if p.status == "picked")
-    if counts is not None:
-        counts.picked += picked
-        counts.refused += sum(1 for p in results if p.status in ("rejected", "corrupt"))
     return picked, sum(1 for p in results if p.status == "busy")
 
 
@@ -557,22 +461,45 @@ async def run_pass(
             counts.skipped += 1
             continue
         if limiter is not None and not sendlimits.gate(limiter, target, qid, now):
-            counts.add("limited")
+            counts.add(LIMITED)
             continue
-        status, replies = await _attempt_with_pauses(config, client, target, qid, counts, stop)
+        try:
+            status, replies = await _attempt_with_pauses(config, client, target, qid, counts, stop)
+        except MailshimError as exc:
+            # One entry's trouble (a stale temp file in the way of its bounce, a file it may
+            # not write) is that entry's: it waits for its next attempt and the pass goes on.
+            # Only a spool that cannot record anything (read-only, full) ends the pass.
+            _spool_wide(target)
+            counts.errors += 1
+            maillog.log(f"{qid}: {exc.message}; left in the queue for its next attempt", error=True)
+            continue
         if status == "":
             continue
         counts.add(status)
         if progress is not None:
             progress(qid, status)
-        if status == "deferred" and _is_connection_failure(replies):
+        if status == DEFERRED and _is_connection_failure(replies):
             return "down"
-        if status == "sent":
+        if status == SENT:
             target.clear_relay_down()  # new submissions may start agents again
-        streak = streak + 1 if status == "throttled" else 0
+        streak = streak + 1 if status == THROTTLED else 0
         if streak >= PRESSURE_STREAK:
             return "busy"
     return "done"
+
+
+def _spool_wide(target: spool.Spool) -> None:
+    """Raise when nothing can be recorded in ``target`` any more: a read-only or missing
+    folder, or a full file system (the next entry would be sent and not recorded)."""
+    from mailshim.errors import TempFailError
+
+    target.check_usable()
+    try:
+        st = os.statvfs(target.queue)
+    except OSError:
+        return
+    if st.f_bavail * st.f_frsize < SPOOL_RESERVE or (st.f_files and st.f_favail == 0):
+        raise TempFailError(f"the spool {target.root} is full (nothing more can be recorded)")
 
 
 async def _attempt_with_pauses(
@@ -591,15 +518,19 @@ async def _attempt_with_pauses(
         except DataError as exc:
             target.quarantine(qid, exc.message)
             maillog.log(f"{qid}: moved to corrupt/: {exc.message}", error=True)
-            return "quarantined", {}
+            return QUARANTINED, {}
         if locked is None:
             counts.skipped += 1
             return "", {}
         status, replies = await deliver_entry(config, client, locked)
-        if status != "throttled":
+        if status != THROTTLED:
             return status, replies
-        kinds = {pressure_kind(r) for r in replies.values()}
-        if "rate" not in kinds or tries >= RATE_RETRIES or (stop is not None and stop.is_set()):
+        kinds = {policy.pressure_kind(r) for r in replies.values()}
+        if (
+            policy.RATE not in kinds
+            or tries >= RATE_RETRIES
+            or (stop is not None and stop.is_set())
+        ):
             return status, replies
         tries += 1
         # A fresh connection clears a per-session limit; the pause, a per-second one.
@@ -614,8 +545,15 @@ def flush(
     only: set[str] | None = None,
     progress: Callable[[str, str], None] | None = None,
     transcript: Callable[[str], None] | None = None,
+    force: bool = True,
 ) -> Counts:
-    """Try every entry now, over one connection (``sendmail -q``, ``mailshim flush``).
+    """One run over the queue, over one connection.
+
+    ``force`` (``sendmail -q``, ``mailshim flush``): every entry now, due or not (a failed
+    early attempt keeps its schedule: policy.py). Without it (``mailshim run``: the timer,
+    the path unit): only entries that are due, held back by their back-off; a run that
+    finds nothing due changes nothing in queue/ or incoming/, which is why the path unit
+    that watches them cannot trigger itself for ever.
 
     The drop folder is picked up first and again after each sweep, as are entries that
     arrived meanwhile (bounces included). Raises ``MailshimError`` when a spool cannot be
@@ -629,21 +567,22 @@ def flush(
     RelayClient.forget_failures()
 
     async def run() -> None:
-        async with _client(config, transcript) as client:
+        async with client_for(config, transcript) as client:
             for target in spools:
                 target.check_usable()
                 target.clean_tmp()
+                deadletters.expire(target, config.keep_dead)
                 seen: set[str] = set()
                 try:
-                    pickup(config, target, counts)
+                    pickup(config, target)
                     while True:
                         status = await run_pass(
-                            config, client, target, counts, force=True, only=only, seen=seen,
+                            config, client, target, counts, force=force, only=only, seen=seen,
                             progress=progress,
                         )  # fmt: skip
                         if status != "done":
                             break
-                        picked, _ = pickup(config, target, counts)
+                        picked, _ = pickup(config, target)
                         # entries outside a -qI filter are never "seen": do not wait for them
                         left = [q for q in target.ids() if q not in seen]
                         if only is not None:
@@ -675,10 +614,6 @@ def _schedule(target: spool.Spool) -> tuple[bool, float | None]:
     return False, soonest
 
 
-def _due(target: spool.Spool) -> bool:
-    return _schedule(target)[0]
-
-
 def _queue_stamp(target: spool.Spool) -> tuple[int, ...]:
     out = []
     for folder in (target.queue, target.incoming, target.state_dir):
@@ -691,14 +626,15 @@ def _queue_stamp(target: spool.Spool) -> tuple[int, ...]:
 
 async def _agent_session(config: Config, target: spool.Spool) -> bool:
     """Deliver due entries until the queue stays quiet; False if the listener was unreachable
-    or kept asking to slow down (the runner's schedule then takes over)."""
+    or kept asking to slow down (the agent then sleeps until the next entry is due)."""
     import asyncio
 
     counts = Counts()
-    async with _client(config) as client:
+    deadletters.expire(target, config.keep_dead)
+    async with client_for(config) as client:
         while True:
             stamp = _queue_stamp(target)
-            pickup(config, target, counts)
+            pickup(config, target)
             status = await run_pass(config, client, target, counts, force=False)
             target.sync(force=True)
             if status in ("down", "busy"):
@@ -710,69 +646,12 @@ async def _agent_session(config: Config, target: spool.Spool) -> bool:
                 return True
 
 
-def agent_main(
-    spool_root: str,
-    lock_fd: int | None,
-    config_path: str | None,
-    incoming: str | None = None,
-) -> int:
-    """The detached delivery agent.
-
-    With ``incoming``: the submitter's agent for its own drop-folder entry, whose lock is
-    ``lock_fd``; it makes one attempt and leaves the rest to the runner. Otherwise the
-    spool's agent: holding the spool's agent lock makes it the only one; it drains due
-    entries, lingers briefly, and exits. A ``sendmail`` that finds the lock taken does not
-    start another, trusting this one to see its entry; so after releasing the lock the agent
-    looks once more and carries on if anything is due.
-    """
-    from mailshim import config as config_mod
-
-    try:
-        config = config_mod.load(config_path)
-    except MailshimError as exc:
-        maillog.log(f"agent: {exc.message}", error=True)
-        return exc.code
+def deliver_due(config: Config, target: spool.Spool) -> bool:
+    """The agent's pass (agent.py): deliver due entries until the queue stays quiet; False
+    when the listener was unreachable or kept asking to slow down."""
     import asyncio
 
-    if incoming is not None:
-        if lock_fd is None:
-            return 64
-        qid = "" if incoming == "-" else incoming  # "-": the id is read from the entry
-        try:
-            entry = spool.open_drop_entry(spool.Spool(spool_root, drop=True), qid, lock_fd)
-        except (DataError, OSError):
-            return 0  # unreadable: the runner's pickup sends it to corrupt/ with the reason
-
-        async def one() -> None:
-            async with _client(config) as client:
-                await deliver_drop(config, client, entry)
-
-        try:
-            asyncio.run(one())
-        except MailshimError as exc:
-            maillog.log(f"agent: {exc.message}", error=True)
-        finally:
-            entry.release()
-        return 0
-
-    target = spool.Spool(spool_root)
-    fd = lock_fd if lock_fd is not None else target.try_agent_lock()
-    while fd is not None:
-        reachable = False
-        try:
-            reachable = asyncio.run(_agent_session(config, target))
-            target.mark_relay(fd, reachable)
-        except MailshimError as exc:
-            maillog.log(f"agent: {exc.message}", error=True)
-        finally:
-            os.close(fd)
-        if not reachable or not _due(target):
-            break  # when the listener is down, the runner's schedule takes over
-        fd = target.try_agent_lock()
-        if fd is not None and not _due(target):
-            os.close(fd)
-            break
-    return 0
+    return asyncio.run(_agent_session(config, target))
 
 
 # --- the daemon ---------------------------------------------------------------------------
@@ -788,6 +667,8 @@ class _Daemon:
         self.client: RelayClient | None = None
         self.hold_until = 0.0  # the listener was down or busy: wait before the next pass
         self.locks: dict[str, int] = {}
+        self.took_over: set[str] = set()
+        self.dead_expired: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -799,6 +680,8 @@ class _Daemon:
                 await self.client.close()
             for target in self.spools:
                 target.sync(force=True)
+                if target.root in self.locks:
+                    serving.clear_pid(target)
             for fd in self.locks.values():
                 os.close(fd)
 
@@ -810,14 +693,23 @@ class _Daemon:
         for target in self.spools:
             if target.root not in self.locks:
                 # While the daemon runs, sendmail starts no agents: the daemon sees its entry.
+                # A lingering agent is asked to leave, once: the daemon serves the spool now.
                 try:
-                    fd = target.try_agent_lock()
+                    if target.root in self.took_over:
+                        fd = target.try_agent_lock()
+                    else:
+                        self.took_over.add(target.root)
+                        fd = serving.stop_lingering(target)
                 except OSError:
                     fd = None
                 if fd is not None:
                     self.locks[target.root] = fd
+                    serving.write_pid(target, serving.DAEMON)
             try:
                 target.clean_tmp()
+                if now - self.dead_expired.get(target.root, 0.0) > DEAD_EXPIRY_EVERY:
+                    self.dead_expired[target.root] = now
+                    deadletters.expire(target, self.config.keep_dead, now)
                 waiting_drops = pickup(self.config, target)[1] > 0 or waiting_drops
                 due, soonest = _schedule(target)
                 if soonest is not None:
@@ -826,7 +718,7 @@ class _Daemon:
                     continue
                 counts = Counts()
                 if self.client is None:
-                    self.client = _client(self.config)
+                    self.client = client_for(self.config)
                 status = await run_pass(
                     self.config, self.client, target, counts, force=False, stop=stop
                 )
@@ -837,7 +729,9 @@ class _Daemon:
                 else:
                     wake = min(wake, time.time() + LOCKED_RECHECK)  # due, but held by others
                 if status in ("down", "busy"):
-                    delay = next_delay(self.config, 1) if status == "down" else RATE_PAUSE * 5
+                    delay = (
+                        policy.next_delay(self.config, 1) if status == "down" else RATE_PAUSE * 5
+                    )
                     self.hold_until = time.time() + delay
                     self.say(f"{target.root}: the listener is {status}; next pass in {delay:.0f}s")
                     await self.client.close()
@@ -845,7 +739,7 @@ class _Daemon:
             except MailshimError as exc:
                 maillog.log(f"daemon: {exc.message}", error=True)
                 self.say(f"{target.root}: {exc.message}")
-                self.hold_until = time.time() + next_delay(self.config, 1)
+                self.hold_until = time.time() + policy.next_delay(self.config, 1)
         if self.hold_until > time.time():
             wake = max(wake, self.hold_until)
         if waiting_drops:
@@ -896,32 +790,3 @@ def daemon(config: Config, spools: list[spool.Spool], say: Callable[[str], None]
         return 0
     say("daemon: stopped")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] != "agent":
-        sys.stderr.write(
-            "usage: python -m mailshim.runner agent --spool DIR [--lock-fd N]"
-            " [--incoming ID] [--config FILE]\n"
-        )
-        return 64
-    root = lock = cfg = incoming = None
-    i = 1
-    while i + 1 < len(args):
-        if args[i] == "--spool":
-            root = args[i + 1]
-        elif args[i] == "--lock-fd":
-            lock = int(args[i + 1])
-        elif args[i] == "--config":
-            cfg = args[i + 1]
-        elif args[i] == "--incoming":
-            incoming = args[i + 1]
-        i += 2
-    if root is None:
-        return 64
-    return agent_main(root, lock, cfg, incoming)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -230,6 +230,8 @@ class State:
         "last_error",
         "next_attempt",
         "pending",
+        "reported",
+        "requeued",
         "throttled",
         "warned",
     )
@@ -242,12 +244,14 @@ class State:
         self.next_attempt = 0  # 0: due now
         self.held = False
         self.warned = False
+        self.reported = False  # the failure report (bounce_id) is written: never again
         self.last_error = ""
         self.bounce_id = ""  # queue id chosen for this entry's failure report, once decided
         self.done: dict[str, Reply] = {}  # recipient -> the listener's reply (accepted)
         self.failed: dict[str, Reply] = {}  # recipient -> permanent failure reply
         self.pending: dict[str, Reply] = {}  # recipient -> last temporary failure reply
         self.expired: list[str] = []  # recipients in ``failed`` because the lifetime ran out
+        self.requeued = 0  # when put back from dead/: the lifetime counts from then
 
     def open_recipients(self, env: Envelope) -> list[str]:
         return [r for r in env.recipients if r not in self.done and r not in self.failed]
@@ -263,8 +267,10 @@ def encode_state(state: State) -> bytes:
         "first_attempt": state.first_attempt,
         "last_attempt": state.last_attempt,
         "next_attempt": state.next_attempt,
+        "requeued": state.requeued,
         "held": state.held,
         "warned": state.warned,
+        "reported": state.reported,
         "last_error": state.last_error,
         "bounce_id": state.bounce_id,
         "done": {rcpt: reply.as_fields() for rcpt, reply in state.done.items()},

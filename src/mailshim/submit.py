@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import os
 import pwd
-import sys
 import time
 
 from mailshim import address, maillog, message, paths, sealed, spool
+from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUE, QUEUED
 from mailshim.errors import DataError, MailshimError, UsageError, printable
 
 TYPE_CHECKING = False
@@ -219,24 +219,31 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
             "no recipients: name them on the command line, or use -t to take them from To/Cc/Bcc"
         )
     mode = sub.mode or config.delivery_mode
-    if sub.verbose and mode == "background":
-        mode = "interactive"
+    if sub.verbose and mode == BACKGROUND:
+        mode = INTERACTIVE
     target = spool.choose(config)
     if target.drop and sealed.sealed_out(config):
         # Sealed: only the runner can read the listener's secret, so this user's own agent
         # (or an interactive attempt) could only fail. The drop folder wakes the runner.
-        mode = "queue"
+        mode = QUEUE
     writer = target.new_entry(sender, recipients, user.uid)
     # In the drop folder the submitter's agent needs the entry's lock from the start: the
     # runner skips locked entries, so the two never send it both.
-    keep = mode == "interactive" or (mode == "background" and target.drop)
+    keep = mode == INTERACTIVE or (mode == BACKGROUND and target.drop)
     try:
         _write_message(config, sub, user, sender, reader, block, writer)
-        locked = writer.commit(reader.eightbit, keep_lock=keep)
     except BaseException:
         writer.abort()
         raise
+    # From the rename on, the entry is durable: a signal must not turn that into "nothing
+    # was kept" (the caller would send it again), so signals are ignored before it, not after.
     previous = _finish_even_if_signalled()
+    try:
+        locked = writer.commit(reader.eightbit, keep_lock=keep)
+    except BaseException:
+        writer.abort()
+        _restore_signals(previous)
+        raise
     try:
         return _hand_on(config, sub, user, sender, recipients, target, writer, mode, locked)
     finally:
@@ -260,24 +267,27 @@ def _hand_on(
         f"{qid}: uid={user.uid} from=<{sender}> size={writer.size} nrcpt={len(recipients)}"
         f" (queued in {target.root})"
     )
-    outcome = Outcome(qid, "queued", target)
-    if mode == "interactive" and locked is not None:
+    outcome = Outcome(qid, QUEUED, target)
+    if mode == INTERACTIVE and locked is not None:
         from mailshim import runner
 
         outcome.status, outcome.replies = runner.deliver_now(
             config, locked, verbose=sub.verbose, discard_rejected=sub.discard_rejected
         )
-    elif mode == "background":
-        start_agent(target, config, entry=locked if isinstance(locked, spool.DropEntry) else None)
+    elif mode == BACKGROUND:
+        from mailshim import agent
+
+        agent.start(target, config, entry=locked if isinstance(locked, spool.DropEntry) else None)
     elif locked is not None:
         locked.release()
     return outcome
 
 
 def _finish_even_if_signalled() -> dict[int, Any]:
-    """The entry is durable: until this submission is handed on, a signal must not turn
-    exit 0 into "nothing was kept" (the caller would send it again). What follows is
-    bounded by timeouts. Returns the handlers to restore (``-bs`` goes on afterwards)."""
+    """From just before the rename into the spool until this submission is handed on, a
+    signal must not turn exit 0 into "nothing was kept" (the caller would send it again).
+    What follows is bounded by timeouts. Returns the handlers to restore (``-bs`` goes on
+    afterwards)."""
     # _signal, not signal (which imports enum); it has no type stubs, hence __import__.
     _signal: Any = __import__("_signal")
     previous: dict[int, Any] = {}
@@ -360,72 +370,6 @@ def _forgery_warning(config: Config, sub: Submission, user: User, sender: str, o
     return text.encode("utf-8", "surrogateescape") + b"\r\n"
 
 
-# --- the delivery agent ------------------------------------------------------------------
-
-
-def start_agent(target: spool.Spool, config: Config, entry: spool.DropEntry | None = None) -> None:
-    """Start a detached delivery agent for ``target`` unless one already runs.
-
-    The agent lock is taken here and handed to the child, so a burst of submissions starts
-    one agent, not one per message. If the lock is held, the running agent will see this
-    entry: it rescans the queue after releasing its lock (see runner.agent_main). Root
-    starts it as the spool's owner (the ``mailshim`` user), which the runner also is.
-
-    With ``entry`` (the system spool's drop folder): the child gets that entry's lock and
-    delivers only it, if this user has no such agent running already (a per-user slot in
-    their state folder); otherwise the runner, which the drop folder wakes, delivers it.
-    """
-    args = [sys.executable, "-m", "mailshim.runner", "agent", "--spool", target.root]
-    keep: list[int] = []
-    if entry is not None:
-        slot = spool.user_agent_slot()
-        if slot is None:
-            entry.release()
-            return
-        keep = [entry.fd, slot]
-        # "-": the agent reads the id from the locked entry; argv is public in /proc
-        args += ["--incoming", "-", "--lock-fd", str(entry.fd)]
-    else:
-        down = target.relay_down_since()
-        pause = min(r.retry_after_failure for r in config.relays)
-        if down is not None and 0 <= time.time() - down < pause:
-            return  # an agent just found the listener down; the runner retries
-        try:
-            fd = target.try_agent_lock()
-        except OSError:
-            return  # the runner's schedule will pick the entry up; it is safe in the spool
-        if fd is None:
-            return
-        keep = [fd]
-        args += ["--lock-fd", str(fd)]
-    if config.path:
-        args += ["--config", os.path.abspath(config.path)]
-    owner = target.owner() if os.geteuid() == 0 and entry is None else None
-    try:
-        pid = os.fork()
-    except OSError:
-        pid = -1
-    if pid == 0:  # pragma: no cover - the child execs at once
-        try:
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDWR)
-            for std in (0, 1, 2):
-                os.dup2(null, std)
-            for fd in keep:
-                os.set_inheritable(fd, True)
-            if owner is not None and owner[0] != 0:
-                os.setgroups([])
-                os.setgid(owner[1])
-                os.setuid(owner[0])
-            os.execv(sys.executable, args)
-        finally:
-            os._exit(127)
-    for fd in keep:
-        os.close(fd)
-    if entry is not None:
-        entry.fd = -1
-
-
 def verify(config: Config, words: list[str]) -> list[tuple[str, list[str]]]:
     """For ``-bv``: each recipient as given and what it becomes."""
     out = []
@@ -442,7 +386,6 @@ __all__ = [
     "paths",
     "resolve_recipients",
     "rewrite_recipient",
-    "start_agent",
     "submit",
     "verify",
 ]

@@ -1,4 +1,4 @@
-"""``mailshim``: the administrator's command (click): config, check, send-test, flush, queue,
+"""``mailshim``: the administrator's command (click): config, check, send-test, flush, run, queue,
 log, sink (and setup-spool, daemon from ``admin_spool``).
 
 A thin layer: each command parses its options, calls the library, prints. Errors are one line
@@ -19,8 +19,9 @@ from typing import Any
 
 import click
 
-from mailshim import __version__, maillog, paths, queueview, spool
-from mailshim import config as config_mod
+from mailshim import maillog, paths, queueview, spool
+from mailshim.cli import standard_fds
+from mailshim.cli.group import _config, cli
 from mailshim.errors import (
     EX_NOINPUT,
     EX_OK,
@@ -33,33 +34,6 @@ from mailshim.errors import (
     one_line,
     printable,
 )
-
-
-def _config(ctx: click.Context) -> config_mod.Config:
-    obj = ctx.ensure_object(dict)
-    if "config" not in obj:
-        obj["config"] = config_mod.load(obj.get("config_path"))
-    cfg: config_mod.Config = obj["config"]
-    return cfg
-
-
-@click.group(
-    context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="\b\nExamples:\n  mailshim check\n  mailshim send-test\n  mailshim queue\n"
-    "  mailshim flush\n  mailshim log 18F2C0A1B3D4E5F6G7H8\n  mailshim -C /etc/mailshim/test.toml"
-    " config",
-)
-@click.option("-C", "--config", "config_path", metavar="FILE", help="Read this config file.")
-@click.version_option(__version__, prog_name="mailshim")
-@click.pass_context
-def cli(ctx: click.Context, config_path: str | None) -> None:
-    """Administer mailshim: the sendmail that spools mail and hands it to one SMTP listener.
-
-    Each command has --help with examples. Errors are one line on stderr with a sysexits
-    code.
-    """
-    ctx.ensure_object(dict)["config_path"] = config_path
-
 
 # --- config ---------------------------------------------------------------------------
 
@@ -102,30 +76,95 @@ def _print_items(items: list[queueview.Item], as_json: bool) -> None:
 
 @cli.group("queue", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="A JSON array for scripts.")
+@click.option("--dead", is_flag=True, help="Only the dead letters (failed for good), with why.")
 @click.option("--ids", is_flag=True, hidden=True, help="One queue id per line (completions).")
 @click.pass_context
-def queue_cmd(ctx: click.Context, as_json: bool, ids: bool) -> None:
+def queue_cmd(ctx: click.Context, as_json: bool, dead: bool, ids: bool) -> None:
     """List the queue (the default), or act on entries.
 
     One row per message: id, age, size, tries, status (new, deferred with the next try,
-    partly delivered, held), sender and recipients, and the last error below it. Colour only
-    on a terminal, never with NO_COLOR set. `mailq` shows the same in Postfix's layout.
+    partly delivered, held), sender and recipients, and the last error below it. Dead
+    letters (refused or expired; the sender got a bounce) follow in a section of their own
+    with the reason; --dead lists only them, and `mailshim queue requeue ID` puts one back.
+    Colour only on a terminal, never with NO_COLOR set. `mailq` shows the queue in
+    Postfix's layout.
 
     \b
     Examples:
       mailshim queue
+      mailshim queue --dead
       mailshim queue --json | jq -r '.[] | select(.held) | .id'
       mailshim queue show 18F2C0A1B3D4E5F6G7H8
       mailshim queue hold --all
     """
     if ctx.invoked_subcommand is not None:
         return
-    items = queueview.collect(_config(ctx))
+    from mailshim import deadletters
+
+    cfg = _config(ctx)
+    if dead:
+        buried = deadletters.collect(cfg)
+        if ids:
+            for d in buried:
+                click.echo(d.queue_id)
+        elif as_json:
+            click.echo(json.dumps([d.as_dict() for d in buried], indent=2))
+        else:
+            color = queueview.use_color(sys.stdout)
+            text = queueview.format_dead(buried, time.time(), color)
+            click.echo(text, nl=False, color=color)
+        return
+    items = queueview.collect(cfg)
     if ids:
         for item in items:
             click.echo(item.queue_id)
         return
     _print_items(items, as_json)
+    if not as_json:
+        buried = deadletters.collect(cfg)
+        if buried:
+            color = queueview.use_color(sys.stdout)
+            click.echo("")
+            click.echo("Dead letters (failed for good):")
+            click.echo(queueview.format_dead(buried, time.time(), color), nl=False, color=color)
+
+
+@queue_cmd.command(
+    "requeue",
+    epilog="\b\nExamples:\n  mailshim queue requeue 18F2C0A1B3D4E5F6G7H8\n"
+    "  mailshim queue requeue --all",
+)
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every dead letter.")
+@click.pass_context
+def queue_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
+    """Put dead letters back in the queue with a fresh schedule (each one is logged).
+
+    Recipients that were delivered stay delivered; the others are tried again at once
+    and, if they fail again, retried and bounced as for a new message.
+    """
+    from mailshim import deadletters
+
+    if not ids and not all_:
+        raise UsageError("name one or more dead letters' ids, or --all")
+    cfg = _config(ctx)
+    wanted = {i.rstrip("!*").upper() for i in ids}
+    done = 0
+    for target in spool.known_spools(cfg):
+        for qid in deadletters.ids(target):
+            if all_ or qid in wanted:
+                deadletters.requeue(target, qid)
+                wanted.discard(qid)
+                done += 1
+    if wanted:
+        raise UsageError(f"no such dead letter: {', '.join(sorted(wanted))}")
+    click.echo(f"requeue: {done} entr{'y' if done == 1 else 'ies'}")
+    if done and cfg.delivery_mode != "queue":
+        from mailshim import agent
+
+        for target in spool.known_spools(cfg):
+            if target.writable():
+                agent.start(target, cfg)  # or wake the one serving it
 
 
 @queue_cmd.command(
@@ -309,22 +348,48 @@ class _Progress:
 @click.option("-v", "--verbose", is_flag=True, help="Show the SMTP dialogue (on stderr).")
 @click.pass_context
 def flush_cmd(ctx: click.Context, verbose: bool) -> None:
-    """Deliver everything in the queue now, over one connection.
+    """Deliver everything in the queue now, due or not, over one connection.
 
     On a terminal a progress bar counts delivered, deferred and bounced messages; otherwise
-    one line per message ("ID: delivered"). The same as `sendmail -q`.
+    one line per message ("ID: delivered"). The same as `sendmail -q` (Postfix's
+    `postqueue -f`). A message that fails again keeps its place on the retry schedule: a
+    flush never makes the next automatic attempt later. `mailshim run` tries only what is
+    due.
 
     \b
     Examples:
       mailshim flush
       mailshim flush -v
     """
+    _run_queue(ctx, verbose, force=True)
+
+
+@cli.command("run")
+@click.option("-v", "--verbose", is_flag=True, help="Show the SMTP dialogue (on stderr).")
+@click.pass_context
+def run_cmd(ctx: click.Context, verbose: bool) -> None:
+    """Run the retry schedule once: deliver only the messages that are due.
+
+    What the packaged timer and path units (mailshim-flush.timer, mailshim-flush.path)
+    start: new messages go at once; deferred ones wait for their next attempt ([queue]
+    retry), greylisting and rate-limit pauses are kept. A run that finds nothing due
+    changes nothing in the spool. `mailshim flush` delivers everything now instead.
+
+    \b
+    Examples:
+      mailshim run
+      mailshim run -v
+    """
+    _run_queue(ctx, verbose, force=False)
+
+
+def _run_queue(ctx: click.Context, verbose: bool, force: bool) -> None:
     from mailshim import runner
 
     cfg = _config(ctx)
     spools = [s for s in spool.known_spools(cfg) if s.writable()]
     if not spools:
-        click.echo("nothing to flush: no spool this user can write")
+        click.echo("nothing to deliver: no spool this user can write")
         return
     total = sum(len(s.ids()) for s in spools)
     # The transcript goes to stderr line by line: a bar redrawn in between would garble it.
@@ -338,7 +403,11 @@ def flush_cmd(ctx: click.Context, verbose: bool) -> None:
         progress.draw()
     try:
         counts = runner.flush(
-            cfg, spools, progress=progress, transcript=transcript if verbose else None
+            cfg,
+            spools,
+            progress=progress,
+            transcript=transcript if verbose else None,
+            force=force,
         )
     finally:
         progress.finish()
@@ -547,6 +616,7 @@ def _click_error(exc: click.ClickException) -> int:
 
 
 def main() -> None:
+    standard_fds()
     try:
         code = cli.main(prog_name="mailshim", standalone_mode=False)
     except MailshimError as exc:

@@ -15,7 +15,7 @@ import pwd
 import click
 
 from mailshim import maillog, paths, spool, spoolsetup
-from mailshim.cli.admin import _config, cli
+from mailshim.cli.group import _config, cli
 from mailshim.errors import NoPermError, NoUserError
 
 DEFAULT_USER = "mailshim"

@@ -14,6 +14,7 @@ import os
 import sys
 
 from mailshim import argv as argv_mod
+from mailshim.cli import standard_fds
 from mailshim.errors import EX_SOFTWARE, EX_TEMPFAIL, MailshimError, one_line
 
 TYPE_CHECKING = False
@@ -107,7 +108,7 @@ def _dispatch(prog: str, inv: Invocation) -> int:
         from mailshim import bs
 
         _catch_signals()
-        return bs.serve(config)
+        return bs.serve(config, mode=inv.delivery, verbose=inv.verbose)
     return _submit(prog, config, inv)
 
 
@@ -191,21 +192,25 @@ def _exit(code: int) -> None:
     """
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):
             pass
     os._exit(code)
 
 
 def main() -> None:
+    standard_fds()
     _exit(run(sys.argv))
 
 
 def main_mailq() -> None:
+    standard_fds()
     _exit(run(["mailq", *sys.argv[1:]]))
 
 
 def main_newaliases() -> None:
+    standard_fds()
     _exit(run(["newaliases", *sys.argv[1:]]))
 
 

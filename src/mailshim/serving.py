@@ -1,0 +1,137 @@
+"""Who serves a spool now: the holder of its agent lock, named in ``state/agent.pid``.
+
+The agent lock (``agent.lock`` in the spool root) is held by the one delivery agent or
+``mailshim daemon`` serving the spool; the pid file says which process that is, so that
+``sendmail`` can poke a sleeping agent, the daemon can ask a lingering agent to leave, and
+``mailshim check`` can say who retries deferred mail.
+
+Trust: runs as the submitting user, the runner or root. The pid file is only a hint: it is
+believed only while the agent lock is held, a poke is SIGURG (whose default action is to be
+ignored, so a stale pid harms nothing), and SIGTERM goes only to a pid named as an agent
+while the lock is held. Raises nothing but what ``spool.Spool.try_agent_lock`` raises
+(``OSError``), which callers treat as "unknown".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from mailshim import maillog
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from mailshim import spool
+
+PID_FILE = "agent.pid"  # in state/: "<pid> <role>"
+AGENT = "agent"
+DAEMON = "daemon"
+DAEMON_TAKEOVER = 10.0  # seconds the daemon waits for a lingering agent to leave
+
+
+def write_pid(target: spool.Spool, role: str) -> None:
+    """Name this process as the holder of ``target``'s agent lock (a hint for pokes/check)."""
+    path = os.path.join(target.state_dir, PID_FILE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()} {role}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def clear_pid(target: spool.Spool) -> None:
+    """Remove the pid file if it names this process."""
+    found = holder(target, locked=True)
+    if found is not None and found[0] == os.getpid():
+        try:
+            os.unlink(os.path.join(target.state_dir, PID_FILE))
+        except OSError:
+            pass
+
+
+def holder(target: spool.Spool, *, locked: bool = False) -> tuple[int, str] | None:
+    """(pid, role) from the pid file; with ``locked`` False, only if the agent lock is held
+    by someone (a free lock means nobody serves the spool, whatever the file says)."""
+    try:
+        with open(os.path.join(target.state_dir, PID_FILE), "rb") as f:
+            words = f.read(64).split()
+        pid, role = int(words[0]), words[1].decode("ascii")
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
+    if not locked and not lock_busy(target):
+        return None
+    return pid, role
+
+
+def lock_busy(target: spool.Spool) -> bool:
+    """Whether someone holds the agent lock (it is taken and released at once otherwise)."""
+    try:
+        fd = target.try_agent_lock()
+    except OSError:
+        return False
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def who_retries(target: spool.Spool) -> str | None:
+    """For ``mailshim check``: the process serving ``target`` now, in words, or None."""
+    found = holder(target)
+    if found is None:
+        return "a delivery agent or daemon (pid unknown)" if lock_busy(target) else None
+    pid, role = found
+    if role == DAEMON:
+        return f"mailshim daemon (pid {pid})"
+    return f"a lingering delivery agent (pid {pid})"
+
+
+def _signal(pid: int, name: str) -> bool:
+    import signal
+
+    if pid <= 1 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, getattr(signal, name))
+    except OSError:
+        return False
+    return True
+
+
+def poke(target: spool.Spool) -> bool:
+    """Wake the agent serving ``target`` to deliver what is due now (SIGURG).
+
+    The caller has just found the agent lock taken; the lock is not taken again here (even
+    for a moment: an agent leaving looks once more for due entries and must find it free)."""
+    found = holder(target, locked=True)
+    if found is None or found[1] != AGENT:
+        return False  # nobody, or the daemon (it watches the folders itself)
+    return _signal(found[0], "SIGURG")
+
+
+def stop_lingering(target: spool.Spool) -> int | None:
+    """The daemon's start: ask a lingering agent to leave, then take the agent lock. Returns
+    the lock fd, or None when the lock is still held (another daemon, or an agent that did
+    not leave in time: the daemon goes on without it, as before)."""
+    fd = target.try_agent_lock()
+    if fd is not None:
+        return fd
+    found = holder(target)
+    if found is None or found[1] != AGENT or not _signal(found[0], "SIGTERM"):
+        return None
+    deadline = time.monotonic() + DAEMON_TAKEOVER
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        fd = target.try_agent_lock()
+        if fd is not None:
+            maillog.log(f"daemon: lingering delivery agent {found[0]} handed {target.root} over")
+            return fd
+    return None

@@ -2,7 +2,7 @@
 
 Run as root (it creates two users with useradd and removes them at the end):
 
-    .venv/bin/python bench/sealed.py [--count 30] [--command flush]
+    .venv/bin/python bench/sealed.py [--count 30] [--command run]
 
 The box: a spool made by ``mailshim setup-spool --user RUNNER``, a listener (aiosmtpd, in a
 thread) that requires AUTH, and a ``password_file`` owned by the runner user, mode 0600, so
@@ -11,7 +11,7 @@ just before it starts until the listener has the message:
 
 - **daemon**: ``mailshim daemon`` runs as the runner user throughout;
 - **path unit**: what ``mailshim-flush.path`` does on a change in ``incoming/``: the unit's
-  command (``--command``: ``flush`` on this branch's units, ``run`` on the retries branch's)
+  command (``--command``, default ``run``, as packaging/systemd/mailshim-flush.service)
   started as the runner once ``sendmail`` has exited. systemd's own part (inotify to the
   service starting, its sandbox set-up) is not in this figure; add it from
   ``systemd-analyze`` on a real box.
@@ -104,7 +104,7 @@ def summary(name: str, times: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=30)
-    parser.add_argument("--command", default="flush", help="the path unit's mailshim verb")
+    parser.add_argument("--command", default="run", help="the path unit's mailshim verb")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
     logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd's per-session chatter

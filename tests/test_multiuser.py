@@ -20,6 +20,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,8 @@ class User:
 
 class System:
     """The box: users, a spool under a folder everyone may traverse, a config, a listener."""
+
+    runner = RUNNER  # the name of the runner user among ``users``
 
     def __init__(self, base: Path, listener: Listener, users: dict[str, User]) -> None:
         self.base = base
@@ -107,6 +110,20 @@ class System:
     def wait_delivered(self, count: int, timeout: float = 20.0) -> None:
         self.listener.wait(count, timeout)
 
+    def daemon(self) -> subprocess.Popen:
+        """``mailshim daemon`` as the runner user, in the background."""
+        run = self.users[self.runner]
+        return subprocess.Popen(
+            [tool("mailshim"), "daemon"],
+            env=self.env(run),
+            user=run.uid,
+            group=run.gid,
+            extra_groups=[],
+            cwd="/",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
 
 def _useradd(name: str, home: Path) -> None:
     subprocess.run(["userdel", name], capture_output=True)
@@ -122,17 +139,7 @@ def _useradd(name: str, home: Path) -> None:
 def box():
     if not others_can_run():
         pytest.skip(f"other users cannot run {sys.executable} (its folder is private)")
-    base = Path(tempfile.mkdtemp(prefix="mailshim-mu-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    users: dict[str, User] = {}
-    try:
-        for name in (RUNNER, ALICE, BOB):
-            home = base / f"home-{name}"
-            _useradd(name, home)
-            users[name] = User(name, home)
-            home.mkdir()
-            os.chown(home, users[name].uid, users[name].gid)
-            os.chmod(home, 0o700)
+    with users_in_tmp("mailshim-mu-", (RUNNER, ALICE, BOB)) as (base, users):
         listener = Listener(free_port())
         listener.start()
         system = System(base, listener, users)
@@ -159,6 +166,24 @@ def box():
         assert r.returncode == 0, r.stderr.decode()
         yield system
         listener.stop()
+
+
+@contextlib.contextmanager
+def users_in_tmp(prefix: str, names: tuple[str, ...]) -> Iterator[tuple[Path, dict[str, User]]]:
+    """A folder under /tmp everyone may traverse, and real users with private homes in it;
+    users and folder are removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(base, 0o755)
+    users: dict[str, User] = {}
+    try:
+        for name in names:
+            home = base / f"home-{name}"
+            _useradd(name, home)
+            users[name] = User(name, home)
+            home.mkdir()
+            os.chown(home, users[name].uid, users[name].gid)
+            os.chmod(home, 0o700)
+        yield base, users
     finally:
         for name in users:
             subprocess.run(["userdel", name], capture_output=True)
@@ -477,17 +502,7 @@ def test_root_entries_are_readable_by_the_runner_user(mu):
 
 def test_the_daemon_as_the_runner_user_picks_up_the_drop_folder(mu):
     alice = mu.users[ALICE]
-    run = mu.users[RUNNER]
-    daemon = subprocess.Popen(
-        [tool("mailshim"), "daemon"],
-        env=mu.env(run),
-        user=run.uid,
-        group=run.gid,
-        extra_groups=[],
-        cwd="/",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    daemon = mu.daemon()
     try:
         for i in range(3):
             r = mu.sendmail(alice, "-i", f"r{i}@example.org", input=MSG, HOME="/nonexistent")

@@ -18,7 +18,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 from conftest import others_can_run, tool
 from mailshim import check as mailshim_check
 from relayhelpers import Listener
-from test_multiuser import System, User, _useradd, mu  # noqa: F401 (mu: a fixture)
+from test_multiuser import System, User, mu, users_in_tmp  # noqa: F401 (mu: a fixture)
 
 pytestmark = [
     pytest.mark.root,
@@ -48,6 +47,8 @@ LIMIT = 3  # messages per window per user
 class Box(System):
     """The multi-user box with a listener that requires AUTH and a secret only the runner
     can read."""
+
+    runner = RUNNER
 
     def __init__(self, base: Path, listener: Listener, users: dict[str, User]) -> None:
         super().__init__(base, listener, users)
@@ -95,19 +96,6 @@ class Box(System):
             time.sleep(0.02)
         raise AssertionError(f"listener got {len(self.received())} messages, wanted {count}")
 
-    def daemon(self) -> subprocess.Popen:
-        run = self.users[RUNNER]
-        return subprocess.Popen(
-            [tool("mailshim"), "daemon"],
-            env=self.env(run),
-            user=run.uid,
-            group=run.gid,
-            extra_groups=[],
-            cwd="/",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-
 
 def stop(daemon: subprocess.Popen) -> bytes:
     daemon.send_signal(signal.SIGTERM)
@@ -120,33 +108,20 @@ def stop(daemon: subprocess.Popen) -> bytes:
 def box():
     if not others_can_run():
         pytest.skip(f"other users cannot run {sys.executable} (its folder is private)")
-    base = Path(tempfile.mkdtemp(prefix="mailshim-sealed-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    users: dict[str, User] = {}
     listener = Listener(auth={"mailshim": PASSWORD}, auth_required=True)
-    try:
-        for name in (RUNNER, ALICE, BOB):
-            home = base / f"home-{name}"
-            _useradd(name, home)
-            users[name] = User(name, home)
-            home.mkdir()
-            os.chown(home, users[name].uid, users[name].gid)
-            os.chmod(home, 0o700)
+    with users_in_tmp("mailshim-sealed-", (RUNNER, ALICE, BOB)) as (base, users):
         listener.start()
-        system = Box(base, listener, users)
-        system.secret.write_text(PASSWORD + "\n")
-        os.chown(system.secret, users[RUNNER].uid, users[RUNNER].gid)
-        os.chmod(system.secret, 0o600)
-        system.write_config(listener.port)
-        r = system.mailshim(None, "setup-spool", "--user", RUNNER)
-        assert r.returncode == 0, r.stderr.decode()
-        yield system
-    finally:
-        listener.stop()
-        for name in users:
-            subprocess.run(["userdel", name], capture_output=True)
-            subprocess.run(["groupdel", name], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            system = Box(base, listener, users)
+            system.secret.write_text(PASSWORD + "\n")
+            os.chown(system.secret, users[RUNNER].uid, users[RUNNER].gid)
+            os.chmod(system.secret, 0o600)
+            system.write_config(listener.port)
+            r = system.mailshim(None, "setup-spool", "--user", RUNNER)
+            assert r.returncode == 0, r.stderr.decode()
+            yield system
+        finally:
+            listener.stop()
 
 
 @pytest.fixture

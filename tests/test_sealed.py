@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import stat
+import subprocess
 
 import pytest
 
+from conftest import tool
+from mailshim import config as config_mod
 from mailshim import sealed
 from mailshim.config import Config, RelayConfig
-from relayhelpers import Listener
+from mailshim.errors import ConfigError
+from relayhelpers import Certs, Listener
 from test_check import run_check, tcp_relay, verbs, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
@@ -141,3 +146,89 @@ def test_sealed_out_only_for_a_secret_the_caller_cannot_read(tmp_path):
     assert sealed.secret_files(relay) == [relay.password_file]
     # root reads everything: never sealed out (and a missing file is check's to report)
     assert sealed.sealed_out(cfg) is (os.geteuid() != 0)
+
+
+# --- a client certificate as the secret -------------------------------------------------
+
+
+class ClientCertCerts(Certs):
+    """A listener that takes only clients with a certificate from its own CA."""
+
+    def server_context(self) -> ssl.SSLContext:
+        context = super().server_context()
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=self.ca.cert_pem.bytes().decode())
+        return context
+
+
+def client_cert_relay(tmp_path, certs: ClientCertCerts, port: int, key_mode: int = 0o600) -> str:
+    client = certs.ca.issue_cert("mailshim-client.example.org")
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    client.cert_chain_pems[0].write_to_path(str(cert))
+    client.private_key_pem.write_to_path(str(key))
+    key.chmod(key_mode)
+    return tcp_relay(
+        port,
+        f'tls = "tls"\nca_file = "{certs.ca_file(tmp_path)}"\n'
+        f'client_cert = "{cert}"\nclient_key = "{key}"',
+    )
+
+
+def sendmail(tmp_path, config, *args: str):
+    env = dict(os.environ, MAILSHIM_CONFIG=str(config), MAILSHIM_NO_SYSLOG="1")
+    env["MAILSHIM_CACHE_DIR"] = str(tmp_path / "cache")
+    return subprocess.run(
+        [tool("sendmail"), *args],
+        input=b"Subject: cert\n\nhi\n",
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_client_certificate_delivers_and_its_key_seals(tmp_path):
+    certs = ClientCertCerts()
+    with Listener(tls="tls", certs=certs) as listener:
+        config = write_config(tmp_path, client_cert_relay(tmp_path, certs, listener.port))
+        r = sendmail(tmp_path, config, "-odi", "-i", "bob@example.org")
+        assert r.returncode == 0, r.stderr
+        assert [m.rcpt_tos for m in listener.handler.messages] == [["bob@example.org"]]
+        assert listener.handler.messages[0].tls
+        c = run_check(tmp_path, config)
+    assert c.returncode == 0, c.stdout
+    assert f"client_key {tmp_path / 'client.key'} (mode 0600), readable by only root" in c.stdout
+    (line,) = sealed_finding(c.stdout)
+    assert line.startswith("ok")
+    assert "without a client certificate the listener refuses the TLS handshake" in line
+
+
+def test_client_key_readable_by_others_is_refused(tmp_path):
+    certs = ClientCertCerts()
+    with Listener(tls="tls", certs=certs) as listener:
+        relay = client_cert_relay(tmp_path, certs, listener.port, key_mode=0o644)
+        config = write_config(tmp_path, relay)
+        c = run_check(tmp_path, config)
+        r = sendmail(tmp_path, config, "-odi", "-i", "bob@example.org")
+        assert listener.handler.messages == []
+    assert c.returncode == 77
+    assert "client_key" in c.stdout and "readable by others (mode 0644)" in c.stdout
+    assert r.returncode == 0, r.stderr  # kept in the spool (a deferral), never sent
+    env = dict(os.environ, MAILSHIM_CONFIG=str(config), MAILSHIM_NO_SYSLOG="1")
+    listing = subprocess.run([tool("mailq")], capture_output=True, text=True, env=env).stdout
+    assert "readable by others" in listing
+
+
+def test_client_cert_needs_tls(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[relay]\nclient_cert = "/x.pem"\n')
+    with pytest.raises(ConfigError, match='client_cert needs tls = "starttls" or "tls"'):
+        config_mod.load(str(path), use_cache=False)
+    path.write_text('[relay]\ntls = "tls"\nclient_key = "/x.key"\n')
+    with pytest.raises(ConfigError, match="client_key is set but client_cert is not"):
+        config_mod.load(str(path), use_cache=False)
+    relay = RelayConfig("relay")
+    relay.client_cert = "/c.pem"
+    assert sealed.secret_files(relay) == ["/c.pem"]  # the key in the certificate file
+    relay.client_key = "/c.key"
+    relay.password_file = "/p"
+    assert sealed.secret_files(relay) == ["/p", "/c.key"]

@@ -301,3 +301,43 @@ def test_check_as_a_sealed_user_with_no_runner_is_an_error(sb):
     assert r.returncode == 69, out
     (line,) = [x for x in out.splitlines() if x.startswith("error")]
     assert "sealed: only the runner can deliver this user's mail, and nothing runs it" in line
+
+
+def test_a_client_key_only_the_runner_reads_seals_too(sb):
+    from test_sealed import ClientCertCerts, client_cert_relay
+
+    alice, run = sb.users[ALICE], sb.users[RUNNER]
+    certs = ClientCertCerts()
+    folder = sb.base / "tls"
+    folder.mkdir(exist_ok=True)
+    os.chmod(folder, 0o755)
+    with Listener(tls="tls", certs=certs) as cert_listener:
+        relay = client_cert_relay(folder, certs, cert_listener.port)
+        key = folder / "client.key"
+        os.chown(key, run.uid, run.gid)
+        os.chmod(folder / "ca.pem", 0o644)
+        os.chmod(folder / "client.pem", 0o644)
+        text = sb.config.read_text()
+        start = text.index("[relay]")
+        end = text.index("[addresses]")
+        sb.config.write_text(text[:start] + relay + "\n\n" + text[end:])
+        try:
+            r = sb.sendmail(alice, "-odi", "-i", "cert@example.org", input=MSG)
+            assert (r.returncode, r.stderr) == (0, b"")
+            time.sleep(0.5)
+            assert cert_listener.handler.connections == 0  # alice never tried
+            assert len(sb.names("incoming")) == 1
+            out = check(sb, alice).stdout.decode()
+            assert f"client_key {key} is readable by only {RUNNER} (sealed)" in out
+            assert "without a client certificate the listener refuses" in out
+            daemon = sb.daemon()
+            try:
+                deadline = time.monotonic() + 30
+                while not cert_listener.handler.messages and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            finally:
+                stop(daemon)
+            (got,) = cert_listener.handler.messages
+            assert got.rcpt_tos == ["cert@example.org"] and got.tls
+        finally:
+            sb.write_config(sb.listener.port)

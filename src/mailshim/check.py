@@ -164,15 +164,64 @@ def check_addresses(
 
 
 def _secret_owner(
-    path: str, st: os.stat_result, report: Report, name: str, runner: int | None
+    path: str, st: os.stat_result, report: Report, name: str, runner: int | None, label: str
 ) -> None:
     if runner is not None and runner != 0 and st.st_uid != runner:
         report.add(
             WARNING, "secret",
-            f"[{name}] password_file {path} belongs to {_owner(st.st_uid)}, but the runner"
+            f"[{name}] {label} {path} belongs to {_owner(st.st_uid)}, but the runner"
             f" runs as {_owner(runner)} and cannot read it: mail it retries stays deferred",
             f"chown {_owner(runner)} {path}", relay=name,
         )  # fmt: skip
+
+
+def _check_secret(report: Report, name: str, label: str, path: str, runner: int | None) -> None:
+    """One secret file (``password_file``, ``client_key``) as this user sees it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        report.add(
+            ERROR,
+            "secret",
+            f"[{name}] {label} {path}: {exc.strerror}",
+            "create it (mode 0600) or fix the path",
+            EX_CONFIG,
+            name,
+        )
+    else:
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            report.add(
+                ERROR, "secret",
+                f"[{name}] {label} {path} is readable by others (mode {mode:04o});"
+                " mailshim refuses to use it",
+                f"chmod 600 {path}", EX_NOPERM, name,
+            )  # fmt: skip
+        elif not os.access(path, os.R_OK):
+            if runner is not None and st.st_uid == runner:
+                report.add(
+                    OK, "secret",
+                    f"[{name}] {label} {path} is readable by {secret_holders(st)}"
+                    " (sealed): this user cannot relay directly, the runner delivers"
+                    " its mail",
+                    relay=name,
+                )  # fmt: skip
+            else:
+                report.add(
+                    ERROR, "secret",
+                    f"[{name}] {label} {path} is not readable by uid {os.getuid()}"
+                    f" (owner uid {st.st_uid})",
+                    "run mailshim check as the user that delivers mail (root or mailshim)",
+                    EX_NOPERM, name,
+                )  # fmt: skip
+        else:
+            report.add(
+                OK, "secret",
+                f"[{name}] {label} {path} (mode {mode:04o}), readable by"
+                f" {secret_holders(st)}",
+                relay=name,
+            )  # fmt: skip
+            _secret_owner(path, st, report, name, runner, label)
 
 
 def check_relay_settings(relay: RelayConfig, report: Report, runner: int | None = None) -> None:
@@ -183,52 +232,10 @@ def check_relay_settings(relay: RelayConfig, report: Report, runner: int | None 
     """
     name = relay.name
     if relay.password_file:
-        path = relay.password_file
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            report.add(
-                ERROR,
-                "secret",
-                f"[{name}] password_file {path}: {exc.strerror}",
-                "create it (mode 0600) or fix the path",
-                EX_CONFIG,
-                name,
-            )
-        else:
-            mode = stat.S_IMODE(st.st_mode)
-            if mode & 0o077:
-                report.add(
-                    ERROR, "secret",
-                    f"[{name}] password_file {path} is readable by others (mode {mode:04o});"
-                    " mailshim refuses to use it",
-                    f"chmod 600 {path}", EX_NOPERM, name,
-                )  # fmt: skip
-            elif not os.access(path, os.R_OK):
-                if runner is not None and st.st_uid == runner:
-                    report.add(
-                        OK, "secret",
-                        f"[{name}] password_file {path} is readable by {secret_holders(st)}"
-                        " (sealed): this user cannot relay directly, the runner delivers"
-                        " its mail",
-                        relay=name,
-                    )  # fmt: skip
-                else:
-                    report.add(
-                        ERROR, "secret",
-                        f"[{name}] password_file {path} is not readable by uid {os.getuid()}"
-                        f" (owner uid {st.st_uid})",
-                        "run mailshim check as the user that delivers mail (root or mailshim)",
-                        EX_NOPERM, name,
-                    )  # fmt: skip
-            else:
-                report.add(
-                    OK, "secret",
-                    f"[{name}] password_file {path} (mode {mode:04o}), readable by"
-                    f" {secret_holders(st)}",
-                    relay=name,
-                )  # fmt: skip
-                _secret_owner(path, st, report, name, runner)
+        _check_secret(report, name, "password_file", relay.password_file, runner)
+    if relay.client_cert:
+        key = "client_key" if relay.client_key else "client_cert"
+        _check_secret(report, name, key, relay.client_key or relay.client_cert, runner)
     if relay.ca_file and not os.access(relay.ca_file, os.R_OK):
         report.add(
             ERROR,

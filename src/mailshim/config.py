@@ -46,6 +46,8 @@ class RelayConfig:
 
     __slots__ = (
         "ca_file",
+        "client_cert",
+        "client_key",
         "helo",
         "host",
         "name",
@@ -68,6 +70,10 @@ class RelayConfig:
         self.tls = "none"
         self.verify = True
         self.ca_file: str | None = None
+        # A client certificate for listeners that authenticate by TLS; the key is a secret
+        # like password_file (owner the runner user, mode 0600; see sealed.py).
+        self.client_cert: str | None = None
+        self.client_key: str | None = None
         self.username: str | None = None
         self.password_file: str | None = None
         self.timeout = 30.0
@@ -352,6 +358,8 @@ _RELAY_KEYS: dict[str, Callable[[object], object]] = {
     "tls": _choice(TLS_MODES),
     "verify": _bool,
     "ca_file": _nonempty,
+    "client_cert": _nonempty,
+    "client_key": _nonempty,
     "username": _nonempty,
     "password_file": _nonempty,
     "timeout": _positive_number,
@@ -418,6 +426,13 @@ def _build_relay(table: object, name: str, where: str) -> RelayConfig:
     if relay.socket is not None and relay.tls == "tls":
         raise ConfigError(
             f'{where}: [{name}] tls = "tls" cannot be used with a unix socket: use "none"'
+        )
+    if relay.client_key is not None and relay.client_cert is None:
+        raise ConfigError(f"{where}: [{name}] client_key is set but client_cert is not")
+    if relay.client_cert is not None and relay.tls == "none":
+        raise ConfigError(
+            f'{where}: [{name}] client_cert needs tls = "starttls" or "tls" (it is sent in'
+            " the TLS handshake)"
         )
     if relay.password_file is not None and relay.username is None:
         raise ConfigError(f"{where}: [{name}] password_file is set but username is not")

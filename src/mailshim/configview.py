@@ -26,6 +26,8 @@ _RELAY_KEYS = (
     "tls",
     "verify",
     "ca_file",
+    "client_cert",
+    "client_key",
     "username",
     "password_file",
     "timeout",

@@ -22,7 +22,7 @@ from mailshim import reply as kinds
 from mailshim.checkreport import ERROR, OK, WARNING, Finding, RelayProbe, Report
 from mailshim.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE
 from mailshim.hostnames import relay_is_local, valid_helo
-from mailshim.sealed import relay_sealed_out
+from mailshim.sealed import relay_sealed_out, secret_files
 from mailshim.x509 import parse_certificate
 
 TYPE_CHECKING = False
@@ -108,14 +108,14 @@ async def _probe(
             EX_CONFIG,
         )
         return
-    if relay.username and relay_sealed_out(relay):
+    if relay_sealed_out(relay):
         # Sealed, seen from a user: only the runner can authenticate, so only the
         # unauthenticated side is probed here (root's check probes both).
         add(
             OK,
             "auth",
-            f"this user cannot read the secret for {relay.username}: its mail is delivered"
-            " by the runner (run mailshim check as root to probe with the secret)",
+            "this user cannot read the relay's secret: its mail is delivered by the runner"
+            " (run mailshim check as root to probe with the secret)",
         )
         await _probe_sealed(relay, helo, probe, sender, rcpts, add, alone=True)
         return
@@ -136,7 +136,7 @@ async def _probe(
         await _transaction(session, sender, rcpts, probe, add)
     finally:
         await session.quit()
-    if relay.username:
+    if secret_files(relay):
         await _probe_sealed(relay, helo, probe, sender, rcpts, add, alone=False)
     elif probe.outcome == "ok":
         probe.sealed = False
@@ -155,6 +155,9 @@ _SEAL_FIX = (
 )
 
 
+_CERT_REFUSALS = (kinds.TLS_FAILED, kinds.TLS_REFUSED, kinds.CLOSED, kinds.NETWORK, kinds.PROTOCOL)
+
+
 def _without_secret(relay: RelayConfig) -> RelayConfig:
     from mailshim.config import RelayConfig
 
@@ -163,6 +166,8 @@ def _without_secret(relay: RelayConfig) -> RelayConfig:
         setattr(bare, attr, getattr(relay, attr))
     bare.username = None
     bare.password_file = None
+    bare.client_cert = None
+    bare.client_key = None
     return bare
 
 
@@ -187,6 +192,19 @@ async def _probe_sealed(
         session = await relay_mod.RelaySession.open(bare, helo=helo, say=say)
     except relay_mod.RelayDown as down:
         text, fix, code = classify_failure(bare, down)
+        # Without its certificate the client fails in the handshake, or (TLS 1.3, where the
+        # server checks it after the client's side is done) on the first read.
+        if relay.client_cert and down.reply.kind in _CERT_REFUSALS:
+            probe.sealed = True
+            if alone:
+                probe.outcome = "ok"
+            add(
+                OK,
+                "sealed",
+                f"without a client certificate the listener refuses the TLS handshake ({text}):"
+                " only holders of the key can relay through it",
+            )
+            return
         if alone:
             add(ERROR, "listener", text, fix, code)
         else:

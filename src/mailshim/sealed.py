@@ -1,11 +1,12 @@
 """Decide whether this caller is sealed out of the listener: only the runner holds its secret.
 
-A sealed set-up is one where the listener refuses mail without AUTH and the system
-configuration gives the relay a secret (``password_file``, owned by the runner user, mode
-0600) that the submitting user cannot read. Such a user's ``sendmail`` cannot deliver and must
-not try: it drops the entry into the spool's drop folder and the runner (daemon, path unit,
-whatever serves the spool) delivers it, as Postfix's ``postdrop`` hands mail to its queue
-manager. Root and the runner user read the secret and deliver as before.
+A sealed set-up is one where the listener refuses mail without AUTH (or without a client
+certificate) and the system configuration gives the relay a secret (``password_file``, or
+``client_key``, owned by the runner user, mode 0600) that the submitting user cannot read.
+Such a user's ``sendmail`` cannot deliver and must not try: it drops the entry into the
+spool's drop folder and the runner (daemon, path unit, whatever serves the spool) delivers
+it, as Postfix's ``postdrop`` hands mail to its queue manager. Root and the runner user
+read the secret and deliver as before.
 
 ``secret_holders`` says who can read a secret (for ``mailshim check``); ``sealed_out`` is
 the one question ``sendmail`` asks, with one ``access()`` per secret and no other import.
@@ -30,8 +31,14 @@ __all__ = ["relay_sealed_out", "sealed_out", "secret_files", "secret_holders"]
 
 
 def secret_files(relay: RelayConfig) -> list[str]:
-    """The files of ``relay`` that hold a credential the listener requires."""
-    return [relay.password_file] if relay.password_file else []
+    """The files of ``relay`` that hold a credential the listener requires: the AUTH
+    password, the client certificate's private key (in the certificate file when no
+    ``client_key`` is named)."""
+    files = [relay.password_file] if relay.password_file else []
+    key = relay.client_key or relay.client_cert
+    if key:
+        files.append(key)
+    return files
 
 
 def sealed_out(cfg: Config) -> bool:

@@ -7,14 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailshim.address import (
-    Aliases,
     check_envelope_address,
     find_unqualified,
     is_8bit_address,
     parse_address_list,
-    parse_aliases_file,
     qualify,
 )
+from mailshim.aliases import Aliases, parse_aliases_file
 from mailshim.errors import EX_DATAERR, DataError
 
 # --------------------------------------------------------------------------------------------

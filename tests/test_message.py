@@ -437,7 +437,7 @@ def edits(**kw):
 
 def test_missing_headers_appended_in_order():
     fields = fields_of(b"Subject: cron\nTo: root\n\n")
-    out = edit_headers(fields, edits(from_display="Cron Daemon"), True, True)
+    out = edit_headers(fields, edits(from_display="Cron Daemon"))
     assert out == (
         b"Subject: cron\r\nTo: root\r\n"
         b"From: Cron Daemon <root@example.org>\r\n"
@@ -448,57 +448,50 @@ def test_missing_headers_appended_in_order():
 
 def test_present_headers_not_added_again_any_case():
     raw = b"FROM: me@x.example\r\ndate: Tue, 1 Jan 2030 00:00:00 +0000\r\nMESSAGE-ID: <x@y>\r\n"
-    out = edit_headers(fields_of(raw + b"\r\n"), edits(), True, True)
+    out = edit_headers(fields_of(raw + b"\r\n"), edits())
     assert out == raw + b"\r\n"
 
 
 def test_each_addition_alone():
     fields = fields_of(b"From: a@b.example\nDate: x\n\n")
-    assert edit_headers(fields, edits(), True, True).endswith(
-        b"Message-ID: " + MID.encode() + b"\r\n\r\n"
-    )
+    assert edit_headers(fields, edits()).endswith(b"Message-ID: " + MID.encode() + b"\r\n\r\n")
     fields = fields_of(b"From: a@b.example\nMessage-ID: <m@x>\n\n")
-    assert edit_headers(fields, edits(), True, True).endswith(
-        b"Date: " + DATE.encode() + b"\r\n\r\n"
-    )
+    assert edit_headers(fields, edits()).endswith(b"Date: " + DATE.encode() + b"\r\n\r\n")
     fields = fields_of(b"Date: x\nMessage-ID: <m@x>\n\n")
-    assert edit_headers(fields, edits(), True, True).endswith(b"From: root@example.org\r\n\r\n")
+    assert edit_headers(fields, edits()).endswith(b"From: root@example.org\r\n\r\n")
 
 
 def test_nothing_added_when_edits_are_empty():
     fields = fields_of(b"Subject: s\n\n")
-    out = edit_headers(fields, HeaderEdits(), True, True)
+    out = edit_headers(fields, HeaderEdits())
     assert out == b"Subject: s\r\n\r\n"
 
 
 def test_separator_always_emitted():
     fields = fields_of(b"From: a@b\nDate: d\nMessage-ID: <m@x>\nbody starts here\n")
-    assert (
-        edit_headers(fields, edits(), False, True)
-        == b"From: a@b\r\nDate: d\r\nMessage-ID: <m@x>\r\n\r\n"
-    )
-    assert edit_headers([], HeaderEdits(), False, False) == b"\r\n"
+    assert edit_headers(fields, edits()) == b"From: a@b\r\nDate: d\r\nMessage-ID: <m@x>\r\n\r\n"
+    assert edit_headers([], HeaderEdits()) == b"\r\n"
 
 
 def test_bcc_removed_only_when_asked():
     raw = b"To: a@x\nBcc: secret@x,\n more@x\nResent-Bcc: r@x\nbcc: lower@x\nSubject: s\n\n"
     fields = fields_of(raw)
-    out = edit_headers(fields, HeaderEdits(strip_bcc=True), True, True)
+    out = edit_headers(fields, HeaderEdits(strip_bcc=True))
     assert out == b"To: a@x\r\nSubject: s\r\n\r\n"
-    out = edit_headers(fields, HeaderEdits(strip_bcc=False), True, True)
+    out = edit_headers(fields, HeaderEdits(strip_bcc=False))
     assert out == raw.replace(b"\n", b"\r\n")
 
 
 def test_from_mode_force_replaces_in_place():
     fields = fields_of(b"To: a@x\nFrom: Someone <forged@x>\nSubject: s\nFrom: second@x\n\n")
-    out = edit_headers(fields, edits(from_mode="force", from_display="Real"), True, True)
+    out = edit_headers(fields, edits(from_mode="force", from_display="Real"))
     assert out.startswith(b"To: a@x\r\nFrom: Real <root@example.org>\r\nSubject: s\r\nDate: ")
     assert out.count(b"From:") == 1
 
 
 def test_from_mode_force_without_an_address_keeps_from():
     fields = fields_of(b"From: a@x\n\n")
-    out = edit_headers(fields, HeaderEdits(from_mode="force"), True, True)
+    out = edit_headers(fields, HeaderEdits(from_mode="force"))
     assert out == b"From: a@x\r\n\r\n"
 
 
@@ -508,9 +501,7 @@ def test_from_mode_rewrite_local_keeps_every_other_byte():
         b'Sender: daemon\r\nReply-To: "a b"\r\nTo: root\r\nSubject: root\r\n\r\n'
     )
     fields = fields_of(raw)
-    out = edit_headers(
-        fields, edits(from_mode="rewrite-local", date=None, message_id=None), True, True
-    )
+    out = edit_headers(fields, edits(from_mode="rewrite-local", date=None, message_id=None))
     assert out == (
         b"From: Cron Daemon <root@example.org> (the \xff daemon),\r\n"
         b"\tbin@example.org, other@x.example\r\n"
@@ -522,12 +513,12 @@ def test_from_mode_rewrite_local_keeps_every_other_byte():
 
 def test_from_mode_rewrite_local_leaves_unparsable_fields_alone():
     raw = b'From: "broken <root>\r\nDate: d\r\nMessage-ID: <m@x>\r\n\r\n'
-    assert edit_headers(fields_of(raw), edits(from_mode="rewrite-local"), True, True) == raw
+    assert edit_headers(fields_of(raw), edits(from_mode="rewrite-local")) == raw
 
 
 def test_from_mode_rewrite_local_adds_a_missing_from():
     out = edit_headers(
-        fields_of(b"Date: d\nMessage-ID: <m@x>\n\n"), edits(from_mode="rewrite-local"), True, True
+        fields_of(b"Date: d\nMessage-ID: <m@x>\n\n"), edits(from_mode="rewrite-local")
     )
     assert out.endswith(b"From: root@example.org\r\n\r\n")
 
@@ -560,7 +551,7 @@ def test_display_name_formatting(display, expected):
 
 def test_from_display_injection_is_neutralised():
     out = edit_headers(
-        fields_of(b"Date: d\nMessage-ID: <m@x>\n\n"), edits(from_display="x\nBcc: v@x"), True, True
+        fields_of(b"Date: d\nMessage-ID: <m@x>\n\n"), edits(from_display="x\nBcc: v@x")
     )
     assert out.count(b"\r\n") == 4 and b"\nBcc" not in out
 
@@ -575,9 +566,7 @@ def _unfold_and_decode(value: str) -> str:
 
 @pytest.mark.parametrize("name", ["Jörg Müller", "日本語の名前" * 10, "ë" * 200, "x" * 300])
 def test_long_and_non_ascii_display_names_fold_and_round_trip(name):
-    out = edit_headers(
-        fields_of(b"Date: d\nMessage-ID: <m@x>\n\n"), edits(from_display=name), True, True
-    )
+    out = edit_headers(fields_of(b"Date: d\nMessage-ID: <m@x>\n\n"), edits(from_display=name))
     text = out.decode("ascii")
     assert all(len(line) <= 78 for line in text.split("\r\n"))
     value = text[len("Date: d\r\nMessage-ID: <m@x>\r\nFrom: ") :].split(" <root@example.org>")[0]
@@ -588,7 +577,7 @@ def test_long_and_non_ascii_display_names_fold_and_round_trip(name):
 
 def test_ascii_display_with_many_words_folds_without_changing_meaning():
     name = " ".join(["word"] * 40)
-    out = edit_headers([], edits(from_display=name, date=None, message_id=None), True, True)
+    out = edit_headers([], edits(from_display=name, date=None, message_id=None))
     lines = out.split(b"\r\n")
     assert all(len(line) <= 78 for line in lines)
     assert out.replace(b"\r\n ", b" ") == f"From: {name} <root@example.org>\r\n\r\n".encode()
@@ -596,7 +585,7 @@ def test_ascii_display_with_many_words_folds_without_changing_meaning():
 
 def test_from_addr_with_control_characters_is_refused():
     with pytest.raises(DataError):
-        edit_headers([], edits(from_addr="a@b\r\nBcc: x@y"), True, True)
+        edit_headers([], edits(from_addr="a@b\r\nBcc: x@y"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,7 +649,7 @@ def test_make_message_id():
 
 
 def test_pure_modules_import_nothing_heavy():
-    code = "import mailshim.address, mailshim.message"
+    code = "import mailshim.address, mailshim.aliases, mailshim.message"
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True
     )
@@ -677,7 +666,7 @@ def test_pure_modules_import_nothing_heavy():
     new = modules(result.stderr) - modules(baseline.stderr)
     forbidden = {"re", "typing", "dataclasses", "enum", "email", "datetime", "time", "socket"}
     assert not (new & forbidden), new
-    assert {"mailshim.address", "mailshim.message"} <= new
+    assert {"mailshim.address", "mailshim.aliases", "mailshim.message"} <= new
 
 
 # --------------------------------------------------------------------------------------------
@@ -807,7 +796,7 @@ def test_property_only_documented_edits(data, dot_ends, sizes, chunk_size, strip
 
     # The edits: Bcc removal, appended From/Date/Message-ID when missing, the separator.
     ed = HeaderEdits(date=DATE, message_id=MID, from_addr="root@example.org", strip_bcc=strip_bcc)
-    head = edit_headers(block.fields, ed, block.had_separator, bool(body))
+    head = edit_headers(block.fields, ed)
     removed = ("bcc", "resent-bcc") if strip_bcc else ()
     kept = b"".join(f.raw for f in block.fields if f.lname not in removed)
     added = b""
@@ -850,7 +839,7 @@ def resent_block_end(fields) -> int:
 def test_property_from_modes_touch_only_originator_fields(data, mode):
     _r, block, _body = split(data)
     ed = HeaderEdits(from_addr="root@example.org", from_mode=mode, domain="example.org")
-    head = edit_headers(block.fields, ed, block.had_separator, True)
+    head = edit_headers(block.fields, ed)
     others = b"".join(f.raw for f in block.fields if f.lname not in ("from", "sender", "reply-to"))
     stripped = b"".join(
         line + b"\r\n"
@@ -914,7 +903,7 @@ def test_property_qualify_changes_only_address_fields(raws, strip_bcc):
     ed = HeaderEdits(
         date=DATE, resent_message_id=MID, qualify_domain="q.invalid", strip_bcc=strip_bcc
     )
-    out = _field_raws(edit_headers(fields, ed, True, True))
+    out = _field_raws(edit_headers(fields, ed))
     removed = ("bcc", "resent-bcc") if strip_bcc else ()
     kept = [f for f in fields if f.lname not in removed]
     end = resent_block_end(fields)
@@ -944,7 +933,7 @@ def test_property_qualify_changes_only_address_fields(raws, strip_bcc):
 
 def test_resent_additions_at_the_end_when_the_block_ends_the_header():
     fields = fields_of(b"Subject: s\nResent-To: a@x.example\n\n")
-    out = edit_headers(fields, HeaderEdits(date=DATE, resent_message_id="<r@x>"), True, True)
+    out = edit_headers(fields, HeaderEdits(date=DATE, resent_message_id="<r@x>"))
     assert out == (
         b"Subject: s\r\nResent-To: a@x.example\r\nResent-Date: " + DATE.encode() + b"\r\n"
         b"Resent-Message-ID: <r@x>\r\nDate: " + DATE.encode() + b"\r\n\r\n"
@@ -956,7 +945,7 @@ def test_resent_additions_after_the_first_block_only():
         b"Resent-To: new@x.example\nResent-From: me@x.example\nReceived: x\n"
         b"Resent-To: old@x.example\nFrom: a@x.example\n\n"
     )
-    out = edit_headers(fields, HeaderEdits(date=DATE, resent_message_id="<r@x>"), True, True)
+    out = edit_headers(fields, HeaderEdits(date=DATE, resent_message_id="<r@x>"))
     lines = out.split(b"\r\n")
     assert lines[2] == b"Resent-Date: " + DATE.encode()
     assert lines[3] == b"Resent-Message-ID: <r@x>" and lines[4] == b"Received: x"
@@ -965,7 +954,7 @@ def test_resent_additions_after_the_first_block_only():
 
 def test_qualify_cron_and_sudo_fields():
     fields = fields_of(b"From: root (Cron Daemon)\nTo: root\nSubject: root\nX-Cron-Env: <root>\n\n")
-    out = edit_headers(fields, HeaderEdits(qualify_domain="example.org"), True, True)
+    out = edit_headers(fields, HeaderEdits(qualify_domain="example.org"))
     assert out == (
         b"From: root@example.org (Cron Daemon)\r\nTo: root@example.org\r\n"
         b"Subject: root\r\nX-Cron-Env: <root>\r\n\r\n"

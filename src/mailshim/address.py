@@ -1,10 +1,10 @@
-"""Addresses: RFC 5322 address lists, envelope address checks, qualification, aliases.
+"""Addresses: RFC 5322 address lists, envelope address checks, qualification.
 
 Everything here is pure: strings in, strings out. ``parse_address_list`` reads recipient
 header fields tolerantly (for ``sendmail -t``); ``check_envelope_address`` is the strict check
 for one envelope address (argv, ``MAIL FROM``/``RCPT TO`` of ``-bs``) and returns the canonical
-form; ``qualify`` gives bare local names the default domain; ``parse_aliases_file`` and
-``Aliases`` implement aliases(5) for a null client (no pipes, files or includes).
+form; ``qualify`` gives bare local names the default domain; ``dedupe_key`` says when two
+canonical addresses are the same mailbox. aliases(5) lives in ``aliases.py``.
 
 Canonical form: ``local@domain`` or a bare ``local``, no angle brackets, no comments; the local
 part is quoted (``"john doe"@x``, with ``\\`` before ``"`` and ``\\``) only when it is not a
@@ -15,24 +15,26 @@ Trust: imported by ``sendmail`` (running as any local user, on the fast path: so
 text, argv words, SMTP arguments and the aliases file may hold anything, 8-bit included.
 Nothing here may raise anything but ``DataError`` on bad input, and every error message names
 the offending text on one line (shortened to 200 characters).
+
+Raises: ``DataError`` only (the callers exit 65, EX_DATAERR, or answer 501/553 in ``-bs``).
 """
 
 from __future__ import annotations
 
 from mailshim.errors import DataError, printable
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Iterable
-
 __all__ = [
-    "Aliases",
     "check_envelope_address",
+    "dedupe_key",
+    "domain_problem",
     "find_unqualified",
     "is_8bit_address",
     "parse_address_list",
-    "parse_aliases_file",
     "qualify",
+    "read_quoted",
+    "shown",
+    "split_address",
+    "unquote_local",
 ]
 
 # RFC 5322 atext (ASCII part); every non-ASCII character that is not a control or a lone
@@ -49,11 +51,10 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 MAX_ADDRESS = 254  # octets, RFC 5321 path limit minus the angle brackets
 MAX_LOCAL = 64  # octets, RFC 5321 4.5.3.1.1
 MAX_LABEL = 63
-MAX_ALIAS_DEPTH = 20
 _SHOW = 200  # longest piece of hostile text quoted in an error message
 
 
-def _show(text: str) -> str:
+def shown(text: str) -> str:
     """Make hostile text printable in a one-line message (no surrogates, bounded length)."""
     return printable(text, _SHOW)
 
@@ -93,7 +94,7 @@ def _quote_local(local: str) -> str:
     return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _unquote_local(local: str) -> str:
+def unquote_local(local: str) -> str:
     if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
         out = []
         i = 1
@@ -106,7 +107,7 @@ def _unquote_local(local: str) -> str:
     return local
 
 
-def _split(addr: str) -> tuple[str, str | None]:
+def split_address(addr: str) -> tuple[str, str | None]:
     """Split a canonical address into (local part as written, domain or None)."""
     if addr.startswith('"'):
         i = 1
@@ -153,10 +154,10 @@ def _skip_comment(text: str, i: int) -> int:
             if depth == 0:
                 return i + 1
         i += 1
-    raise DataError(f"unterminated comment in address list: {_show(text)}")
+    raise DataError(f"unterminated comment in address list: {shown(text)}")
 
 
-def _quoted(text: str, i: int) -> tuple[str, int]:
+def read_quoted(text: str, i: int) -> tuple[str, int]:
     """Unescaped content and end index of the quoted string starting at ``text[i] == '"'``."""
     out = []
     i += 1
@@ -172,7 +173,7 @@ def _quoted(text: str, i: int) -> tuple[str, int]:
         if c not in "\r\n":  # folding inside a quoted string: the CRLF is not content
             out.append(c)
         i += 1
-    raise DataError(f"unterminated quoted string in address list: {_show(text)}")
+    raise DataError(f"unterminated quoted string in address list: {shown(text)}")
 
 
 def _domain_literal(text: str, i: int) -> int:
@@ -188,7 +189,7 @@ def _domain_literal(text: str, i: int) -> int:
         if c == "[":
             break
         j += 1
-    raise DataError(f"unterminated domain literal in address list: {_show(text)}")
+    raise DataError(f"unterminated domain literal in address list: {shown(text)}")
 
 
 def _tokens(text: str) -> list[_Token]:
@@ -203,7 +204,7 @@ def _tokens(text: str) -> list[_Token]:
         elif c == "(":
             i = _skip_comment(text, i)
         elif c == '"':
-            value, j = _quoted(text, i)
+            value, j = read_quoted(text, i)
             out.append(("q", value, i, j))
             i = j
         elif c == "[":
@@ -214,7 +215,7 @@ def _tokens(text: str) -> list[_Token]:
             out.append((c, c, i, i + 1))
             i += 1
         elif c in ")]\\":
-            raise DataError(f"unexpected {c!r} in address list: {_show(text)}")
+            raise DataError(f"unexpected {c!r} in address list: {shown(text)}")
         else:
             j = stops.find(" ", i + 1)
             j = n if j < 0 else j
@@ -224,7 +225,7 @@ def _tokens(text: str) -> list[_Token]:
 
 
 def _bad(text: str, why: str) -> DataError:
-    return DataError(f"cannot parse address list ({why}): {_show(text)}")
+    return DataError(f"cannot parse address list ({why}): {shown(text)}")
 
 
 def _local_from_tokens(toks: list[_Token], text: str) -> str:
@@ -427,7 +428,7 @@ def _valid_label(label: str) -> bool:
     return len(label.encode("utf-8")) <= MAX_LABEL
 
 
-def _domain_problem(domain: str) -> str | None:
+def domain_problem(domain: str) -> str | None:
     if not domain:
         return "empty domain"
     if domain[0] == "[":
@@ -486,7 +487,7 @@ def _envelope_problem(s: str) -> tuple[str, str | None]:
         return "", f"local part longer than {MAX_LOCAL} octets"
     if domain is None:
         return canon, None
-    problem = _domain_problem(domain)
+    problem = domain_problem(domain)
     if problem:
         return "", problem
     canon = canon + "@" + domain
@@ -528,41 +529,7 @@ def check_envelope_address(addr: str) -> str:
         canon, problem = _envelope_problem(s)
         if problem is None:
             return canon
-    raise DataError(f"invalid address: {_show(addr)} ({problem})")
-
-
-def settings_problem(
-    domain: str | None, sender: str | None, aliases: dict[str, tuple[str, ...]]
-) -> tuple[str, str] | None:
-    """The first configured address setting that is not usable, as (key, problem); None
-    when all are. Checked when the configuration is read, so that a bad ``domain`` cannot
-    make ``root@@example.org`` or send users' mail silently to ``corrupt/`` at pickup.
-
-    >>> settings_problem("example.org.", None, {})
-    ('[addresses] domain', 'example.org. is not a domain name (bad domain label)')
-    >>> settings_problem("example.org", "noreply", {"root": ("ops@example.org",)}) is None
-    True
-    """
-    if domain is not None:
-        problem = _domain_problem(domain) if domain[:1] != "[" else "an address literal"
-        if problem:
-            return "[addresses] domain", f"{_show(domain)} is not a domain name ({problem})"
-    qualify_with = domain or "example.invalid"
-    if sender is not None:
-        try:
-            canon = check_envelope_address(sender)
-            if not canon:
-                return "[addresses] sender", "the null sender <> cannot be everyone's sender"
-            check_envelope_address(qualify(canon, qualify_with))
-        except DataError as exc:
-            return "[addresses] sender", exc.message
-    table = Aliases(aliases)
-    for name in aliases:
-        try:
-            table.expand(name, qualify_with)
-        except DataError as exc:
-            return f"[aliases] {_show(name)}", exc.message
-    return None
+    raise DataError(f"invalid address: {shown(addr)} ({problem})")
 
 
 def qualify(addr: str, domain: str) -> str:
@@ -573,7 +540,7 @@ def qualify(addr: str, domain: str) -> str:
     """
     if not addr:
         return addr
-    _local, dom = _split(addr)
+    _local, dom = split_address(addr)
     return addr if dom is not None else f"{addr}@{domain}"
 
 
@@ -582,214 +549,11 @@ def is_8bit_address(addr: str) -> bool:
     return not addr.isascii()
 
 
-# ---------------------------------------------------------------------------------------------
-# aliases(5)
-# ---------------------------------------------------------------------------------------------
+def dedupe_key(addr: str) -> tuple[str, str]:
+    """The identity of a canonical address: its local part as written, its domain lowercased.
 
-
-def _split_commas(value: str) -> list[str]:
-    """Split at commas outside quoted strings, comments and angle brackets."""
-    out = []
-    start = 0
-    quote = False
-    depth = 0
-    i = 0
-    while i < len(value):
-        c = value[i]
-        if c == "\\":
-            i += 2
-            continue
-        if quote:
-            quote = c != '"'
-        elif c == '"':
-            quote = True
-        elif c in "(<":
-            depth += 1
-        elif c in ")>":
-            depth = max(0, depth - 1)
-        elif c == "," and depth == 0:
-            out.append(value[start:i])
-            start = i + 1
-        i += 1
-    out.append(value[start:])
-    return [part.strip() for part in out if part.strip()]
-
-
-def _undeliverable(target: str) -> bool:
-    """Pipes, files, :include: and exim's :blackhole:/:fail: need a local delivery agent."""
-    if target[:1] in ("|", "/", ":"):
-        return True
-    if target.startswith('"'):
-        try:
-            content, end = _quoted(target, 0)
-        except DataError:
-            return False
-        return content[:1] in ("|", "/") and not target[end:].strip()
-    return False
-
-
-def _split_targets(value: str) -> tuple[list[str], list[str]]:
-    """(addresses, undeliverable targets) of one alias value; raises DataError if unparsable."""
-    addrs: list[str] = []
-    skipped: list[str] = []
-    for target in _split_commas(value):
-        if _undeliverable(target):
-            skipped.append(target)
-        else:
-            addrs.extend(parse_address_list(target))
-    return addrs, skipped
-
-
-def _logical_lines(text: str) -> list[tuple[int, str]]:
-    lines: list[tuple[int, str]] = []
-    for number, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if line[0] in " \t" and lines:
-            lines[-1] = (lines[-1][0], lines[-1][1] + " " + stripped)
-        else:
-            lines.append((number, line.strip()))
-    return lines
-
-
-def _alias_name(raw: str) -> str:
-    raw = raw.strip()
-    if raw.startswith('"'):
-        name, end = _quoted(raw, 0)
-        if raw[end:].strip():
-            raise DataError("text after the quoted name")
-        return name.lower()
-    return raw.lower()
-
-
-def parse_aliases_file(
-    text: str,
-) -> tuple[dict[str, tuple[str, ...]], list[tuple[str, str]]]:
-    """Parse aliases(5) text into ({name: targets}, [(name, skipped target), ...]).
-
-    Names are lowercased; the last definition of a name wins. Targets a null client cannot
-    deliver (``|command``, ``/file``, ``:include:``, ``:blackhole:``) are skipped and
-    listed; a name left with no target is not an alias at all (its mail goes to
-    ``name@domain``). Raises ``DataError`` naming the line when a line cannot be parsed.
+    Local parts may be case-sensitive (RFC 5321 2.4) and domains are not, so ``A@X`` and
+    ``A@x`` are one recipient while ``a@x`` is another.
     """
-    table: dict[str, tuple[str, ...]] = {}
-    skipped: list[tuple[str, str]] = []
-    for number, line in _logical_lines(text):
-        name_part, colon, value = _partition_unquoted(line)
-        try:
-            if not colon:
-                raise DataError("no ':' after the name")
-            name = _alias_name(name_part)
-            if not name:
-                raise DataError("empty name")
-            addrs, bad = _split_targets(value)
-        except DataError as exc:
-            raise DataError(f"aliases line {number}: {exc.message}") from None
-        skipped.extend((name, target) for target in bad)
-        if addrs:
-            table[name] = tuple(addrs)
-        else:
-            table.pop(name, None)
-    return table, skipped
-
-
-def _partition_unquoted(line: str) -> tuple[str, str, str]:
-    """Split at the first ':' outside a leading quoted name."""
-    if line.startswith('"'):
-        try:
-            _name, end = _quoted(line, 0)
-        except DataError:
-            return line, "", ""
-        head, colon, tail = line[end:].partition(":")
-        return line[:end] + head, colon, tail
-    return line.partition(":")
-
-
-class Aliases:
-    """Recursive, loop-safe alias expansion for bare names and the default domain.
-
-    ``table`` maps names (any case) to targets: addresses, or address lists as text (a
-    config value such as ``"a@x, b@x"``). Undeliverable targets (pipes, files, includes) are
-    dropped and listed in ``skipped``; targets are checked when first used.
-    """
-
-    __slots__ = ("_cache", "_raw", "skipped")
-
-    def __init__(self, table: dict[str, tuple[str, ...]]) -> None:
-        merged: dict[str, tuple[str, ...]] = {}
-        self.skipped: list[tuple[str, str]] = []
-        for name, targets in table.items():
-            merged[name.lower()] = tuple(targets)  # the config table wins over the file
-        self._raw = merged
-        self._cache: dict[str, tuple[str, ...]] = {}
-
-    def _targets(self, key: str) -> tuple[str, ...] | None:
-        if key in self._cache:
-            return self._cache[key]
-        raw = self._raw.get(key)
-        if raw is None:
-            return None
-        out: list[str] = []
-        for item in raw:
-            try:
-                addrs, bad = _split_targets(item)
-                out.extend(check_envelope_address(a) for a in addrs)
-            except DataError as exc:
-                raise DataError(f"alias {_show(key)}: {exc.message}") from None
-            self.skipped.extend((key, b) for b in bad)
-        result = tuple(a for a in out if a)
-        self._cache[key] = result
-        return result
-
-    def _walk(self, addr: str, domain: str, chain: tuple[str, ...], state: _Expansion) -> None:
-        local, dom = _split(addr)
-        if dom is None or dom.lower() == domain.lower():
-            key = _unquote_local(local).lower()
-            targets = self._targets(key) if key not in chain else None
-            if targets:
-                if key in state.done:
-                    return  # already expanded in this run: its results are in already
-                if len(chain) >= MAX_ALIAS_DEPTH:
-                    raise DataError(
-                        f"alias expansion deeper than {MAX_ALIAS_DEPTH} at {_show(key)}"
-                    )
-                for target in targets:
-                    self._walk(target, domain, (*chain, key), state)
-                state.done.add(key)
-                return
-        state.add(qualify(addr, domain))
-
-    def expand(self, addr: str, domain: str) -> list[str]:
-        """The final recipients of ``addr``: every one has ``@``; duplicates removed.
-
-        A name that reaches itself (directly or through a cycle) is delivered as
-        ``name@domain``. Raises ``DataError`` on an expansion deeper than 20 levels or an
-        invalid target.
-        """
-        return self.expand_all([addr], domain)
-
-    def expand_all(self, addrs: Iterable[str], domain: str) -> list[str]:
-        """``expand`` over a list, de-duplicating across the whole result (order kept)."""
-        state = _Expansion()
-        for addr in addrs:
-            if addr:
-                self._walk(addr, domain, (), state)
-        return state.out
-
-
-class _Expansion:
-    __slots__ = ("done", "out", "seen")
-
-    def __init__(self) -> None:
-        self.out: list[str] = []
-        self.seen: set[tuple[str, str]] = set()
-        self.done: set[str] = set()
-
-    def add(self, addr: str) -> None:
-        local, dom = _split(addr)
-        key = (local, (dom or "").lower())
-        if key not in self.seen:
-            self.seen.add(key)
-            self.out.append(addr)
+    local, domain = split_address(addr)
+    return local, (domain or "").lower()

@@ -28,6 +28,10 @@ default action is to be ignored, so a stale pid cannot hurt another process.
 
 Exit status: 0 (also when delivery failed: that is logged); 64 bad arguments; 78 the
 configuration could not be read. It has no terminal: problems go to syslog.
+
+Raises: nothing escapes. ``agent_main`` returns the exit status above (a ``MailshimError``
+becomes its code and a log line); ``start`` returns quietly when no agent can be started, since
+the entry is already safe in the spool for the runner.
 """
 
 from __future__ import annotations

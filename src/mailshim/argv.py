@@ -9,6 +9,9 @@ recipient. Only a letter sendmail never had is a usage error.
 Trust: runs as any user with the caller's argv. ``-f``, ``-F`` and recipients end up in
 headers and SMTP commands, so CR, LF and NUL in them are refused here (header injection);
 their syntax is checked later by ``address``.
+
+Raises ``UsageError`` (exit 64) for an unknown option, a missing option argument, an unsupported
+``-b`` mode or a CR, LF or NUL in a word that would reach a header.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from mailshim.constants import REPORT_DELAYED, REPORT_FAILED, STAGE_SIZE
 from mailshim.errors import printable
-from mailshim.message import format_date
+from mailshim.message import fold_field, format_date
 from mailshim.reply import Reply
 
 TYPE_CHECKING = False
@@ -141,21 +141,6 @@ def _diagnostic(reply: Reply) -> str:
     return f"X-mailshim; {_ascii(reply.text)}"
 
 
-def _fold(name: str, value: str) -> str:
-    """``Name: value`` folded at spaces to lines of at most 78 characters where possible."""
-    words = value.split(" ")
-    lines: list[str] = []
-    line = f"{name}:"
-    for word in words:
-        if len(line) + 1 + len(word) > 78 and line.strip() not in (f"{name}:", ""):
-            lines.append(line)
-            line = " " + word
-        else:
-            line += " " + word
-    lines.append(line)
-    return "\r\n".join(lines) + "\r\n"
-
-
 def _address_type(addr: str) -> str:
     return f"rfc822; {addr}" if addr.isascii() else f"utf-8; {addr}"
 
@@ -260,7 +245,7 @@ def build_report(
         status.append(f"Final-Recipient: {_address_type(_octets(_printable(rcpt), 900))}\r\n")
         status.append(f"Action: {kind}\r\n")
         status.append(f"Status: {status_of(reply, expired=rcpt in expired)}\r\n")
-        status.append(_fold("Diagnostic-Code", _diagnostic(reply)))
+        status.append(fold_field("Diagnostic-Code", _diagnostic(reply)) + "\r\n")
         if last_attempt is not None:
             status.append(f"Last-Attempt-Date: {format_date(last_attempt, utc_offset)}\r\n")
         if kind == DELAYED and until is not None:

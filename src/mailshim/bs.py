@@ -26,6 +26,9 @@ the client learns everything from the replies.
 Trust: runs as whoever started ``sendmail -bs`` (not set-id). The client and every byte it
 sends are untrusted; the configuration is trusted. Submission (preparation, spool, relay) is
 ``mailshim.submit``'s job, with the same checks as for a message piped to ``sendmail``.
+
+Raises nothing to its caller: ``serve`` returns the exit status above; ``DataError`` and
+``TempFailError`` raised inside a DATA section become that status and a 4xx/5xx reply.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ them; the table read from it is validated again like a freshly parsed one.
 Trust: runs as every user. The file named by ``-C`` or ``$MAILSHIM_CONFIG`` is the caller's
 choice and only affects the caller's own submission; the secret named by ``password_file`` is
 refused when others can read it.
+
+Raises ``ConfigError`` (exit 78) naming the file, the key and the problem (the key checks raise
+``ValueError``, which ``_apply`` turns into it) and ``NoPermError`` (exit 77) for a secret or
+file the caller may not use.
 """
 
 from __future__ import annotations
@@ -595,9 +599,9 @@ def _check_addresses(cfg: Config, where: str) -> None:
     """Addresses in the file must be usable before anything is sent (issue 12, item 13)."""
     if cfg._domain is None and cfg.sender is None and not cfg.aliases:
         return
-    from mailshim import address  # pure, and sendmail imports it anyway
+    from mailshim import aliases  # pure, and sendmail imports it anyway
 
-    problem = address.settings_problem(cfg._domain, cfg.sender, cfg.aliases)
+    problem = aliases.settings_problem(cfg._domain, cfg.sender, cfg.aliases)
     if problem is not None:
         key, why = problem
         raise ConfigError(f"{where}: {key}: {why}", key)

@@ -6,6 +6,11 @@ one of these classes, and only ``mailshim.cli`` turns them into ``sys.exit``.
 Trust: imported by every process (``sendmail`` as any user, the runner, the admin CLI). It
 holds no state and touches nothing; messages must already be safe to print (one line, no
 control characters), which ``MailshimError`` enforces.
+
+Raises nothing itself; ``MailshimError`` is the base of everything the other modules raise on
+purpose, and its subclasses' ``code`` is the exit status: 64 usage, 65 data, 66 no input, 67 no
+user, 69 unavailable, 70 software, 73 cannot create, 74 I/O, 75 temporary, 77 permission, 78
+configuration.
 """
 
 from __future__ import annotations

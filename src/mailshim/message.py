@@ -31,6 +31,10 @@ Trust: imported by ``sendmail`` (running as any local user, on the fast path: no
 ``typing``, ``email`` or ``time`` at run time) and by the ``-bs`` server. The message bytes
 are hostile: any length, any byte, no line ends at all. Memory is bounded by the header
 ``limit`` plus a chunk or two; a 100 MB line in the body is never held whole.
+
+Raises ``DataError`` (exit 65) for a header block larger than its limit, a recipient field that
+does not parse or an unusable ``From`` address; ``SoftwareError`` (exit 70) for a programming
+error (an unknown ``from_mode``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ __all__ = [
     "HeaderEdits",
     "Reader",
     "edit_headers",
+    "fold_field",
     "format_date",
     "format_display_name",
     "has_field",
@@ -418,22 +423,28 @@ def format_display_name(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _fold(line: str) -> str:
-    """Fold a generated field before spaces so lines stay near 78 characters.
+def fold_field(name: str, value: str) -> str:
+    """``Name: value`` folded before spaces into lines of at most 78 characters where a
+    word allows it; no CRLF at the end.
 
-    Folding only inserts CRLF before an existing space, so unfolding gives ``line`` back.
+    Folding only inserts CRLF before an existing space, so unfolding gives ``Name: value``
+    back. A word too long for any line stays whole, never right after ``Name:`` alone.
+
+    >>> fold_field("Subject", "a b")
+    'Subject: a b'
+    >>> [len(line) for line in fold_field("X", "word " * 30).splitlines()]
+    [77, 76]
     """
-    words = line.split(" ")
-    lines = []
-    current = words[0]
-    for word in words[1:]:
-        if word and current.strip() and len(current) + 1 + len(word) > _FOLD_AT:
-            lines.append(current)
-            current = word
+    lines: list[str] = []
+    line = f"{name}:"
+    for word in value.split(" "):
+        if len(line) + 1 + len(word) > _FOLD_AT and line.strip() not in (f"{name}:", ""):
+            lines.append(line)
+            line = " " + word
         else:
-            current += " " + word
-    lines.append(current)
-    return "\r\n ".join(lines)
+            line += " " + word
+    lines.append(line)
+    return "\r\n".join(lines)
 
 
 def _from_field(edits: HeaderEdits) -> bytes:
@@ -441,8 +452,8 @@ def _from_field(edits: HeaderEdits) -> bytes:
     if any(ord(c) < 32 or ord(c) == 127 for c in addr):
         raise DataError(f"invalid From address: {addr!r}")
     display = format_display_name(edits.from_display or "")
-    line = f"From: {display} <{addr}>" if display else f"From: {addr}"
-    return _fold(line).encode("utf-8", "surrogateescape") + CRLF
+    value = f"{display} <{addr}>" if display else addr
+    return fold_field("From", value).encode("utf-8", "surrogateescape") + CRLF
 
 
 def _simple_field(name: str, value: str) -> bytes:
@@ -482,14 +493,12 @@ def _resent_additions(fields: list[Field], edits: HeaderEdits) -> tuple[int, byt
     return end, added
 
 
-def edit_headers(
-    fields: list[Field], edits: HeaderEdits, had_separator: bool = True, has_body: bool = True
-) -> bytes:
+def edit_headers(fields: list[Field], edits: HeaderEdits) -> bytes:
     """The header section to spool, blank separator line included (always emitted).
 
     Fields are kept byte for byte and in order except for the edits in the module
-    docstring. ``had_separator`` and ``has_body`` do not change the output: the blank line
-    is always written, so a body is never mistaken for header text.
+    docstring. The blank line is written even when the input had none (or no body), so a
+    body is never mistaken for header text.
     """
     out: list[bytes] = []
     want_from = bool(edits.from_addr)

@@ -6,6 +6,8 @@ checks that both agree). Elsewhere ``platformdirs`` is used.
 
 Trust: called by every process as whatever user runs it. The environment (HOME, XDG_*) is the
 caller's own and only chooses the caller's own per-user folders; system paths are constants.
+
+Raises nothing: a missing ``HOME`` or ``XDG_*`` variable falls back to the documented defaults.
 """
 
 from __future__ import annotations

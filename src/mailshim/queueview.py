@@ -9,6 +9,9 @@ terminal, never with ``NO_COLOR`` set or ``TERM=dumb``.
 Trust: runs as any user; shows only spools that user can read (the per-user spool, and the
 system spool for root and the ``mailshim`` user). Entry contents are other users' data: each
 field is reduced to one printable line before it is shown.
+
+Raises nothing of its own: an entry or state that cannot be read is listed as such, and
+``print_queue`` returns 0.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ runners as root or the ``mailshim`` user. Entries are parsed strictly (spoolfmt)
 entries are copied and checked by pickup.py, unreadable ones are quarantined. The listener
 is untrusted: its replies arrive cleaned by relay.py and only ever go into logs, state and
 reports as text.
+
+Raises ``TempFailError`` (exit 75) when the spool is too full to record an outcome; problems
+with one entry or with the listener never escape (they are logged, retried, bounced or
+quarantined).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ written to ``DIR/<n>.eml`` with ``X-Sink-Mail-From``/``X-Sink-Rcpt-To`` lines on
 
 Trust: run by hand by an administrator. It accepts mail from anyone who can reach the address
 it binds to; bind it to loopback (the default). Needs the optional ``aiosmtpd`` extra.
+
+Raises ``UnavailableError`` (exit 69) when ``aiosmtpd`` is missing or the address cannot be
+bound.
 """
 
 from __future__ import annotations

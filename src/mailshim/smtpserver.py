@@ -26,6 +26,9 @@ byte of input is hostile: arbitrary bytes, overlong lines, commands out of order
 crafted to inject header or protocol lines. Replies never echo control characters. Every
 problem with the input is a reply, never an exception; ``reply()`` raises ``SoftwareError``
 (exit 70) only for a code outside 200-599, a programming error.
+
+Raises: see the Trust paragraph; ``SoftwareError`` (exit 70) is the only exception, and input
+problems are replies (500-555).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ separate small state file that is replaced atomically.
 Trust: entries in the spool may come from other, hostile local users (issue 3's drop folder)
 or be damaged. Readers accept only the records below, in this order, with bounded sizes; any
 deviation is ``DataError`` and the caller moves the entry to ``corrupt/``.
+
+Raises ``DataError`` (exit 65; the runner moves the entry to ``corrupt/``) for anything that is
+not a well-formed entry or state, and when writing, for a value the format cannot hold.
 """
 
 from __future__ import annotations

@@ -12,6 +12,12 @@ user could not authenticate to the listener.
 
 Trust: runs as the submitting user, on their stdin and argv (untrusted for syntax, trusted as
 that user's wishes). The resulting entry is what the runner will later treat as hostile.
+
+Raises ``MailshimError``: ``UsageError`` (64) with no recipients, ``DataError`` (65) for a bad
+address or a message too large, ``ConfigError`` (78) for an unreadable aliases file or a login
+that makes no sender, and the spool's ``CantCreateError`` (73), ``SpoolIOError`` (74),
+``TempFailError`` (75) or ``NoPermError`` (77); after the rename, delivery problems are
+outcomes, not exceptions.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import os
 import pwd
 import time
 
-from mailshim import address, maillog, message, paths, sealed, spool
+from mailshim import address, aliases, maillog, message, paths, sealed, spool
 from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUE, QUEUED
 from mailshim.errors import DataError, MailshimError, UsageError, printable
 
@@ -109,10 +115,10 @@ def current_user() -> User:
 
 # --- addresses ---------------------------------------------------------------------
 
-_aliases_cache: dict[int, address.Aliases] = {}
+_aliases_cache: dict[int, aliases.Aliases] = {}
 
 
-def aliases_for(config: Config) -> address.Aliases:
+def aliases_for(config: Config) -> aliases.Aliases:
     """The config's ``[aliases]`` over the aliases(5) file; config entries win."""
     key = id(config)
     cached = _aliases_cache.get(key)
@@ -129,9 +135,9 @@ def aliases_for(config: Config) -> address.Aliases:
             raise ConfigError(
                 f"{config.path}: [addresses] aliases_file {config.aliases_file}: {exc.strerror}"
             ) from None
-        table, _skipped = address.parse_aliases_file(text)
+        table, _skipped = aliases.parse_aliases_file(text)
     table.update(config.aliases)
-    result = address.Aliases(table)
+    result = aliases.Aliases(table)
     _aliases_cache[key] = result
     return result
 
@@ -150,10 +156,10 @@ def resolve_recipients(config: Config, words: list[str]) -> list[str]:
     for word in words:
         found.extend(address.parse_address_list(word))
     out: list[str] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for addr in found:
         for final in rewrite_recipient(config, addr):
-            key = _dedupe_key(final)
+            key = address.dedupe_key(final)
             if key not in seen:
                 seen.add(key)
                 out.append(final)
@@ -163,11 +169,6 @@ def resolve_recipients(config: Config, words: list[str]) -> list[str]:
             f"({config.max_recipients})"
         )
     return out
-
-
-def _dedupe_key(addr: str) -> str:
-    local, at, domain = addr.rpartition("@")
-    return f"{local}{at}{domain.lower()}" if at else addr
 
 
 def envelope_sender(config: Config, requested: str | None, user: User) -> str:
@@ -333,7 +334,7 @@ def _write_message(
     )
     limit = config.max_size_for(writer.spool.listener_size())
     writer.write(_forgery_warning(config, sub, user, sender, own))
-    writer.write(message.edit_headers(block.fields, edits, block.had_separator, True))
+    writer.write(message.edit_headers(block.fields, edits))
     if block.body_prefix:
         writer.write(block.body_prefix)
     for chunk in reader.body():

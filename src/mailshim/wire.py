@@ -21,6 +21,10 @@ split, endless, late or missing, TLS may fail half-way and the connection may dr
 Every library or socket exception becomes a ``WireError`` with a failure kind (``reply``'s
 constants) and one printable line; a refused STARTTLS or AUTH is a ``WireReply``; a failure to
 read the spooled message is ``LocalFailure``. Nothing else escapes, and no wait is unbounded.
+
+Raises ``WireError`` (a failure kind and a line), ``WireReply`` (a refused STARTTLS or AUTH) and
+``LocalFailure`` (the spooled file cannot be read), as said above; ``relay`` turns them into
+results, never exit codes of its own.
 """
 
 from __future__ import annotations

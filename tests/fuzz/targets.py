@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import re
 
-from mailshim import address, argv, message, smtpserver, spoolfmt
+from mailshim import address, aliases, argv, message, smtpserver, spoolfmt
 from mailshim.errors import MailshimError, SoftwareError
 from mailshim.reply import Reply
 
@@ -123,18 +123,18 @@ def _envelope(text: str) -> None:
 
 def _aliases(text: str) -> None:
     try:
-        table, _skipped = address.parse_aliases_file(text)
+        table, _skipped = aliases.parse_aliases_file(text)
     except MailshimError as exc:
         check_error(exc)
         return
-    aliases = address.Aliases(table)
+    expander = aliases.Aliases(table)
     for name in [*list(table)[:8], "root", "nobody@" + DOMAIN]:
         try:
             # As submit.rewrite_recipient does: only a checked address is expanded.
             checked = address.check_envelope_address(name)
             if not checked:
                 continue
-            out = aliases.expand(checked, DOMAIN)
+            out = expander.expand(checked, DOMAIN)
         except MailshimError as exc:
             check_error(exc)
             continue
@@ -526,7 +526,7 @@ def target_spoolfmt(data: bytes) -> None:
 # the -bs server state machine
 # ---------------------------------------------------------------------------------------------
 
-_ALIASES = address.Aliases(
+_ALIASES = aliases.Aliases(
     {"root": ("admin@example.org",), "loop": ("loop2",), "loop2": ("loop",), "none": ()}
 )
 

@@ -2,6 +2,9 @@
 
 Trust: runs as any user, in whatever process state the caller left (closed descriptors
 included); ``standard_fds()`` makes that state safe before anything is opened.
+
+Raises nothing: ``standard_fds`` gives up quietly when even /dev/null cannot be opened. Its
+submodules turn every ``MailshimError`` into its exit code.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ terminal, never with ``NO_COLOR`` set. Works with click 8.1.3 (Debian bookworm) 
 
 Trust: run by administrators (root or the ``mailshim`` user) and by users for their own
 per-user spool. It acts only on spools the caller can already read or write.
+
+Raises nothing to the shell: ``main`` prints one line and exits with the error's sysexits code
+(64 for click's usage errors, 66 for an unreadable file, 75 when interrupted, 70 with a log line
+for a bug).
 """
 
 from __future__ import annotations

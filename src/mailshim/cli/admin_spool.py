@@ -5,6 +5,10 @@ fixed owners and modes, opens each without following links, and gives root-owned
 the runner user only when they have a single link. ``daemon`` runs as root or the
 ``mailshim`` user (mailshim-daemon.service), or as any user on their own per-user spool; it
 treats every entry as hostile (runner.py, spool.py).
+
+Raises ``NoPermError`` (77) when ``setup-spool`` is not run by root or ``daemon`` finds no spool
+the caller can run, ``NoUserError`` (67) when the runner user does not exist; ``admin.main``
+prints them and exits with the code.
 """
 
 from __future__ import annotations

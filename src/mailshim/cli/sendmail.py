@@ -6,6 +6,10 @@ sysexits code. Exit 0 means the message was accepted by the listener or is durab
 Trust: runs as any user (cron, PHP, sudo, scripts), with their argv, stdin and environment.
 It is not set-id: it can do nothing that user could not do. Everything it reads is checked
 before it reaches a header, an SMTP command or the spool.
+
+Raises nothing to the caller: ``run`` returns the ``MailshimError``'s code (64-78), 75 when a
+signal interrupts it before the message is safe (nothing is kept), and 70 with a log line for a
+bug; the entry points exit with it.
 """
 
 from __future__ import annotations

@@ -49,10 +49,11 @@ class User:
 class System:
     """The box: users, a spool under a folder everyone may traverse, a config, a listener."""
 
-    runner = RUNNER  # the name of the runner user among ``users``
-
-    def __init__(self, base: Path, listener: Listener, users: dict[str, User]) -> None:
+    def __init__(
+        self, base: Path, listener: Listener, users: dict[str, User], runner: str = RUNNER
+    ) -> None:
         self.base = base
+        self.runner = runner
         self.listener = listener
         self.users = users
         self.spool = base / "spool"
@@ -100,7 +101,7 @@ class System:
         return json.loads(r.stdout)
 
     def flush(self, **env):
-        r = self.mailshim(self.users[RUNNER], "flush", **env)
+        r = self.mailshim(self.users[self.runner], "flush", **env)
         assert r.returncode == 0, r.stderr.decode()
         return r
 
@@ -125,6 +126,20 @@ class System:
         )
 
 
+def stop_processes(users) -> None:
+    """Kill what the test users still run (a delivery agent lingering for a deferred entry,
+    dropagent.py), found by uid in /proc: they would carry a test's entries and config into
+    the next test, and keep userdel from removing the user."""
+    uids = {u.uid for u in users}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid in uids:
+                    os.kill(int(name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def _useradd(name: str, home: Path) -> None:
     subprocess.run(["userdel", name], capture_output=True)
     subprocess.run(["groupdel", name], capture_output=True)
@@ -135,14 +150,18 @@ def _useradd(name: str, home: Path) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def box():
+@contextlib.contextmanager
+def built_box(
+    names: tuple[str, str, str] = (RUNNER, ALICE, BOB), retry: str = "1s", relay: str = ""
+):
+    """Users ``names`` (runner, two submitters), a spool set up for the runner, a listener
+    and a config (``retry``; ``relay``: more [relay] lines); all removed afterwards."""
     if not others_can_run():
         pytest.skip(f"other users cannot run {sys.executable} (its folder is private)")
-    with users_in_tmp("mailshim-mu-", (RUNNER, ALICE, BOB)) as (base, users):
+    with users_in_tmp("mailshim-mu-", names) as (base, users):
         listener = Listener(free_port())
         listener.start()
-        system = System(base, listener, users)
+        system = System(base, listener, users, runner=names[0])
         system.config.write_text(
             textwrap.dedent(
                 f"""
@@ -151,18 +170,19 @@ def box():
                 port = {listener.port}
                 timeout = 5
                 helo = "client.example.org"
+                {relay}
 
                 [addresses]
                 domain = "example.org"
 
                 [queue]
                 dir = "{system.spool}"
-                retry = ["1s"]
+                retry = ["{retry}"]
                 """
             )
         )
         os.chmod(system.config, 0o644)
-        r = system.mailshim(None, "setup-spool", "--user", RUNNER)
+        r = system.mailshim(None, "setup-spool", "--user", names[0])
         assert r.returncode == 0, r.stderr.decode()
         yield system
         listener.stop()
@@ -171,7 +191,7 @@ def box():
 @contextlib.contextmanager
 def users_in_tmp(prefix: str, names: tuple[str, ...]) -> Iterator[tuple[Path, dict[str, User]]]:
     """A folder under /tmp everyone may traverse, and real users with private homes in it;
-    users and folder are removed afterwards."""
+    what they still run, the users and the folder are removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     os.chmod(base, 0o755)
     users: dict[str, User] = {}
@@ -185,15 +205,28 @@ def users_in_tmp(prefix: str, names: tuple[str, ...]) -> Iterator[tuple[Path, di
             os.chmod(home, 0o700)
         yield base, users
     finally:
+        stop_processes(users.values())
         for name in users:
             subprocess.run(["userdel", name], capture_output=True)
             subprocess.run(["groupdel", name], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def box():
+    with built_box() as system:
+        yield system
+
+
 @pytest.fixture
 def mu(box):
     """The box with an empty spool and listener, for one test."""
+    return emptied(box)
+
+
+def emptied(box: System) -> System:
+    """``box`` with nothing its users run, an empty spool and a listener that accepts all."""
+    stop_processes(box.users.values())
     for folder in ("incoming", "queue", "state", "tmp", "dead", "corrupt"):
         for name in os.listdir(box.spool / folder):
             path = box.spool / folder / name

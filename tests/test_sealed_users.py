@@ -48,10 +48,8 @@ class Box(System):
     """The multi-user box with a listener that requires AUTH and a secret only the runner
     can read."""
 
-    runner = RUNNER
-
     def __init__(self, base: Path, listener: Listener, users: dict[str, User]) -> None:
-        super().__init__(base, listener, users)
+        super().__init__(base, listener, users, runner=RUNNER)
         self.secret = base / "relay.secret"
 
     def write_config(self, port: int, sealed: bool = True) -> None:

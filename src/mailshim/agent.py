@@ -16,7 +16,9 @@ entries), when its spool is gone, or on SIGTERM/SIGHUP/SIGINT after the entry in
 ``mailshim daemon`` stops a lingering agent when it starts (it serves the spool itself).
 
 A drop-folder entry (a user's mail in the system spool) is delivered by that user's own
-agent, once; what is left the system runner retries (the drop folder wakes it).
+agent; what it leaves deferred that agent keeps retrying on the ``[queue] retry`` schedule
+until a runner takes it over or nothing is left (dropagent.py: one such agent per user per
+spool, its lock in the user's own state folder).
 
 Queue ids never appear in an agent's argv (anyone may read /proc/PID/cmdline): a drop agent
 is given ``--incoming -`` and reads its entry's id from the locked entry itself.
@@ -40,7 +42,7 @@ import os
 import sys
 import time
 
-from mailshim import maillog, serving, spool
+from mailshim import dropagent, maillog, serving, spool
 from mailshim.errors import MailshimError
 
 TYPE_CHECKING = False
@@ -58,21 +60,26 @@ RETAKE_PAUSE = 0.2
 def start(target: spool.Spool, config: Config, entry: spool.DropEntry | None = None) -> None:
     """Start a detached delivery agent for ``target``, or poke the one that serves it.
 
-    With ``entry`` (the system spool's drop folder): the child gets that entry's lock and
-    delivers only it, if this user has no such agent running already (a per-user slot in
-    their state folder); otherwise the runner, which the drop folder wakes, delivers it.
+    With ``entry`` (the system spool's drop folder): the entry is noted in the user's state
+    folder; the child gets its lock and the user's slot, tries it, and lingers for what the
+    user left deferred (dropagent.py). When the user's agent already runs, it is poked to
+    adopt the entry; with no state folder of their own, the runner delivers it.
     Root starts the spool's agent as the spool's owner (the ``mailshim`` user).
     """
     args = [sys.executable, "-m", "mailshim.agent", "--spool", target.root]
     keep: list[int] = []
     if entry is not None:
-        slot = spool.user_agent_slot()
+        # Noted before the slot is tried: an agent of this user leaving now looks once more.
+        noted = dropagent.note(target.root, entry.queue_id)
+        slot = dropagent.slot(target.root)
         if slot is None:
             entry.release()
+            if noted:
+                dropagent.poke(target.root)  # their lingering agent adopts it
             return
         keep = [entry.fd, slot]
         # "-": the agent reads the id from the locked entry; argv is public in /proc
-        args += ["--incoming", "-", "--lock-fd", str(entry.fd)]
+        args += ["--incoming", "-", "--lock-fd", str(entry.fd), "--slot-fd", str(slot)]
     else:
         try:
             fd = target.try_agent_lock()
@@ -184,34 +191,55 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
         os.close(lock_fd)
 
 
-def _drop_agent(config: Config, root: str, lock_fd: int, incoming: str) -> int:
-    """The submitter's agent for its own drop-folder entry: one attempt, then the runner's."""
+def _drop_agent(
+    config: Config, root: str, lock_fd: int, incoming: str, slot_fd: int | None = None
+) -> int:
+    """The submitter's agent for its own drop-folder entry: one attempt now; then, holding
+    the user's slot (``slot_fd``), it lingers for what that user left deferred
+    (dropagent.py) until a runner takes it or nothing is left."""
     import asyncio
 
     from mailshim import runner
+    from mailshim.constants import QUEUED, REJECTED, SENT
     from mailshim.errors import DataError
 
     qid = "" if incoming == "-" else incoming  # "-": the id is read from the entry
+    target = spool.Spool(root, drop=True)
+    first: str | None = None
+    if slot_fd is not None:
+        dropagent.write_pid(root)  # the slot is held from now on: pokes and check find it
     try:
-        entry = spool.open_drop_entry(spool.Spool(root, drop=True), qid, lock_fd)
+        entry = spool.open_drop_entry(target, qid, lock_fd)
     except (DataError, OSError):
-        return 0  # unreadable: the runner's pickup sends it to corrupt/ with the reason
+        entry = None  # unreadable: the runner's pickup sends it to corrupt/ with the reason
 
-    async def one() -> None:
+    async def one(entry: spool.DropEntry) -> str:
         async with runner.client_for(config) as client:
-            await runner.deliver_drop(config, client, entry)
+            return (await runner.deliver_drop(config, client, entry))[0]
 
-    try:
-        asyncio.run(one())
-    except MailshimError as exc:
-        maillog.log(f"agent: {exc.message}", error=True)
-    finally:
-        entry.release()
-    return 0
+    if entry is not None:
+        try:
+            status = asyncio.run(one(entry))
+            if status in (SENT, REJECTED, QUEUED):
+                dropagent.forget(root, entry.queue_id)
+            else:
+                first = entry.queue_id
+        except MailshimError as exc:
+            maillog.log(f"agent: {exc.message}", error=True)
+            first = entry.queue_id
+        finally:
+            entry.release()
+    if slot_fd is None:
+        return 0
+    return dropagent.linger(config, target, slot_fd, first)
 
 
 def agent_main(
-    root: str, lock_fd: int | None, config_path: str | None, incoming: str | None = None
+    root: str,
+    lock_fd: int | None,
+    config_path: str | None,
+    incoming: str | None = None,
+    slot_fd: int | None = None,
 ) -> int:
     """The agent process: a drop entry's (``--incoming``) or the spool's.
 
@@ -226,7 +254,9 @@ def agent_main(
         maillog.log(f"agent: {exc.message}", error=True)
         return exc.code
     if incoming is not None:
-        return 64 if lock_fd is None else _drop_agent(config, root, lock_fd, incoming)
+        if lock_fd is None:
+            return 64
+        return _drop_agent(config, root, lock_fd, incoming, slot_fd)
     target = spool.Spool(root)
     fd = lock_fd if lock_fd is not None else target.try_agent_lock()
     while fd is not None:
@@ -255,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     root = cfg = incoming = None
     lock: int | None = None
+    slot_fd: int | None = None
     try:
         i = 0
         while i < len(args):
@@ -262,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 root = args[i + 1]
             elif args[i] == "--lock-fd":
                 lock = int(args[i + 1])
+            elif args[i] == "--slot-fd":
+                slot_fd = int(args[i + 1])
             elif args[i] == "--config":
                 cfg = args[i + 1]
             elif args[i] == "--incoming":
@@ -275,12 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sys.stderr.write(
                 "usage: python -m mailshim.agent --spool DIR [--lock-fd N] [--incoming -]"
-                " [--config FILE]\n"
+                " [--slot-fd N] [--config FILE]\n"
             )
         except (OSError, AttributeError):
             pass
         return 64
-    return agent_main(root, lock, cfg, incoming)
+    return agent_main(root, lock, cfg, incoming, slot_fd)
 
 
 if __name__ == "__main__":

@@ -596,6 +596,21 @@ def daemon_pids() -> list[int]:
     return sorted(found)
 
 
+def _own_drop_agent(root: str, report: Report) -> None:
+    """As a user submitting through the drop folder: is their own lingering agent running."""
+    from mailshim import dropagent
+
+    if os.geteuid() == 0:
+        return
+    pid = dropagent.running(root)
+    if pid is not None:
+        report.add(
+            OK, "runner",
+            f"{root}: your deferred mail in its drop folder is retried by your own delivery"
+            f" agent (pid {pid}) on the [queue] retry schedule",
+        )  # fmt: skip
+
+
 _ENABLED = ("enabled", "enabled-runtime", "static", "alias", "indirect", "generated")
 
 
@@ -612,6 +627,8 @@ def check_runner(cfg: Config, report: Report) -> None:
     roots = [t.root for t in spool.known_spools(cfg)] or [system_root]
     uncovered: list[str] = []
     for root in roots:
+        if os.path.isdir(os.path.join(root, "incoming")):
+            _own_drop_agent(root, report)
         target = spool.Spool(root)
         try:
             now = serving.who_retries(target)
@@ -661,10 +678,11 @@ def check_runner(cfg: Config, report: Report) -> None:
         if drop:
             report.add(
                 WARNING, "runner",
-                f"{root}: nothing runs it ({why}; no mailshim daemon running): mail"
-                " that other users drop in it and could not be delivered at once waits"
-                " until someone runs mailshim flush (root's own mail is retried by the"
-                " delivery agent its sendmail starts, which lingers while mail is deferred)",
+                f"{root}: nothing runs it ({why}; no mailshim daemon running): mail a user"
+                " drops in it and could not deliver at once is retried only by that user's"
+                " own delivery agent, which lingers while their entries are deferred (root's"
+                " mail by the spool's agent); nothing bounces or expires mail until a runner"
+                " runs",
                 how,
             )  # fmt: skip
         else:

@@ -31,10 +31,14 @@ DAEMON_TAKEOVER = 10.0  # seconds the daemon waits for a lingering agent to leav
 
 def write_pid(target: spool.Spool, role: str) -> None:
     """Name this process as the holder of ``target``'s agent lock (a hint for pokes/check)."""
-    path = os.path.join(target.state_dir, PID_FILE)
+    write_pid_file(os.path.join(target.state_dir, PID_FILE), role, 0o644)
+
+
+def write_pid_file(path: str, role: str, mode: int) -> None:
+    """Replace ``path`` with "<pid> <role>" (a fresh file renamed over it; never followed)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         try:
             os.write(fd, f"{os.getpid()} {role}\n".encode())
         finally:

@@ -961,32 +961,6 @@ def open_drop_entry(spool: Spool, qid: str, fd: int) -> DropEntry:
     return DropEntry(spool, qid, fd)
 
 
-def user_agent_slot() -> int | None:
-    """An fd holding this user's drop-folder agent slot, or None when one of their agents
-    already runs or they have no state folder of their own (their mail then waits for
-    the runner, which the drop folder wakes)."""
-    folder = paths.user_state_dir()
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd = os.open(
-            os.path.join(folder, "drop-agent.lock"),
-            os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC,
-            0o600,
-        )
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            return None
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
 def choose(config: Config, create: bool = True) -> Spool:
     """The spool a submission writes to.
 

@@ -62,6 +62,8 @@ class FakeRelay:
         self.socket = socket
         self.tls = tls
         self.verify = verify
+        self.client_cert: str | None = None
+        self.client_key: str | None = None
         self.ca_file = ca_file
         self.username = username
         self.secret = secret

@@ -27,6 +27,7 @@ from mailshim.errors import (
 )
 from mailshim.hostnames import relay_is_local
 from mailshim.probe import probe_relays
+from mailshim.sealed import sealed_out, secret_holders
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ def run(config_path: str | None, extra_rcpts: Sequence[str] = (), *, probe: bool
     for relay in cfg.relays:
         check_relay_settings(relay, report, runner)
     check_spool(cfg, report)
+    check_limits(cfg, report)
     check_log(cfg, report)
     check_runner(cfg, report)
     if probe and addresses is not None:
@@ -162,15 +164,64 @@ def check_addresses(
 
 
 def _secret_owner(
-    path: str, st: os.stat_result, report: Report, name: str, runner: int | None
+    path: str, st: os.stat_result, report: Report, name: str, runner: int | None, label: str
 ) -> None:
     if runner is not None and runner != 0 and st.st_uid != runner:
         report.add(
             WARNING, "secret",
-            f"[{name}] password_file {path} belongs to {_owner(st.st_uid)}, but the runner"
+            f"[{name}] {label} {path} belongs to {_owner(st.st_uid)}, but the runner"
             f" runs as {_owner(runner)} and cannot read it: mail it retries stays deferred",
             f"chown {_owner(runner)} {path}", relay=name,
         )  # fmt: skip
+
+
+def _check_secret(report: Report, name: str, label: str, path: str, runner: int | None) -> None:
+    """One secret file (``password_file``, ``client_key``) as this user sees it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        report.add(
+            ERROR,
+            "secret",
+            f"[{name}] {label} {path}: {exc.strerror}",
+            "create it (mode 0600) or fix the path",
+            EX_CONFIG,
+            name,
+        )
+    else:
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            report.add(
+                ERROR, "secret",
+                f"[{name}] {label} {path} is readable by others (mode {mode:04o});"
+                " mailshim refuses to use it",
+                f"chmod 600 {path}", EX_NOPERM, name,
+            )  # fmt: skip
+        elif not os.access(path, os.R_OK):
+            if runner is not None and st.st_uid == runner:
+                report.add(
+                    OK, "secret",
+                    f"[{name}] {label} {path} is readable by {secret_holders(st)}"
+                    " (sealed): this user cannot relay directly, the runner delivers"
+                    " its mail",
+                    relay=name,
+                )  # fmt: skip
+            else:
+                report.add(
+                    ERROR, "secret",
+                    f"[{name}] {label} {path} is not readable by uid {os.getuid()}"
+                    f" (owner uid {st.st_uid})",
+                    "run mailshim check as the user that delivers mail (root or mailshim)",
+                    EX_NOPERM, name,
+                )  # fmt: skip
+        else:
+            report.add(
+                OK, "secret",
+                f"[{name}] {label} {path} (mode {mode:04o}), readable by"
+                f" {secret_holders(st)}",
+                relay=name,
+            )  # fmt: skip
+            _secret_owner(path, st, report, name, runner, label)
 
 
 def check_relay_settings(relay: RelayConfig, report: Report, runner: int | None = None) -> None:
@@ -181,40 +232,10 @@ def check_relay_settings(relay: RelayConfig, report: Report, runner: int | None 
     """
     name = relay.name
     if relay.password_file:
-        path = relay.password_file
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            report.add(
-                ERROR,
-                "secret",
-                f"[{name}] password_file {path}: {exc.strerror}",
-                "create it (mode 0600) or fix the path",
-                EX_CONFIG,
-                name,
-            )
-        else:
-            mode = stat.S_IMODE(st.st_mode)
-            if mode & 0o077:
-                report.add(
-                    ERROR, "secret",
-                    f"[{name}] password_file {path} is readable by others (mode {mode:04o});"
-                    " mailshim refuses to use it",
-                    f"chmod 600 {path}", EX_NOPERM, name,
-                )  # fmt: skip
-            elif not os.access(path, os.R_OK):
-                report.add(
-                    ERROR, "secret",
-                    f"[{name}] password_file {path} is not readable by uid {os.getuid()}"
-                    f" (owner uid {st.st_uid})",
-                    "run mailshim check as the user that delivers mail (root or mailshim)",
-                    EX_NOPERM, name,
-                )  # fmt: skip
-            else:
-                report.add(
-                    OK, "secret", f"[{name}] password_file {path} (mode {mode:04o})", relay=name
-                )
-                _secret_owner(path, st, report, name, runner)
+        _check_secret(report, name, "password_file", relay.password_file, runner)
+    if relay.client_cert:
+        key = "client_key" if relay.client_key else "client_cert"
+        _check_secret(report, name, key, relay.client_key or relay.client_cert, runner)
     if relay.ca_file and not os.access(relay.ca_file, os.R_OK):
         report.add(
             ERROR,
@@ -466,6 +487,39 @@ def _check_backlog(cfg: Config, report: Report) -> None:
     )
 
 
+# --- sending limits -------------------------------------------------------------------
+
+
+def check_limits(cfg: Config, report: Report) -> None:
+    """Who is at their sending limit right now (only root and the runner can see)."""
+    import time
+
+    from mailshim import sendlimits, spool
+
+    target = spool.Spool(cfg.queue_dir or paths.SYSTEM_SPOOL)
+    if not target.has_incoming() or not os.access(target.state_dir, os.R_OK | os.X_OK):
+        return
+    limiter = sendlimits.limiter_for(cfg, target)
+    if limiter is None:
+        report.add(OK, "limits", "no per-user sending limits ([limits] user_messages = 0)")
+        return
+    rule = limiter.rule()
+    now = time.time()
+    full = limiter.at_limit(now)
+    for uid, usage in full:
+        until = time.strftime("%H:%M", time.localtime(usage.start + limiter.window))
+        report.add(
+            WARNING, "limits",
+            f"{sendlimits.login(uid)} is at its sending limit ({rule}): {usage.messages}"
+            f" messages to {usage.recipients} recipients this window; the rest waits until"
+            f" {until}",
+            "see what it sends (mailshim queue); if it is legitimate, raise [limits]"
+            " user_messages / user_recipients or add the user to trusted_users",
+        )  # fmt: skip
+    if not full:
+        report.add(OK, "limits", f"{rule} per submitting user; nobody is at the limit")
+
+
 def _check_dead(cfg: Config, report: Report) -> None:
     """Dead letters are failures someone should look at: warn for a week after each."""
     from mailshim import deadletters
@@ -607,6 +661,14 @@ def check_runner(cfg: Config, report: Report) -> None:
         report.add(
             ERROR, "runner",
             'delivery mode is "queue" and nothing runs the queue: mail stays spooled',
+            how, EX_UNAVAILABLE,
+        )  # fmt: skip
+        return
+    if sealed_out(cfg) and system_root in uncovered:
+        report.add(
+            ERROR, "runner",
+            f"{system_root}: sealed: only the runner can deliver this user's mail, and"
+            " nothing runs it: mail stays in the drop folder",
             how, EX_UNAVAILABLE,
         )  # fmt: skip
         return

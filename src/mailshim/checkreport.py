@@ -75,6 +75,7 @@ class RelayProbe:
         "name",
         "outcome",
         "recipients",
+        "sealed",
         "sender",
         "tls",
         "transcript",
@@ -93,6 +94,9 @@ class RelayProbe:
         self.recipients: list[dict[str, object]] = []
         # ok: takes mail; permanent: refuses it (a bounce); temporary: the next relay is tried
         self.outcome = "temporary"
+        # True: refuses to relay without AUTH; False: relays for anyone on this host;
+        # None: could not tell (down, or deferred before RCPT)
+        self.sealed: bool | None = None
         self.transcript: list[str] = []
 
     def as_dict(self) -> dict[str, object]:
@@ -108,6 +112,7 @@ class RelayProbe:
             "sender": self.sender,
             "recipients": self.recipients,
             "outcome": self.outcome,
+            "sealed": self.sealed,
             "transcript": self.transcript,
         }
 

@@ -50,6 +50,8 @@ class RelayConfig:
 
     __slots__ = (
         "ca_file",
+        "client_cert",
+        "client_key",
         "helo",
         "host",
         "name",
@@ -72,6 +74,10 @@ class RelayConfig:
         self.tls = "none"
         self.verify = True
         self.ca_file: str | None = None
+        # A client certificate for listeners that authenticate by TLS; the key is a secret
+        # like password_file (owner the runner user, mode 0600; see sealed.py).
+        self.client_cert: str | None = None
+        self.client_key: str | None = None
         self.username: str | None = None
         self.password_file: str | None = None
         self.timeout = 30.0
@@ -130,9 +136,12 @@ class Config:
         "sender",
         "sources",
         "trusted_users",
+        "user_messages",
+        "user_recipients",
         "user_round_bytes",
         "user_spool_bytes",
         "user_spool_entries",
+        "user_window",
         "warn_after",
         "written",
     )
@@ -167,6 +176,11 @@ class Config:
         # pass before the next uid's turn (fair.py).
         self.user_round_bytes = 256 * 1024
         self.log_file: str | None = None
+        # What one submitting uid (not root, the runner or trusted_users) gets delivered per
+        # window; more waits for the next window (sendlimits.py). 0: no limit.
+        self.user_messages = 100
+        self.user_recipients = 500
+        self.user_window = 3600
 
     @property
     def domain(self) -> str:
@@ -243,6 +257,19 @@ def _positive_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"expected a whole number above 0, got {_show(value)}")
     return value
+
+
+def _nonneg_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number, 0 or more (0: no limit), got {_show(value)}")
+    return value
+
+
+def _positive_duration(value: object) -> int:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0s")
+    return seconds
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
@@ -335,6 +362,8 @@ _RELAY_KEYS: dict[str, Callable[[object], object]] = {
     "tls": _choice(TLS_MODES),
     "verify": _bool,
     "ca_file": _nonempty,
+    "client_cert": _nonempty,
+    "client_key": _nonempty,
     "username": _nonempty,
     "password_file": _nonempty,
     "timeout": _positive_number,
@@ -364,6 +393,9 @@ _SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "user_spool_entries": ("user_spool_entries", _positive_int),
         "user_spool_bytes": ("user_spool_bytes", parse_size),
         "user_round_bytes": ("user_round_bytes", parse_size),
+        "user_messages": ("user_messages", _nonneg_int),
+        "user_recipients": ("user_recipients", _nonneg_int),
+        "user_window": ("user_window", _positive_duration),
     },
     "log": {"file": ("log_file", _abs_path)},
     "submission": {
@@ -398,6 +430,13 @@ def _build_relay(table: object, name: str, where: str) -> RelayConfig:
     if relay.socket is not None and relay.tls == "tls":
         raise ConfigError(
             f'{where}: [{name}] tls = "tls" cannot be used with a unix socket: use "none"'
+        )
+    if relay.client_key is not None and relay.client_cert is None:
+        raise ConfigError(f"{where}: [{name}] client_key is set but client_cert is not")
+    if relay.client_cert is not None and relay.tls == "none":
+        raise ConfigError(
+            f'{where}: [{name}] client_cert needs tls = "starttls" or "tls" (it is sent in'
+            " the TLS handshake)"
         )
     if relay.password_file is not None and relay.username is None:
         raise ConfigError(f"{where}: [{name}] password_file is set but username is not")

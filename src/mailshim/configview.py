@@ -26,6 +26,8 @@ _RELAY_KEYS = (
     "tls",
     "verify",
     "ca_file",
+    "client_cert",
+    "client_key",
     "username",
     "password_file",
     "timeout",
@@ -36,8 +38,9 @@ _RELAY_KEYS = (
 # Keys whose machine value is seconds or bytes, shown back in the file's units.
 _DURATIONS = (
     "timeout", "retry_after_failure", "queue.lifetime", "queue.warn_after", "queue.keep_dead",
+    "limits.user_window",
 )  # fmt: skip
-_SIZES = ("submission.max_size",)
+_SIZES = ("submission.max_size", "limits.user_spool_bytes", "limits.user_round_bytes")
 _VALUE_WIDTH = 40  # a longer value pushes its source further right rather than every row
 
 
@@ -160,6 +163,11 @@ def rows(cfg: Config, listener_size: int | None = None) -> list[Row]:
     add("submission.max_recipients", cfg.max_recipients, cfg.source("submission.max_recipients"))
     add("submission.trusted_users", list(cfg.trusted_users), cfg.source("submission.trusted_users"))
     add("submission.helo", cfg.helo, cfg.source("submission.helo"))
+    for key in (
+        "user_spool_entries", "user_spool_bytes", "user_round_bytes",
+        "user_messages", "user_recipients", "user_window",
+    ):  # fmt: skip
+        add(f"limits.{key}", getattr(cfg, key), cfg.source(f"limits.{key}"))
     add("log.file", cfg.log_file, cfg.source("log.file"))
     return out
 

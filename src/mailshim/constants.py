@@ -25,7 +25,8 @@ THROTTLED = "throttled"  # deferred by back-pressure (rate limit, greylisting): 
 BOUNCED = "bounced"  # refused for good; a report went to the sender; moved to dead/
 REJECTED = "rejected"  # refused for good, and the caller was told at once (-odi, -bs)
 QUARANTINED = "quarantined"  # unreadable; moved to corrupt/
-STATUSES = (QUEUED, SENT, DEFERRED, THROTTLED, BOUNCED, REJECTED, QUARANTINED)
+LIMITED = "limited"  # not tried: held for its submitter's next sending window (sendlimits)
+STATUSES = (QUEUED, SENT, DEFERRED, THROTTLED, BOUNCED, REJECTED, QUARANTINED, LIMITED)
 
 # --- delivery status notifications (bounce.py) ---------------------------------------------
 REPORT_FAILED = "failed"  # Action: failed; the entry goes to dead/

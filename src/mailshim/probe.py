@@ -2,7 +2,9 @@
 
 ``probe_relays`` opens each relay with ``relay.RelaySession.open`` (TCP or socket, TLS, EHLO,
 AUTH), then tries ``MAIL FROM`` with the default sender and ``RCPT TO`` for root's alias and
-any extra recipients, then ``RSET`` and ``QUIT``: no message is sent. Each answer becomes
+any extra recipients, then ``RSET`` and ``QUIT``: no message is sent. A relay with AUTH is
+probed a second time without it (MAIL and one RCPT) to say whether it is sealed: whether a
+local process without the secret could relay through it. Each answer becomes
 ``Finding`` objects in the ``Report``; the first relay that takes or refuses mail decides, as
 failover does. Probes are kept few on purpose: one connection per relay, one MAIL, one RCPT per
 distinct recipient and at most ``MAX_RCPT_FAILURES`` refused ones, because Stalwart bans an
@@ -20,6 +22,7 @@ from mailshim import reply as kinds
 from mailshim.checkreport import ERROR, OK, WARNING, Finding, RelayProbe, Report
 from mailshim.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE
 from mailshim.hostnames import relay_is_local, valid_helo
+from mailshim.sealed import relay_sealed_out, secret_files
 from mailshim.x509 import parse_certificate
 
 TYPE_CHECKING = False
@@ -105,6 +108,17 @@ async def _probe(
             EX_CONFIG,
         )
         return
+    if relay_sealed_out(relay):
+        # Sealed, seen from a user: only the runner can authenticate, so only the
+        # unauthenticated side is probed here (root's check probes both).
+        add(
+            OK,
+            "auth",
+            "this user cannot read the relay's secret: its mail is delivered by the runner"
+            " (run mailshim check as root to probe with the secret)",
+        )
+        await _probe_sealed(relay, helo, probe, sender, rcpts, add, alone=True)
+        return
     probe.transcript.append(f"*** probing {probe.label}")
     try:
         session = await relay_mod.RelaySession.open(relay, helo=helo, say=probe.transcript.append)
@@ -122,6 +136,106 @@ async def _probe(
         await _transaction(session, sender, rcpts, probe, add)
     finally:
         await session.quit()
+    if secret_files(relay):
+        await _probe_sealed(relay, helo, probe, sender, rcpts, add, alone=False)
+    elif probe.outcome == "ok":
+        probe.sealed = False
+        add(WARNING, "sealed", _OPEN_TEXT, _SEAL_FIX)
+
+
+# --- sealed or open: does the listener relay for a process that holds no secret? ----------
+
+_OPEN_TEXT = (
+    "the listener relays without authentication from this host: any local process can send"
+    " mail as anyone through this listener, bypassing mailshim's sender checks and limits"
+)
+_SEAL_FIX = (
+    "seal it: a dedicated account, AUTH required on this listener, and username and"
+    f" password_file (owner mailshim, mode 0600) in [relay] (see {STALWART_DOC}, Sealed)"
+)
+
+
+_CERT_REFUSALS = (kinds.TLS_FAILED, kinds.TLS_REFUSED, kinds.CLOSED, kinds.NETWORK, kinds.PROTOCOL)
+
+
+def _without_secret(relay: RelayConfig) -> RelayConfig:
+    from mailshim.config import RelayConfig
+
+    bare = RelayConfig(relay.name)
+    for attr in RelayConfig.__slots__:
+        setattr(bare, attr, getattr(relay, attr))
+    bare.username = None
+    bare.password_file = None
+    bare.client_cert = None
+    bare.client_key = None
+    return bare
+
+
+async def _probe_sealed(
+    relay: RelayConfig,
+    helo: str,
+    probe: RelayProbe,
+    sender: str,
+    rcpts: list[tuple[str, str]],
+    add: Callable[..., None],
+    *,
+    alone: bool,
+) -> None:
+    """Try MAIL and one RCPT without AUTH (then RSET: nothing is sent) and say whether the
+    listener refused. One refused RCPT at most, so Stalwart's auto-ban is not approached."""
+    from mailshim import relay as relay_mod
+
+    say = probe.transcript.append
+    say(f"*** probing {probe.label} without authentication")
+    bare = _without_secret(relay)
+    try:
+        session = await relay_mod.RelaySession.open(bare, helo=helo, say=say)
+    except relay_mod.RelayDown as down:
+        text, fix, code = classify_failure(bare, down)
+        # Without its certificate the client fails in the handshake, or (TLS 1.3, where the
+        # server checks it after the client's side is done) on the first read.
+        if relay.client_cert and down.reply.kind in _CERT_REFUSALS:
+            why = f"without a client certificate the listener refuses the TLS handshake ({text}):"
+            _sealed(probe, add, alone, why + " only holders of the key")
+            return
+        if alone:
+            add(ERROR, "listener", text, fix, code)
+        else:
+            add(WARNING, "sealed", f"could not tell whether it is sealed: {text}")
+        return
+    try:
+        if alone:
+            probe.connected = True
+            probe.label = session.label
+        reply = await _command(session, b"MAIL", b"FROM:<" + _wire(sender) + b">")
+        if reply.code == 250 and rcpts:
+            reply = await _command(session, b"RCPT", b"TO:<" + _wire(rcpts[0][0]) + b">")
+        if session.alive:
+            await _command(session, b"RSET")
+    finally:
+        await session.quit()
+    if reply.code in (250, 251):
+        probe.sealed = False
+        text = _OPEN_TEXT
+        if not alone:
+            text = "AUTH is set up, but " + text
+        add(WARNING, "sealed", text, _SEAL_FIX)
+    elif reply.code in (0, 421) or (reply.temporary and not _is_auth_reply(reply)):
+        add(WARNING, "sealed", f"could not tell whether it is sealed: {reply}")
+    else:
+        _sealed(
+            probe,
+            add,
+            alone,
+            f"without authentication the listener refuses ({reply}): only holders of the secret",
+        )
+
+
+def _sealed(probe: RelayProbe, add: Callable[..., None], alone: bool, why: str) -> None:
+    probe.sealed = True
+    if alone:
+        probe.outcome = "ok"  # the user's mail flows, through the runner
+    add(OK, "sealed", f"{why} can relay through it")
 
 
 def _describe_session(

@@ -65,6 +65,8 @@ class RelaySettings(Protocol):
     tls: str
     verify: bool
     ca_file: str | None
+    client_cert: str | None
+    client_key: str | None
     username: str | None
     timeout: float
     helo: str | None
@@ -203,10 +205,10 @@ class RelaySession:
         tls: ssl.SSLContext | None = None
         if relay.tls in ("tls", "starttls"):
             try:
-                if contexts is None:
-                    tls = tls_context(server_name, relay.verify, relay.ca_file)
-                else:
-                    tls = contexts.get(server_name, relay.verify, relay.ca_file)
+                settings = (
+                    server_name, relay.verify, relay.ca_file, relay.client_cert, relay.client_key,
+                )  # fmt: skip
+                tls = tls_context(*settings) if contexts is None else contexts.get(*settings)
             except (OSError, ValueError) as exc:
                 why = failure(exc)[1]
                 raise _down(

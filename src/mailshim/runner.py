@@ -42,10 +42,11 @@ import os
 import sys
 import time
 
-from mailshim import bounce, deadletters, fair, maillog, policy, serving, spool
+from mailshim import bounce, deadletters, fair, maillog, policy, sendlimits, serving, spool
 from mailshim.constants import (
     BOUNCED,
     DEFERRED,
+    LIMITED,
     QUARANTINED,
     QUEUED,
     REJECTED,
@@ -79,6 +80,7 @@ class Counts:
         "bounced",
         "deferred",
         "errors",
+        "limited",
         "quarantined",
         "sent",
         "skipped",
@@ -93,6 +95,7 @@ class Counts:
         self.quarantined = 0
         self.throttled = 0
         self.errors = 0  # entries left for their next attempt after a local error
+        self.limited = 0  # held for their submitter's next window (sendlimits)
 
     def total(self) -> int:
         return self.sent + self.deferred + self.bounced + self.quarantined + self.throttled
@@ -106,6 +109,8 @@ class Counts:
             self.throttled += 1
         elif status == QUARANTINED:
             self.quarantined += 1
+        elif status == LIMITED:
+            self.limited += 1
         else:
             self.bounced += 1
 
@@ -120,6 +125,7 @@ class Counts:
             (self.bounced, "bounced"),
             (self.throttled, "slowed down by the listener"),
             (self.quarantined, "unreadable (moved to corrupt/)"),
+            (self.limited, "held by the sending limits"),
             (untried, "not tried (the listener is unreachable)"),
             (self.skipped, "not due yet, held or busy"),
             (self.errors, "left after a local error (mailshim log ID says why)"),
@@ -441,6 +447,7 @@ async def run_pass(
     "busy" (the listener keeps asking us to slow down), "stopped" (``stop`` was set)."""
     now = time.time()
     streak = 0
+    limiter = sendlimits.limiter_for(config, target) if target.has_incoming() else None
     for qid in fair.order(target, target.ids(), config.user_round_bytes):
         if stop is not None and stop.is_set():
             return "stopped"
@@ -456,6 +463,9 @@ async def run_pass(
             state = None  # deliver_entry quarantines the entry
         if state is not None and (state.held or (not force and state.next_attempt > now)):
             counts.skipped += 1
+            continue
+        if limiter is not None and not sendlimits.gate(limiter, target, qid, now):
+            counts.add(LIMITED)
             continue
         try:
             status, replies = await _attempt_with_pauses(config, client, target, qid, counts, stop)

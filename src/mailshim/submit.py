@@ -6,6 +6,10 @@ edited, the entry is streamed to tmp/, fsynced and renamed into queue/; only the
 talk to the listener. Any failure or signal before the rename removes the temp file, so an
 interrupted ``sendmail`` sends and keeps nothing.
 
+In a sealed set-up (the relay's secret readable only by the runner user; ``sealed.py``) a
+user's submission is left in the drop folder for the runner, whatever the delivery mode: the
+user could not authenticate to the listener.
+
 Trust: runs as the submitting user, on their stdin and argv (untrusted for syntax, trusted as
 that user's wishes). The resulting entry is what the runner will later treat as hostile.
 
@@ -22,8 +26,8 @@ import os
 import pwd
 import time
 
-from mailshim import address, aliases, maillog, message, paths, spool
-from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUED
+from mailshim import address, aliases, maillog, message, paths, sealed, spool
+from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUE, QUEUED
 from mailshim.errors import DataError, MailshimError, UsageError, printable
 
 TYPE_CHECKING = False
@@ -219,6 +223,10 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
     if sub.verbose and mode == BACKGROUND:
         mode = INTERACTIVE
     target = spool.choose(config)
+    if target.drop and sealed.sealed_out(config):
+        # Sealed: only the runner can read the listener's secret, so this user's own agent
+        # (or an interactive attempt) could only fail. The drop folder wakes the runner.
+        mode = QUEUE
     writer = target.new_entry(sender, recipients, user.uid)
     # In the drop folder the submitter's agent needs the entry's lock from the start: the
     # runner skips locked entries, so the two never send it both.

@@ -1,7 +1,8 @@
 """The TLS client contexts a relay connection uses: verification settings and the pinned name.
 
-Trust: called by ``relay`` with the configuration's ``tls``, ``verify`` and ``ca_file``; the CA
-file is read with the caller's privileges. A context checks the listener's certificate against
+Trust: called by ``relay`` with the configuration's ``tls``, ``verify``, ``ca_file`` and client
+certificate; the files are read with the caller's privileges, and a client key that group or
+others can read is refused. A context checks the listener's certificate against
 the configured host name, never against the address dialled. Raises ``OSError`` or
 ``ValueError`` when the CA file cannot be read or parsed (``relay`` reports it as the
 ``tls-settings`` failure kind: the message stays queued, exit 75).
@@ -37,9 +38,19 @@ class _PinnedNameContext(ssl.SSLContext):
         return super().wrap_bio(incoming, outgoing, server_side, name, session)
 
 
-def tls_context(name: str, verify: bool, ca_file: str | None) -> ssl.SSLContext:
-    """A TLS 1.2+ client context checking certificates for ``name`` (unless ``verify`` is off)."""
+def tls_context(
+    name: str,
+    verify: bool,
+    ca_file: str | None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+) -> ssl.SSLContext:
+    """A TLS 1.2+ client context checking certificates for ``name`` (unless ``verify`` is off),
+    presenting ``client_cert`` (with ``client_key``, or a key in the same file) when given."""
     context = _PinnedNameContext(ssl.PROTOCOL_TLS_CLIENT)
+    if client_cert:
+        _check_key(client_key or client_cert)
+        context.load_cert_chain(client_cert, client_key)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.expected_name = name
     if verify:
@@ -53,6 +64,14 @@ def tls_context(name: str, verify: bool, ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
+def _check_key(path: str) -> None:
+    """Refuse a private key that group or others can read, as ``password_file`` is refused."""
+    import os
+
+    if os.stat(path).st_mode & 0o077:
+        raise ValueError(f"{path} is readable by others: chmod 600 it")
+
+
 class ContextCache:
     """Contexts built once per client, keyed by everything that defines one.
 
@@ -60,11 +79,20 @@ class ContextCache:
     """
 
     def __init__(self) -> None:
-        self._contexts: dict[tuple[str, bool, str | None], ssl.SSLContext] = {}
+        self._contexts: dict[
+            tuple[str, bool, str | None, str | None, str | None], ssl.SSLContext
+        ] = {}
 
-    def get(self, name: str, verify: bool, ca_file: str | None) -> ssl.SSLContext:
-        key = (name, verify, ca_file)
+    def get(
+        self,
+        name: str,
+        verify: bool,
+        ca_file: str | None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+    ) -> ssl.SSLContext:
+        key = (name, verify, ca_file, client_cert, client_key)
         context = self._contexts.get(key)
         if context is None:
-            context = self._contexts[key] = tls_context(name, verify, ca_file)
+            context = self._contexts[key] = tls_context(*key)
         return context

@@ -711,17 +711,8 @@ def _cache_put(cache_file: str, key: tuple[object, ...], data: Table) -> None:
     except ValueError:
         return  # a TOML date or time value: not marshal-able, and rejected by validation anyway
     folder = os.path.dirname(cache_file)
-    tmp = f"{cache_file}.{os.getpid()}"
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, blob)
-        finally:
-            os.close(fd)
-        os.rename(tmp, cache_file)
     except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        return
+    paths.replace_file(cache_file, blob, 0o600)

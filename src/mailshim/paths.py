@@ -81,3 +81,24 @@ def fqdn() -> str:
                 pass
         _fqdn = name.rstrip(".").lower() or "localhost"
     return _fqdn
+
+
+def replace_file(path: str, data: bytes, mode: int) -> bool:
+    """Put ``data`` at ``path`` whole: written to a fresh ``<path>.<pid>.tmp`` (O_EXCL,
+    never following a link) and renamed over ``path``. False, with nothing left behind,
+    when that fails: the callers (a cache, a pid file) can do without the file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        return True
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 
-from mailshim import maillog
+from mailshim import maillog, paths
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -36,19 +36,7 @@ def write_pid(target: spool.Spool, role: str) -> None:
 
 def write_pid_file(path: str, role: str, mode: int) -> None:
     """Replace ``path`` with "<pid> <role>" (a fresh file renamed over it; never followed)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        try:
-            os.write(fd, f"{os.getpid()} {role}\n".encode())
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    paths.replace_file(path, f"{os.getpid()} {role}\n".encode(), mode)
 
 
 def clear_pid(target: spool.Spool) -> None:

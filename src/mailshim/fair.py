@@ -91,8 +91,11 @@ def _uid_and_size(path: str) -> tuple[int, int] | None:
     try:
         # The first three records of any readable entry fit in far fewer bytes (each is
         # bounded); one read, no file object: this runs once per entry in every pass.
-        uid = spoolfmt.peek_uid(io.BytesIO(os.read(fd, PEEK_BYTES)))
-        return uid, max(os.fstat(fd).st_size, 1)
+        head = os.read(fd, PEEK_BYTES)
+        uid = spoolfmt.peek_uid(io.BytesIO(head))
+        # A short read of a regular file is all of it: its size, without an fstat.
+        size = len(head) if len(head) < PEEK_BYTES else os.fstat(fd).st_size
+        return uid, max(size, 1)
     except (OSError, DataError):
         return None
     finally:

@@ -646,3 +646,18 @@ def test_a_forked_child_gets_a_helper_thread_of_its_own(sp):
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_mark_this_process_writes_is_cleared_by_its_next_delivery(sp):
+    """clear_relay_down looks at most once a second, but never trusts a look older than
+    this process's own "listener unreachable" mark."""
+    sp.clear_relay_down()  # looked: no mark
+    fd = sp.try_agent_lock()
+    assert fd is not None
+    try:
+        sp.mark_relay(fd, False)
+        assert sp.relay_down_since() is not None
+        sp.clear_relay_down()
+        assert sp.relay_down_since() is None
+    finally:
+        os.close(fd)

@@ -73,6 +73,7 @@ _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 SYNC_INTERVAL = 0.2  # seconds: removals of delivered entries are made durable in batches
 TEMP_TRIES = 16  # fresh random names tried before a create gives up (EEXIST each time)
 COPY_CHUNK = 1024 * 1024
+MARK_RECHECK = 1.0  # seconds: how long a cleared "listener unreachable" mark is trusted
 HEAD_READ = 64 * 1024  # bytes of an entry read at once when it is locked (see _Held)
 
 
@@ -252,6 +253,7 @@ class Spool:
         self._dirty = False
         self._synced_at = 0.0
         self._listener_size: int | None = None  # as last recorded by this process
+        self._mark_clear_at = -MARK_RECHECK  # monotonic time clear_relay_down last looked
 
     def __repr__(self) -> str:
         return f"Spool({self.root!r}{', drop=True' if self.drop else ''})"
@@ -498,7 +500,12 @@ class Spool:
         return st.st_mtime if st.st_size > 0 else None
 
     def clear_relay_down(self) -> None:
-        """Someone got through: forget the mark (one stat when there is none)."""
+        """Someone got through: forget the mark (one stat when there is none, and none at
+        all within ``MARK_RECHECK`` of the last look: a runner calls this per delivery)."""
+        now = time.monotonic()
+        if now - self._mark_clear_at < MARK_RECHECK:
+            return
+        self._mark_clear_at = now
         path = os.path.join(self.root, "agent.lock")
         try:
             if os.stat(path).st_size == 0:
@@ -513,13 +520,13 @@ class Spool:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def mark_relay(lock_fd: int, reachable: bool) -> None:
+    def mark_relay(self, lock_fd: int, reachable: bool) -> None:
         try:
             if reachable:
                 if os.fstat(lock_fd).st_size:
                     os.ftruncate(lock_fd, 0)
             else:
+                self._mark_clear_at = -MARK_RECHECK  # the next delivery clears it again
                 os.pwrite(lock_fd, b"relay down\n", 0)
         except OSError:
             pass  # only an optimisation

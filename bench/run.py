@@ -600,30 +600,51 @@ def bench_flush(ctx: Ctx) -> None:
     ctx.results["flush"] = res
 
 
+def _spool_down(ctx: Ctx, inst: bl.Install, n: int) -> tuple[Path, dict[str, object]]:
+    """Spool ``n`` with ``sendmail`` while the listener is down; the spool is then copied for
+    each way of flushing it, so that every flush starts from the same entries."""
+    spool = ctx.work / "spool-made"
+    shutil.rmtree(spool, ignore_errors=True)
+    config = ctx.work / "made.toml"
+    bl.write_config(config, port=bl.free_port(), spool=spool, mode="background")
+    env = ctx.env(config, inst)
+    return spool, _spool_many(ctx, inst, env, spool, n, "mailshim, listener down")
+
+
 def _flush_mailshim(
-    ctx: Ctx, inst: bl.Install, n: int, name: str, pipelining: bool
+    ctx: Ctx,
+    inst: bl.Install,
+    n: int,
+    name: str,
+    made: Path,
+    *,
+    pipelining: bool,
+    concurrency: int | None,
 ) -> dict[str, object]:
-    """Spool ``n`` while the listener is down, then one ``mailshim flush`` once it is up."""
+    """One ``mailshim flush`` of a copy of ``made`` once the listener is up."""
     assert ctx.listener is not None
     spool = ctx.work / f"spool-{name}"
     shutil.rmtree(spool, ignore_errors=True)
+    shutil.copytree(made, spool, symlinks=True)
     config = ctx.work / f"{name}.toml"
-    bl.write_config(config, port=bl.free_port(), spool=spool, mode="background")
     env = ctx.env(config, inst)
-    spooled = _spool_many(ctx, inst, env, spool, n, f"mailshim, {name}, listener down")
-    bl.write_config(config, port=ctx.listener.port, spool=spool, mode="background")
+    bl.write_config(
+        config, port=ctx.listener.port, spool=spool, mode="background", concurrency=concurrency
+    )
     ctx.listener.pipelining(pipelining)
     cpu0 = float(ctx.listener.reset()["cpu"])
     t0 = time.monotonic()
     r = bl.checked(ctx.spawn([*inst.mailshim, "flush"], env, timeout=60 + n), "flush", quiet=False)
     stats = ctx.listener.wait(n, 120)
     ctx.listener.pipelining(True)
+    left = len(os.listdir(spool / "queue"))
+    if stats["messages"] != n or left:
+        raise bl.BenchError(f"flush ({name}): {stats['messages']} arrived, {left} left queued")
     out = {
         "delivered": float(stats["last"]) - t0,
         "sessions": stats["sessions"],
         "client_cpu": r.cpu,
         "listener_cpu": float(stats["cpu"]) - cpu0,
-        "spool": spooled,
     }
     say(
         f"- mailshim flush ({name}): {n} delivered in {out['delivered']:.2f} s, "
@@ -688,19 +709,34 @@ def bench_postfix(ctx: Ctx) -> None:
         say(f"- Postfix {pf.version} ({pf.package}, unpacked, not installed)")
         for k in range(args.rounds):
             say(f"\n### round {k + 1} of {args.rounds}")
+            made, spooled = _spool_down(ctx, inst, n)
             one = {
-                "mailshim_pipelined": _flush_mailshim(ctx, inst, n, "pipelined", True),
-                "mailshim_lockstep": _flush_mailshim(ctx, inst, n, "lock-step", False),
+                "mailshim_spooling_down": spooled,
+                "mailshim_parallel": _flush_mailshim(
+                    ctx, inst, n, "parallel", made, pipelining=True, concurrency=None
+                ),
+                "mailshim_pipelined": _flush_mailshim(
+                    ctx, inst, n, "pipelined", made, pipelining=True, concurrency=1
+                ),
+                "mailshim_lockstep": _flush_mailshim(
+                    ctx, inst, n, "lock-step", made, pipelining=False, concurrency=1
+                ),
                 "postfix": _flush_postfix(ctx, pf, n, down),
             }
             rounds.append(one)
-            piped, serial, post = (
+            par, piped, serial, post = (
                 float(one[key]["delivered"])  # type: ignore[index]
-                for key in ("mailshim_pipelined", "mailshim_lockstep", "postfix")
+                for key in (
+                    "mailshim_parallel",
+                    "mailshim_pipelined",
+                    "mailshim_lockstep",
+                    "postfix",
+                )
             )
             say(
-                f"- mailshim/Postfix: **{piped / post:.2f}×** pipelined, {serial / post:.2f}× "
-                f"lock-step; pipelining gains {serial / piped:.2f}×"
+                f"- mailshim/Postfix: **{par / post:.2f}×** parallel, {piped / post:.2f}× one "
+                f"pipelined session, {serial / post:.2f}× one lock-step session; pipelining "
+                f"gains {serial / piped:.2f}×, parallel sessions {piped / par:.2f}× more"
             )
     except (pfx.PostfixError, subprocess.SubprocessError) as exc:
         raise bl.BenchError(f"Postfix: {exc}") from None

@@ -420,24 +420,32 @@ def bench_rss(ctx: Ctx) -> None:
     got = ctx.listener.wait(1, limit)
     if int(got["largest"]) < size:
         raise bl.BenchError(f"the listener got {got['largest']} bytes, expected >= {size}")
+    # With concurrency on: several big messages at once, for the agent and for a flush.
+    many = args.rss_parallel
     with bl.AgentWatcher(str(spool), interval=0.02) as watcher:
-        child("sendmail (background)", [*inst.sendmail, "-i", bl.RCPT], str(big))
         t0 = time.monotonic()
-        got = ctx.listener.wait(2, limit)
+        for k in range(many):
+            child(f"sendmail (background) {k + 1}", [*inst.sendmail, "-i", bl.RCPT], str(big))
+        got = ctx.listener.wait(1 + many, limit * many)
         bl.wait_agents_gone(str(spool), limit)
     agent_kb = max(watcher.peaks.values()) if watcher.peaks else 0
     res["agent"] = {
         "maxrss_kb": agent_kb,
         "agents": watcher.count,
+        "messages": many,
         "delivered_after": float(got["last"]) - t0,
     }
     say(
-        f"- delivery agent (VmHWM polled from /proc every 20 ms, {watcher.count} agent): "
-        f"peak RSS {agent_kb / 1024:.1f} MiB"
+        f"- delivery agent, {many} messages (VmHWM polled from /proc every 20 ms, "
+        f"{watcher.count} agent): peak RSS {agent_kb / 1024:.1f} MiB"
     )
-    child("sendmail -odq (again)", [*inst.sendmail, "-odq", "-i", bl.RCPT], str(big))
-    child("mailshim flush", [*inst.mailshim, "flush"])
-    ctx.listener.wait(3, limit)
+    for k in range(many):
+        child(f"sendmail -odq (again) {k + 1}", [*inst.sendmail, "-odq", "-i", bl.RCPT], str(big))
+    before = ctx.listener.reset()
+    child(f"mailshim flush ({many} queued, parallel sessions)", [*inst.mailshim, "flush"])
+    got = ctx.listener.wait(many, limit * many)
+    res["flush_sessions"] = got["sessions"]
+    say(f"- that flush used {got['sessions']} SMTP sessions (before: {before['messages']})")
     ctx.results["rss"] = res
 
 
@@ -782,6 +790,9 @@ def main() -> int:
     )
     ap.add_argument("--count", type=int, default=1000, help="(b, d, f) number of messages")
     ap.add_argument("--size-mb", type=int, default=200, help="(c) message size in MB")
+    ap.add_argument(
+        "--rss-parallel", type=int, default=4, help="(c) big messages delivered at once"
+    )
     ap.add_argument(
         "--qi-count",
         type=int,

@@ -217,3 +217,12 @@ def test_flush_verbose_names_the_session_of_each_line(fworld):
     sessions = {line.split("]", 1)[0] + "]" for line in lines if ">>> DATA" in line}
     assert "[1]" in sessions and len(sessions) >= 2
     assert all(line.startswith("[") for line in lines if ">>> " in line)
+
+
+def test_one_entry_opens_one_session(fworld):
+    configure(fworld)
+    ids = queue(fworld, 5)
+    out = fworld.sendmail(f"-qI{ids[2]}")
+    assert out.returncode == 0, out.stderr
+    assert delivered(fworld) == Counter([ids[2]])
+    assert fworld.listener.handler.sessions == 1

@@ -464,9 +464,17 @@ class _Pass:
         self.ended = ""  # "down", "busy" or "stopped" once the pass must end early
         self.streak = 0  # consecutive throttled entries, whichever session met them
         self.answered = False  # a session reached the listener: the others may open
+        self.returned: list[str] = []  # taken by a session that could not connect
+        self.hold_until = 0.0  # monotonic: no message starts before (a rate limit's pause)
+
+    async def hold(self) -> None:
+        """Wait out a rate limit's pause (or until ``stop``)."""
+        await _sleep(self.hold_until - time.monotonic(), self.stop)
 
     def next_entry(self) -> str | None:
         """The next entry to try, taken for good (no other session gets it); None at the end."""
+        if self.returned:
+            return self.returned.pop(0)  # already vetted: an extra session gave it back
         for qid in self.order:
             if self.stop is not None and self.stop.is_set():
                 self.ended = self.ended or "stopped"
@@ -527,29 +535,37 @@ async def run_pass(
         client = pool.client(index)
         if index > 0:
             await opened.wait()
-            if run.ended or not run.answered:
-                return
-            failed = await client.connect()
-            if failed is not None:
-                # An extra session the listener will not take (421, too many connections):
-                # fewer sessions, and no entry has paid for it.
-                await client.close()
-                _lower(pool, f"session {index + 1} refused: {failed}")
-                return
         try:
-            while not run.ended and index < pool.limit:
+            while not run.ended and index < pool.limit and (index == 0 or run.answered):
+                await run.hold()
                 qid = run.next_entry()
                 if qid is None:
                     return
-                await _deliver_one(config, pool, client, run, qid, progress)
+                if index > 0 and not client.connected:
+                    failed = await client.connect()
+                    if failed is not None:
+                        # An extra session the listener will not take (421, too many
+                        # connections): one session fewer, and the entry waits for another.
+                        run.returned.append(qid)
+                        _lower(pool, f"session {index + 1} refused: {failed}")
+                        return
+                await _deliver_one(config, pool, client, run, qid, progress, index)
                 if run.answered:
                     opened.set()
+        except BaseException:
+            run.ended = run.ended or "error"  # the other sessions finish what they carry
+            raise
         finally:
             opened.set()  # the first session is done: the others find out why, or nothing left
-            if index >= pool.limit:
+            if index >= pool.limit or run.ended:
                 await client.close()
 
-    await asyncio.gather(*(session(i) for i in range(pool.limit)))
+    done = await asyncio.gather(*(session(i) for i in range(pool.limit)), return_exceptions=True)
+    for outcome in done:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    while run.returned and not run.ended:
+        await session(0)  # what refused extra sessions gave back
     return run.ended or "done"
 
 
@@ -565,13 +581,12 @@ async def _deliver_one(
     run: _Pass,
     qid: str,
     progress: Callable[[str, str], None] | None,
+    index: int,
 ) -> None:
-    """One entry on one session, and what its outcome means for the whole pass."""
+    """One entry on session ``index``, and what its outcome means for the whole pass."""
     target, counts = run.target, run.counts
     try:
-        status, replies = await _attempt_with_pauses(
-            config, pool, client, target, qid, counts, run.stop
-        )
+        status, replies = await _attempt_with_pauses(config, pool, client, run, qid, index)
     except MailshimError as exc:
         # One entry's trouble (a stale temp file in the way of its bounce, a file it may
         # not write) is that entry's: it waits for its next attempt and the pass goes on.
@@ -616,16 +631,12 @@ def _spool_wide(target: spool.Spool) -> None:
 
 
 async def _attempt_with_pauses(
-    config: Config,
-    pool: Pool,
-    client: RelayClient,
-    target: spool.Spool,
-    qid: str,
-    counts: Counts,
-    stop: asyncio.Event | None,
+    config: Config, pool: Pool, client: RelayClient, run: _Pass, qid: str, index: int = 0
 ) -> tuple[str, dict[str, Reply]]:
     """Deliver one entry; on a rate limit, one session fewer for the run, then reconnect,
-    pause and try it again a few times."""
+    pause (no session starts a message meanwhile) and try it again a few times. A session
+    the lowering leaves out gives the entry back to the ones left, first in line."""
+    target, counts, stop = run.target, run.counts, run.stop
     tries = 0
     while True:
         try:
@@ -643,6 +654,10 @@ async def _attempt_with_pauses(
         kinds = {policy.pressure_kind(r) for r in replies.values()}
         if policy.RATE in kinds:
             _lower(pool, f"rate limited: {next(iter(replies.values()))}")
+            if index >= pool.limit and not (stop is not None and stop.is_set()):
+                run.returned.insert(0, qid)
+                run.hold_until = max(run.hold_until, time.monotonic() + RATE_PAUSE)
+                return "", {}
         if (
             policy.RATE not in kinds
             or tries >= RATE_RETRIES
@@ -650,9 +665,11 @@ async def _attempt_with_pauses(
         ):
             return status, replies
         tries += 1
-        # A fresh connection clears a per-session limit; the pause, a per-second one.
+        # A fresh connection clears a per-session limit; the pause, a per-second one, which
+        # the other sessions would only run into again: they wait it out too.
         await client.close()
-        await _sleep(RATE_PAUSE * tries, stop)
+        run.hold_until = max(run.hold_until, time.monotonic() + RATE_PAUSE * tries)
+        await run.hold()
 
 
 def flush(

@@ -607,47 +607,6 @@ def test_remove_takes_a_state_written_under_the_same_lock(sp):
     assert not sp.exists(qid) and os.listdir(sp.state_dir) == []
 
 
-def _wait_closed(fd: int, st: os.stat_result) -> bool:
-    """True once ``fd`` no longer refers to the file ``st`` describes (closed or reused)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            now = os.fstat(fd)
-        except OSError:
-            return True
-        if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def test_a_runner_closes_a_removed_entry_on_the_helper_thread(sp):
-    qid = make_entry(sp)
-    locked = sp.lock(qid)
-    fd, st = locked.fd, os.fstat(locked.fd)
-    locked.remove(close_soon=True)
-    assert not sp.exists(qid) and locked.fd == -1  # gone from queue/ when remove returns
-    assert _wait_closed(fd, st)
-
-
-def test_a_forked_child_gets_a_helper_thread_of_its_own(sp):
-    first = sp.lock(make_entry(sp))
-    first.remove(close_soon=True)  # the parent's helper thread now exists
-    qid = make_entry(sp)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - checked through the exit status
-        ok = False
-        try:
-            locked = sp.lock(qid)
-            fd, st = locked.fd, os.fstat(locked.fd)
-            locked.remove(close_soon=True)
-            ok = _wait_closed(fd, st) and not sp.exists(qid)
-        finally:
-            os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
 def test_a_mark_this_process_writes_is_cleared_by_its_next_delivery(sp):
     """clear_relay_down looks at most once a second, but never trusts a look older than
     this process's own "listener unreachable" mark."""

@@ -198,12 +198,7 @@ def _write_report(
 
 
 def _carry_out(
-    config: Config,
-    locked: spool.LockedEntry,
-    state: State,
-    action: policy.Action,
-    now: float,
-    interactive: bool = False,
+    config: Config, locked: spool.LockedEntry, state: State, action: policy.Action, now: float
 ) -> str:
     """Carry out policy's action on ``locked``: remove, bury or reschedule.
 
@@ -217,8 +212,7 @@ def _carry_out(
         locked.release()
         return action.status
     if action.status == SENT:
-        # A runner's pass (not interactive) never forks: its fd may close on a helper thread.
-        locked.remove(close_soon=not interactive)
+        locked.remove()
         maillog.log(f"{env.queue_id}: removed")
         return SENT
     if not action.bury:
@@ -290,7 +284,7 @@ async def deliver_entry(
             # Nothing left to send: a crash came after the last reply was recorded.
             now = time.time()
             action = policy.decide(config, env, state, now, interactive=interactive)
-            return _carry_out(config, locked, state, action, now, interactive), {}
+            return _carry_out(config, locked, state, action, now), {}
         started = time.time()
         try:
             with locked.message() as body:
@@ -307,7 +301,7 @@ async def deliver_entry(
             config, env, state, now, pressure=pressure, due_at=due_at,
             interactive=interactive, discard_rejected=discard_rejected,
         )  # fmt: skip
-        return _carry_out(config, locked, state, action, now, interactive), dict(result.replies)
+        return _carry_out(config, locked, state, action, now), dict(result.replies)
     finally:
         locked.release()
 

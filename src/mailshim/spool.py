@@ -55,7 +55,6 @@ from mailshim.spoolfmt import Envelope, State
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from queue import SimpleQueue
     from typing import BinaryIO
 
     from mailshim.config import Config
@@ -186,43 +185,6 @@ def _close(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
-
-
-# The last close of a removed entry frees its inode: on ext4 that waited 100-300 µs for the
-# journal here (measured under a flush; bench/RESULTS.md (h)), time a runner's event loop
-# would stand still. A runner hands such fds to one helper thread, which closes them while
-# the loop goes on; the lock they hold is on a file no one can open any more.
-CLOSE_BACKLOG = 256  # fds waiting for the helper; beyond this the caller closes itself
-_closer: SimpleQueue[int] | None = None  # the helper's fds to close
-
-
-def _close_soon(fd: int) -> None:
-    global _closer
-    if _closer is None:
-        import threading
-        from queue import SimpleQueue
-
-        _closer = SimpleQueue()
-        threading.Thread(
-            target=_closing, args=(_closer,), name="mailshim-close", daemon=True
-        ).start()
-    if _closer.qsize() >= CLOSE_BACKLOG:
-        _close(fd)
-    else:
-        _closer.put(fd)
-
-
-def _forget_closer() -> None:
-    global _closer
-    _closer = None  # a fork's child: the helper thread stayed with the parent
-
-
-os.register_at_fork(after_in_child=_forget_closer)
-
-
-def _closing(fds: SimpleQueue[int]) -> None:
-    while True:
-        _close(fds.get())
 
 
 def _unlink(path: str) -> bool:
@@ -880,13 +842,10 @@ class LockedEntry(_Held):
         self._stateless = False
         self.spool.save_state(self.queue_id, state)
 
-    def remove(self, close_soon: bool = False) -> None:
+    def remove(self) -> None:
         """Delivered: forget it. The entry goes first, so a crash leaves at worst a stray
         state. The folder is fsynced in batches (``Spool.sync``): a power cut may bring back
-        an entry delivered in the last ``SYNC_INTERVAL`` seconds (docs/spool.md).
-
-        ``close_soon`` (runners, which never fork): the fd is closed on a helper thread
-        (``_close_soon``); the entry is gone from queue/ either way when this returns."""
+        an entry delivered in the last ``SYNC_INTERVAL`` seconds (docs/spool.md)."""
         try:
             os.unlink(os.path.join(self.spool.queue, self.queue_id))
             self.spool._dirty = True
@@ -897,9 +856,6 @@ class LockedEntry(_Held):
                 raise from_oserror(exc, "removing a delivered entry") from None
         if not self._stateless:
             _unlink(os.path.join(self.spool.state_dir, self.queue_id))
-        if close_soon and self.fd >= 0:
-            _close_soon(self.fd)
-            self.fd = -1
         self.release()
 
     def bury(self, folder: str, reason: str) -> str:

@@ -89,8 +89,9 @@ def _uid_and_size(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     try:
-        # The first three records of any readable entry fit in far fewer bytes (each is
-        # bounded); one read, no file object: this runs once per entry in every pass.
+        # The magic line and the id, arrival and uid records of any readable entry fit in
+        # far fewer bytes (each is bounded); one read, no file object: this runs once per
+        # entry in every pass.
         head = os.read(fd, PEEK_BYTES)
         uid = spoolfmt.peek_uid(io.BytesIO(head))
         # A short read of a regular file is all of it: its size, without an fstat.

@@ -330,7 +330,7 @@ class _Progress:
             return
         if not self.tty:
             # Buffered, flushed twice a second: a write and a tty check per message were a
-            # tenth of a flush's own CPU (bench/RESULTS.md (h)).
+            # few per cent of a flush's own CPU (bench/RESULTS.md (h)).
             try:
                 sys.stdout.write(f"{qid}: {shown}\n")
                 if time.monotonic() - self.flushed >= 0.5:
@@ -681,10 +681,9 @@ def _run() -> int:
 def _leave(code: int) -> NoReturn:
     """Exit with ``code`` once the output is out, without the interpreter's teardown of the
     ~230 modules a flush loads (about 20 ms of CPU, bench/RESULTS.md (h)); ``sendmail``
-    leaves the same way. Nothing is left to finish: spool files are closed by then, and a
-    thread still closing delivered entries' fds holds nothing the kernel does not release.
-    Output that cannot be written is still an error (74), as the interpreter's final flush
-    would have made it one."""
+    leaves the same way. Nothing is left to finish: spool files are closed and the event
+    loop is gone by then. Output that cannot be written is still an error (74), as the
+    interpreter's final flush would have made it one."""
     try:
         sys.stdout.flush()
     except BrokenPipeError:

@@ -11,14 +11,19 @@ Sections (``--only``, comma-separated; default all):
              ``wait4``: its user+system CPU, its wall time, the listener's CPU. The same on an
              empty spool gives the fixed cost (start-up, config, connection); the difference
              over N is the CPU per message. ``--rounds`` repeats both; medians are printed.
+``spool``    the spool side alone, no network: order, state, lock, envelope, message read and
+             remove of N entries, CPU per entry (``process_time``, in a child).
 ``startup``  ``python -X importtime`` of the same ``mailshim flush`` on an empty spool: the
              heaviest modules by cumulative and by self time (median of the runs).
 ``strace``   ``strace -f -c`` of one flush of N: syscall counts per message (skipped when
              strace is not installed).
 ``profile``  ``runner.flush`` in this process under cProfile (the listener still apart):
              the top functions by own time and by cumulative time in µs per message, and the
-             own time summed per module. cProfile slows Python calls down (about 2×), so use
+             own time summed per module. cProfile slows Python calls down (2-5×), so use
              the ``cpu`` figures for totals and this for the split.
+
+``--compare SRC`` runs ``cpu``, ``spool`` and ``strace`` also with the ``mailshim`` package
+under SRC (another tree's ``src``), the two alternating within each round.
 
 Each flush runs against bench/listener.py with PIPELINING offered (``--lockstep``: not), the
 config is bench/run.py's (background mode, ``MAILSHIM_NO_SYSLOG=1``: a syslog write per line

@@ -118,7 +118,13 @@ def _down(kind: str, text: str, server: Reply | None = None) -> RelayDown:
 
 
 def _bad_address(addr: str) -> bool:
+    if addr.isprintable():
+        return False  # the common case, at C speed: no control character at all
     return any(ord(ch) < 32 or ord(ch) == 127 for ch in addr)
+
+
+def _silent(line: str) -> None:
+    """The transcript when nobody reads one (``-v`` not given): lines are not even built."""
 
 
 def _wire_address(addr: str) -> str:
@@ -173,6 +179,7 @@ class RelaySession:
         self._server_name = server_name
         self._context = context
         self._say = wire.say
+        self._verbose = wire.say is not _silent
 
     # -- connecting -------------------------------------------------------------------------
 
@@ -182,7 +189,7 @@ class RelaySession:
         relay: RelaySettings,
         *,
         helo: str,
-        say: Callable[[str], None] = lambda line: None,
+        say: Callable[[str], None] = _silent,
         contexts: ContextCache | None = None,
     ) -> RelaySession:
         """Connect to the first address of ``relay`` that greets, says EHLO/LHLO, TLS, AUTH.
@@ -356,7 +363,8 @@ class RelaySession:
         verb = args[0].decode("ascii")
         if not self.alive:
             return Reply(0, f"lost connection with {self.label} before {verb}", kind=kinds.CLOSED)
-        self._say(">>> " + clean_text(b" ".join(args).decode("utf-8", "replace")))
+        if self._verbose:
+            self._say(">>> " + clean_text(b" ".join(args).decode("utf-8", "replace")))
         try:
             code, text = await self._wire.execute(*args)
         except WireError as exc:
@@ -409,7 +417,7 @@ class RelaySession:
             return [
                 Reply(0, f"lost connection with {self.label} before {verbs[0]}", kind=kinds.CLOSED)
             ] * len(commands)
-        for args, _ in commands:
+        for args, _ in commands if self._verbose else ():
             self._say(">>> " + clean_text(b" ".join(args).decode("utf-8", "replace")))
         lines = [b" ".join(args) + b"\r\n" for args, _ in commands]
         got, stopped = await self._wire.pipeline(lines, self._show)
@@ -431,6 +439,8 @@ class RelaySession:
         return self._wire.ssl_object
 
     def _show(self, code: int, message: str) -> None:
+        if not self._verbose:
+            return
         lines = message.split("\n")
         for index, line in enumerate(lines):
             sep = " " if index == len(lines) - 1 else "-"
@@ -800,7 +810,10 @@ class RelayClient:
             await self._slots.take(relay)
         try:
             fresh = await RelaySession.open(
-                relay, helo=self._helo, say=self._say, contexts=self.contexts
+                relay,
+                helo=self._helo,
+                say=self._say if self._transcript is not None else _silent,
+                contexts=self.contexts,
             )
         except BaseException:
             if self._slots is not None:

@@ -101,7 +101,9 @@ def clean_text(text: str) -> str:
     >>> clean_text("5.1.1 no\\nsuch\\x1b[31m user")
     '5.1.1 no such?[31m user'
     """
-    return printable(" ".join(text.splitlines()), MAX_TEXT)
+    if not text.isprintable():  # a line break of any kind among them: one line first
+        text = " ".join(text.splitlines())
+    return printable(text, MAX_TEXT)
 
 
 def enhanced_code(word: str, code: int) -> bool:

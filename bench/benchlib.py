@@ -543,7 +543,7 @@ def build_installs(work: Path, log) -> dict[str, Install]:
     _script(
         sbin / "mailshim",
         f"{SYSTEM_PYTHON} -IS",
-        prelude + "from mailshim.cli.admin import main\nmain()\n",
+        prelude + "from mailshim.cli.entry import main\nmain()\n",
     )
     installs["debian"] = Install(
         "debian",

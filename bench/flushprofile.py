@@ -49,7 +49,7 @@ from pathlib import Path
 import benchlib as bl
 
 SECTIONS = ("cpu", "spool", "startup", "strace", "profile")
-ENTRY_CODE = "from mailshim.cli.admin import main; import sys; sys.argv[0] = 'mailshim'; main()"
+ENTRY_CODE = "from mailshim.cli.entry import main; import sys; sys.argv[0] = 'mailshim'; main()"
 
 
 def say(text: str = "") -> None:

@@ -291,3 +291,36 @@ def test_pip_installed_sendmail_is_a_plain_script_that_imports_only_cheap_module
     # re is the one pip's old wrapper brought; everything else, as for -I -c above
     assert not offenders(rows, FORBIDDEN), offenders(rows, FORBIDDEN)
     assert len(world.queued()) == 2
+
+
+MAILSHIM = "from mailshim.cli.entry import main; import sys; sys.argv[0] = 'mailshim'; main()"
+
+
+def test_mailshim_run_off_a_terminal_loads_no_click_and_says_the_same(world):
+    # What the timer, the path unit and cron start: no click on that path (cli/entry.py);
+    # with an option it goes through click, and both print the same summary line.
+    warm_cache(world)
+    wait_agent_gone(world)
+    world.listener.stop()
+    for _ in range(2):
+        sent = run_sendmail(world, ["-odq", "-i", "root"], CRON, importtime=False)
+        assert sent.returncode == 0, sent.stderr
+    world.listener.start()
+    plain = subprocess.run(
+        [sys.executable, "-I", "-X", "importtime", "-c", MAILSHIM, "run"],
+        capture_output=True, env=world.env, timeout=60,
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    rows = parse_importtime(plain.stderr)
+    names = {r.name for r in rows}
+    assert "mailshim.runner" in names and "click" not in names
+    assert plain.stdout.decode().splitlines()[-1] == "2 delivered."
+    sent = run_sendmail(world, ["-odq", "-i", "root"], CRON, importtime=False)
+    assert sent.returncode == 0, sent.stderr
+    clicked = subprocess.run(
+        [sys.executable, "-I", "-X", "importtime", "-c", MAILSHIM, "-C", str(world.config), "run"],
+        capture_output=True, env=world.env, timeout=60,
+    )  # fmt: skip
+    assert clicked.returncode == 0, clicked.stderr[-2000:]
+    assert "click" in {r.name for r in parse_importtime(clicked.stderr)}
+    assert clicked.stdout.decode().splitlines()[-1] == "1 delivered."

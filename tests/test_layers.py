@@ -71,7 +71,9 @@ LAYERS: dict[str, int] = {
     "mailshim.cli": CLI,
     "mailshim.cli.admin": CLI,
     "mailshim.cli.admin_spool": CLI,
+    "mailshim.cli.entry": CLI,
     "mailshim.cli.group": CLI,
+    "mailshim.cli.queuerun": CLI,
     "mailshim.cli.sendmail": CLI,
 }
 

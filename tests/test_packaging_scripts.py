@@ -21,7 +21,7 @@ TARGETS = {
     "sendmail": "mailshim.cli.sendmail:main",
     "mailq": "mailshim.cli.sendmail:main_mailq",
     "newaliases": "mailshim.cli.sendmail:main_newaliases",
-    "mailshim": "mailshim.cli.admin:main",
+    "mailshim": "mailshim.cli.entry:main",
 }
 
 

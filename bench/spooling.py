@@ -24,11 +24,14 @@ Trust: a developer's tool; it runs the code under test as the invoking user, loo
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -117,11 +120,51 @@ def _warm(case: Case, scratch: Path) -> None:
         os.unlink(case.spool / "queue" / name)
 
 
+def before_install(work: Path, debian: bl.Install, rev: str) -> bl.Install:
+    """The Debian-style install with mailshim's files as of git ``rev``: its own copy of the
+    dist-packages folder (same dependencies), ``mailshim/`` replaced by ``rev``'s."""
+    src = debian.env["PYTHONPATH"]
+    target = work / "before" / "dist-packages"
+    shutil.copytree(src, target)
+    shutil.rmtree(target / "mailshim")
+    archive = subprocess.run(
+        ["git", "-C", str(bl.REPO), "archive", rev, "src/mailshim"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        if hasattr(tarfile, "data_filter"):  # 3.11.4+; our own repository's files anyway
+            tar.extractall(work / "before", filter="data")
+        else:
+            tar.extractall(work / "before")
+    shutil.move(work / "before" / "src" / "mailshim", target / "mailshim")
+    subprocess.run([bl.SYSTEM_PYTHON, "-m", "compileall", "-q", str(target)], check=True)
+    script = work / "before" / "sendmail"
+    script.write_text(
+        f"#!{bl.SYSTEM_PYTHON} -IS\nimport sys\nsys.path.insert(0, {str(target)!r})\n"
+        "from mailshim.cli.sendmail import main\nmain()\n"
+    )
+    script.chmod(0o755)
+    return bl.Install(
+        "before",
+        f"Debian style, mailshim as of {rev}",
+        [str(script)],
+        [],
+        [],
+        [bl.SYSTEM_PYTHON],
+        [],
+        env={"PYTHONPATH": str(target)},
+    )
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
     (work / "home").mkdir()
     scratch = work / "scratch"
     scratch.mkdir()
     installs = bl.build_installs(work, lambda m: say(f"  ({m})"))
+    if args.before:
+        installs["before"] = before_install(work, installs["debian"], args.before)
+        args.installs.append("before")
     listener = bl.Listener(bl.free_port())
     try:
         dead = bl.free_port()  # nothing listens there: connections are refused
@@ -211,6 +254,15 @@ def report(args: argparse.Namespace, cases: list[Case], load_after: str) -> dict
                 c = statistics.median(mine[a].cpus) / statistics.median(mine[b].cpus)
                 say(f"- {key}: {a} ÷ {b}, median wall **{w:.2f}×**, median CPU {c:.2f}×")
                 out[f"{key}: {a} / {b}"] = {"wall": w, "cpu": c}
+    if "before" in args.installs:
+        now = {c.state: c for c in cases if c.install.key == "debian"}
+        then = {c.state: c for c in cases if c.install.key == "before"}
+        for state in ("down", "up", "queue"):
+            if state in now and state in then:
+                w = statistics.median(now[state].walls) / statistics.median(then[state].walls)
+                c = statistics.median(now[state].cpus) / statistics.median(then[state].cpus)
+                say(f"- {state}: debian ÷ before, median wall {w:.2f}×, median CPU {c:.2f}×")
+                out[f"{state}: debian / before"] = {"wall": w, "cpu": c}
     say(f"\nload average after: {load_after}")
     out["load_after"] = load_after
     return out
@@ -234,6 +286,11 @@ def main() -> int:
         default="up,down",
         help="comma-separated: up, down, queue (-odq: the spool write alone, no agent), "
         "pass (`python3 -I -c pass`, the interpreter alone)",
+    )
+    ap.add_argument(
+        "--before",
+        metavar="REV",
+        help="also the Debian-style install with src/mailshim as of git REV (interleaved)",
     )
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")

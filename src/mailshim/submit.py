@@ -276,12 +276,37 @@ def _hand_on(
             config, locked, verbose=sub.verbose, discard_rejected=sub.discard_rejected
         )
     elif mode == BACKGROUND:
-        from mailshim import agent
-
-        agent.start(target, config, entry=locked if isinstance(locked, spool.DropEntry) else None)
+        _to_agent(config, target, locked if isinstance(locked, spool.DropEntry) else None)
     elif locked is not None:
         locked.release()
     return outcome
+
+
+def _to_agent(config: Config, target: spool.Spool, entry: spool.DropEntry | None) -> None:
+    """Start the delivery agent, or leave the entry to the one serving the spool.
+
+    The agent's module (and what it imports) is loaded only to start one: while an agent
+    serves the spool, as through a burst of submissions while the listener is down, a poke
+    or nothing is all a submission does, and it costs no more than queue mode."""
+    if entry is not None:
+        from mailshim import dropagent
+
+        slot = dropagent.claim(target.root, entry)
+        if slot is not None:
+            from mailshim import agent
+
+            agent.start(target, config, entry=entry, slot_fd=slot)
+        return
+    from mailshim import serving
+
+    try:
+        fd = serving.claim_or_poke(target, config)
+    except OSError:
+        return  # the runner's schedule will pick the entry up; it is safe in the spool
+    if fd is not None:
+        from mailshim import agent
+
+        agent.start(target, config, lock_fd=fd)
 
 
 def _finish_even_if_signalled() -> dict[int, Any]:

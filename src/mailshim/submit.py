@@ -26,7 +26,7 @@ import os
 import pwd
 import time
 
-from mailshim import address, aliases, maillog, message, paths, sealed, spool
+from mailshim import address, aliases, maillog, message, paths, spool
 from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUE, QUEUED
 from mailshim.errors import DataError, MailshimError, UsageError, printable
 
@@ -223,10 +223,14 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
     if sub.verbose and mode == BACKGROUND:
         mode = INTERACTIVE
     target = spool.choose(config)
-    if target.drop and sealed.sealed_out(config):
-        # Sealed: only the runner can read the listener's secret, so this user's own agent
-        # (or an interactive attempt) could only fail. The drop folder wakes the runner.
-        mode = QUEUE
+    if target.drop:
+        from mailshim import sealed  # only a drop-folder submission asks
+
+        if sealed.sealed_out(config):
+            # Sealed: only the runner can read the listener's secret, so this user's own
+            # agent (or an interactive attempt) could only fail. The drop folder wakes the
+            # runner.
+            mode = QUEUE
     writer = target.new_entry(sender, recipients, user.uid)
     # In the drop folder the submitter's agent needs the entry's lock from the start: the
     # runner skips locked entries, so the two never send it both.

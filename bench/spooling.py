@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl
+import postfix as pfx
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -93,23 +94,40 @@ class Case:
             "MAILSHIM_NO_SYSLOG": "1",
             **install.env,
         }
+        odq = ["-odq"] if self.state == "queue" else []
+        self.argv = [*install.sendmail, *odq, "-i", bl.RCPT]
+        if self.state == "pass":
+            self.argv = [bl.SYSTEM_PYTHON, "-I", "-c", "pass"]
         self.walls: list[float] = []
         self.cpus: list[float] = []
         self.watcher = CpuWatcher(str(self.spool))
         self.elapsed = 0.0
 
     def submit(self, scratch: Path, i: int) -> None:
-        odq = ["-odq"] if self.state == "queue" else []
-        argv = [*self.install.sendmail, *odq, "-i", bl.RCPT]
-        if self.state == "pass":
-            argv = [bl.SYSTEM_PYTHON, "-I", "-c", "pass"]
         t0 = time.monotonic()
         r = bl.checked(
-            bl.spawn(argv, self.env, stdin_data=bl.message(i), scratch=scratch), self.name
+            bl.spawn(self.argv, self.env, stdin_data=bl.message(i), scratch=scratch), self.name
         )
         self.elapsed += time.monotonic() - t0
         self.walls.append(r.wall)
         self.cpus.append(r.cpu)
+
+
+class PostfixCase(Case):
+    """Postfix's ``sendmail`` (postdrop, then pickup and qmgr, which defer each message) with
+    its relayhost down: the peer figure (bench/postfix.py: unpacked, not installed)."""
+
+    def __init__(self, work: Path, pf: pfx.Postfix) -> None:
+        self.install = bl.Install("postfix", f"Postfix {pf.version}", [], [], [], [], [])
+        self.state = "postfix"
+        self.name = f"Postfix {pf.version} `sendmail`, relayhost down"
+        self.spool = work / "postfix-has-no-mailshim-spool"
+        self.env = pf.env
+        self.argv = [*pf.sendmail, "-i", bl.RCPT]
+        self.walls = []
+        self.cpus = []
+        self.watcher = CpuWatcher(str(self.spool))
+        self.elapsed = 0.0
 
 
 def _warm(case: Case, scratch: Path) -> None:
@@ -157,63 +175,87 @@ def before_install(work: Path, debian: bl.Install, rev: str) -> bl.Install:
     )
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
-    (work / "home").mkdir()
-    scratch = work / "scratch"
-    scratch.mkdir()
+def _cases(args: argparse.Namespace, work: Path, port: int, dead: int) -> list[Case]:
     installs = bl.build_installs(work, lambda m: say(f"  ({m})"))
     if args.before:
         installs["before"] = before_install(work, installs["debian"], args.before)
         args.installs.append("before")
+    cases = [
+        Case(work, installs[key], state, port if state == "up" else dead)
+        for key in args.installs
+        for state in ("up", "down", "queue")
+        if state in args.cases
+    ]
+    if "pass" in args.cases:
+        cases.append(Case(work, installs[args.installs[0]], "pass", dead))
+    return cases
+
+
+def _interleave(args: argparse.Namespace, cases: list[Case], scratch: Path) -> None:
+    """Blocks of ``--block`` submissions per case, the order rotating each block."""
+    for b in range(-(-args.count // args.block)):
+        order = cases[b % len(cases) :] + cases[: b % len(cases)]
+        for case in order:
+            for i in range(b * args.block, min(args.count, (b + 1) * args.block)):
+                case.submit(scratch, i)
+
+
+def _settle(args: argparse.Namespace, cases: list[Case], listener: bl.Listener) -> None:
+    """Until everything is delivered (up) or its agent has left (down: asked to)."""
+    listener.wait(args.count * sum(c.state == "up" for c in cases), 60 + args.count * 0.1)
+    for case in cases:
+        if case.state == "up":
+            bl.wait_agents_gone(str(case.spool), 60)
+        elif case.state == "down":
+            # It sleeps until the next attempt; asked to leave as `mailshim daemon` does.
+            time.sleep(0.1)  # let the watcher see its CPU once more
+            bl.stop_agents(str(case.spool))
+            bl.wait_agents_gone(str(case.spool), 60)
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    (work / "home").mkdir()
+    scratch = work / "scratch"
+    scratch.mkdir()
     listener = bl.Listener(bl.free_port())
+    pf: pfx.Postfix | None = None
     try:
         dead = bl.free_port()  # nothing listens there: connections are refused
-        cases = [
-            Case(work, installs[key], state, listener.port if state == "up" else dead)
-            for key in args.installs
-            for state in ("up", "down", "queue")
-            if state in args.cases
-        ]
-        if "pass" in args.cases:
-            cases.append(Case(work, installs[args.installs[0]], "pass", dead))
+        cases = _cases(args, work, listener.port, dead)
         for case in cases:
             if case.state != "pass":
                 _warm(case, scratch)
+        if args.postfix:
+            pf = pfx.Postfix(dead, log=lambda m: say(f"  ({m})"))
+            say(f"  (Postfix {pf.version}, {pf.package}: unpacked, not installed)")
+            pf.start()
+            cases.append(PostfixCase(work, pf))
         listener.reset()
         say(f"\nload average before: {bl.loadavg()}")
         for case in cases:
             case.watcher.__enter__()
         try:
-            blocks = -(-args.count // args.block)
-            for b in range(blocks):
-                order = cases[b % len(cases) :] + cases[: b % len(cases)]
-                for case in order:
-                    for i in range(b * args.block, min(args.count, (b + 1) * args.block)):
-                        case.submit(scratch, i)
-            ups = [c for c in cases if c.state == "up"]
-            listener.wait(args.count * len(ups), 60 + args.count * 0.1)
-            for case in cases:
-                if case.state == "up":
-                    bl.wait_agents_gone(str(case.spool), 60)
-                else:
-                    # It sleeps until the next attempt; asked to leave as `mailshim daemon` does.
-                    time.sleep(0.1)  # let the watcher see its CPU once more
-                    bl.stop_agents(str(case.spool))
-                    bl.wait_agents_gone(str(case.spool), 60)
+            _interleave(args, cases, scratch)
+            _settle(args, cases, listener)
+            if pf is not None:
+                pf.wait_queued(args.count, 120 + args.count / 10)  # each one deferred
         finally:
             for case in cases:
                 case.watcher.__exit__()
         load_after = bl.loadavg()
         for case in cases:
-            if case.state == "pass":
-                continue
-            queued = len(os.listdir(case.spool / "queue"))
-            want = args.count if case.state in ("down", "queue") else 0
-            if queued != want:
-                raise bl.BenchError(f"{case.name}: {queued} entries left in the queue, not {want}")
+            if case.state in ("up", "down", "queue"):
+                queued = len(os.listdir(case.spool / "queue"))
+                want = 0 if case.state == "up" else args.count
+                if queued != want:
+                    raise bl.BenchError(f"{case.name}: {queued} entries in the queue, not {want}")
         return report(args, cases, load_after)
+    except (pfx.PostfixError, OSError, subprocess.SubprocessError) as exc:
+        raise bl.BenchError(f"{exc.__class__.__name__}: {exc}") from None
     finally:
         listener.close()
+        if pf is not None:
+            pf.close()
 
 
 def report(args: argparse.Namespace, cases: list[Case], load_after: str) -> dict[str, object]:
@@ -254,6 +296,13 @@ def report(args: argparse.Namespace, cases: list[Case], load_after: str) -> dict
                 c = statistics.median(mine[a].cpus) / statistics.median(mine[b].cpus)
                 say(f"- {key}: {a} ÷ {b}, median wall **{w:.2f}×**, median CPU {c:.2f}×")
                 out[f"{key}: {a} / {b}"] = {"wall": w, "cpu": c}
+    peer = next((c for c in cases if c.state == "postfix"), None)
+    for case in cases:
+        if peer is not None and case.state == "down":
+            w = statistics.median(case.walls) / statistics.median(peer.walls)
+            c = statistics.median(case.cpus) / statistics.median(peer.cpus)
+            say(f"- {case.install.key}: down ÷ Postfix, median wall {w:.2f}×, median CPU {c:.2f}×")
+            out[f"{case.install.key}: down / postfix"] = {"wall": w, "cpu": c}
     if "before" in args.installs:
         now = {c.state: c for c in cases if c.install.key == "debian"}
         then = {c.state: c for c in cases if c.install.key == "before"}
@@ -291,6 +340,12 @@ def main() -> int:
         "--before",
         metavar="REV",
         help="also the Debian-style install with src/mailshim as of git REV (interleaved)",
+    )
+    ap.add_argument(
+        "--postfix",
+        action="store_true",
+        help="also Postfix's sendmail with its relayhost down (root; bench/postfix.py unpacks "
+        "Debian's package in a temp folder, nothing is installed)",
     )
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")

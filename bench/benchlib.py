@@ -346,7 +346,9 @@ def write_config(
     spool: Path,
     mode: str,
     max_size: str = "1G",
+    concurrency: int | None = None,
 ) -> Path:
+    sessions = "" if concurrency is None else f"concurrency = {concurrency}\n"
     path.write_text(
         f"""# written by bench/run.py
 [relay]
@@ -354,7 +356,7 @@ host = "127.0.0.1"
 port = {port}
 timeout = 20
 helo = "bench.example.org"
-
+{sessions}
 [addresses]
 domain = "example.org"
 

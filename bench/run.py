@@ -420,24 +420,32 @@ def bench_rss(ctx: Ctx) -> None:
     got = ctx.listener.wait(1, limit)
     if int(got["largest"]) < size:
         raise bl.BenchError(f"the listener got {got['largest']} bytes, expected >= {size}")
+    # With concurrency on: several big messages at once, for the agent and for a flush.
+    many = args.rss_parallel
     with bl.AgentWatcher(str(spool), interval=0.02) as watcher:
-        child("sendmail (background)", [*inst.sendmail, "-i", bl.RCPT], str(big))
         t0 = time.monotonic()
-        got = ctx.listener.wait(2, limit)
+        for k in range(many):
+            child(f"sendmail (background) {k + 1}", [*inst.sendmail, "-i", bl.RCPT], str(big))
+        got = ctx.listener.wait(1 + many, limit * many)
         bl.wait_agents_gone(str(spool), limit)
     agent_kb = max(watcher.peaks.values()) if watcher.peaks else 0
     res["agent"] = {
         "maxrss_kb": agent_kb,
         "agents": watcher.count,
+        "messages": many,
         "delivered_after": float(got["last"]) - t0,
     }
     say(
-        f"- delivery agent (VmHWM polled from /proc every 20 ms, {watcher.count} agent): "
-        f"peak RSS {agent_kb / 1024:.1f} MiB"
+        f"- delivery agent, {many} messages (VmHWM polled from /proc every 20 ms, "
+        f"{watcher.count} agent): peak RSS {agent_kb / 1024:.1f} MiB"
     )
-    child("sendmail -odq (again)", [*inst.sendmail, "-odq", "-i", bl.RCPT], str(big))
-    child("mailshim flush", [*inst.mailshim, "flush"])
-    ctx.listener.wait(3, limit)
+    for k in range(many):
+        child(f"sendmail -odq (again) {k + 1}", [*inst.sendmail, "-odq", "-i", bl.RCPT], str(big))
+    before = ctx.listener.reset()
+    child(f"mailshim flush ({many} queued, parallel sessions)", [*inst.mailshim, "flush"])
+    got = ctx.listener.wait(many, limit * many)
+    res["flush_sessions"] = got["sessions"]
+    say(f"- that flush used {got['sessions']} SMTP sessions (before: {before['messages']})")
     ctx.results["rss"] = res
 
 
@@ -600,30 +608,51 @@ def bench_flush(ctx: Ctx) -> None:
     ctx.results["flush"] = res
 
 
+def _spool_down(ctx: Ctx, inst: bl.Install, n: int) -> tuple[Path, dict[str, object]]:
+    """Spool ``n`` with ``sendmail`` while the listener is down; the spool is then copied for
+    each way of flushing it, so that every flush starts from the same entries."""
+    spool = ctx.work / "spool-made"
+    shutil.rmtree(spool, ignore_errors=True)
+    config = ctx.work / "made.toml"
+    bl.write_config(config, port=bl.free_port(), spool=spool, mode="background")
+    env = ctx.env(config, inst)
+    return spool, _spool_many(ctx, inst, env, spool, n, "mailshim, listener down")
+
+
 def _flush_mailshim(
-    ctx: Ctx, inst: bl.Install, n: int, name: str, pipelining: bool
+    ctx: Ctx,
+    inst: bl.Install,
+    n: int,
+    name: str,
+    made: Path,
+    *,
+    pipelining: bool,
+    concurrency: int | None,
 ) -> dict[str, object]:
-    """Spool ``n`` while the listener is down, then one ``mailshim flush`` once it is up."""
+    """One ``mailshim flush`` of a copy of ``made`` once the listener is up."""
     assert ctx.listener is not None
     spool = ctx.work / f"spool-{name}"
     shutil.rmtree(spool, ignore_errors=True)
+    shutil.copytree(made, spool, symlinks=True)
     config = ctx.work / f"{name}.toml"
-    bl.write_config(config, port=bl.free_port(), spool=spool, mode="background")
     env = ctx.env(config, inst)
-    spooled = _spool_many(ctx, inst, env, spool, n, f"mailshim, {name}, listener down")
-    bl.write_config(config, port=ctx.listener.port, spool=spool, mode="background")
+    bl.write_config(
+        config, port=ctx.listener.port, spool=spool, mode="background", concurrency=concurrency
+    )
     ctx.listener.pipelining(pipelining)
     cpu0 = float(ctx.listener.reset()["cpu"])
     t0 = time.monotonic()
     r = bl.checked(ctx.spawn([*inst.mailshim, "flush"], env, timeout=60 + n), "flush", quiet=False)
     stats = ctx.listener.wait(n, 120)
     ctx.listener.pipelining(True)
+    left = len(os.listdir(spool / "queue"))
+    if stats["messages"] != n or left:
+        raise bl.BenchError(f"flush ({name}): {stats['messages']} arrived, {left} left queued")
     out = {
         "delivered": float(stats["last"]) - t0,
         "sessions": stats["sessions"],
         "client_cpu": r.cpu,
         "listener_cpu": float(stats["cpu"]) - cpu0,
-        "spool": spooled,
     }
     say(
         f"- mailshim flush ({name}): {n} delivered in {out['delivered']:.2f} s, "
@@ -688,19 +717,34 @@ def bench_postfix(ctx: Ctx) -> None:
         say(f"- Postfix {pf.version} ({pf.package}, unpacked, not installed)")
         for k in range(args.rounds):
             say(f"\n### round {k + 1} of {args.rounds}")
+            made, spooled = _spool_down(ctx, inst, n)
             one = {
-                "mailshim_pipelined": _flush_mailshim(ctx, inst, n, "pipelined", True),
-                "mailshim_lockstep": _flush_mailshim(ctx, inst, n, "lock-step", False),
+                "mailshim_spooling_down": spooled,
+                "mailshim_parallel": _flush_mailshim(
+                    ctx, inst, n, "parallel", made, pipelining=True, concurrency=None
+                ),
+                "mailshim_pipelined": _flush_mailshim(
+                    ctx, inst, n, "pipelined", made, pipelining=True, concurrency=1
+                ),
+                "mailshim_lockstep": _flush_mailshim(
+                    ctx, inst, n, "lock-step", made, pipelining=False, concurrency=1
+                ),
                 "postfix": _flush_postfix(ctx, pf, n, down),
             }
             rounds.append(one)
-            piped, serial, post = (
+            par, piped, serial, post = (
                 float(one[key]["delivered"])  # type: ignore[index]
-                for key in ("mailshim_pipelined", "mailshim_lockstep", "postfix")
+                for key in (
+                    "mailshim_parallel",
+                    "mailshim_pipelined",
+                    "mailshim_lockstep",
+                    "postfix",
+                )
             )
             say(
-                f"- mailshim/Postfix: **{piped / post:.2f}×** pipelined, {serial / post:.2f}× "
-                f"lock-step; pipelining gains {serial / piped:.2f}×"
+                f"- mailshim/Postfix: **{par / post:.2f}×** parallel, {piped / post:.2f}× one "
+                f"pipelined session, {serial / post:.2f}× one lock-step session; pipelining "
+                f"gains {serial / piped:.2f}×, parallel sessions {piped / par:.2f}× more"
             )
     except (pfx.PostfixError, subprocess.SubprocessError) as exc:
         raise bl.BenchError(f"Postfix: {exc}") from None
@@ -746,6 +790,9 @@ def main() -> int:
     )
     ap.add_argument("--count", type=int, default=1000, help="(b, d, f) number of messages")
     ap.add_argument("--size-mb", type=int, default=200, help="(c) message size in MB")
+    ap.add_argument(
+        "--rss-parallel", type=int, default=4, help="(c) big messages delivered at once"
+    )
     ap.add_argument(
         "--qi-count",
         type=int,

@@ -321,6 +321,9 @@ class FaultHandler(RecordingHandler):
         self.reply_delay = 0.0  # seconds between storing a message and saying so
         self.data_started = 0  # final dots received
         self.open_connections = 0  # connections the listener has not yet seen closed
+        self.peak_connections = 0  # the most connections open at one time
+        self.max_connections = 0  # > 0: connections beyond this many get 421 and are closed
+        self.refused_connections = 0  # connections refused that way
         # the last message stored on each connection that ended without QUIT: its sender
         # may have died before learning it was taken (the at-least-once window)
         self.cut_short: list[Received] = []
@@ -391,11 +394,26 @@ class FaultHandler(RecordingHandler):
 
 class FaultSMTP(LongLineSMTP):
     def connection_made(self, transport):
+        handler = self.event_handler
+        with handler.lock:
+            full = 0 < handler.max_connections <= handler.open_connections
+            if full:
+                handler.refused_connections += 1
+        if full:
+            # What a listener at its connection limit does (Postfix's smtpd, Stalwart): 421
+            # instead of the greeting, then it hangs up.
+            self.mailshim_refused = True
+            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            transport.close()
+            return
         super().connection_made(transport)
-        with self.event_handler.lock:
-            self.event_handler.open_connections += 1
+        with handler.lock:
+            handler.open_connections += 1
+            handler.peak_connections = max(handler.peak_connections, handler.open_connections)
 
     def connection_lost(self, exc):
+        if getattr(self, "mailshim_refused", False):
+            return
         session = getattr(self, "session", None)
         last = getattr(session, "mailshim_last", None)
         super().connection_lost(exc)

@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "mailshim.policy": STORE,
     "mailshim.relay": STORE,
     "mailshim.sendlimits": STORE,
+    "mailshim.sessions": STORE,
     "mailshim.spool": STORE,
     "mailshim.spoolsetup": STORE,
     "mailshim.wire": STORE,

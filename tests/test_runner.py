@@ -70,6 +70,7 @@ def reports(world):
 
 
 def test_flush_uses_one_connection_for_many_messages(fworld):
+    queue_config(fworld, relay="concurrency = 1")  # test_sessions.py: several at once
     ids = queue(fworld, n=30)
     counts = flush(fworld)
     assert counts.sent == 30 and fworld.queued() == []

@@ -43,6 +43,7 @@ PROTOCOLS = ("smtp", "lmtp")
 FROM_MODES = ("add", "rewrite-local", "force")
 DELIVERY_MODES = ("background", "interactive", "queue")
 _CACHE_VERSION = 1
+MAX_CONCURRENCY = 64
 
 
 class RelayConfig:
@@ -52,6 +53,7 @@ class RelayConfig:
         "ca_file",
         "client_cert",
         "client_key",
+        "concurrency",
         "helo",
         "host",
         "name",
@@ -84,6 +86,8 @@ class RelayConfig:
         self.helo: str | None = None
         self.protocol = "smtp"
         self.retry_after_failure = 30.0
+        # Sessions a run may keep open to this relay at once (sessions.py).
+        self.concurrency = 4
 
     def password(self) -> str | None:
         """Read the AUTH secret, refusing a file that group or others can read."""
@@ -349,6 +353,13 @@ def _str_list(value: object) -> tuple[str, ...]:
     raise ValueError(f"expected a string or a non-empty list of strings, got {_show(value)}")
 
 
+def _concurrency(value: object) -> int:
+    number = _positive_int(value)
+    if number > MAX_CONCURRENCY:
+        raise ValueError(f"at most {MAX_CONCURRENCY} sessions, got {number}")
+    return number
+
+
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -370,6 +381,7 @@ _RELAY_KEYS: dict[str, Callable[[object], object]] = {
     "helo": _nonempty,
     "protocol": _choice(PROTOCOLS),
     "retry_after_failure": _nonneg_number,
+    "concurrency": _concurrency,
 }
 
 # section -> key -> (attribute on Config, checker)

@@ -34,6 +34,7 @@ _RELAY_KEYS = (
     "helo",
     "protocol",
     "retry_after_failure",
+    "concurrency",
 )
 # Keys whose machine value is seconds or bytes, shown back in the file's units.
 _DURATIONS = (

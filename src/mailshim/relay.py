@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     import ssl
     from collections.abc import Callable, Sequence
 
-__all__ = ["RelayClient", "RelayDown", "RelaySession", "RelaySettings", "SendResult"]
+__all__ = ["RelayClient", "RelayDown", "RelaySession", "RelaySettings", "SendResult", "Slots"]
 
 QUIT_TIMEOUT = 5.0
 AUTH_MECHANISMS = ("plain", "login")
@@ -656,6 +656,28 @@ async def _resolve(relay: RelaySettings, host: str) -> list[str]:
     return list(dict.fromkeys(addresses))
 
 
+class Slots:
+    """How many connections each relay may have open at once, shared by the clients of one
+    pool (a relay's ``concurrency``; 1 when it names none). A client waits for a free slot
+    rather than skip a healthy relay for one further down the list."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[str, str | None, int, str | None], asyncio.Semaphore] = {}
+
+    def _semaphore(self, relay: RelaySettings) -> asyncio.Semaphore:
+        key = RelayClient._key(relay)
+        sem = self._free.get(key)
+        if sem is None:
+            sem = self._free[key] = asyncio.Semaphore(max(1, getattr(relay, "concurrency", 1)))
+        return sem
+
+    async def take(self, relay: RelaySettings) -> None:
+        await self._semaphore(relay).acquire()
+
+    def give(self, relay: RelaySettings) -> None:
+        self._semaphore(relay).release()
+
+
 class RelayClient:
     """Deliver messages through the configured relays, one reused connection at a time."""
 
@@ -669,6 +691,8 @@ class RelayClient:
         *,
         helo: str,
         transcript: Callable[[str], None] | None = None,
+        slots: Slots | None = None,
+        contexts: ContextCache | None = None,
     ) -> None:
         if not relays:
             raise ConfigError("no relay configured")
@@ -679,7 +703,9 @@ class RelayClient:
         self._helo = helo
         self._transcript = transcript
         self._session: RelaySession | None = None
-        self._contexts = ContextCache()
+        # TLS contexts by settings, shared with the other clients of a pool.
+        self.contexts = contexts or ContextCache()
+        self._slots = slots
         self._lock: asyncio.Lock | None = None
         # The SIZE the last listener greeted with announced (see RelaySession.size_limit).
         self.listener_size: int | None = None
@@ -692,9 +718,31 @@ class RelayClient:
 
     async def close(self) -> None:
         """QUIT the open connection, if any."""
-        session, self._session = self._session, None
-        if session is not None:
-            await session.quit()
+        await self._drop()
+
+    @property
+    def connected(self) -> bool:
+        """A connection is open and may carry the next message."""
+        return self._session is not None and self._session.alive
+
+    async def connect(self) -> Reply | None:
+        """Open a connection to the first relay that greets, before any message is at stake
+        (a pool's extra sessions): None once connected, else the last relay's failure."""
+        if self.connected:
+            return None
+        failed = Reply(0, "no relay configured", kind=kinds.NOT_TRIED)
+        for relay in self._candidates():
+            try:
+                await self._session_for(relay)
+            except RelayDown as down:
+                # Not marked as failed: a listener refusing one more session still serves
+                # the ones it has, and the pool only opens fewer.
+                failed = down.reply
+                continue
+            except LocalFailure as local:
+                return local.reply
+            return None
+        return failed
 
     @classmethod
     def forget_failures(cls) -> None:
@@ -726,24 +774,45 @@ class RelayClient:
         """The open connection when it goes to ``relay`` and may carry more; else a new one."""
         current = self._session
         if current is not None and not current.alive:
-            await current.quit()
-            self._session = current = None
+            self._session = None
+            await self._quit(current)
+            current = None
         if current is not None and current.relay is relay:
             return current
-        fresh = await RelaySession.open(
-            relay, helo=self._helo, say=self._say, contexts=self._contexts
-        )
+        if self._slots is not None:
+            if current is not None:
+                # A client never waits for a slot while it holds another: no two clients
+                # can then wait for each other's.
+                await self._drop()
+                current = None
+            await self._slots.take(relay)
+        try:
+            fresh = await RelaySession.open(
+                relay, helo=self._helo, say=self._say, contexts=self.contexts
+            )
+        except BaseException:
+            if self._slots is not None:
+                self._slots.give(relay)
+            raise
         self.listener_size = fresh.size_limit()
         # The old connection (to a relay further down the list) goes only once this one works.
         if current is not None:
-            await current.quit()
+            self._session = None
+            await self._quit(current)
         self._session = fresh
         return fresh
+
+    async def _quit(self, session: RelaySession) -> None:
+        try:
+            await session.quit()
+        finally:
+            if self._slots is not None:
+                self._slots.give(session.relay)
 
     async def _drop(self) -> None:
         session, self._session = self._session, None
         if session is not None:
-            await session.quit()
+            await self._quit(session)
 
     async def _attempt(
         self,

@@ -1,12 +1,12 @@
 """Deliver spool entries: lock → relay → remove, retry on a schedule, or bounce into dead/.
 
 Callers: the detached delivery agent (agent.py: due entries, then it lingers until nothing
-deferred is left), ``sendmail -q`` / ``mailshim flush`` (everything now, one connection),
-``mailshim run`` (the timer and path units: only what is due), ``mailshim daemon``
-(foreground: wakes on new entries and on the schedule), and ``sendmail -odi``/``-v``/``-bs``
-(one entry before replying). What to do after each attempt is policy.py's decision; this
-module carries it out. The runners (flush, daemon, an
-agent that may write the queue) also pick up the system spool's drop folder.
+deferred is left), ``sendmail -q`` / ``mailshim flush`` (everything now, over parallel
+sessions: sessions.py), ``mailshim run`` (the timer and path units: only what is due),
+``mailshim daemon`` (foreground: wakes on new entries and on the schedule), and ``sendmail
+-odi``/``-v``/``-bs`` (one entry before replying). What to do after each attempt is
+policy.py's decision; this module carries it out. The runners (flush, daemon, an agent that
+may write the queue) also pick up the system spool's drop folder.
 
 Per recipient: a 2xx is recorded and never sent again; a 4xx is retried alone on the
 ``[queue] retry`` schedule; a 5xx is reported to the envelope sender in one RFC 3464 bounce
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
     from mailshim.config import Config
     from mailshim.relay import RelayClient, SendResult
+    from mailshim.sessions import Pool
     from mailshim.spoolfmt import State
 
 AGENT_LINGER = 1.0  # seconds an idle agent waits for more submissions before it exits
@@ -365,6 +366,12 @@ def client_for(config: Config, transcript: Callable[[str], None] | None = None) 
     return RelayClient(config.relays, helo=config.helo_name, transcript=transcript)
 
 
+def pool_for(config: Config, transcript: Callable[[str], None] | None = None) -> Pool:
+    from mailshim.sessions import Pool
+
+    return Pool(config.relays, helo=config.helo_name, transcript=transcript)
+
+
 def deliver_now(
     config: Config,
     locked: spool.LockedEntry | spool.DropEntry,
@@ -430,9 +437,77 @@ def pickup(config: Config, target: spool.Spool) -> tuple[int, int]:
     return picked, sum(1 for p in results if p.status == "busy")
 
 
+class _Pass:
+    """One sweep: the fair order, which entries are taken, and how the sweep ends. Its
+    sessions share it (one event loop: no locks are needed)."""
+
+    def __init__(
+        self,
+        config: Config,
+        target: spool.Spool,
+        counts: Counts,
+        *,
+        force: bool,
+        only: set[str] | None,
+        seen: set[str] | None,
+        stop: asyncio.Event | None,
+    ) -> None:
+        self.target = target
+        self.counts = counts
+        self.force = force
+        self.only = only
+        self.seen = seen
+        self.stop = stop
+        self.now = time.time()
+        self.limiter = sendlimits.limiter_for(config, target) if target.has_incoming() else None
+        self.order = iter(fair.order(target, target.ids(), config.user_round_bytes))
+        self.ended = ""  # "down", "busy" or "stopped" once the pass must end early
+        self.streak = 0  # consecutive throttled entries, whichever session met them
+        self.answered = False  # a session reached the listener: the others may open
+        self.returned: list[str] = []  # taken by a session that could not connect
+        self.hold_until = 0.0  # monotonic: no message starts before (a rate limit's pause)
+
+    async def hold(self) -> None:
+        """Wait out a rate limit's pause (or until ``stop``)."""
+        await _sleep(self.hold_until - time.monotonic(), self.stop)
+
+    def next_entry(self) -> str | None:
+        """The next entry to try, taken for good (no other session gets it); None at the end."""
+        if self.returned:
+            return self.returned.pop(0)  # already vetted: an extra session gave it back
+        for qid in self.order:
+            if self.stop is not None and self.stop.is_set():
+                self.ended = self.ended or "stopped"
+                return None
+            if self._wanted(qid):
+                return qid
+        return None
+
+    def _wanted(self, qid: str) -> bool:
+        if self.only is not None and qid not in self.only:
+            return False
+        if self.seen is not None:
+            if qid in self.seen:
+                return False
+            self.seen.add(qid)
+        try:
+            state = self.target.load_state(qid)
+        except DataError:
+            state = None  # deliver_entry quarantines the entry
+        if state is not None and (state.held or (not self.force and state.next_attempt > self.now)):
+            self.counts.skipped += 1
+            return False
+        if self.limiter is not None and not sendlimits.gate(
+            self.limiter, self.target, qid, self.now
+        ):
+            self.counts.add(LIMITED)
+            return False
+        return True
+
+
 async def run_pass(
     config: Config,
-    client: RelayClient,
+    pool: Pool,
     target: spool.Spool,
     counts: Counts,
     *,
@@ -442,54 +517,103 @@ async def run_pass(
     progress: Callable[[str, str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> str:
-    """One sweep over the queue: "done", or why it ended early: "down" (the listener is
-    unreachable: the rest is left for later rather than failing every entry the same way),
-    "busy" (the listener keeps asking us to slow down), "stopped" (``stop`` was set)."""
-    now = time.time()
-    streak = 0
-    limiter = sendlimits.limiter_for(config, target) if target.has_incoming() else None
-    for qid in fair.order(target, target.ids(), config.user_round_bytes):
-        if stop is not None and stop.is_set():
-            return "stopped"
-        if only is not None and qid not in only:
-            continue
-        if seen is not None:
-            if qid in seen:
-                continue
-            seen.add(qid)
+    """One sweep over the queue, over up to ``pool.limit`` sessions at once: "done", or why it
+    ended early: "down" (the listener is unreachable: the rest is left for later rather than
+    failing every entry the same way), "busy" (the listener keeps asking us to slow down),
+    "stopped" (``stop`` was set).
+
+    The entries go out in fair order, each to whichever session is free; an entry is taken
+    by one session only. The first session goes alone until the listener has answered it, so
+    a listener that is down costs one entry an attempt, not one per session.
+    """
+    import asyncio
+
+    run = _Pass(config, target, counts, force=force, only=only, seen=seen, stop=stop)
+    opened = asyncio.Event()
+
+    async def session(index: int) -> None:
+        client = pool.client(index)
+        if index > 0:
+            await opened.wait()
         try:
-            state = target.load_state(qid)
-        except DataError:
-            state = None  # deliver_entry quarantines the entry
-        if state is not None and (state.held or (not force and state.next_attempt > now)):
-            counts.skipped += 1
-            continue
-        if limiter is not None and not sendlimits.gate(limiter, target, qid, now):
-            counts.add(LIMITED)
-            continue
-        try:
-            status, replies = await _attempt_with_pauses(config, client, target, qid, counts, stop)
-        except MailshimError as exc:
-            # One entry's trouble (a stale temp file in the way of its bounce, a file it may
-            # not write) is that entry's: it waits for its next attempt and the pass goes on.
-            # Only a spool that cannot record anything (read-only, full) ends the pass.
-            _spool_wide(target)
-            counts.errors += 1
-            maillog.log(f"{qid}: {exc.message}; left in the queue for its next attempt", error=True)
-            continue
-        if status == "":
-            continue
-        counts.add(status)
-        if progress is not None:
-            progress(qid, status)
-        if status == DEFERRED and _is_connection_failure(replies):
-            return "down"
-        if status == SENT:
-            target.clear_relay_down()  # new submissions may start agents again
-        streak = streak + 1 if status == THROTTLED else 0
-        if streak >= PRESSURE_STREAK:
-            return "busy"
-    return "done"
+            while not run.ended and index < pool.limit and (index == 0 or run.answered):
+                await run.hold()
+                qid = run.next_entry()
+                if qid is None:
+                    return
+                if index > 0 and not client.connected:
+                    failed = await client.connect()
+                    if failed is not None:
+                        # An extra session the listener will not take (421, too many
+                        # connections): one session fewer, and the entry waits for another.
+                        run.returned.append(qid)
+                        _lower(pool, f"session {index + 1} refused: {failed}")
+                        return
+                await _deliver_one(config, pool, client, run, qid, progress, index)
+                if run.answered:
+                    opened.set()
+        except BaseException:
+            run.ended = run.ended or "error"  # the other sessions finish what they carry
+            raise
+        finally:
+            opened.set()  # the first session is done: the others find out why, or nothing left
+            if index >= pool.limit or run.ended:
+                await client.close()
+
+    done = await asyncio.gather(*(session(i) for i in range(pool.limit)), return_exceptions=True)
+    for outcome in done:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    while run.returned and not run.ended:
+        await session(0)  # what refused extra sessions gave back
+    return run.ended or "done"
+
+
+def _lower(pool: Pool, why: str) -> None:
+    if pool.lower(why):
+        maillog.log(f"the listener is pushing back ({why}): {pool.limit} session(s) from now on")
+
+
+async def _deliver_one(
+    config: Config,
+    pool: Pool,
+    client: RelayClient,
+    run: _Pass,
+    qid: str,
+    progress: Callable[[str, str], None] | None,
+    index: int,
+) -> None:
+    """One entry on session ``index``, and what its outcome means for the whole pass."""
+    target, counts = run.target, run.counts
+    try:
+        status, replies = await _attempt_with_pauses(config, pool, client, run, qid, index)
+    except MailshimError as exc:
+        # One entry's trouble (a stale temp file in the way of its bounce, a file it may
+        # not write) is that entry's: it waits for its next attempt and the pass goes on.
+        # Only a spool that cannot record anything (read-only, full) ends the pass.
+        _spool_wide(target)
+        counts.errors += 1
+        maillog.log(f"{qid}: {exc.message}; left in the queue for its next attempt", error=True)
+        return
+    if status == "":
+        return
+    counts.add(status)
+    if progress is not None:
+        progress(qid, status)
+    if status == QUARANTINED:
+        run.streak = 0
+        return
+    if status == DEFERRED and _is_connection_failure(replies):
+        run.ended = run.ended or "down"
+        return
+    run.answered = True
+    if status == SENT:
+        target.clear_relay_down()  # new submissions may start agents again
+    if any(r.code == 421 for r in replies.values()):
+        _lower(pool, f"421 from the listener: {next(iter(replies.values()))}")
+    run.streak = run.streak + 1 if status == THROTTLED else 0
+    if run.streak >= PRESSURE_STREAK:
+        run.ended = run.ended or "busy"
 
 
 def _spool_wide(target: spool.Spool) -> None:
@@ -507,14 +631,12 @@ def _spool_wide(target: spool.Spool) -> None:
 
 
 async def _attempt_with_pauses(
-    config: Config,
-    client: RelayClient,
-    target: spool.Spool,
-    qid: str,
-    counts: Counts,
-    stop: asyncio.Event | None,
+    config: Config, pool: Pool, client: RelayClient, run: _Pass, qid: str, index: int = 0
 ) -> tuple[str, dict[str, Reply]]:
-    """Deliver one entry; on a rate limit, reconnect, pause and try it again a few times."""
+    """Deliver one entry; on a rate limit, one session fewer for the run, then reconnect,
+    pause (no session starts a message meanwhile) and try it again a few times. A session
+    the lowering leaves out gives the entry back to the ones left, first in line."""
+    target, counts, stop = run.target, run.counts, run.stop
     tries = 0
     while True:
         try:
@@ -530,6 +652,12 @@ async def _attempt_with_pauses(
         if status != THROTTLED:
             return status, replies
         kinds = {policy.pressure_kind(r) for r in replies.values()}
+        if policy.RATE in kinds:
+            _lower(pool, f"rate limited: {next(iter(replies.values()))}")
+            if index >= pool.limit and not (stop is not None and stop.is_set()):
+                run.returned.insert(0, qid)
+                run.hold_until = max(run.hold_until, time.monotonic() + RATE_PAUSE)
+                return "", {}
         if (
             policy.RATE not in kinds
             or tries >= RATE_RETRIES
@@ -537,9 +665,11 @@ async def _attempt_with_pauses(
         ):
             return status, replies
         tries += 1
-        # A fresh connection clears a per-session limit; the pause, a per-second one.
+        # A fresh connection clears a per-session limit; the pause, a per-second one, which
+        # the other sessions would only run into again: they wait it out too.
         await client.close()
-        await _sleep(RATE_PAUSE * tries, stop)
+        run.hold_until = max(run.hold_until, time.monotonic() + RATE_PAUSE * tries)
+        await run.hold()
 
 
 def flush(
@@ -551,7 +681,7 @@ def flush(
     transcript: Callable[[str], None] | None = None,
     force: bool = True,
 ) -> Counts:
-    """One run over the queue, over one connection.
+    """One run over the queue, over up to ``[relay] concurrency`` sessions at once.
 
     ``force`` (``sendmail -q``, ``mailshim flush``): every entry now, due or not (a failed
     early attempt keeps its schedule: policy.py). Without it (``mailshim run``: the timer,
@@ -571,7 +701,7 @@ def flush(
     RelayClient.forget_failures()
 
     async def run() -> None:
-        async with client_for(config, transcript) as client:
+        async with pool_for(config, transcript) as pool:
             for target in spools:
                 target.check_usable()
                 target.clean_tmp()
@@ -581,7 +711,7 @@ def flush(
                     pickup(config, target)
                     while True:
                         status = await run_pass(
-                            config, client, target, counts, force=force, only=only, seen=seen,
+                            config, pool, target, counts, force=force, only=only, seen=seen,
                             progress=progress,
                         )  # fmt: skip
                         if status != "done":
@@ -635,11 +765,11 @@ async def _agent_session(config: Config, target: spool.Spool) -> bool:
 
     counts = Counts()
     deadletters.expire(target, config.keep_dead)
-    async with client_for(config) as client:
+    async with pool_for(config) as pool:
         while True:
             stamp = _queue_stamp(target)
             pickup(config, target)
-            status = await run_pass(config, client, target, counts, force=False)
+            status = await run_pass(config, pool, target, counts, force=False)
             target.sync(force=True)
             if status in ("down", "busy"):
                 return False
@@ -668,7 +798,7 @@ class _Daemon:
         self.config = config
         self.spools = spools
         self.say = say
-        self.client: RelayClient | None = None
+        self.pool: Pool | None = None
         self.hold_until = 0.0  # the listener was down or busy: wait before the next pass
         self.locks: dict[str, int] = {}
         self.took_over: set[str] = set()
@@ -680,8 +810,8 @@ class _Daemon:
                 wake = await self.round(stop)
                 await self.wait(stop, wake)
         finally:
-            if self.client is not None:
-                await self.client.close()
+            if self.pool is not None:
+                await self.pool.close()
             for target in self.spools:
                 target.sync(force=True)
                 if target.root in self.locks:
@@ -721,10 +851,10 @@ class _Daemon:
                 if not due or now < self.hold_until:
                     continue
                 counts = Counts()
-                if self.client is None:
-                    self.client = client_for(self.config)
+                if self.pool is None:
+                    self.pool = pool_for(self.config)
                 status = await run_pass(
-                    self.config, self.client, target, counts, force=False, stop=stop
+                    self.config, self.pool, target, counts, force=False, stop=stop
                 )
                 target.sync(force=True)
                 if counts.total():
@@ -738,8 +868,8 @@ class _Daemon:
                     )
                     self.hold_until = time.time() + delay
                     self.say(f"{target.root}: the listener is {status}; next pass in {delay:.0f}s")
-                    await self.client.close()
-                    self.client = None
+                    await self.pool.close()
+                    self.pool = None
             except MailshimError as exc:
                 maillog.log(f"daemon: {exc.message}", error=True)
                 self.say(f"{target.root}: {exc.message}")
@@ -758,9 +888,9 @@ class _Daemon:
             await _sleep(min(DAEMON_POLL, max(0.0, wake - time.time())), stop)
             if [_queue_stamp(t) for t in self.spools] != stamps and time.time() >= self.hold_until:
                 return
-            if self.client is not None and time.monotonic() - idle_since > 5.0:
-                await self.client.close()  # do not hold the listener's connection while idle
-                self.client = None
+            if self.pool is not None and time.monotonic() - idle_since > 5.0:
+                await self.pool.close()  # do not hold the listener's connections while idle
+                self.pool = None
 
 
 def daemon(config: Config, spools: list[spool.Spool], say: Callable[[str], None]) -> int:

@@ -352,7 +352,7 @@ class _Progress:
 @click.option("-v", "--verbose", is_flag=True, help="Show the SMTP dialogue (on stderr).")
 @click.pass_context
 def flush_cmd(ctx: click.Context, verbose: bool) -> None:
-    """Deliver everything in the queue now, due or not, over one connection.
+    """Deliver everything in the queue now, due or not, over parallel sessions.
 
     On a terminal a progress bar counts delivered, deferred and bounced messages; otherwise
     one line per message ("ID: delivered"). The same as `sendmail -q` (Postfix's

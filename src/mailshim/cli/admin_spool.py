@@ -71,7 +71,7 @@ def daemon_cmd(ctx: click.Context) -> None:
 
     \b
     Delivers new entries as they arrive (the drop folder included) and retries deferred
-    ones on their schedule, over one connection while there is work. SIGTERM or SIGINT
+    ones on their schedule, over parallel sessions while there is work. SIGTERM or SIGINT
     stops it once the message in flight is finished; a second signal stops it at once
     (that message stays in the spool).
 

@@ -379,3 +379,33 @@ def test_config_command(world):
         "value": "example.org",
         "source": f"file {world.config}",
     }
+
+
+def test_flush_with_output_nowhere_to_go_is_an_error_in_one_line(world):
+    """stdout on a full device: the messages still go, and the exit status says the report
+    could not be written (the buffered progress lines included)."""
+    ids = queue_some(world, 3)
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(
+            [MAILSHIM, "flush"], stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE,
+            env=world.env, timeout=60,
+        )  # fmt: skip
+    err = r.stderr.decode()
+    assert r.returncode == 74 and len(err.splitlines()) == 1, err
+    assert err.startswith("mailshim: cannot write the output: No space left")
+    assert len(world.listener.wait(len(ids))) == len(ids) and world.queued() == []
+
+
+def test_flush_into_a_closed_pipe_still_delivers_everything(world):
+    ids = queue_some(world, 3)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        r = subprocess.run(
+            [MAILSHIM, "flush"], stdin=subprocess.DEVNULL, stdout=write, stderr=subprocess.PIPE,
+            env=world.env, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert r.returncode == 0 and r.stderr == b""
+    assert len(world.listener.wait(len(ids))) == len(ids) and world.queued() == []

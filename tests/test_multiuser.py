@@ -112,9 +112,11 @@ class System:
         self.listener.wait(count, timeout)
 
     def daemon(self) -> subprocess.Popen:
-        """``mailshim daemon`` as the runner user, in the background."""
+        """``mailshim daemon`` as the runner user, in the background, once it serves the spool
+        (its pid file names it): a SIGTERM before it set up its handlers would kill it, where
+        the tests expect it to finish and exit 0."""
         run = self.users[self.runner]
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [tool("mailshim"), "daemon"],
             env=self.env(run),
             user=run.uid,
@@ -124,6 +126,16 @@ class System:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+        pid_file = self.spool / "state" / "agent.pid"
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if pid_file.read_text().split() == [str(proc.pid), "daemon"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.02)
+        return proc
 
 
 def stop_processes(users) -> None:

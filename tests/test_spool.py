@@ -550,3 +550,73 @@ def test_clean_tmp_at_any_step_of_a_bury_keeps_the_state(sp):
 def test_pickup_refuses_a_failed_record_that_is_not_a_refusal(dropsp):
     p = pick_with_failed_record(dropsp, "250 2.0.0 fine, thanks")
     assert p.status == "corrupt" and "no 5xx reply" in p.reason and dropsp.ids() == []
+
+
+# --- reading and removing a locked entry cheaply (issue 14: a flush's CPU per message) ------
+
+
+BIG = spool.HEAD_READ
+
+
+@pytest.mark.parametrize("size", [0, 100, BIG - 300, BIG, 3 * BIG + 7])
+def test_a_locked_entry_gives_back_its_message_whatever_its_size(sp, size):
+    """Small entries are read whole at once, big ones streamed from the fd: same bytes."""
+    body = bytes(i % 251 for i in range(size))
+    qid = make_entry(sp, body)
+    locked = sp.lock(qid)
+    assert locked.envelope.size == size
+    for _ in range(2):  # a report reads it again after the attempt
+        with locked.message() as f:
+            start = f.tell()
+            assert f.read() == body
+            f.seek(start)
+            assert f.read(10) == body[:10]
+    locked.release()
+
+
+def test_an_envelope_longer_than_the_first_read_is_read_in_full(sp):
+    rcpts = [f"recipient-{i:05d}@example.org" for i in range(BIG // 20)]
+    qid = make_entry(sp, b"Subject: many\r\n\r\nhi\r\n", rcpts=rcpts)
+    assert os.path.getsize(sp.path(qid)) > BIG
+    locked = sp.lock(qid)
+    assert locked.envelope.recipients == rcpts
+    with locked.message() as f:
+        assert f.read() == b"Subject: many\r\n\r\nhi\r\n"
+    locked.release()
+
+
+@pytest.mark.parametrize("size", [100, 2 * BIG])
+def test_a_message_shorter_than_its_envelope_says_is_a_data_error(sp, size):
+    qid = make_entry(sp, b"x" * size)
+    os.truncate(sp.path(qid), os.path.getsize(sp.path(qid)) - 1)
+    locked = sp.lock(qid)
+    with pytest.raises(DataError, match="envelope says"):
+        locked.message()
+    locked.release()
+
+
+def test_remove_takes_a_state_written_under_the_same_lock(sp):
+    """state() found none, then the holder wrote one: remove() must not skip its unlink."""
+    qid = make_entry(sp)
+    locked = sp.lock(qid)
+    state = locked.state()
+    state.attempts = 1
+    locked.save_state(state)
+    assert os.path.exists(os.path.join(sp.state_dir, qid))
+    locked.remove()
+    assert not sp.exists(qid) and os.listdir(sp.state_dir) == []
+
+
+def test_a_mark_this_process_writes_is_cleared_by_its_next_delivery(sp):
+    """clear_relay_down looks at most once a second, but never trusts a look older than
+    this process's own "listener unreachable" mark."""
+    sp.clear_relay_down()  # looked: no mark
+    fd = sp.try_agent_lock()
+    assert fd is not None
+    try:
+        sp.mark_relay(fd, False)
+        assert sp.relay_down_since() is not None
+        sp.clear_relay_down()
+        assert sp.relay_down_since() is None
+    finally:
+        os.close(fd)

@@ -88,6 +88,9 @@ def test_queue_ids_are_safe_file_names():
     assert spoolfmt.valid_id(QID)
     for bad in ("", "short", QID.lower(), QID[:-1] + "/", QID[:-1] + ".", "." * 20, QID + "A"):
         assert not spoolfmt.valid_id(bad)
+    # letters and digits beyond ASCII (str.isalnum() takes them), one lower-case letter
+    for bad in (QID[:-1] + "\u0663", QID[:-1] + "\uff21", QID[:-1] + "\u00c9", QID[:-1] + "z"):
+        assert not spoolfmt.valid_id(bad)
 
 
 def test_temp_names_are_never_queue_ids():

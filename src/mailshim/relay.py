@@ -634,8 +634,20 @@ class _Dialogue:
             self._session.kill()
 
 
+def _literal_ip(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return True
+    return False
+
+
 async def _resolve(relay: RelaySettings, host: str) -> list[str]:
     """Every address of ``host``, IPv6 and IPv4, in the resolver's order; raises RelayDown."""
+    if _literal_ip(host):
+        return [host]  # no resolver (and no executor thread) for an address
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(

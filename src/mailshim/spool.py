@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import stat
 import time
@@ -71,6 +72,8 @@ _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 SYNC_INTERVAL = 0.2  # seconds: removals of delivered entries are made durable in batches
 TEMP_TRIES = 16  # fresh random names tried before a create gives up (EEXIST each time)
 COPY_CHUNK = 1024 * 1024
+MARK_RECHECK = 1.0  # seconds: how long a cleared "listener unreachable" mark is trusted
+HEAD_READ = 64 * 1024  # bytes of an entry read at once when it is locked (see _Held)
 
 
 def new_queue_id(now_ns: int | None = None) -> str:
@@ -212,6 +215,7 @@ class Spool:
         self._dirty = False
         self._synced_at = 0.0
         self._listener_size: int | None = None  # as last recorded by this process
+        self._mark_clear_at = -MARK_RECHECK  # monotonic time clear_relay_down last looked
 
     def __repr__(self) -> str:
         return f"Spool({self.root!r}{', drop=True' if self.drop else ''})"
@@ -400,11 +404,15 @@ class Spool:
     # --- state ---------------------------------------------------------------
 
     def load_state(self, qid: str) -> State:
+        return self.stored_state(qid) or State()
+
+    def stored_state(self, qid: str) -> State | None:
+        """The entry's state file; None when it has none (never tried, or all was fresh)."""
         path = os.path.join(self.state_dir, qid)
         try:
             fd = os.open(path, _READ)
         except FileNotFoundError:
-            return State()
+            return None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise DataError("state file is a symbolic link") from None
@@ -454,7 +462,12 @@ class Spool:
         return st.st_mtime if st.st_size > 0 else None
 
     def clear_relay_down(self) -> None:
-        """Someone got through: forget the mark (one stat when there is none)."""
+        """Someone got through: forget the mark (one stat when there is none, and none at
+        all within ``MARK_RECHECK`` of the last look: a runner calls this per delivery)."""
+        now = time.monotonic()
+        if now - self._mark_clear_at < MARK_RECHECK:
+            return
+        self._mark_clear_at = now
         path = os.path.join(self.root, "agent.lock")
         try:
             if os.stat(path).st_size == 0:
@@ -469,13 +482,13 @@ class Spool:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def mark_relay(lock_fd: int, reachable: bool) -> None:
+    def mark_relay(self, lock_fd: int, reachable: bool) -> None:
         try:
             if reachable:
                 if os.fstat(lock_fd).st_size:
                     os.ftruncate(lock_fd, 0)
             else:
+                self._mark_clear_at = -MARK_RECHECK  # the next delivery clears it again
                 os.pwrite(lock_fd, b"relay down\n", 0)
         except OSError:
             pass  # only an optimisation
@@ -741,7 +754,11 @@ class EntryWriter:
 
 
 class _Held:
-    """An entry file whose flock this process holds; the envelope is read from the fd."""
+    """An entry file whose flock this process holds; the envelope is read from the fd.
+
+    One ``pread`` of ``HEAD_READ`` bytes holds the envelope of nearly every entry, and the
+    whole file of a small one: such a message is then sent from memory, with no second
+    read (a flush of 1000 small entries saved ~10 syscalls each)."""
 
     def __init__(self, spool: Spool, qid: str, fd: int) -> None:
         self.spool = spool
@@ -749,13 +766,23 @@ class _Held:
         self.fd = fd
         self._envelope: Envelope | None = None
         self._offset = 0
+        self._whole: bytes | None = None  # the entry's bytes, when one read held them all
 
     @property
     def envelope(self) -> Envelope:
         if self._envelope is None:
-            with open(self.fd, "rb", closefd=False) as f:
-                f.seek(0)
-                env, self._offset = spoolfmt.decode_envelope(f)
+            try:
+                head = os.pread(self.fd, HEAD_READ, 0)
+            except OSError as exc:
+                raise from_oserror(exc, f"reading entry {self.queue_id}") from None
+            if len(head) < HEAD_READ:
+                self._whole = head  # a short read of a regular file: its end
+            if self._whole is not None or b"\n\n" in head:
+                env, self._offset = spoolfmt.decode_envelope(io.BytesIO(head))
+            else:  # an envelope longer than the first read (thousands of recipients)
+                with open(self.fd, "rb", closefd=False) as f:
+                    f.seek(0)
+                    env, self._offset = spoolfmt.decode_envelope(f)
             if env.queue_id != self.queue_id:
                 raise DataError(f"entry {self.queue_id} claims to be {env.queue_id}")
             self._envelope = env
@@ -764,14 +791,18 @@ class _Held:
     def message(self) -> BinaryIO:
         """A new file object positioned at the first byte of the message."""
         env = self.envelope
-        f = open(os.dup(self.fd), "rb")  # noqa: SIM115 - the caller closes it
-        f.seek(self._offset)
-        total = os.fstat(self.fd).st_size - self._offset
+        if self._whole is not None:
+            total = len(self._whole) - self._offset
+            if total == env.size:
+                return io.BytesIO(self._whole[self._offset :])
+        else:
+            total = os.fstat(self.fd).st_size - self._offset
         if total != env.size:
-            f.close()
             raise DataError(
                 f"entry {self.queue_id}: message is {total} bytes, envelope says {env.size}"
             )
+        f = open(os.dup(self.fd), "rb")  # noqa: SIM115 - the caller closes it
+        f.seek(self._offset)
         return f
 
     def headers(self, limit: int = 64 * 1024) -> bytes:
@@ -799,10 +830,16 @@ class LockedEntry(_Held):
         """Unreadable: to corrupt/ for a human, the lock held until it is there."""
         return self.bury("corrupt", reason)
 
+    _stateless = False  # state() found no state file: remove() need not unlink one
+
     def state(self) -> State:
-        return self.spool.load_state(self.queue_id)
+        stored = self.spool.stored_state(self.queue_id)
+        # Only the lock holder writes state/<id>, so none can appear while we hold it.
+        self._stateless = stored is None
+        return stored or State()
 
     def save_state(self, state: State) -> None:
+        self._stateless = False
         self.spool.save_state(self.queue_id, state)
 
     def remove(self) -> None:
@@ -817,7 +854,8 @@ class LockedEntry(_Held):
             if exc.errno != errno.ENOENT:
                 self.release()
                 raise from_oserror(exc, "removing a delivered entry") from None
-        _unlink(os.path.join(self.spool.state_dir, self.queue_id))
+        if not self._stateless:
+            _unlink(os.path.join(self.spool.state_dir, self.queue_id))
         self.release()
 
     def bury(self, folder: str, reason: str) -> str:

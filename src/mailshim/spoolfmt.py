@@ -39,7 +39,8 @@ ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 def valid_id(name: str) -> bool:
     """Queue ids are 20 characters of [0-9A-Z]: safe as file names, nothing else is."""
-    return len(name) == ID_LENGTH and all(c in ID_ALPHABET for c in name)
+    # [0-9A-Z] exactly: ASCII letters and digits, none lower-case (three C-speed scans).
+    return len(name) == ID_LENGTH and name.isascii() and name.isalnum() and name.upper() == name
 
 
 class Envelope:
@@ -134,15 +135,15 @@ def body_type_offset(size_offset: int) -> int:
     return size_offset + SIZE_WIDTH + len(b"\nbody ")
 
 
-def _line(f: BinaryIO, what: str) -> bytes:
+def _line(f: BinaryIO, what: bytes) -> bytes:
     line = f.readline(MAX_RECORD)
     if not line.endswith(b"\n"):
-        raise DataError(f"entry truncated or record too long while reading {what}")
+        raise DataError(f"entry truncated or record too long while reading {what.decode()}")
     return line[:-1]
 
 
 def _record(f: BinaryIO, name: bytes) -> str:
-    line = _line(f, name.decode())
+    line = _line(f, name)
     if not line.startswith(name + b" "):
         raise DataError(f"expected record {name.decode()!r}, found {line[:40]!r}")
     value = line[len(name) + 1 :]
@@ -182,7 +183,7 @@ def decode_envelope(f: BinaryIO) -> tuple[Envelope, int]:
     failed: dict[str, str] = {}
     consumed = 0
     while True:
-        line = _line(f, "recipients")
+        line = _line(f, b"recipients")
         consumed += len(line) + 1
         if consumed > MAX_ENVELOPE:
             raise DataError("envelope larger than the spool format allows")

@@ -225,17 +225,23 @@ class _DataChannel(asyncio.Protocol):
         self._previous.connection_lost(exc)
 
     async def _event(self, timeout: float) -> None:
-        self._waiter = self._loop.create_future()
+        # A timer on a bare future: asyncio.wait_for costs a task's worth more per reply.
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _expire, waiter)
         try:
-            await asyncio.wait_for(self._waiter, timeout)
+            await waiter
         finally:
+            timer.cancel()
             self._waiter = None
 
-    async def drain(self, timeout: float) -> None:
-        """Wait while the transport's buffer is above its high-water mark (back-pressure)."""
-        # Yield at least once: a reset is noticed (and an early reply read) only when the
-        # loop runs its callbacks, and an unpaused transport would otherwise never let it.
-        await asyncio.sleep(0)
+    async def drain(self, timeout: float, *, look: bool = True) -> None:
+        """Wait while the transport's buffer is above its high-water mark (back-pressure).
+
+        ``look``: yield to the loop at least once, so that a reset is noticed (and an early
+        reply read) even when the transport is not paused; not needed when a reply is read
+        right after."""
+        if look:
+            await asyncio.sleep(0)
         deadline = self._loop.time() + timeout
         while self._paused and self.error is None and not self.replies:
             remaining = deadline - self._loop.time()
@@ -254,6 +260,11 @@ class _DataChannel(asyncio.Protocol):
                 raise asyncio.TimeoutError
             await self._event(remaining)
         return self.replies.popleft()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 class Connection:
@@ -378,7 +389,7 @@ class Connection:
         stopped: WireError | None = None
         try:
             writer.write(b"".join(commands))
-            await channel.drain(self.timeout)
+            await channel.drain(self.timeout, look=False)
             while len(replies) < len(commands):
                 got = await channel.reply(self.timeout)
                 if isinstance(got, str):
@@ -478,6 +489,9 @@ class Connection:
         # The two bytes before each chunk: a "." after CRLF is at a line start even when the
         # CRLF ended the previous chunk. Starting with CRLF stuffs a dot on the first line.
         tail = b"\r\n"
+        # Each chunk goes out once the next one is read, so that the last one and the final
+        # dot leave in one write (a small message: one write in all).
+        ready = b""
         while True:
             try:
                 chunk = message.read(CHUNK)
@@ -487,16 +501,20 @@ class Connection:
             if not chunk:
                 break
             joined = tail + chunk
-            writer.write(joined.replace(b"\r\n.", b"\r\n..")[2:])
             tail = joined[-2:]
-            try:
-                await channel.drain(timeout)
-            except asyncio.TimeoutError:
-                text = f"conversation with {self.label} timed out while sending the message"
-                return [Reply(0, text, kind=kinds.TIMEOUT)] * owed, False
-            if channel.error is not None or channel.replies or writer.is_closing():
-                return [self._early(channel, show)] * owed, False
-        writer.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
+            if ready:
+                writer.write(ready)
+                try:
+                    await channel.drain(timeout)
+                except asyncio.TimeoutError:
+                    text = f"conversation with {self.label} timed out while sending the message"
+                    return [Reply(0, text, kind=kinds.TIMEOUT)] * owed, False
+                if channel.error is not None or channel.replies or writer.is_closing():
+                    return [self._early(channel, show)] * owed, False
+            ready = joined.replace(b"\r\n.", b"\r\n..")[2:]
+        if channel.error is not None or channel.replies or writer.is_closing():
+            return [self._early(channel, show)] * owed, False
+        writer.write(ready + (b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n"))
         self.say(">>> .")
         replies: list[Reply] = []
         while len(replies) < owed:

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -27,12 +27,14 @@ from mailshim import maillog, paths, queueview, spool
 from mailshim.cli import standard_fds
 from mailshim.cli.group import _config, cli
 from mailshim.errors import (
+    EX_IOERR,
     EX_NOINPUT,
     EX_OK,
     EX_SOFTWARE,
     EX_TEMPFAIL,
     EX_USAGE,
     MailshimError,
+    SpoolIOError,
     TempFailError,
     UsageError,
     one_line,
@@ -306,7 +308,10 @@ _SHOWN_STATUS = {
 
 
 class _Progress:
-    """A one-line bar on a terminal (delivered / deferred / bounced); plain lines otherwise."""
+    """A one-line bar on a terminal (delivered / deferred / bounced); plain lines otherwise.
+
+    Output that cannot be written (a full disk, a reader gone) stops the lines, never the
+    delivery: ``failed`` keeps why, for the exit status."""
 
     def __init__(self, total: int, tty: bool, color: bool) -> None:
         self.total = total
@@ -314,13 +319,25 @@ class _Progress:
         self.color = color
         self.counts = {"delivered": 0, "deferred": 0, "bounced": 0, "unreadable": 0}
         self.seen = 0
+        self.flushed = time.monotonic()
+        self.failed: OSError | None = None
 
     def __call__(self, qid: str, status: str) -> None:
         shown = _SHOWN_STATUS.get(status, status)
         self.counts[shown] = self.counts.get(shown, 0) + 1
         self.seen += 1
+        if self.failed is not None:
+            return
         if not self.tty:
-            click.echo(f"{qid}: {shown}")
+            # Buffered, flushed twice a second: a write and a tty check per message were a
+            # few per cent of a flush's own CPU (bench/RESULTS.md (h)).
+            try:
+                sys.stdout.write(f"{qid}: {shown}\n")
+                if time.monotonic() - self.flushed >= 0.5:
+                    sys.stdout.flush()
+                    self.flushed = time.monotonic()
+            except OSError as exc:
+                self.failed = exc
             return
         self.draw()
 
@@ -341,11 +358,21 @@ class _Progress:
         width = max(10, min(40, shutil.get_terminal_size((80, 24)).columns - 60))
         filled = width * self.seen // total if total else width
         bar = "#" * filled + "-" * (width - filled)
-        click.echo(f"\r[{bar}] {self.seen}/{total}  {counts}\x1b[K", nl=False, color=self.color)
+        try:
+            click.echo(f"\r[{bar}] {self.seen}/{total}  {counts}\x1b[K", nl=False, color=self.color)
+        except OSError as exc:
+            self.failed = exc
 
     def finish(self) -> None:
-        if self.tty and self.seen:
-            click.echo("")
+        if self.failed is not None:
+            return
+        try:
+            if self.tty and self.seen:
+                click.echo("")
+            elif not self.tty:
+                sys.stdout.flush()
+        except OSError as exc:
+            self.failed = exc
 
 
 @cli.command("flush")
@@ -415,6 +442,10 @@ def _run_queue(ctx: click.Context, verbose: bool, force: bool) -> None:
         )
     finally:
         progress.finish()
+    if isinstance(progress.failed, BrokenPipeError):
+        return  # the reader has all it wants (`mailshim flush | head`)
+    if progress.failed is not None:
+        raise SpoolIOError(f"cannot write the output: {progress.failed.strerror}")
     untried = total - counts.total() - counts.skipped
     click.echo(counts.summary(untried if untried > 0 and counts.deferred else 0))
 
@@ -619,24 +650,23 @@ def _click_error(exc: click.ClickException) -> int:
     return EX_NOINPUT if isinstance(exc, click.FileError) else EX_USAGE
 
 
-def main() -> None:
-    standard_fds()
+def _run() -> int:
     try:
         code = cli.main(prog_name="mailshim", standalone_mode=False)
     except MailshimError as exc:
         click.echo(f"mailshim: {exc.message}", err=True)
-        sys.exit(exc.code)
+        return exc.code
     except click.exceptions.Abort:
         click.echo("mailshim: interrupted", err=True)
-        sys.exit(EX_TEMPFAIL)
+        return EX_TEMPFAIL
     except click.ClickException as exc:
-        sys.exit(_click_error(exc))
+        return _click_error(exc)
     except BrokenPipeError:
         # `mailshim queue | head`: the reader has all it wants. Point stdout at /dev/null so
-        # the interpreter's final flush does not fail again.
+        # the final flush does not fail again.
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, sys.stdout.fileno())
-        sys.exit(EX_OK)
+        return EX_OK
     except Exception as exc:
         maillog.log(f"internal error: {exc.__class__.__name__}: {exc}", error=True)
         click.echo(
@@ -644,8 +674,38 @@ def main() -> None:
             " please report it",
             err=True,
         )
-        sys.exit(EX_SOFTWARE)
-    sys.exit(code if isinstance(code, int) else EX_OK)
+        return EX_SOFTWARE
+    return code if isinstance(code, int) else EX_OK
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit with ``code`` once the output is out, without the interpreter's teardown of the
+    ~230 modules a flush loads (about 20 ms of CPU, bench/RESULTS.md (h)); ``sendmail``
+    leaves the same way. Nothing is left to finish: spool files are closed and the event
+    loop is gone by then. Output that cannot be written is still an error (74), as the
+    interpreter's final flush would have made it one."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass  # the reader has all it wants
+    except (OSError, ValueError) as exc:
+        if code == EX_OK:  # otherwise the failure has been said already
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            try:
+                sys.stderr.write(f"mailshim: cannot write the output: {why}\n")
+            except (OSError, ValueError):
+                pass
+            code = EX_IOERR
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
+
+
+def main() -> None:
+    standard_fds()
+    _leave(_run())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: venv demo test tools lint typecheck unit compat fuzz bench bench-postfix dist pypi-check clean \
+.PHONY: venv demo test tools lint typecheck unit compat fuzz bench bench-postfix bench-spooling dist \
+	pypi-check clean \
 	real-listeners
 
 # One venv, filled in steps: each stamp says what is installed, so `make demo` needs only
@@ -102,6 +103,11 @@ bench: venv
 # (bench/postfix.py unpacks Debian's postfix package in a temp folder; nothing is installed).
 bench-postfix: venv
 	$(BIN)/python bench/run.py --only postfix
+
+# Issue 14 item 3: background-mode submissions with the listener up and down (and queue
+# mode, and the bare interpreter), interleaved; bench/spooling.py --help for the options.
+bench-spooling: venv
+	$(BIN)/python bench/spooling.py --installs debian,wheel-venv --cases up,down,queue,pass
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

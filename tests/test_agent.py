@@ -142,6 +142,63 @@ def test_a_burst_while_down_leaves_exactly_one_agent(down_world):
     assert holder is not None and holder[1] == serving.AGENT and holder[0] in agents(world)
 
 
+def _wakeups(pid: int) -> int:
+    """Context switches of a process so far: each wake-up from its sleep adds at least one."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        lines = [line.split() for line in f if b"ctxt_switches" in line]
+    return sum(int(words[1]) for words in lines)
+
+
+def _mailshim_modules(result: subprocess.CompletedProcess[bytes]) -> set[str]:
+    from test_imports import parse_importtime
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = {row.name for row in parse_importtime(result.stderr)}
+    assert "mailshim.submit" in names, "no import tree on stderr: is -X importtime working?"
+    return {n for n in names if n.startswith("mailshim")}
+
+
+def test_while_down_a_submission_does_no_more_than_queue_mode(down_world):
+    """Issue 14 item 3: while an agent serves the spool and has just found the listener
+    down, a background-mode submission spools its entry and leaves it to that agent: no
+    second agent, no poke (the agent is not woken), and not even the agent's modules are
+    imported (the same mailshim modules as a queue-mode submission)."""
+    from test_imports import run_sendmail
+
+    world = down_world
+    configure(world, retry='["10m"]', pause=60.0)
+    submit(world, 0)
+    wait_for(lambda: (world.spool / "agent.lock").stat().st_size > 0, what="the down mark")
+    [agent] = agents(world)
+    wait_for(lambda: serving.holder(spool.Spool(str(world.spool))) is not None, what="pid file")
+    before = _wakeups(agent)
+    time.sleep(0.3)
+    if _wakeups(agent) != before:  # still settling into its sleep: wait once more
+        before = _wakeups(agent)
+        time.sleep(0.3)
+        assert _wakeups(agent) == before, "the agent does not sleep while nothing is due"
+    down = _mailshim_modules(run_sendmail(world, ["-i", "bob@example.org"], MESSAGE % 1))
+    queued = _mailshim_modules(run_sendmail(world, ["-odq", "-i", "bob@example.org"], MESSAGE))
+    assert "mailshim.agent" not in down and "mailshim.dropagent" not in down
+    assert down - queued <= {"mailshim.serving"}, down - queued
+    for i in range(2, 6):
+        submit(world, i)
+    time.sleep(0.5)  # a poke would have woken it by now
+    assert _wakeups(agent) == before, "a submission woke the agent while the listener was down"
+    assert agents(world) == [agent]
+    assert len(world.queued()) == 7
+    # and the entries are the agent's: once the listener is back, the poke the first
+    # submission after the pause sends makes it deliver all but the first (due in 10 m)
+    first = min(world.queued())
+    world.listener.start()
+    os.kill(agent, signal.SIGURG)
+    world.listener.wait(6, timeout=30)
+    wait_for(lambda: world.queued() == [first], what="the new entries to be delivered")
+    assert agents(world) == [agent]
+    os.kill(agent, signal.SIGTERM)  # it would linger 10 minutes for the first
+    wait_for(lambda: not agents(world), what="the agent to leave")
+
+
 def test_three_forced_flushes_while_down_do_not_delay_the_automatic_retry(down_world):
     world = down_world
     configure(world, retry='["5s", "10m"]', pause=1.0)

@@ -291,7 +291,10 @@ def test_listener_down_means_spooled_and_250(world: Env) -> None:
     assert flush.returncode == 0, flush.stderr
     (msg,) = world.listener.wait(1)
     assert msg.rcpt_tos == ["a@example.net"]
-    assert world.queued() == []
+    # The agent -bs started may be the one that sent it (on a loaded machine it reads the
+    # config only after the switch back): it removes the entry just after the listener's 250.
+    world.wait_queue_empty()
+    assert len(world.listener.messages) == 1
 
 
 def test_listener_5xx_is_passed_back(world: Env) -> None:

@@ -57,42 +57,43 @@ RETAKE_PAUSE = 0.2
 # --- starting an agent (in sendmail) --------------------------------------------------------
 
 
-def start(target: spool.Spool, config: Config, entry: spool.DropEntry | None = None) -> None:
+def start(
+    target: spool.Spool,
+    config: Config,
+    entry: spool.DropEntry | None = None,
+    lock_fd: int | None = None,
+    slot_fd: int | None = None,
+) -> None:
     """Start a detached delivery agent for ``target``, or poke the one that serves it.
 
     With ``entry`` (the system spool's drop folder): the entry is noted in the user's state
     folder; the child gets its lock and the user's slot, tries it, and lingers for what the
     user left deferred (dropagent.py). When the user's agent already runs, it is poked to
     adopt the entry; with no state folder of their own, the runner delivers it.
+    ``lock_fd`` (the spool's agent lock, from ``serving.claim_or_poke``) and ``slot_fd``
+    (the user's slot, from ``dropagent.claim``) are what the caller already holds: the
+    agent is started with them.
     Root starts the spool's agent as the spool's owner (the ``mailshim`` user).
     """
     args = [sys.executable, "-m", "mailshim.agent", "--spool", target.root]
     keep: list[int] = []
     if entry is not None:
-        # Noted before the slot is tried: an agent of this user leaving now looks once more.
-        noted = dropagent.note(target.root, entry.queue_id)
-        slot = dropagent.slot(target.root)
+        slot = slot_fd if slot_fd is not None else dropagent.claim(target.root, entry)
         if slot is None:
-            entry.release()
-            if noted:
-                dropagent.poke(target.root)  # their lingering agent adopts it
             return
         keep = [entry.fd, slot]
         # "-": the agent reads the id from the locked entry; argv is public in /proc
         args += ["--incoming", "-", "--lock-fd", str(entry.fd), "--slot-fd", str(slot)]
     else:
-        try:
-            fd = target.try_agent_lock()
-        except OSError:
-            return  # the runner's schedule will pick the entry up; it is safe in the spool
-        if fd is None:
-            down = target.relay_down_since()
-            pause = min(r.retry_after_failure for r in config.relays)
-            if down is None or not 0 <= time.time() - down < pause:
-                serving.poke(target)
-            return
-        keep = [fd]
-        args += ["--lock-fd", str(fd)]
+        if lock_fd is None:
+            try:
+                lock_fd = serving.claim_or_poke(target, config)
+            except OSError:
+                return  # the runner's schedule will pick the entry up; it is safe in the spool
+            if lock_fd is None:
+                return
+        keep = [lock_fd]
+        args += ["--lock-fd", str(lock_fd)]
     if config.path:
         args += ["--config", os.path.abspath(config.path)]
     owner = target.owner() if os.geteuid() == 0 and entry is None else None

@@ -103,6 +103,20 @@ def slot(root: str) -> int | None:
     return fd
 
 
+def claim(root: str, entry: spool.DropEntry) -> int | None:
+    """For the user's new drop entry: the slot's fd when no agent of theirs runs (the caller
+    starts one with it and the entry), else None, the entry released and their lingering
+    agent poked to adopt it (with no state folder of their own, the runner delivers it)."""
+    # Noted before the slot is tried: an agent of this user leaving now looks once more.
+    noted = note(root, entry.queue_id)
+    fd = slot(root)
+    if fd is None:
+        entry.release()
+        if noted:
+            poke(root)
+    return fd
+
+
 def _records(root: str, create: bool) -> str | None:
     path = _name(root, ".d")
     if path is None:

@@ -3,7 +3,9 @@
 The agent lock (``agent.lock`` in the spool root) is held by the one delivery agent or
 ``mailshim daemon`` serving the spool; the pid file says which process that is, so that
 ``sendmail`` can poke a sleeping agent, the daemon can ask a lingering agent to leave, and
-``mailshim check`` can say who retries deferred mail.
+``mailshim check`` can say who retries deferred mail. A new entry goes to the holder
+(``claim_or_poke``): a submission that finds the lock taken needs nothing more, and imports
+the agent's module only when it must start one.
 
 Trust: runs as the submitting user, the runner or root. The pid file is only a hint: it is
 believed only while the agent lock is held, a poke is SIGURG (whose default action is to be
@@ -22,6 +24,7 @@ from mailshim import maillog, paths
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from mailshim import spool
+    from mailshim.config import Config
 
 PID_FILE = "agent.pid"  # in state/: "<pid> <role>"
 AGENT = "agent"
@@ -96,6 +99,23 @@ def _signal(pid: int, name: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def claim_or_poke(target: spool.Spool, config: Config) -> int | None:
+    """For a new entry in ``target``: the agent lock's fd when nobody serves the spool (the
+    caller starts an agent with it), else None once the server knows of the entry.
+
+    The holder is poked (SIGURG), unless the listener was found down less than its
+    ``retry_after_failure`` ago: then the entry waits with the others for the next attempt
+    and a burst of submissions costs no connections. Raises ``OSError`` when the lock cannot
+    be opened (the entry is safe in the spool for the runner)."""
+    fd = target.try_agent_lock()
+    if fd is None:
+        down = target.relay_down_since()
+        pause = min(r.retry_after_failure for r in config.relays)
+        if down is None or not 0 <= time.time() - down < pause:
+            poke(target)
+    return fd
 
 
 def poke(target: spool.Spool) -> bool:

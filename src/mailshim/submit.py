@@ -26,7 +26,7 @@ import os
 import pwd
 import time
 
-from mailshim import address, aliases, maillog, message, paths, sealed, spool
+from mailshim import address, aliases, maillog, message, paths, spool
 from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUE, QUEUED
 from mailshim.errors import DataError, MailshimError, UsageError, printable
 
@@ -223,10 +223,14 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
     if sub.verbose and mode == BACKGROUND:
         mode = INTERACTIVE
     target = spool.choose(config)
-    if target.drop and sealed.sealed_out(config):
-        # Sealed: only the runner can read the listener's secret, so this user's own agent
-        # (or an interactive attempt) could only fail. The drop folder wakes the runner.
-        mode = QUEUE
+    if target.drop:
+        from mailshim import sealed  # only a drop-folder submission asks
+
+        if sealed.sealed_out(config):
+            # Sealed: only the runner can read the listener's secret, so this user's own
+            # agent (or an interactive attempt) could only fail. The drop folder wakes the
+            # runner.
+            mode = QUEUE
     writer = target.new_entry(sender, recipients, user.uid)
     # In the drop folder the submitter's agent needs the entry's lock from the start: the
     # runner skips locked entries, so the two never send it both.
@@ -276,12 +280,37 @@ def _hand_on(
             config, locked, verbose=sub.verbose, discard_rejected=sub.discard_rejected
         )
     elif mode == BACKGROUND:
-        from mailshim import agent
-
-        agent.start(target, config, entry=locked if isinstance(locked, spool.DropEntry) else None)
+        _to_agent(config, target, locked if isinstance(locked, spool.DropEntry) else None)
     elif locked is not None:
         locked.release()
     return outcome
+
+
+def _to_agent(config: Config, target: spool.Spool, entry: spool.DropEntry | None) -> None:
+    """Start the delivery agent, or leave the entry to the one serving the spool.
+
+    The agent's module (and what it imports) is loaded only to start one: while an agent
+    serves the spool, as through a burst of submissions while the listener is down, a poke
+    or nothing is all a submission does, and it costs no more than queue mode."""
+    if entry is not None:
+        from mailshim import dropagent
+
+        slot = dropagent.claim(target.root, entry)
+        if slot is not None:
+            from mailshim import agent
+
+            agent.start(target, config, entry=entry, slot_fd=slot)
+        return
+    from mailshim import serving
+
+    try:
+        fd = serving.claim_or_poke(target, config)
+    except OSError:
+        return  # the runner's schedule will pick the entry up; it is safe in the spool
+    if fd is not None:
+        from mailshim import agent
+
+        agent.start(target, config, lock_fd=fd)
 
 
 def _finish_even_if_signalled() -> dict[int, Any]:

@@ -324,6 +324,7 @@ class FaultHandler(RecordingHandler):
         self.peak_connections = 0  # the most connections open at one time
         self.max_connections = 0  # > 0: connections beyond this many get 421 and are closed
         self.refused_connections = 0  # connections refused that way
+        self.open_at_reply: list[int] = []
         # the last message stored on each connection that ended without QUIT: its sender
         # may have died before learning it was taken (the at-least-once window)
         self.cut_short: list[Received] = []
@@ -374,6 +375,8 @@ class FaultHandler(RecordingHandler):
             import asyncio
 
             await asyncio.sleep(self.data_delay)
+        # connections open as each message is about to be acknowledged
+        self.open_at_reply.append(self.open_connections)
         reply = await super().handle_DATA(server, session, envelope)
         if reply.startswith("250"):
             session.mailshim_last = self.messages[-1]  # no await since it was stored

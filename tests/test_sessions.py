@@ -72,6 +72,17 @@ def test_a_flush_opens_up_to_four_sessions_by_default_and_sends_each_message_onc
     assert h.sessions <= 4  # each session carried many messages: no reconnect per message
 
 
+def test_the_other_sessions_open_while_the_first_message_is_still_going(fworld):
+    # They wait for the listener's greeting, not for the first message's reply: a big first
+    # message does not hold the rest back.
+    configure(fworld)
+    fworld.listener.handler.data_delay = 0.5
+    ids = queue(fworld, 4)
+    flush(fworld)
+    assert delivered(fworld) == Counter(ids)
+    assert fworld.listener.handler.open_at_reply[0] >= 2
+
+
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_concurrency_caps_the_sessions_open_at_once(fworld, concurrency):
     configure(fworld, relay=f"concurrency = {concurrency}")

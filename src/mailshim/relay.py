@@ -731,6 +731,8 @@ class RelayClient:
         self._lock: asyncio.Lock | None = None
         # The SIZE the last listener greeted with announced (see RelaySession.size_limit).
         self.listener_size: int | None = None
+        # Called once a connection is open (greeted, EHLO, TLS, AUTH): the listener is up.
+        self.on_connect: Callable[[], None] | None = None
 
     async def __aenter__(self) -> RelayClient:
         return self
@@ -820,6 +822,8 @@ class RelayClient:
                 self._slots.give(relay)
             raise
         self.listener_size = fresh.size_limit()
+        if self.on_connect is not None:
+            self.on_connect()
         # The old connection (to a relay further down the list) goes only once this one works.
         if current is not None:
             self._session = None

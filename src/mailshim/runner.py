@@ -463,7 +463,7 @@ class _Pass:
         self.order = iter(fair.order(target, target.ids(), config.user_round_bytes))
         self.ended = ""  # "down", "busy" or "stopped" once the pass must end early
         self.streak = 0  # consecutive throttled entries, whichever session met them
-        self.answered = False  # a session reached the listener: the others may open
+        self.answered = False  # the listener greeted a session: the others may open
         self.returned: list[str] = []  # taken by a session that could not connect
         self.hold_until = 0.0  # monotonic: no message starts before (a rate limit's pause)
 
@@ -523,13 +523,24 @@ async def run_pass(
     "stopped" (``stop`` was set).
 
     The entries go out in fair order, each to whichever session is free; an entry is taken
-    by one session only. The first session goes alone until the listener has answered it, so
+    by one session only. The first session goes alone until the listener has greeted it, so
     a listener that is down costs one entry an attempt, not one per session.
     """
     import asyncio
 
     run = _Pass(config, target, counts, force=force, only=only, seen=seen, stop=stop)
     opened = asyncio.Event()
+
+    def listener_up() -> None:
+        # The first session is through EHLO (and TLS, AUTH): the others may open now, while
+        # its first message is still on the way (a big one takes a while).
+        run.answered = True
+        opened.set()
+
+    first = pool.client(0)
+    if first.connected:
+        listener_up()
+    first.on_connect = listener_up
 
     async def session(index: int) -> None:
         client = pool.client(index)
@@ -560,7 +571,12 @@ async def run_pass(
             if index >= pool.limit or run.ended:
                 await client.close()
 
-    done = await asyncio.gather(*(session(i) for i in range(pool.limit)), return_exceptions=True)
+    try:
+        done = await asyncio.gather(
+            *(session(i) for i in range(pool.limit)), return_exceptions=True
+        )
+    finally:
+        first.on_connect = None
     for outcome in done:
         if isinstance(outcome, BaseException):
             raise outcome

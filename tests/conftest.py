@@ -515,6 +515,26 @@ def fworld(tmp_path, faulty) -> Env:
     return env
 
 
+def queue_entries(
+    world: Env, rcpts=("bob@example.org",), sender="alice@example.org", arrival=None, n=1
+) -> list[str]:
+    """Write ``n`` entries straight into ``world``'s spool (no sendmail); their queue ids."""
+    from mailshim import spool
+
+    target = spool.Spool(str(world.spool))
+    target.ensure()
+    ids = []
+    for i in range(n):
+        w = target.new_entry(sender, list(rcpts), os.getuid(), arrival=arrival)
+        w.write(
+            b"From: alice@example.org\r\nSubject: test %d\r\n"
+            b"Message-ID: <%s@example.org>\r\n\r\nbody %d\r\n" % (i, w.queue_id.encode(), i)
+        )
+        w.commit(False)
+        ids.append(w.queue_id)
+    return ids
+
+
 def message_queue_id(msg: Received) -> str:
     """The queue id a message was submitted under (sendmail makes Message-ID <QID@domain>)."""
     (mid,) = msg.header("Message-ID")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import message_queue_id, queue_config, tool
+from conftest import message_queue_id, queue_config, queue_entries, tool
 from mailshim import config as config_mod
 from mailshim import policy, runner, spool, spoolfmt
 
@@ -36,16 +36,7 @@ def sp(world) -> spool.Spool:
 
 
 def queue(world, rcpts=("bob@example.org",), sender="alice@example.org", arrival=None, n=1):
-    ids = []
-    for i in range(n):
-        w = sp(world).new_entry(sender, list(rcpts), os.getuid(), arrival=arrival)
-        w.write(
-            b"From: alice@example.org\r\nSubject: test %d\r\n"
-            b"Message-ID: <%s@example.org>\r\n\r\nbody %d\r\n" % (i, w.queue_id.encode(), i)
-        )
-        w.commit(False)
-        ids.append(w.queue_id)
-    return ids
+    return queue_entries(world, rcpts, sender, arrival, n)
 
 
 def flush(world) -> runner.Counts:

@@ -5,31 +5,19 @@ exactly once. The real ``mailshim flush`` runs as a subprocess against a real li
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections import Counter
 
 import pytest
 
-from conftest import message_queue_id, queue_config, tool
+from conftest import message_queue_id, queue_config, queue_entries, tool
 from mailshim import config as config_mod
 from mailshim import spool
 from mailshim.errors import ConfigError
 
 
 def queue(world, n: int, rcpts=("bob@example.org",)) -> list[str]:
-    target = spool.Spool(str(world.spool))
-    target.ensure()
-    ids = []
-    for i in range(n):
-        w = target.new_entry("alice@example.org", list(rcpts), os.getuid())
-        w.write(
-            b"From: alice@example.org\r\nSubject: test %d\r\n"
-            b"Message-ID: <%s@example.org>\r\n\r\nbody %d\r\n" % (i, w.queue_id.encode(), i)
-        )
-        w.commit(False)
-        ids.append(w.queue_id)
-    return ids
+    return queue_entries(world, rcpts, n=n)
 
 
 def configure(world, relay: str = "", extra: str = "") -> None:

@@ -61,6 +61,7 @@ LAYERS: dict[str, int] = {
     "mailshim.check": ORCHESTRATION,
     "mailshim.checkreport": ORCHESTRATION,
     "mailshim.configview": ORCHESTRATION,
+    "mailshim.daemon": ORCHESTRATION,
     "mailshim.deadletters": ORCHESTRATION,
     "mailshim.probe": ORCHESTRATION,
     "mailshim.queueview": ORCHESTRATION,

@@ -3,7 +3,7 @@
 Callers: the detached delivery agent (agent.py: due entries, then it lingers until nothing
 deferred is left), ``sendmail -q`` / ``mailshim flush`` (everything now, over parallel
 sessions: sessions.py), ``mailshim run`` (the timer and path units: only what is due),
-``mailshim daemon`` (foreground: wakes on new entries and on the schedule), and ``sendmail
+``mailshim daemon`` (daemon.py: wakes on new entries and on the schedule), and ``sendmail
 -odi``/``-v``/``-bs`` (one entry before replying). What to do after each attempt is
 policy.py's decision; this module carries it out. The runners (flush, daemon, an agent that
 may write the queue) also pick up the system spool's drop folder.
@@ -42,7 +42,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, deadletters, fair, maillog, policy, sendlimits, serving, spool
+from mailshim import bounce, deadletters, fair, maillog, policy, sendlimits, spool
 from mailshim.constants import (
     BOUNCED,
     DEFERRED,
@@ -70,10 +70,7 @@ AGENT_LINGER = 1.0  # seconds an idle agent waits for more submissions before it
 RATE_PAUSE = 1.0  # seconds to wait after a rate-limit reply before trying the entry again
 RATE_RETRIES = 2  # in-pass retries of one entry after rate limiting
 PRESSURE_STREAK = 5  # consecutive throttled entries that end a pass ("the listener is busy")
-DAEMON_POLL = 0.5  # seconds between the daemon's cheap looks at the spool folders
-LOCKED_RECHECK = 1.0  # how often the daemon looks again at drop entries held by their owner
 SPOOL_RESERVE = 1024 * 1024  # bytes: less free space than this is a full spool for a pass
-DEAD_EXPIRY_EVERY = 3600.0  # seconds between the daemon's looks for old dead letters
 
 
 class Counts:
@@ -409,7 +406,8 @@ def _is_connection_failure(replies: dict[str, Reply]) -> bool:
     return bool(replies) and all(r.listener_down for r in replies.values())
 
 
-async def _sleep(seconds: float, stop: asyncio.Event | None) -> None:
+async def sleep(seconds: float, stop: asyncio.Event | None) -> None:
+    """Sleep ``seconds``, or less when ``stop`` is set."""
     import asyncio
 
     if seconds <= 0:
@@ -469,7 +467,7 @@ class _Pass:
 
     async def hold(self) -> None:
         """Wait out a rate limit's pause (or until ``stop``)."""
-        await _sleep(self.hold_until - time.monotonic(), self.stop)
+        await sleep(self.hold_until - time.monotonic(), self.stop)
 
     def next_entry(self) -> str | None:
         """The next entry to try, taken for good (no other session gets it); None at the end."""
@@ -746,25 +744,8 @@ def flush(
     return counts
 
 
-def _schedule(target: spool.Spool) -> tuple[bool, float | None]:
-    """(something is due now, when the next one falls due)."""
-    now = time.time()
-    soonest: float | None = None
-    for qid in target.ids():
-        try:
-            state = target.load_state(qid)
-        except (DataError, MailshimError):
-            return True, None
-        if state.held:
-            continue
-        if state.next_attempt <= now:
-            return True, None
-        if soonest is None or state.next_attempt < soonest:
-            soonest = float(state.next_attempt)
-    return False, soonest
-
-
-def _queue_stamp(target: spool.Spool) -> tuple[int, ...]:
+def queue_stamp(target: spool.Spool) -> tuple[int, ...]:
+    """The folders' change times: equal stamps, nothing new arrived or changed."""
     out = []
     for folder in (target.queue, target.incoming, target.state_dir):
         try:
@@ -783,16 +764,16 @@ async def _agent_session(config: Config, target: spool.Spool) -> bool:
     deadletters.expire(target, config.keep_dead)
     async with pool_for(config) as pool:
         while True:
-            stamp = _queue_stamp(target)
+            stamp = queue_stamp(target)
             pickup(config, target)
             status = await run_pass(config, pool, target, counts, force=False)
             target.sync(force=True)
             if status in ("down", "busy"):
                 return False
             deadline = time.monotonic() + AGENT_LINGER
-            while _queue_stamp(target) == stamp and time.monotonic() < deadline:
+            while queue_stamp(target) == stamp and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if _queue_stamp(target) == stamp:
+            if queue_stamp(target) == stamp:
                 return True
 
 
@@ -802,141 +783,3 @@ def deliver_due(config: Config, target: spool.Spool) -> bool:
     import asyncio
 
     return asyncio.run(_agent_session(config, target))
-
-
-# --- the daemon ---------------------------------------------------------------------------
-
-
-class _Daemon:
-    """``mailshim daemon``: one process delivering the spools as entries arrive and fall due."""
-
-    def __init__(self, config: Config, spools: list[spool.Spool], say: Callable[[str], None]):
-        self.config = config
-        self.spools = spools
-        self.say = say
-        self.pool: Pool | None = None
-        self.hold_until = 0.0  # the listener was down or busy: wait before the next pass
-        self.locks: dict[str, int] = {}
-        self.took_over: set[str] = set()
-        self.dead_expired: dict[str, float] = {}
-
-    async def run(self, stop: asyncio.Event) -> None:
-        try:
-            while not stop.is_set():
-                wake = await self.round(stop)
-                await self.wait(stop, wake)
-        finally:
-            if self.pool is not None:
-                await self.pool.close()
-            for target in self.spools:
-                target.sync(force=True)
-                if target.root in self.locks:
-                    serving.clear_pid(target)
-            for fd in self.locks.values():
-                os.close(fd)
-
-    async def round(self, stop: asyncio.Event) -> float:
-        """Pick up, deliver what is due; returns the time (epoch) to look again at the latest."""
-        now = time.time()
-        wake = now + 3600.0
-        waiting_drops = False
-        for target in self.spools:
-            if target.root not in self.locks:
-                # While the daemon runs, sendmail starts no agents: the daemon sees its entry.
-                # A lingering agent is asked to leave, once: the daemon serves the spool now.
-                try:
-                    if target.root in self.took_over:
-                        fd = target.try_agent_lock()
-                    else:
-                        self.took_over.add(target.root)
-                        fd = serving.stop_lingering(target)
-                except OSError:
-                    fd = None
-                if fd is not None:
-                    self.locks[target.root] = fd
-                    serving.write_pid(target, serving.DAEMON)
-            try:
-                target.clean_tmp()
-                if now - self.dead_expired.get(target.root, 0.0) > DEAD_EXPIRY_EVERY:
-                    self.dead_expired[target.root] = now
-                    deadletters.expire(target, self.config.keep_dead, now)
-                waiting_drops = pickup(self.config, target)[1] > 0 or waiting_drops
-                due, soonest = _schedule(target)
-                if soonest is not None:
-                    wake = min(wake, soonest)
-                if not due or now < self.hold_until:
-                    continue
-                counts = Counts()
-                if self.pool is None:
-                    self.pool = pool_for(self.config)
-                status = await run_pass(
-                    self.config, self.pool, target, counts, force=False, stop=stop
-                )
-                target.sync(force=True)
-                if counts.total():
-                    self.say(f"{target.root}: {counts.summary()}")
-                    wake = time.time()  # look again at once: new entries (bounces) may be due
-                else:
-                    wake = min(wake, time.time() + LOCKED_RECHECK)  # due, but held by others
-                if status in ("down", "busy"):
-                    delay = (
-                        policy.next_delay(self.config, 1) if status == "down" else RATE_PAUSE * 5
-                    )
-                    self.hold_until = time.time() + delay
-                    self.say(f"{target.root}: the listener is {status}; next pass in {delay:.0f}s")
-                    await self.pool.close()
-                    self.pool = None
-            except MailshimError as exc:
-                maillog.log(f"daemon: {exc.message}", error=True)
-                self.say(f"{target.root}: {exc.message}")
-                self.hold_until = time.time() + policy.next_delay(self.config, 1)
-        if self.hold_until > time.time():
-            wake = max(wake, self.hold_until)
-        if waiting_drops:
-            wake = min(wake, time.time() + LOCKED_RECHECK)
-        return wake
-
-    async def wait(self, stop: asyncio.Event, wake: float) -> None:
-        """Sleep until ``wake``, a change in a spool folder, or ``stop``."""
-        stamps = [_queue_stamp(t) for t in self.spools]
-        idle_since = time.monotonic()
-        while not stop.is_set() and time.time() < wake:
-            await _sleep(min(DAEMON_POLL, max(0.0, wake - time.time())), stop)
-            if [_queue_stamp(t) for t in self.spools] != stamps and time.time() >= self.hold_until:
-                return
-            if self.pool is not None and time.monotonic() - idle_since > 5.0:
-                await self.pool.close()  # do not hold the listener's connections while idle
-                self.pool = None
-
-
-def daemon(config: Config, spools: list[spool.Spool], say: Callable[[str], None]) -> int:
-    """Run until SIGTERM or SIGINT: the current message is finished, then the daemon stops.
-    A second signal abandons it (it stays in the spool and is tried again later)."""
-    import asyncio
-    import signal
-
-    for target in spools:
-        target.check_usable()
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        task = asyncio.current_task()
-
-        def on_signal() -> None:
-            if stop.is_set() and task is not None:
-                task.cancel()
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        await _Daemon(config, spools, say).run(stop)
-
-    say(f"daemon: watching {', '.join(t.root for t in spools)}")
-    try:
-        asyncio.run(main())
-    except asyncio.CancelledError:
-        say("daemon: stopped at once; the message in flight stays in the spool")
-        return 0
-    say("daemon: stopped")
-    return 0

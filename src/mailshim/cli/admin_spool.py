@@ -80,7 +80,6 @@ def daemon_cmd(ctx: click.Context) -> None:
       mailshim daemon
       mailshim setup-spool && exec mailshim daemon
     """
-    from mailshim import runner
 
     cfg = _config(ctx)
     # Readable is enough to be chosen: a read-only spool is then refused with the reason.
@@ -96,6 +95,8 @@ def daemon_cmd(ctx: click.Context) -> None:
 
     # Without syslog or a [log] file, the log lines go where a container's logs are kept.
     maillog.use_stderr(True)
-    code = runner.daemon(cfg, spools, say)
+    from mailshim import daemon
+
+    code = daemon.run(cfg, spools, say)
     if code:
         ctx.exit(code)

@@ -1,45 +1,43 @@
-"""Hand a spooled message to the listener(s) over SMTP or LMTP: the dialogue and failover.
+"""One SMTP or LMTP session with one relay: EHLO/LHLO, STARTTLS, AUTH, then transactions.
 
-One ``RelayClient`` holds one connection for many messages and tries the configured relays
-in order. With PIPELINING (RFC 2920) offered, MAIL, every RCPT and DATA go out in one write
+A ``RelaySession`` is one connection's dialogue. ``RelaySession.open`` resolves the relay's
+host (IPv6 and IPv4, in the resolver's order; no resolver for an address) and keeps the first
+address that greets and gets through EHLO/LHLO, STARTTLS and AUTH as configured. In a
+transaction, with PIPELINING (RFC 2920) offered, MAIL, every RCPT and DATA go out in one write
 and the replies are matched to them in order; without it, lock-step. RSET only after a
-transaction that ended before its final dot. For each message it returns one ``Reply`` per
-recipient: 2xx sent, 4xx (or code 0: no reply at all, with the failure's kind) deferred, 5xx
-bounced. A ``RelaySession`` is one connection's dialogue: EHLO/LHLO, STARTTLS, AUTH, MAIL,
-RCPT, DATA.
-The bytes themselves (aiosmtplib, the streamed DATA) are ``wire``'s; TLS contexts are
+transaction that ended before its final dot. Each ``transaction`` returns an ``Outcome``: one
+``Reply`` per recipient (2xx sent, 4xx or code 0 deferred, 5xx bounced) and whether the relay
+as a whole failed. Which relay to try, and when to try the next, is ``relay``'s (the failover
+client). The bytes themselves (aiosmtplib, the streamed DATA) are ``wire``'s; TLS contexts are
 ``tlsctx``'s; reply values are ``reply``'s.
 
-Failover: recipients with a temporary reply move on to the next relay, except after a final
-dot that got no reply (kind ``unanswered``): the first listener may have stored the message, so
-it waits for the next attempt instead of going to a second listener in front of the same store.
+Trust: called by ``relay.RelayClient`` (as the submitting user or the ``mailshim`` user) and
+by ``mailshim check`` (``probe``). The listener is hostile-or-broken by assumption; every
+failure ends as a temporary reply within ``timeout``, never a hang or a traceback. Reply text
+is cleaned to one printable line before anyone sees it. The message file comes from the spool
+and is sent byte for byte; the AUTH secret is read only when a connection needs it, never
+written to the transcript, and never sent in clear text except to a loopback address or a unix
+socket.
 
-Trust: called by the delivery agent and the runner (as the submitting user or the ``mailshim``
-user), by ``sendmail -odi``/``-v`` and by ``mailshim check``. The listener is
-hostile-or-broken by assumption; every failure ends as a temporary reply within ``timeout``,
-never a hang or a traceback. Reply text is cleaned to one printable line before anyone sees it.
-The message file comes from the spool and is sent byte for byte; the AUTH secret is read only
-when a connection needs it, never written to the transcript, and never sent in clear text
-except to a loopback address or a unix socket. Raises ``ConfigError`` (exit 78) for an invalid
-HELO name or no relay at all; ``RelaySession.open`` raises ``RelayDown`` (for ``check``).
+Raises ``RelayDown`` from ``RelaySession.open`` when no address of the relay can take mail (its
+``reply`` has the failure's kind); a ``wire.LocalFailure`` (the message file could not be read)
+passes through ``transaction``. Failures on the listener's side are replies, not exceptions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from typing import TYPE_CHECKING, BinaryIO, ClassVar, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from mailshim import reply as kinds
 from mailshim.constants import STAGE_MAIL, STAGE_SIZE
-from mailshim.errors import ConfigError, MailshimError
+from mailshim.errors import MailshimError
 from mailshim.hostnames import (
     LOCALHOST_NAMES,
     LOOPBACK_ADDRESSES,
     bare_host,
     is_loopback,
-    valid_helo,
 )
 from mailshim.reply import Reply, clean_text
 from mailshim.tlsctx import ContextCache, tls_context
@@ -49,14 +47,14 @@ if TYPE_CHECKING:
     import ssl
     from collections.abc import Callable, Sequence
 
-__all__ = ["RelayClient", "RelayDown", "RelaySession", "RelaySettings", "SendResult", "Slots"]
+__all__ = ["Outcome", "RelayDown", "RelaySession", "RelaySettings", "silent"]
 
 QUIT_TIMEOUT = 5.0
 AUTH_MECHANISMS = ("plain", "login")
 
 
 class RelaySettings(Protocol):
-    """What this module reads from a ``config.RelayConfig`` (duck-typed)."""
+    """What this module and ``relay`` read from a ``config.RelayConfig`` (duck-typed)."""
 
     name: str
     host: str | None
@@ -74,28 +72,6 @@ class RelaySettings(Protocol):
     retry_after_failure: float
 
     def password(self) -> str | None: ...
-
-
-class SendResult:
-    """The outcome of one message: a reply per envelope recipient, and the relay that decided."""
-
-    __slots__ = ("relay", "replies")
-
-    def __init__(self, replies: dict[str, Reply], relay: str) -> None:
-        self.replies = replies
-        self.relay = relay
-
-    def sent(self) -> list[str]:
-        return [rcpt for rcpt, reply in self.replies.items() if reply.accepted]
-
-    def deferred(self) -> list[str]:
-        return [rcpt for rcpt, reply in self.replies.items() if reply.temporary]
-
-    def bounced(self) -> list[str]:
-        return [rcpt for rcpt, reply in self.replies.items() if reply.permanent]
-
-    def __repr__(self) -> str:
-        return f"SendResult({self.replies!r}, {self.relay!r})"
 
 
 class RelayDown(Exception):
@@ -117,13 +93,7 @@ def _down(kind: str, text: str, server: Reply | None = None) -> RelayDown:
     return RelayDown(Reply(0, clean_text(text), kind=kind), server)
 
 
-def _bad_address(addr: str) -> bool:
-    if addr.isprintable():
-        return False  # the common case, at C speed: no control character at all
-    return any(ord(ch) < 32 or ord(ch) == 127 for ch in addr)
-
-
-def _silent(line: str) -> None:
+def silent(line: str) -> None:
     """The transcript when nobody reads one (``-v`` not given): lines are not even built."""
 
 
@@ -134,7 +104,7 @@ def _wire_address(addr: str) -> str:
     return addr
 
 
-class _Outcome:
+class Outcome:
     """What one transaction on one relay decided."""
 
     __slots__ = ("relay_failed", "replies", "retry_fresh")
@@ -179,7 +149,7 @@ class RelaySession:
         self._server_name = server_name
         self._context = context
         self._say = wire.say
-        self._verbose = wire.say is not _silent
+        self._verbose = wire.say is not silent
 
     # -- connecting -------------------------------------------------------------------------
 
@@ -189,7 +159,7 @@ class RelaySession:
         relay: RelaySettings,
         *,
         helo: str,
-        say: Callable[[str], None] = _silent,
+        say: Callable[[str], None] = silent,
         contexts: ContextCache | None = None,
     ) -> RelaySession:
         """Connect to the first address of ``relay`` that greets, says EHLO/LHLO, TLS, AUTH.
@@ -475,8 +445,8 @@ class RelaySession:
         start: int,
         size: int,
         eightbit: bool,
-    ) -> _Outcome:
-        out = _Outcome()
+    ) -> Outcome:
+        out = Outcome()
         if self._open:
             # The last transaction ended before its final dot (refused recipients or DATA):
             # the listener may still hold its sender. After a completed one, no RSET.
@@ -568,7 +538,7 @@ class RelaySession:
         return params
 
     async def _recipients(
-        self, out: _Outcome, recipients: Sequence[str], dialogue: _Dialogue
+        self, out: Outcome, recipients: Sequence[str], dialogue: _Dialogue
     ) -> list[str]:
         """The RCPT replies, in order; refusals go into ``out``; returns the accepted ones."""
         accepted: list[str] = []
@@ -585,7 +555,7 @@ class RelaySession:
                 out.replies[rcpt] = reply
         return accepted
 
-    def _refuse_utf8(self, out: _Outcome, sender: str, recipients: Sequence[str]) -> list[str]:
+    def _refuse_utf8(self, out: Outcome, sender: str, recipients: Sequence[str]) -> list[str]:
         """Without SMTPUTF8, non-ASCII addresses cannot be sent: refuse those, keep the rest."""
         why = f"5.6.7 SMTPUTF8 is required, but {self.label} does not offer it"
         if not sender.isascii():
@@ -676,247 +646,3 @@ async def _resolve(relay: RelaySettings, host: str) -> list[str]:
         # "localhost" means the loopback, both families, whatever /etc/hosts lists.
         addresses.extend(LOOPBACK_ADDRESSES)
     return list(dict.fromkeys(addresses))
-
-
-class Slots:
-    """How many connections each relay may have open at once, shared by the clients of one
-    pool (a relay's ``concurrency``; 1 when it names none). A client waits for a free slot
-    rather than skip a healthy relay for one further down the list."""
-
-    def __init__(self) -> None:
-        self._free: dict[tuple[str, str | None, int, str | None], asyncio.Semaphore] = {}
-
-    def _semaphore(self, relay: RelaySettings) -> asyncio.Semaphore:
-        key = RelayClient._key(relay)
-        sem = self._free.get(key)
-        if sem is None:
-            sem = self._free[key] = asyncio.Semaphore(max(1, getattr(relay, "concurrency", 1)))
-        return sem
-
-    async def take(self, relay: RelaySettings) -> None:
-        await self._semaphore(relay).acquire()
-
-    def give(self, relay: RelaySettings) -> None:
-        self._semaphore(relay).release()
-
-
-class RelayClient:
-    """Deliver messages through the configured relays, one reused connection at a time."""
-
-    # Relays that failed recently, shared by every client in this process:
-    # key -> time.monotonic() before which the relay is skipped.
-    _down_until: ClassVar[dict[tuple[str, str | None, int, str | None], float]] = {}
-
-    def __init__(
-        self,
-        relays: Sequence[RelaySettings],
-        *,
-        helo: str,
-        transcript: Callable[[str], None] | None = None,
-        slots: Slots | None = None,
-        contexts: ContextCache | None = None,
-    ) -> None:
-        if not relays:
-            raise ConfigError("no relay configured")
-        for name in [helo, *(r.helo for r in relays if r.helo)]:
-            if not valid_helo(name):
-                raise ConfigError(f"invalid HELO name {name!r}: one word of printable ASCII")
-        self._relays = tuple(relays)
-        self._helo = helo
-        self._transcript = transcript
-        self._session: RelaySession | None = None
-        # TLS contexts by settings, shared with the other clients of a pool.
-        self.contexts = contexts or ContextCache()
-        self._slots = slots
-        self._lock: asyncio.Lock | None = None
-        # The SIZE the last listener greeted with announced (see RelaySession.size_limit).
-        self.listener_size: int | None = None
-        # Called once a connection is open (greeted, EHLO, TLS, AUTH): the listener is up.
-        self.on_connect: Callable[[], None] | None = None
-
-    async def __aenter__(self) -> RelayClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """QUIT the open connection, if any."""
-        await self._drop()
-
-    @property
-    def connected(self) -> bool:
-        """A connection is open and may carry the next message."""
-        return self._session is not None and self._session.alive
-
-    async def connect(self) -> Reply | None:
-        """Open a connection to the first relay that greets, before any message is at stake
-        (a pool's extra sessions): None once connected, else the last relay's failure."""
-        if self.connected:
-            return None
-        failed = Reply(0, "no relay configured", kind=kinds.NOT_TRIED)
-        for relay in self._candidates():
-            try:
-                await self._session_for(relay)
-            except RelayDown as down:
-                # Not marked as failed: a listener refusing one more session still serves
-                # the ones it has, and the pool only opens fewer.
-                failed = down.reply
-                continue
-            except LocalFailure as local:
-                return local.reply
-            return None
-        return failed
-
-    @classmethod
-    def forget_failures(cls) -> None:
-        """Try every relay again at once (``mailshim flush``; tests)."""
-        cls._down_until.clear()
-
-    def _say(self, line: str) -> None:
-        if self._transcript is not None:
-            self._transcript(line)
-
-    @staticmethod
-    def _key(relay: RelaySettings) -> tuple[str, str | None, int, str | None]:
-        return (relay.name, relay.host, relay.port, relay.socket)
-
-    def _candidates(self) -> list[RelaySettings]:
-        now = time.monotonic()
-        usable = [r for r in self._relays if self._down_until.get(self._key(r), 0.0) <= now]
-        # When every relay failed recently, trying them beats giving up.
-        return usable or list(self._relays)
-
-    def _mark(self, relay: RelaySettings, failed: bool) -> None:
-        if failed:
-            until = time.monotonic() + max(0.0, relay.retry_after_failure)
-            self._down_until[self._key(relay)] = until
-        else:
-            self._down_until.pop(self._key(relay), None)
-
-    async def _session_for(self, relay: RelaySettings) -> RelaySession:
-        """The open connection when it goes to ``relay`` and may carry more; else a new one."""
-        current = self._session
-        if current is not None and not current.alive:
-            self._session = None
-            await self._quit(current)
-            current = None
-        if current is not None and current.relay is relay:
-            return current
-        if self._slots is not None:
-            if current is not None:
-                # A client never waits for a slot while it holds another: no two clients
-                # can then wait for each other's.
-                await self._drop()
-                current = None
-            await self._slots.take(relay)
-        try:
-            fresh = await RelaySession.open(
-                relay,
-                helo=self._helo,
-                say=self._say if self._transcript is not None else _silent,
-                contexts=self.contexts,
-            )
-        except BaseException:
-            if self._slots is not None:
-                self._slots.give(relay)
-            raise
-        self.listener_size = fresh.size_limit()
-        if self.on_connect is not None:
-            self.on_connect()
-        # The old connection (to a relay further down the list) goes only once this one works.
-        if current is not None:
-            self._session = None
-            await self._quit(current)
-        self._session = fresh
-        return fresh
-
-    async def _quit(self, session: RelaySession) -> None:
-        try:
-            await session.quit()
-        finally:
-            if self._slots is not None:
-                self._slots.give(session.relay)
-
-    async def _drop(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await self._quit(session)
-
-    async def _attempt(
-        self,
-        relay: RelaySettings,
-        sender: str,
-        recipients: list[str],
-        message: BinaryIO,
-        start: int,
-        size: int,
-        eightbit: bool,
-    ) -> tuple[RelaySession, _Outcome]:
-        session = await self._session_for(relay)
-        reused = session.messages > 0
-        outcome = await session.transaction(sender, recipients, message, start, size, eightbit)
-        if reused and outcome.retry_fresh:
-            first = next(iter(outcome.replies.values()))
-            self._say(f"*** {first}; reconnecting to {relay.name}")
-            await self._drop()
-            session = await self._session_for(relay)
-            outcome = await session.transaction(sender, recipients, message, start, size, eightbit)
-        if outcome.relay_failed or not session.alive:
-            await self._drop()
-        return session, outcome
-
-    async def send(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        message: BinaryIO,
-        size: int,
-        eightbit: bool,
-    ) -> SendResult:
-        """Deliver one message; one reply per recipient, in envelope order.
-
-        ``message`` is positioned at the start of CRLF-normalised, unstuffed bytes ending
-        with CRLF. Recipients with a temporary reply move on to the next relay (not after an
-        unanswered final dot); a relay that failed as a whole is skipped for
-        ``retry_after_failure`` seconds.
-        """
-        wanted = list(dict.fromkeys(recipients))
-        replies: dict[str, Reply] = {}
-        for rcpt in wanted:
-            if _bad_address(sender) or _bad_address(rcpt):
-                replies[rcpt] = Reply(501, "5.1.3 control character in address")
-        pending = [r for r in wanted if r not in replies]
-        used = "none"
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            start = message.tell()
-            for relay in self._candidates():
-                if not pending:
-                    break
-                try:
-                    session, outcome = await self._attempt(
-                        relay, sender, pending, message, start, size, eightbit
-                    )
-                except RelayDown as down:
-                    self._mark(relay, True)
-                    for rcpt in pending:
-                        replies[rcpt] = down.reply
-                    continue
-                except LocalFailure as local:
-                    await self._drop()
-                    for rcpt in pending:
-                        replies[rcpt] = local.reply
-                    break
-                used = session.label
-                self._mark(relay, outcome.relay_failed)
-                replies.update(outcome.replies)
-                # An unanswered final dot never fails over: that listener may have the
-                # message, and a second one in front of the same store would deliver it twice.
-                pending = [
-                    r
-                    for r in pending
-                    if replies[r].temporary and replies[r].kind != kinds.UNANSWERED
-                ]
-        return SendResult({rcpt: replies[rcpt] for rcpt in wanted}, used)

@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "mailshim.relay": STORE,
     "mailshim.sendlimits": STORE,
     "mailshim.sessions": STORE,
+    "mailshim.smtpsession": STORE,
     "mailshim.spool": STORE,
     "mailshim.spoolsetup": STORE,
     "mailshim.wire": STORE,

@@ -1,12 +1,9 @@
-"""Deliver spool entries: lock → relay → remove, retry on a schedule, or bounce into dead/.
+"""One entry's delivery: the lock already held → relay → carry out policy's action.
 
-Callers: the detached delivery agent (agent.py: due entries, then it lingers until nothing
-deferred is left), ``sendmail -q`` / ``mailshim flush`` (everything now, over parallel
-sessions: sessions.py), ``mailshim run`` (the timer and path units: only what is due),
-``mailshim daemon`` (daemon.py: wakes on new entries and on the schedule), and ``sendmail
--odi``/``-v``/``-bs`` (one entry before replying). What to do after each attempt is
-policy.py's decision; this module carries it out. The runners (flush, daemon, an agent that
-may write the queue) also pick up the system spool's drop folder.
+Callers: the runner's pass (runner.py) for each entry it claims, the agents (agent.py,
+dropagent.py) for a user's own drop-folder entry, and ``sendmail -odi``/``-v``/``-bs``
+(``deliver_now``: one entry before replying). What to do after each attempt is policy.py's
+decision; this module carries it out: remove, reschedule, warn, or bounce into ``dead/``.
 
 Per recipient: a 2xx is recorded and never sent again; a 4xx is retried alone on the
 ``[queue] retry`` schedule; a 5xx is reported to the envelope sender in one RFC 3464 bounce
@@ -14,9 +11,9 @@ Per recipient: a 2xx is recorded and never sent again; a 4xx is retried alone on
 ``warn_after`` a one-time delay warning goes out; once ``lifetime`` has passed, what is still
 pending after one last try expires and is bounced. Reports are spooled like any message, with
 the null sender; no report is made for a message whose sender is ``<>``. Back-pressure is not
-failure: Stalwart's ``452 4.4.5`` (more than 10 messages in a session, or 5 a second) makes
-the runner reconnect, pause and go on; greylisting's ``452 4.2.2`` retries after the first
-retry step; neither counts as an attempt on the schedule.
+failure: Stalwart's ``452 4.4.5`` and greylisting's ``452 4.2.2`` leave the entry
+``throttled`` (the pass decides when to try again: runner.py) and neither counts as an
+attempt on the schedule.
 
 Exactly once, with one window: between the listener taking the message and the spool update
 that records it (the unlink of the entry, or the state naming the recipients done), a crash,
@@ -25,15 +22,14 @@ update follows the reply at once; a power cut can also bring back entries remove
 ``spool.SYNC_INTERVAL`` (their folder is fsynced in batches). docs/spool.md, section 5, lists
 every window.
 
-Trust: the agent runs as the submitting user on their own spool or drop-folder entry; the
-runners as root or the ``mailshim`` user. Entries are parsed strictly (spoolfmt), drop-folder
-entries are copied and checked by pickup.py, unreadable ones are quarantined. The listener
-is untrusted: its replies arrive cleaned by relay.py and only ever go into logs, state and
-reports as text.
+Trust: runs as the submitting user on their own spool or drop-folder entry (the agents,
+``sendmail -odi``), and as the runners (root or the ``mailshim`` user). Entries are parsed
+strictly (spoolfmt); unreadable ones are quarantined. The listener is untrusted: its replies
+arrive cleaned by relay.py and only ever go into logs, state and reports as text.
 
-Raises ``TempFailError`` (exit 75) when the spool is too full to record an outcome; problems
-with one entry or with the listener never escape (they are logged, retried, bounced or
-quarantined).
+Raises ``MailshimError`` when the spool cannot record an outcome (full, read-only); the
+entry's lock is released. Problems with the entry itself or with the listener never escape
+(they are logged, retried, bounced or quarantined).
 """
 
 from __future__ import annotations
@@ -42,94 +38,26 @@ import os
 import sys
 import time
 
-from mailshim import bounce, deadletters, fair, maillog, policy, sendlimits, spool
+from mailshim import bounce, maillog, policy, spool
 from mailshim.constants import (
     BOUNCED,
     DEFERRED,
-    LIMITED,
     QUARANTINED,
     QUEUED,
     REJECTED,
     SENT,
     THROTTLED,
 )
-from mailshim.errors import DataError, MailshimError
+from mailshim.errors import DataError
 from mailshim.reply import Reply
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import asyncio
     from collections.abc import Callable
 
     from mailshim.config import Config
     from mailshim.relay import RelayClient, SendResult
-    from mailshim.sessions import Pool
     from mailshim.spoolfmt import State
-
-AGENT_LINGER = 1.0  # seconds an idle agent waits for more submissions before it exits
-RATE_PAUSE = 1.0  # seconds to wait after a rate-limit reply before trying the entry again
-RATE_RETRIES = 2  # in-pass retries of one entry after rate limiting
-PRESSURE_STREAK = 5  # consecutive throttled entries that end a pass ("the listener is busy")
-SPOOL_RESERVE = 1024 * 1024  # bytes: less free space than this is a full spool for a pass
-
-
-class Counts:
-    __slots__ = (
-        "bounced",
-        "deferred",
-        "errors",
-        "limited",
-        "quarantined",
-        "sent",
-        "skipped",
-        "throttled",
-    )
-
-    def __init__(self) -> None:
-        self.sent = 0
-        self.deferred = 0
-        self.bounced = 0
-        self.skipped = 0
-        self.quarantined = 0
-        self.throttled = 0
-        self.errors = 0  # entries left for their next attempt after a local error
-        self.limited = 0  # held for their submitter's next window (sendlimits)
-
-    def total(self) -> int:
-        return self.sent + self.deferred + self.bounced + self.quarantined + self.throttled
-
-    def add(self, status: str) -> None:
-        if status == SENT:
-            self.sent += 1
-        elif status == DEFERRED:
-            self.deferred += 1
-        elif status == THROTTLED:
-            self.throttled += 1
-        elif status == QUARANTINED:
-            self.quarantined += 1
-        elif status == LIMITED:
-            self.limited += 1
-        else:
-            self.bounced += 1
-
-    def summary(self, untried: int = 0) -> str:
-        """One short sentence naming only what happened: "2 delivered, 1 deferred."
-
-        ``untried``: entries left alone because the listener could not be reached.
-        """
-        parts = [
-            (self.sent, "delivered"),
-            (self.deferred, "deferred"),
-            (self.bounced, "bounced"),
-            (self.throttled, "slowed down by the listener"),
-            (self.quarantined, "unreadable (moved to corrupt/)"),
-            (self.limited, "held by the sending limits"),
-            (untried, "not tried (the listener is unreachable)"),
-            (self.skipped, "not due yet, held or busy"),
-            (self.errors, "left after a local error (mailshim log ID says why)"),
-        ]
-        said = [f"{n} {what}" for n, what in parts if n > 0]
-        return (", ".join(said) if said else "Nothing to deliver") + "."
 
 
 def _fmt_delay(seconds: float) -> str:
@@ -363,12 +291,6 @@ def client_for(config: Config, transcript: Callable[[str], None] | None = None) 
     return RelayClient(config.relays, helo=config.helo_name, transcript=transcript)
 
 
-def pool_for(config: Config, transcript: Callable[[str], None] | None = None) -> Pool:
-    from mailshim.sessions import Pool
-
-    return Pool(config.relays, helo=config.helo_name, transcript=transcript)
-
-
 def deliver_now(
     config: Config,
     locked: spool.LockedEntry | spool.DropEntry,
@@ -402,384 +324,6 @@ def deliver_now(
     return result
 
 
-def _is_connection_failure(replies: dict[str, Reply]) -> bool:
+def is_connection_failure(replies: dict[str, Reply]) -> bool:
+    """Whether no recipient got as far as the listener (it could not be reached)."""
     return bool(replies) and all(r.listener_down for r in replies.values())
-
-
-async def sleep(seconds: float, stop: asyncio.Event | None) -> None:
-    """Sleep ``seconds``, or less when ``stop`` is set."""
-    import asyncio
-
-    if seconds <= 0:
-        return
-    if stop is None:
-        await asyncio.sleep(seconds)
-        return
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
-        pass
-
-
-def pickup(config: Config, target: spool.Spool) -> tuple[int, int]:
-    """Move the drop folder's entries into the queue (runners only). Returns how many were
-    moved, and how many were left because their owner still holds them."""
-    if not target.has_incoming() or not target.writable():
-        return 0, 0
-    from mailshim import pickup as drop
-
-    drop.clean_incoming(target)
-    results = drop.pickup(target, config, max_size=config.max_size_for(target.listener_size()))
-    drop.log_pickups(results, lambda text, error: maillog.log(text, error=error))
-    picked = sum(1 for p in results if p.status == "picked")
-    return picked, sum(1 for p in results if p.status == "busy")
-
-
-class _Pass:
-    """One sweep: the fair order, which entries are taken, and how the sweep ends. Its
-    sessions share it (one event loop: no locks are needed)."""
-
-    def __init__(
-        self,
-        config: Config,
-        target: spool.Spool,
-        counts: Counts,
-        *,
-        force: bool,
-        only: set[str] | None,
-        seen: set[str] | None,
-        stop: asyncio.Event | None,
-    ) -> None:
-        self.target = target
-        self.counts = counts
-        self.force = force
-        self.only = only
-        self.seen = seen
-        self.stop = stop
-        self.now = time.time()
-        self.limiter = sendlimits.limiter_for(config, target) if target.has_incoming() else None
-        self.order = iter(fair.order(target, target.ids(), config.user_round_bytes))
-        self.ended = ""  # "down", "busy" or "stopped" once the pass must end early
-        self.streak = 0  # consecutive throttled entries, whichever session met them
-        self.answered = False  # the listener greeted a session: the others may open
-        self.returned: list[str] = []  # taken by a session that could not connect
-        self.hold_until = 0.0  # monotonic: no message starts before (a rate limit's pause)
-
-    async def hold(self) -> None:
-        """Wait out a rate limit's pause (or until ``stop``)."""
-        await sleep(self.hold_until - time.monotonic(), self.stop)
-
-    def next_entry(self) -> str | None:
-        """The next entry to try, taken for good (no other session gets it); None at the end."""
-        if self.returned:
-            return self.returned.pop(0)  # already vetted: an extra session gave it back
-        for qid in self.order:
-            if self.stop is not None and self.stop.is_set():
-                self.ended = self.ended or "stopped"
-                return None
-            if self._wanted(qid):
-                return qid
-        return None
-
-    def _wanted(self, qid: str) -> bool:
-        if self.only is not None and qid not in self.only:
-            return False
-        if self.seen is not None:
-            if qid in self.seen:
-                return False
-            self.seen.add(qid)
-        try:
-            state = self.target.load_state(qid)
-        except DataError:
-            state = None  # deliver_entry quarantines the entry
-        if state is not None and (state.held or (not self.force and state.next_attempt > self.now)):
-            self.counts.skipped += 1
-            return False
-        if self.limiter is not None and not sendlimits.gate(
-            self.limiter, self.target, qid, self.now
-        ):
-            self.counts.add(LIMITED)
-            return False
-        return True
-
-
-async def run_pass(
-    config: Config,
-    pool: Pool,
-    target: spool.Spool,
-    counts: Counts,
-    *,
-    force: bool,
-    only: set[str] | None = None,
-    seen: set[str] | None = None,
-    progress: Callable[[str, str], None] | None = None,
-    stop: asyncio.Event | None = None,
-) -> str:
-    """One sweep over the queue, over up to ``pool.limit`` sessions at once: "done", or why it
-    ended early: "down" (the listener is unreachable: the rest is left for later rather than
-    failing every entry the same way), "busy" (the listener keeps asking us to slow down),
-    "stopped" (``stop`` was set).
-
-    The entries go out in fair order, each to whichever session is free; an entry is taken
-    by one session only. The first session goes alone until the listener has greeted it, so
-    a listener that is down costs one entry an attempt, not one per session.
-    """
-    import asyncio
-
-    run = _Pass(config, target, counts, force=force, only=only, seen=seen, stop=stop)
-    opened = asyncio.Event()
-
-    def listener_up() -> None:
-        # The first session is through EHLO (and TLS, AUTH): the others may open now, while
-        # its first message is still on the way (a big one takes a while).
-        run.answered = True
-        opened.set()
-
-    first = pool.client(0)
-    if first.connected:
-        listener_up()
-    first.on_connect = listener_up
-
-    async def session(index: int) -> None:
-        client = pool.client(index)
-        if index > 0:
-            await opened.wait()
-        try:
-            while not run.ended and index < pool.limit and (index == 0 or run.answered):
-                await run.hold()
-                qid = run.next_entry()
-                if qid is None:
-                    return
-                if index > 0 and not client.connected:
-                    failed = await client.connect()
-                    if failed is not None:
-                        # An extra session the listener will not take (421, too many
-                        # connections): one session fewer, and the entry waits for another.
-                        run.returned.append(qid)
-                        _lower(pool, f"session {index + 1} refused: {failed}")
-                        return
-                await _deliver_one(config, pool, client, run, qid, progress, index)
-                if run.answered:
-                    opened.set()
-        except BaseException:
-            run.ended = run.ended or "error"  # the other sessions finish what they carry
-            raise
-        finally:
-            opened.set()  # the first session is done: the others find out why, or nothing left
-            if index >= pool.limit or run.ended:
-                await client.close()
-
-    try:
-        done = await asyncio.gather(
-            *(session(i) for i in range(pool.limit)), return_exceptions=True
-        )
-    finally:
-        first.on_connect = None
-    for outcome in done:
-        if isinstance(outcome, BaseException):
-            raise outcome
-    while run.returned and not run.ended:
-        await session(0)  # what refused extra sessions gave back
-    return run.ended or "done"
-
-
-def _lower(pool: Pool, why: str) -> None:
-    if pool.lower(why):
-        maillog.log(f"the listener is pushing back ({why}): {pool.limit} session(s) from now on")
-
-
-async def _deliver_one(
-    config: Config,
-    pool: Pool,
-    client: RelayClient,
-    run: _Pass,
-    qid: str,
-    progress: Callable[[str, str], None] | None,
-    index: int,
-) -> None:
-    """One entry on session ``index``, and what its outcome means for the whole pass."""
-    target, counts = run.target, run.counts
-    try:
-        status, replies = await _attempt_with_pauses(config, pool, client, run, qid, index)
-    except MailshimError as exc:
-        # One entry's trouble (a stale temp file in the way of its bounce, a file it may
-        # not write) is that entry's: it waits for its next attempt and the pass goes on.
-        # Only a spool that cannot record anything (read-only, full) ends the pass.
-        _spool_wide(target)
-        counts.errors += 1
-        maillog.log(f"{qid}: {exc.message}; left in the queue for its next attempt", error=True)
-        return
-    if status == "":
-        return
-    counts.add(status)
-    if progress is not None:
-        progress(qid, status)
-    if status == QUARANTINED:
-        run.streak = 0
-        return
-    if status == DEFERRED and _is_connection_failure(replies):
-        run.ended = run.ended or "down"
-        return
-    run.answered = True
-    if status == SENT:
-        target.clear_relay_down()  # new submissions may start agents again
-    if any(r.code == 421 for r in replies.values()):
-        _lower(pool, f"421 from the listener: {next(iter(replies.values()))}")
-    run.streak = run.streak + 1 if status == THROTTLED else 0
-    if run.streak >= PRESSURE_STREAK:
-        run.ended = run.ended or "busy"
-
-
-def _spool_wide(target: spool.Spool) -> None:
-    """Raise when nothing can be recorded in ``target`` any more: a read-only or missing
-    folder, or a full file system (the next entry would be sent and not recorded)."""
-    from mailshim.errors import TempFailError
-
-    target.check_usable()
-    try:
-        st = os.statvfs(target.queue)
-    except OSError:
-        return
-    if st.f_bavail * st.f_frsize < SPOOL_RESERVE or (st.f_files and st.f_favail == 0):
-        raise TempFailError(f"the spool {target.root} is full (nothing more can be recorded)")
-
-
-async def _attempt_with_pauses(
-    config: Config, pool: Pool, client: RelayClient, run: _Pass, qid: str, index: int = 0
-) -> tuple[str, dict[str, Reply]]:
-    """Deliver one entry; on a rate limit, one session fewer for the run, then reconnect,
-    pause (no session starts a message meanwhile) and try it again a few times. A session
-    the lowering leaves out gives the entry back to the ones left, first in line."""
-    target, counts, stop = run.target, run.counts, run.stop
-    tries = 0
-    while True:
-        try:
-            locked = target.lock(qid)
-        except DataError as exc:
-            target.quarantine(qid, exc.message)
-            maillog.log(f"{qid}: moved to corrupt/: {exc.message}", error=True)
-            return QUARANTINED, {}
-        if locked is None:
-            counts.skipped += 1
-            return "", {}
-        status, replies = await deliver_entry(config, client, locked)
-        if status != THROTTLED:
-            return status, replies
-        kinds = {policy.pressure_kind(r) for r in replies.values()}
-        if policy.RATE in kinds:
-            _lower(pool, f"rate limited: {next(iter(replies.values()))}")
-            if index >= pool.limit and not (stop is not None and stop.is_set()):
-                run.returned.insert(0, qid)
-                run.hold_until = max(run.hold_until, time.monotonic() + RATE_PAUSE)
-                return "", {}
-        if (
-            policy.RATE not in kinds
-            or tries >= RATE_RETRIES
-            or (stop is not None and stop.is_set())
-        ):
-            return status, replies
-        tries += 1
-        # A fresh connection clears a per-session limit; the pause, a per-second one, which
-        # the other sessions would only run into again: they wait it out too.
-        await client.close()
-        run.hold_until = max(run.hold_until, time.monotonic() + RATE_PAUSE * tries)
-        await run.hold()
-
-
-def flush(
-    config: Config,
-    spools: list[spool.Spool],
-    *,
-    only: set[str] | None = None,
-    progress: Callable[[str, str], None] | None = None,
-    transcript: Callable[[str], None] | None = None,
-    force: bool = True,
-) -> Counts:
-    """One run over the queue, over up to ``[relay] concurrency`` sessions at once.
-
-    ``force`` (``sendmail -q``, ``mailshim flush``): every entry now, due or not (a failed
-    early attempt keeps its schedule: policy.py). Without it (``mailshim run``: the timer,
-    the path unit): only entries that are due, held back by their back-off; a run that
-    finds nothing due changes nothing in queue/ or incoming/, which is why the path unit
-    that watches them cannot trigger itself for ever.
-
-    The drop folder is picked up first and again after each sweep, as are entries that
-    arrived meanwhile (bounces included). Raises ``MailshimError`` when a spool cannot be
-    written (nothing is sent whose result could not be recorded).
-    """
-    import asyncio
-
-    from mailshim.relay import RelayClient
-
-    counts = Counts()
-    RelayClient.forget_failures()
-
-    async def run() -> None:
-        async with pool_for(config, transcript) as pool:
-            for target in spools:
-                target.check_usable()
-                target.clean_tmp()
-                deadletters.expire(target, config.keep_dead)
-                seen: set[str] = set()
-                try:
-                    pickup(config, target)
-                    while True:
-                        status = await run_pass(
-                            config, pool, target, counts, force=force, only=only, seen=seen,
-                            progress=progress,
-                        )  # fmt: skip
-                        if status != "done":
-                            break
-                        picked, _ = pickup(config, target)
-                        # entries outside a -qI filter are never "seen": do not wait for them
-                        left = [q for q in target.ids() if q not in seen]
-                        if only is not None:
-                            left = [q for q in left if q in only]
-                        if not picked and not left:
-                            break
-                finally:
-                    target.sync(force=True)
-
-    asyncio.run(run())
-    return counts
-
-
-def queue_stamp(target: spool.Spool) -> tuple[int, ...]:
-    """The folders' change times: equal stamps, nothing new arrived or changed."""
-    out = []
-    for folder in (target.queue, target.incoming, target.state_dir):
-        try:
-            out.append(os.stat(folder).st_mtime_ns)
-        except OSError:
-            out.append(0)
-    return tuple(out)
-
-
-async def _agent_session(config: Config, target: spool.Spool) -> bool:
-    """Deliver due entries until the queue stays quiet; False if the listener was unreachable
-    or kept asking to slow down (the agent then sleeps until the next entry is due)."""
-    import asyncio
-
-    counts = Counts()
-    deadletters.expire(target, config.keep_dead)
-    async with pool_for(config) as pool:
-        while True:
-            stamp = queue_stamp(target)
-            pickup(config, target)
-            status = await run_pass(config, pool, target, counts, force=False)
-            target.sync(force=True)
-            if status in ("down", "busy"):
-                return False
-            deadline = time.monotonic() + AGENT_LINGER
-            while queue_stamp(target) == stamp and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if queue_stamp(target) == stamp:
-                return True
-
-
-def deliver_due(config: Config, target: spool.Spool) -> bool:
-    """The agent's pass (agent.py): deliver due entries until the queue stays quiet; False
-    when the listener was unreachable or kept asking to slow down."""
-    import asyncio
-
-    return asyncio.run(_agent_session(config, target))

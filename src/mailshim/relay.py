@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from mailshim.smtpsession import Outcome, RelaySettings
 
-__all__ = ["RelayClient", "SendResult", "Slots"]
+__all__ = ["RelayClient", "SendResult", "SlotBusy", "Slots"]
 
 
 class SendResult:
@@ -71,10 +71,16 @@ def _bad_address(addr: str) -> bool:
     return any(ord(ch) < 32 or ord(ch) == 127 for ch in addr)
 
 
+class SlotBusy(RelayDown):
+    """No connection slot of a relay came free within its ``timeout`` (the sessions holding
+    them are busy): not a failure of the relay, so it is not marked down."""
+
+
 class Slots:
     """How many connections each relay may have open at once, shared by the clients of one
     pool (a relay's ``concurrency``; 1 when it names none). A client waits for a free slot
-    rather than skip a healthy relay for one further down the list."""
+    rather than skip a healthy relay for one further down the list, but never longer than the
+    relay's ``timeout``: a pass must always end, whatever holds the slots."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[str, str | None, int, str | None], asyncio.Semaphore] = {}
@@ -83,11 +89,21 @@ class Slots:
         key = RelayClient._key(relay)
         sem = self._free.get(key)
         if sem is None:
-            sem = self._free[key] = asyncio.Semaphore(max(1, getattr(relay, "concurrency", 1)))
+            sem = self._free[key] = asyncio.Semaphore(self.room(relay))
         return sem
 
     async def take(self, relay: RelaySettings) -> None:
-        await self._semaphore(relay).acquire()
+        """A slot of ``relay``; ``SlotBusy`` when none came free within its ``timeout``."""
+        try:
+            await asyncio.wait_for(self._semaphore(relay).acquire(), max(0.1, relay.timeout))
+        except asyncio.TimeoutError:
+            raise SlotBusy(
+                Reply(0, f"no free connection to {relay.name} (all busy)", kind=kinds.NOT_TRIED)
+            ) from None
+
+    def room(self, relay: RelaySettings) -> int:
+        """How many connections ``relay`` may have open at once."""
+        return max(1, getattr(relay, "concurrency", 1))
 
     def give(self, relay: RelaySettings) -> None:
         self._semaphore(relay).release()
@@ -142,6 +158,13 @@ class RelayClient:
         """A connection is open and may carry the next message."""
         return self._session is not None and self._session.alive
 
+    def in_play(self) -> RelaySettings:
+        """The relay this client's next message goes to first: the one its open connection
+        is to, else the first relay not marked down."""
+        if self._session is not None and self._session.alive:
+            return self._session.relay
+        return self._candidates()[0]
+
     async def connect(self) -> Reply | None:
         """Open a connection to the first relay that greets, before any message is at stake
         (a pool's extra sessions): None once connected, else the last relay's failure."""
@@ -151,6 +174,8 @@ class RelayClient:
         for relay in self._candidates():
             try:
                 await self._session_for(relay)
+            except SlotBusy as busy:
+                return busy.reply  # that relay is healthy, only busy: not one further down
             except RelayDown as down:
                 # Not marked as failed: a listener refusing one more session still serves
                 # the ones it has, and the pool only opens fewer.
@@ -293,7 +318,8 @@ class RelayClient:
                         relay, sender, pending, message, start, size, eightbit
                     )
                 except RelayDown as down:
-                    self._mark(relay, True)
+                    if not isinstance(down, SlotBusy):
+                        self._mark(relay, True)
                     for rcpt in pending:
                         replies[rcpt] = down.reply
                     continue

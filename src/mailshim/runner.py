@@ -178,6 +178,7 @@ class _Pass:
         self.answered = False  # the listener greeted a session: the others may open
         self.returned: list[str] = []  # taken by a session that could not connect
         self.hold_until = 0.0  # monotonic: no message starts before (a rate limit's pause)
+        self.working = 0  # sessions past their start, not yet ended
 
     async def hold(self) -> None:
         """Wait out a rate limit's pause (or until ``stop``)."""
@@ -258,8 +259,9 @@ async def run_pass(
         client = pool.client(index)
         if index > 0:
             await opened.wait()
+        run.working += 1
         try:
-            while not run.ended and index < pool.limit and (index == 0 or run.answered):
+            while not run.ended and index < pool.width() and (index == 0 or run.answered):
                 await run.hold()
                 qid = run.next_entry()
                 if qid is None:
@@ -280,7 +282,12 @@ async def run_pass(
             raise
         finally:
             opened.set()  # the first session is done: the others find out why, or nothing left
-            if index >= pool.limit or run.ended:
+            run.working -= 1
+            # Nothing left to carry: the slot goes back (QUIT) whenever another session may
+            # want it. An extra session always gives it back (the next pass starts with the
+            # first session alone); the first keeps its connection for the next pass (the
+            # agent, the daemon) only when it is the last one at work.
+            if index > 0 or run.working > 0 or run.ended:
                 await client.close()
 
     try:

@@ -1,0 +1,139 @@
+"""liveness: every pass ends, every wait in it is bounded, and deferred mail comes back out.
+
+Real processes against real listeners: ``mailshim flush``, ``mailshim daemon`` and the
+delivery agent run as subprocesses; the backup relay is an aiosmtpd listener
+(conftest.FaultListener), the primary a closed port. Issue 22 items 1, 4, 6, 9 and issue 23
+item 2.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+
+from conftest import free_port, message_queue_id, queue_entries, tool
+from mailshim import spool
+
+
+def failover_config(world, *, backup: str = "concurrency = 1", queue: str = "") -> None:
+    """[[relay]] primary on a closed port (default concurrency, 4), backup = the listener."""
+    log = world.tmp / "mail.log"
+    world.config.write_text(
+        f"""
+[[relay]]
+name = "primary"
+host = "127.0.0.1"
+port = {free_port()}
+timeout = 5
+helo = "client.example.org"
+
+[[relay]]
+name = "backup"
+host = "127.0.0.1"
+port = {world.listener.port}
+timeout = 5
+helo = "client.example.org"
+{backup}
+
+[addresses]
+domain = "example.org"
+
+[queue]
+dir = "{world.spool}"
+retry = ["1s"]
+{queue}
+
+[log]
+file = "{log}"
+"""
+    )
+
+
+def delivered(world) -> Counter[str]:
+    return Counter(message_queue_id(m) for m in world.listener.messages)
+
+
+def test_a_flush_through_a_backup_with_one_slot_ends_and_delivers_everything(fworld):
+    failover_config(fworld)
+    ids = queue_entries(fworld, n=6)
+    out = fworld.run("mailshim", ["flush"], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert b"6 delivered" in out.stdout
+    assert delivered(fworld) == Counter(ids)
+    assert fworld.queued() == []
+    assert fworld.listener.handler.peak_connections == 1
+
+
+def agent_pid(world) -> int | None:
+    try:
+        return int((world.spool / "state" / "agent.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def agent_lock_free(world) -> bool:
+    fd = spool.Spool(str(world.spool)).try_agent_lock()
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def submit(world, n: int) -> None:
+    for i in range(n):
+        out = world.sendmail(
+            "bob@example.org",
+            input=b"Subject: %d\n\nbody %d\n" % (i, i),
+        )
+        assert out.returncode == 0, out.stderr
+
+
+def test_the_agent_through_a_backup_with_one_slot_delivers_and_leaves(fworld):
+    failover_config(fworld)
+    submit(fworld, 6)
+    fworld.listener.wait(6, timeout=60)
+    fworld.wait_queue_empty(30)
+    deadline = time.monotonic() + 30
+    while not agent_lock_free(fworld) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert agent_lock_free(fworld)  # the agent left: it holds agent.lock while it lives
+    assert len(delivered(fworld)) == 6
+    assert fworld.listener.handler.peak_connections == 1
+
+
+def test_the_daemon_through_a_backup_with_one_slot_delivers_and_stops(fworld):
+    failover_config(fworld)
+    ids = queue_entries(fworld, n=6)
+    daemon = subprocess.Popen(
+        [tool("mailshim"), "daemon"], env=fworld.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        fworld.wait_queue_empty(60)
+        more = queue_entries(fworld, n=3)  # and a second round, with the pool already open
+        fworld.wait_queue_empty(60)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+    assert daemon.returncode == 0
+    assert delivered(fworld) == Counter(ids + more)
+    assert fworld.listener.handler.peak_connections == 1

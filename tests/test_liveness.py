@@ -14,11 +14,21 @@ import subprocess
 import time
 from collections import Counter
 
+import pytest
+
 from conftest import free_port, message_queue_id, queue_entries, tool
 from mailshim import spool
+from relayhelpers import Listener
 
 
-def failover_config(world, *, backup: str = "concurrency = 1", queue: str = "") -> None:
+def failover_config(
+    world,
+    *,
+    backup: str = "concurrency = 1",
+    queue: str = "",
+    primary_port: int = 0,
+    backup_port: int = 0,
+) -> None:
     """[[relay]] primary on a closed port (default concurrency, 4), backup = the listener."""
     log = world.tmp / "mail.log"
     world.config.write_text(
@@ -26,14 +36,14 @@ def failover_config(world, *, backup: str = "concurrency = 1", queue: str = "") 
 [[relay]]
 name = "primary"
 host = "127.0.0.1"
-port = {free_port()}
+port = {primary_port or free_port()}
 timeout = 5
 helo = "client.example.org"
 
 [[relay]]
 name = "backup"
 host = "127.0.0.1"
-port = {world.listener.port}
+port = {backup_port or world.listener.port}
 timeout = 5
 helo = "client.example.org"
 {backup}
@@ -137,3 +147,51 @@ def test_the_daemon_through_a_backup_with_one_slot_delivers_and_stops(fworld):
     assert daemon.returncode == 0
     assert delivered(fworld) == Counter(ids + more)
     assert fworld.listener.handler.peak_connections == 1
+
+
+# -- relay state is not shared too widely (issue 22 item 9) ----------------------------------
+
+
+def logged(world) -> str:
+    path = world.tmp / "mail.log"
+    return path.read_text() if path.exists() else ""
+
+
+def test_a_rate_limit_at_mail_lowers_the_sessions_and_does_not_fail_over(fworld):
+    # Stalwart's 452 4.4.5 beyond 4 messages a second, answered at MAIL: one session's
+    # back-pressure, not the relay down for the whole run.
+    h = fworld.listener.handler
+    h.per_second = 4
+    h.data_delay = 0.02
+    with Listener() as backup:
+        failover_config(fworld, backup="", primary_port=fworld.listener.port,
+                        backup_port=backup.port)  # fmt: skip
+        ids = queue_entries(fworld, n=16)
+        for _ in range(8):
+            out = fworld.run("mailshim", ["flush"], timeout=60)
+            assert out.returncode == 0, out.stderr
+            if not fworld.queued():
+                break
+        assert h.throttled >= 1
+        assert delivered(fworld) == Counter(ids)
+        assert backup.handler.connections == 0 and backup.handler.messages == []
+        assert "rate limited" in logged(fworld)
+
+
+@pytest.mark.parametrize("said", ["421 4.3.2 Shutting down", "451 4.3.0 queue trouble"])
+def test_a_4xx_after_the_dot_waits_for_the_next_attempt_instead_of_failing_over(fworld, said):
+    h = fworld.listener.handler
+    h.data_reply = said
+    with Listener() as backup:
+        failover_config(fworld, backup="", primary_port=fworld.listener.port,
+                        backup_port=backup.port)  # fmt: skip
+        (qid,) = queue_entries(fworld)
+        out = fworld.run("mailshim", ["flush"], timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert b"1 deferred" in out.stdout
+        assert backup.handler.connections == 0
+        assert fworld.queued() == [qid]
+        h.data_reply = None
+        out = fworld.run("mailshim", ["flush"], timeout=60)
+        assert b"1 delivered" in out.stdout
+        assert delivered(fworld) == Counter([qid]) and backup.handler.messages == []

@@ -1,4 +1,4 @@
-"""The queue-file API: enqueue, list, lock, state, bury; the only module writing queue files.
+"""The queue API (``Spool``): folders, enqueue, list, lock, state, housekeeping, spool-wide marks.
 
 Layout under the spool root (owners and modes of the system spool, whose root belongs to
 root, 0711; docs/spool.md explains each; ``spoolsetup`` creates them)::
@@ -16,8 +16,10 @@ root, 0711; docs/spool.md explains each; ``spoolsetup`` creates them)::
 A per-user spool (under the XDG state folder) has the same layout without ``incoming/``.
 Taking entries from ``incoming/`` into ``queue/`` is ``pickup``'s job, not this module's.
 
-The entries themselves (writing, holding, burying) are ``spoolentry``'s; the file-system
-primitives ``spoolfs``'s; which spool a submission uses ``spoolchoice``'s.
+The spool-wide marks live in ``agent.lock`` (listener down: non-empty; the agent: its flock)
+and ``listener-size``. The entries themselves (writing, holding, burying) are
+``spoolentry``'s, which with this module are the only writers of queue files; the file-system
+primitives are ``spoolfs``'s; which spool a submission uses is ``spoolchoice``'s.
 
 Trust: runs as the submitting user (their own spool, or their entries in the drop folder of
 the system spool), as root, and as the runner (root or the ``mailshim`` user). Files this

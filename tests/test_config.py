@@ -8,7 +8,7 @@ import stat
 import platformdirs
 import pytest
 
-from mailshim import config, paths
+from mailshim import config, configload, paths
 from mailshim.errors import ConfigError, NoPermError
 
 
@@ -28,7 +28,7 @@ def write(tmp_path, text: str, name: str = "c.toml"):
 
 def test_defaults_when_no_file(monkeypatch, tmp_path):
     monkeypatch.setattr(paths, "SYSTEM_CONFIG", str(tmp_path / "absent.toml"))
-    cfg = config.load()
+    cfg = configload.load()
     assert cfg.path is None
     (relay,) = cfg.relays
     assert (relay.host, relay.port, relay.tls, relay.protocol) == (
@@ -67,7 +67,7 @@ mode = "queue"
 max_size = "10MiB"
 """,
     )
-    cfg = config.load(path)
+    cfg = configload.load(path)
     assert cfg.relays[0].host == "::1" and cfg.relays[0].port == 2525
     assert cfg.domain == "example.org" and cfg.sender == "noreply@example.org"
     assert cfg.aliases == {
@@ -93,7 +93,7 @@ socket = "/run/lmtp.sock"
 protocol = "lmtp"
 """,
     )
-    cfg = config.load(path)
+    cfg = configload.load(path)
     assert [r.name for r in cfg.relays] == ["relay1", "backup"]
     assert cfg.relays[1].host is None and cfg.relays[1].socket == "/run/lmtp.sock"
 
@@ -115,7 +115,7 @@ protocol = "lmtp"
 def test_errors_name_file_key_and_problem(tmp_path, text, expected):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError, match=expected) as info:
-        config.load(path)
+        configload.load(path)
     assert path in info.value.message
     assert info.value.code == 78
 
@@ -128,13 +128,13 @@ def test_lookup_order(tmp_path, monkeypatch):
     (user_dir / "config.toml").write_text("[addresses]\ndomain = 'user.example'\n")
     system = write(tmp_path, "[addresses]\ndomain = 'system.example'\n", "system.toml")
     monkeypatch.setattr(paths, "SYSTEM_CONFIG", system)
-    assert config.load().domain == "user.example"
+    assert configload.load().domain == "user.example"
     monkeypatch.setenv("MAILSHIM_CONFIG", env_file)
-    assert config.load().domain == "env.example"
-    assert config.load(explicit).domain == "explicit.example"
+    assert configload.load().domain == "env.example"
+    assert configload.load(explicit).domain == "explicit.example"
     monkeypatch.delenv("MAILSHIM_CONFIG")
     (user_dir / "config.toml").unlink()
-    assert config.load().domain == "system.example"
+    assert configload.load().domain == "system.example"
 
 
 def test_user_dirs_match_platformdirs(monkeypatch, tmp_path):
@@ -151,18 +151,18 @@ def test_user_dirs_match_platformdirs(monkeypatch, tmp_path):
 
 def test_cache_is_used_and_invalidated(tmp_path):
     path = write(tmp_path, "[addresses]\ndomain = 'one.example'\n")
-    assert config.load(path).domain == "one.example"
+    assert configload.load(path).domain == "one.example"
     cache = tmp_path / "cache" / "config.marshal"
     assert cache.exists() and stat.S_IMODE(cache.stat().st_mode) == 0o600
     # a cached table is revalidated: a poisoned-but-matching cache cannot skip checks
-    assert config.load(path).domain == "one.example"
+    assert configload.load(path).domain == "one.example"
     write(tmp_path, "[addresses]\ndomain = 'two.example'\n")
-    assert config.load(path).domain == "two.example"
+    assert configload.load(path).domain == "two.example"
 
 
 def test_cache_writable_by_others_is_ignored(tmp_path):
     path = write(tmp_path, "[addresses]\ndomain = 'real.example'\n")
-    config.load(path)
+    configload.load(path)
     cache = tmp_path / "cache" / "config.marshal"
     os.chmod(cache, 0o666)
     import marshal
@@ -170,7 +170,7 @@ def test_cache_writable_by_others_is_ignored(tmp_path):
     key, table = marshal.loads(cache.read_bytes())
     table["addresses"]["domain"] = "evil.example"
     cache.write_bytes(marshal.dumps((key, table)))
-    assert config.load(path).domain == "real.example"
+    assert configload.load(path).domain == "real.example"
 
 
 def test_password_file_readable_by_others_is_refused(tmp_path):
@@ -178,7 +178,7 @@ def test_password_file_readable_by_others_is_refused(tmp_path):
     secret.write_text("hunter2\n")
     os.chmod(secret, 0o644)
     path = write(tmp_path, f"[relay]\nusername = 'u'\npassword_file = '{secret}'\n")
-    relay = config.load(path).relays[0]
+    relay = configload.load(path).relays[0]
     with pytest.raises(NoPermError, match="chmod 600"):
         relay.password()
     os.chmod(secret, 0o600)
@@ -209,7 +209,7 @@ def test_unusable_addresses_are_refused_when_the_file_is_read(tmp_path, section,
     path = tmp_path / "c.toml"
     path.write_text(f'[{section}]\n{key} = "{value}"\n')
     with pytest.raises(ConfigError) as err:
-        config.load(str(path), use_cache=False)
+        configload.load(str(path), use_cache=False)
     assert err.value.code == 78 and err.value.key == shown
     assert err.value.message.startswith(f"{path}: {shown}: ")
 
@@ -221,7 +221,7 @@ def test_a_login_that_makes_no_address_needs_a_sender(tmp_path):
 
     path = tmp_path / "c.toml"
     path.write_text('[addresses]\ndomain = "example.org"\n')
-    cfg = config.load(str(path), use_cache=False)
+    cfg = configload.load(str(path), use_cache=False)
     for login in ("jdoe@ad.example.com", "DOM\\jdoe"):
         with pytest.raises(ConfigError) as err:
             submit.default_sender(cfg, login)
@@ -253,15 +253,15 @@ def test_root_controlled_files(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("")
     os.chmod(path, 0o644)
-    assert config.root_controlled(str(path))
+    assert configload.root_controlled(str(path))
     os.chmod(path, 0o664)  # group-writable
-    assert not config.root_controlled(str(path))
+    assert not configload.root_controlled(str(path))
     os.chmod(path, 0o644)
     os.chown(path, 4242, 4242)  # someone else's
-    assert not config.root_controlled(str(path))
+    assert not configload.root_controlled(str(path))
     os.chown(path, 0, 0)
     os.chmod(tmp_path, 0o777)  # a folder anyone may swap it in
-    assert not config.root_controlled(str(path))
+    assert not configload.root_controlled(str(path))
     os.chmod(tmp_path, 0o1777)  # sticky, like /tmp: nobody else can replace root's file
-    assert config.root_controlled(str(path))
+    assert configload.root_controlled(str(path))
     os.chmod(tmp_path, 0o755)

@@ -1,4 +1,5 @@
-"""Find, read and validate the configuration; the result is a plain, read-only ``Config``.
+"""Find and read the configuration file, with its marshal cache and the rules on which file
+may grant trust; ``config`` checks what the file says.
 
 Lookup order: ``-C FILE``, ``$MAILSHIM_CONFIG``, the per-user file (when it exists),
 ``/etc/mailshim/config.toml``, built-in defaults. Only the first file found is read: files
@@ -11,12 +12,12 @@ only trusted when it and its folder belong to the caller (or root) and nobody el
 them; the table read from it is validated again like a freshly parsed one.
 
 Trust: runs as every user. The file named by ``-C`` or ``$MAILSHIM_CONFIG`` is the caller's
-choice and only affects the caller's own submission; the secret named by ``password_file`` is
-refused when others can read it.
+choice and only affects the caller's own submission; the settings that grant trust
+(``TRUST_KEYS``) are taken only from a file that root controls, else from the system file.
 
-Raises ``ConfigError`` (exit 78) naming the file, the key and the problem (the key checks raise
-``ValueError``, which ``_apply`` turns into it) and ``NoPermError`` (exit 77) for a secret or
-file the caller may not use.
+Raises ``ConfigError`` (exit 78) naming the file, the key and the problem: a file that cannot
+be read, is not a regular file, UTF-8 or TOML, a value ``config`` refuses, or an address that
+cannot be used.
 """
 
 from __future__ import annotations
@@ -26,493 +27,15 @@ import os
 import stat
 import sys
 
-from mailshim import paths
-from mailshim.errors import ConfigError, NoPermError
+from mailshim import config, paths
+from mailshim.errors import ConfigError
 
 # typing costs ~8 ms at start-up; mypy treats this name like typing.TYPE_CHECKING.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from mailshim.config import Table
 
-    Table = dict[str, object]
-
-DEFAULT_RETRY = (60, 300, 900, 1800, 3600, 7200)
-DEFAULT_MAX_SIZE = 50 * 1000 * 1000
-TLS_MODES = ("none", "starttls", "tls")
-PROTOCOLS = ("smtp", "lmtp")
-FROM_MODES = ("add", "rewrite-local", "force")
-DELIVERY_MODES = ("background", "interactive", "queue")
 _CACHE_VERSION = 1
-MAX_CONCURRENCY = 64
-
-
-class RelayConfig:
-    """One listener to hand messages to."""
-
-    __slots__ = (
-        "ca_file",
-        "client_cert",
-        "client_key",
-        "concurrency",
-        "helo",
-        "host",
-        "name",
-        "password_file",
-        "port",
-        "protocol",
-        "retry_after_failure",
-        "socket",
-        "timeout",
-        "tls",
-        "username",
-        "verify",
-    )
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.host: str | None = "127.0.0.1"
-        self.port = 10025
-        self.socket: str | None = None
-        self.tls = "none"
-        self.verify = True
-        self.ca_file: str | None = None
-        # A client certificate for listeners that authenticate by TLS; the key is a secret
-        # like password_file (owner the runner user, mode 0600; see sealed.py).
-        self.client_cert: str | None = None
-        self.client_key: str | None = None
-        self.username: str | None = None
-        self.password_file: str | None = None
-        self.timeout = 30.0
-        self.helo: str | None = None
-        self.protocol = "smtp"
-        self.retry_after_failure = 30.0
-        # Sessions a run may keep open to this relay at once (sessions.py).
-        self.concurrency = 4
-
-    def password(self) -> str | None:
-        """Read the AUTH secret, refusing a file that group or others can read."""
-        if self.password_file is None:
-            return None
-        try:
-            fd = os.open(self.password_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
-        except OSError as exc:
-            raise ConfigError(
-                f"[{self.name}] password_file {self.password_file}: {exc.strerror}"
-            ) from None
-        try:
-            st = os.fstat(fd)
-            if st.st_mode & 0o077:
-                raise NoPermError(
-                    f"[{self.name}] password_file {self.password_file} is readable by others "
-                    f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 it"
-                )
-            data = os.read(fd, 65536)
-        finally:
-            os.close(fd)
-        return data.decode("utf-8", "replace").strip("\r\n")
-
-    def describe(self) -> str:
-        if self.socket:
-            return f"{self.name}[{self.socket}]"
-        return f"{self.name}[{self.host}]:{self.port}"
-
-
-class Config:
-    """The effective configuration. Treat as read-only."""
-
-    __slots__ = (
-        "_domain",
-        "aliases",
-        "aliases_file",
-        "delivery_mode",
-        "from_header",
-        "helo",
-        "keep_dead",
-        "lifetime",
-        "log_file",
-        "max_recipients",
-        "max_size",
-        "path",
-        "qualify_headers",
-        "queue_dir",
-        "relays",
-        "retry",
-        "sender",
-        "sources",
-        "trusted_users",
-        "user_messages",
-        "user_recipients",
-        "user_round_bytes",
-        "user_spool_bytes",
-        "user_spool_entries",
-        "user_window",
-        "warn_after",
-        "written",
-    )
-
-    def __init__(self) -> None:
-        self.path: str | None = None
-        self.sources: dict[str, str] = {}
-        # Each value as the file wrote it ("5d", ["1m", "5m"]), for `mailshim config`.
-        self.written: dict[str, object] = {}
-        self.relays: tuple[RelayConfig, ...] = (RelayConfig("relay"),)
-        self._domain: str | None = None
-        self.sender: str | None = None
-        self.aliases_file: str | None = None
-        self.from_header = "add"
-        self.qualify_headers = True
-        self.aliases: dict[str, tuple[str, ...]] = {}
-        self.queue_dir: str | None = None
-        self.retry: tuple[int, ...] = DEFAULT_RETRY
-        self.lifetime = 5 * 86400
-        self.warn_after = 4 * 3600
-        self.keep_dead = 30 * 86400  # dead letters older than this are removed
-        self.delivery_mode = "background"
-        self.max_size = DEFAULT_MAX_SIZE
-        self.max_recipients = 10000
-        self.trusted_users: tuple[str, ...] = ("root",)
-        self.helo: str | None = None
-        # What one submitting user (not root, not the runner) may hold in queue/ and dead/
-        # together; more waits in the drop folder, on their own quota (issue 12).
-        self.user_spool_entries = 10000
-        self.user_spool_bytes = 2 * 1000 * 1000 * 1000
-        # Bytes of entries (envelope and message) each uid may have tried per round of a
-        # pass before the next uid's turn (fair.py).
-        self.user_round_bytes = 256 * 1024
-        self.log_file: str | None = None
-        # What one submitting uid (not root, the runner or trusted_users) gets delivered per
-        # window; more waits for the next window (sendlimits.py). 0: no limit.
-        self.user_messages = 100
-        self.user_recipients = 500
-        self.user_window = 3600
-
-    @property
-    def domain(self) -> str:
-        """The default domain: configured, else this host's FQDN (looked up on first use)."""
-        if self._domain is None:
-            self._domain = paths.fqdn()
-        return self._domain
-
-    @property
-    def helo_name(self) -> str:
-        return self.relays[0].helo or self.helo or paths.fqdn()
-
-    def source(self, key: str) -> str:
-        return self.sources.get(key, "default")
-
-    def max_size_for(self, listener_size: int | None) -> int:
-        """The size limit: ``[submission] max_size`` when set, else the ``SIZE`` the listener
-        last announced (``Spool.listener_size``), else 50 MB."""
-        if "submission.max_size" in self.sources or not listener_size:
-            return self.max_size
-        return listener_size
-
-
-# --- value checkers: each returns the converted value or raises ValueError(reason) ---
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {_show(value)}")
-    if any(ch in value for ch in "\r\n\x00"):
-        raise ValueError("must not contain line breaks or NUL")
-    return value
-
-
-def _nonempty(value: object) -> str:
-    text = _str(value).strip()
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
-def _abs_path(value: object) -> str:
-    text = _nonempty(value)
-    if not text.startswith("/"):
-        raise ValueError(f"expected an absolute path, got {_show(value)}")
-    return text
-
-
-def _bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_show(value)}")
-    return value
-
-
-def _port(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ValueError(f"expected an integer from 1 to 65535, got {_show(value)}")
-    return value
-
-
-def _positive_number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"expected a number of seconds above 0, got {_show(value)}")
-    return float(value)
-
-
-def _nonneg_number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"expected a number of seconds, got {_show(value)}")
-    return float(value)
-
-
-def _positive_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"expected a whole number above 0, got {_show(value)}")
-    return value
-
-
-def _nonneg_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a whole number, 0 or more (0: no limit), got {_show(value)}")
-    return value
-
-
-def _positive_duration(value: object) -> int:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError("must be longer than 0s")
-    return seconds
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
-    def check(value: object) -> str:
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {_show(value)}")
-        return str(value)
-
-    return check
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE_UNITS = {
-    "": 1,
-    "k": 1000,
-    "m": 1000**2,
-    "g": 1000**3,
-    "ki": 1024,
-    "mi": 1024**2,
-    "gi": 1024**3,
-}
-
-
-def parse_duration(value: object) -> int:
-    """Seconds from an integer or a string such as "90s", "15m", "4h", "5d", "1h30m".
-
-    >>> parse_duration("1h30m")
-    5400
-    """
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f'expected a duration such as "15m", "4h" or "5d", got {_show(value)}')
-    text = value.strip().lower()
-    total = 0
-    digits = ""
-    for ch in text:
-        if ch.isdigit() and ch.isascii():
-            digits += ch
-        elif ch in _UNITS and digits:
-            total += int(digits) * _UNITS[ch]
-            digits = ""
-        else:
-            raise ValueError(f'expected a duration such as "15m", "4h" or "5d", got {_show(value)}')
-    if digits:
-        total += int(digits)
-    return total
-
-
-def parse_size(value: object) -> int:
-    """Bytes from an integer or "50M", "10MB", "1GiB", "512k"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower().removesuffix("b")
-        num = text.rstrip("kmgi")
-        unit = text[len(num) :]
-        if num.isdigit() and num.isascii() and unit in _SIZE_UNITS and int(num) > 0:
-            return int(num) * _SIZE_UNITS[unit]
-    raise ValueError(f'expected a size such as "50M" or a number of bytes, got {_show(value)}')
-
-
-def _retry(value: object) -> tuple[int, ...]:
-    if not isinstance(value, list) or not value:
-        raise ValueError(f'expected a list of durations such as ["1m", "5m"], got {_show(value)}')
-    steps = tuple(parse_duration(v) for v in value)
-    if any(s <= 0 for s in steps):
-        raise ValueError("every retry interval must be above 0")
-    return steps
-
-
-def _str_list(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (_nonempty(value),)
-    if isinstance(value, list) and value:
-        return tuple(_nonempty(v) for v in value)
-    raise ValueError(f"expected a string or a non-empty list of strings, got {_show(value)}")
-
-
-def _concurrency(value: object) -> int:
-    number = _positive_int(value)
-    if number > MAX_CONCURRENCY:
-        raise ValueError(f"at most {MAX_CONCURRENCY} sessions, got {number}")
-    return number
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-_RELAY_KEYS: dict[str, Callable[[object], object]] = {
-    "name": _nonempty,
-    "host": _nonempty,
-    "port": _port,
-    "socket": _nonempty,
-    "tls": _choice(TLS_MODES),
-    "verify": _bool,
-    "ca_file": _nonempty,
-    "client_cert": _nonempty,
-    "client_key": _nonempty,
-    "username": _nonempty,
-    "password_file": _nonempty,
-    "timeout": _positive_number,
-    "helo": _nonempty,
-    "protocol": _choice(PROTOCOLS),
-    "retry_after_failure": _nonneg_number,
-    "concurrency": _concurrency,
-}
-
-# section -> key -> (attribute on Config, checker)
-_SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
-    "addresses": {
-        "domain": ("_domain", _nonempty),
-        "sender": ("sender", _nonempty),
-        "aliases_file": ("aliases_file", _nonempty),
-        "from_header": ("from_header", _choice(FROM_MODES)),
-        "qualify_headers": ("qualify_headers", _bool),
-    },
-    "queue": {
-        "dir": ("queue_dir", _nonempty),
-        "retry": ("retry", _retry),
-        "lifetime": ("lifetime", parse_duration),
-        "warn_after": ("warn_after", parse_duration),
-        "keep_dead": ("keep_dead", parse_duration),
-    },
-    "delivery": {"mode": ("delivery_mode", _choice(DELIVERY_MODES))},
-    "limits": {
-        "user_spool_entries": ("user_spool_entries", _positive_int),
-        "user_spool_bytes": ("user_spool_bytes", parse_size),
-        "user_round_bytes": ("user_round_bytes", parse_size),
-        "user_messages": ("user_messages", _nonneg_int),
-        "user_recipients": ("user_recipients", _nonneg_int),
-        "user_window": ("user_window", _positive_duration),
-    },
-    "log": {"file": ("log_file", _abs_path)},
-    "submission": {
-        "max_size": ("max_size", parse_size),
-        "max_recipients": ("max_recipients", _positive_int),
-        "trusted_users": ("trusted_users", _str_list),
-        "helo": ("helo", _nonempty),
-    },
-}
-
-
-def _build_relay(table: object, name: str, where: str) -> RelayConfig:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: [{name}] must be a table")
-    relay = RelayConfig(name)
-    for key, value in table.items():
-        check = _RELAY_KEYS.get(key)
-        if check is None:
-            raise ConfigError(
-                f"{where}: [{name}] unknown key {key!r} (known: {', '.join(sorted(_RELAY_KEYS))})"
-            )
-        try:
-            setattr(relay, key, check(value))
-        except ValueError as exc:
-            raise ConfigError(f"{where}: [{name}] {key}: {exc}") from None
-    if isinstance(relay.host, str) and relay.host.startswith("[") and relay.host.endswith("]"):
-        relay.host = relay.host[1:-1]
-    if relay.socket is not None and "host" not in table:
-        relay.host = None
-    if relay.socket is not None and not relay.socket.startswith("/"):
-        raise ConfigError(f"{where}: [{name}] socket: must be an absolute path")
-    if relay.socket is not None and relay.tls == "tls":
-        raise ConfigError(
-            f'{where}: [{name}] tls = "tls" cannot be used with a unix socket: use "none"'
-        )
-    if relay.client_key is not None and relay.client_cert is None:
-        raise ConfigError(f"{where}: [{name}] client_key is set but client_cert is not")
-    if relay.client_cert is not None and relay.tls == "none":
-        raise ConfigError(
-            f'{where}: [{name}] client_cert needs tls = "starttls" or "tls" (it is sent in'
-            " the TLS handshake)"
-        )
-    if relay.password_file is not None and relay.username is None:
-        raise ConfigError(f"{where}: [{name}] password_file is set but username is not")
-    return relay
-
-
-def _apply(cfg: Config, data: Table, where: str) -> None:
-    for section, body in data.items():
-        if section == "relay":
-            _apply_relays(cfg, body, where)
-        elif section == "aliases":
-            if not isinstance(body, dict):
-                raise ConfigError(f"{where}: [aliases] must be a table")
-            for name, target in body.items():
-                try:
-                    cfg.aliases[name.lower()] = _str_list(target)
-                except ValueError as exc:
-                    raise ConfigError(f"{where}: [aliases] {name}: {exc}") from None
-                cfg.sources[f"aliases.{name.lower()}"] = f"file {where}"
-                cfg.written[f"aliases.{name.lower()}"] = target
-        elif section in _SECTIONS:
-            if not isinstance(body, dict):
-                raise ConfigError(f"{where}: [{section}] must be a table")
-            keys = _SECTIONS[section]
-            for key, value in body.items():
-                if key not in keys:
-                    raise ConfigError(
-                        f"{where}: [{section}] unknown key {key!r} "
-                        f"(known: {', '.join(sorted(keys))})"
-                    )
-                attr, check = keys[key]
-                try:
-                    setattr(cfg, attr, check(value))
-                except ValueError as exc:
-                    raise ConfigError(f"{where}: [{section}] {key}: {exc}") from None
-                cfg.sources[f"{section}.{key}"] = f"file {where}"
-                cfg.written[f"{section}.{key}"] = value
-        else:
-            known = ", ".join(sorted([*_SECTIONS, "relay", "aliases"]))
-            raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
-
-
-def _apply_relays(cfg: Config, body: object, where: str) -> None:
-    if isinstance(body, dict):
-        relay = _build_relay(body, "relay", where)
-        if "name" not in body:
-            relay.name = "relay"
-        cfg.relays = (relay,)
-        for key in body:
-            cfg.sources[f"relay.{key}"] = f"file {where}"
-            cfg.written[f"relay.{key}"] = body[key]
-    elif isinstance(body, list) and body:
-        relays = []
-        for i, item in enumerate(body):
-            relay = _build_relay(item, f"relay {i + 1}", where)
-            if not (isinstance(item, dict) and "name" in item):
-                relay.name = f"relay{i + 1}"
-            relays.append(relay)
-            for key in item:
-                cfg.sources[f"relay[{i}].{key}"] = f"file {where}"
-                cfg.written[f"relay[{i}].{key}"] = item[key]
-        cfg.relays = tuple(relays)
-    else:
-        raise ConfigError(f"{where}: [relay] must be a table or a non-empty array of tables")
 
 
 def find_config_file(explicit: str | None) -> tuple[str | None, str]:
@@ -530,10 +53,10 @@ def find_config_file(explicit: str | None) -> tuple[str | None, str]:
     return None, "defaults"
 
 
-def load(explicit: str | None = None, *, use_cache: bool = True) -> Config:
+def load(explicit: str | None = None, *, use_cache: bool = True) -> config.Config:
     """Find and read the configuration. Raises ``ConfigError`` (exit 78) naming the problem."""
     path, _why = find_config_file(explicit)
-    cfg = Config()
+    cfg = config.Config()
     if path is None:
         return cfg
     data = _read_table(path, use_cache)
@@ -541,7 +64,7 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> Config:
     if os.geteuid() != 0 and not root_controlled(path):
         data = _without_trust(cfg, data, path)
         _trust_from_system(cfg, path, use_cache)
-    _apply(cfg, data, path)
+    config.apply_table(cfg, data, path)
     _check_addresses(cfg, path)
     if cfg.log_file is not None:
         from mailshim import maillog
@@ -577,7 +100,7 @@ def root_controlled(path: str) -> bool:
         return False
 
 
-def _without_trust(cfg: Config, data: Table, where: str) -> Table:
+def _without_trust(cfg: config.Config, data: Table, where: str) -> Table:
     out = dict(data)
     for section, key in TRUST_KEYS:
         body = out.get(section)
@@ -589,7 +112,7 @@ def _without_trust(cfg: Config, data: Table, where: str) -> Table:
     return out
 
 
-def _trust_from_system(cfg: Config, where: str, use_cache: bool) -> None:
+def _trust_from_system(cfg: config.Config, where: str, use_cache: bool) -> None:
     system = paths.SYSTEM_CONFIG
     if where == system or not os.path.exists(system) or not root_controlled(system):
         return
@@ -597,7 +120,7 @@ def _trust_from_system(cfg: Config, where: str, use_cache: bool) -> None:
     for section, key in TRUST_KEYS:
         body = data.get(section)
         if isinstance(body, dict) and key in body:
-            attr, check = _SECTIONS[section][key]
+            attr, check = config.SECTIONS[section][key]
             try:
                 setattr(cfg, attr, check(body[key]))
             except ValueError as exc:
@@ -607,7 +130,7 @@ def _trust_from_system(cfg: Config, where: str, use_cache: bool) -> None:
             cfg.sources[f"{section}.{key}"] = f"file {system}"
 
 
-def _check_addresses(cfg: Config, where: str) -> None:
+def _check_addresses(cfg: config.Config, where: str) -> None:
     """Addresses in the file must be usable before anything is sent (issue 12, item 13)."""
     if cfg._domain is None and cfg.sender is None and not cfg.aliases:
         return

@@ -195,3 +195,47 @@ def test_a_4xx_after_the_dot_waits_for_the_next_attempt_instead_of_failing_over(
         out = fworld.run("mailshim", ["flush"], timeout=60)
         assert b"1 delivered" in out.stdout
         assert delivered(fworld) == Counter([qid]) and backup.handler.messages == []
+
+
+# -- deferred for the relay's sake: due at once when a relay takes mail again (issue 23/2) ---
+
+
+def state_of(world, qid: str) -> spool.State:
+    return spool.Spool(str(world.spool)).load_state(qid)
+
+
+def test_mail_deferred_while_the_listener_was_down_goes_with_the_first_new_mail(fworld):
+    # A long first step: without the recovery rule the deferred entry would wait 10 minutes.
+    from conftest import queue_config
+
+    queue_config(fworld, queue='retry = ["10m"]')
+    h = fworld.listener.handler
+    h.rcpt_replies = {"grey@example.org": "450 4.2.0 Greylisted, try again later"}
+    asked: list[str] = []
+    plain_rcpt = h.handle_RCPT
+
+    async def rcpt(server, session, envelope, address, options):
+        asked.append(address)
+        return await plain_rcpt(server, session, envelope, address, options)
+
+    h.handle_RCPT = rcpt
+    (grey,) = queue_entries(fworld, rcpts=("grey@example.org",))
+    out = fworld.run("mailshim", ["run"])
+    assert b"1 deferred" in out.stdout
+    grey_next = state_of(fworld, grey).next_attempt
+    assert not state_of(fworld, grey).relay_wait  # the recipient's own 4xx
+    fworld.listener.stop()
+    (old,) = queue_entries(fworld)
+    out = fworld.run("mailshim", ["run"])
+    assert out.returncode == 0 and b"1 deferred" in out.stdout, out.stdout
+    assert state_of(fworld, old).relay_wait and state_of(fworld, old).attempts == 1
+    fworld.listener.start()
+    out = fworld.run("mailshim", ["run"])  # nothing new: nothing is due, nothing is tried
+    assert b"2 not due yet" in out.stdout and fworld.listener.messages == []
+    (new,) = queue_entries(fworld)
+    out = fworld.run("mailshim", ["run"])
+    assert out.returncode == 0, out.stderr
+    assert delivered(fworld) == Counter([new, old])  # the old one did not wait for its step
+    assert fworld.queued() == [grey]
+    assert state_of(fworld, grey).next_attempt == grey_next  # greylisting keeps its schedule
+    assert asked.count("grey@example.org") == 1  # not asked again

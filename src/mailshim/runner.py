@@ -179,15 +179,33 @@ class _Pass:
         self.returned: list[str] = []  # taken by a session that could not connect
         self.hold_until = 0.0  # monotonic: no message starts before (a rate limit's pause)
         self.working = 0  # sessions past their start, not yet ended
+        self.recovered = False  # a relay took mail in this pass (see relay_recovered)
+        self.relay_waiting: list[str] = []  # not due, but waiting only for the relay
+        self.recovering: list[str] = []  # such entries, due since a relay took mail
 
     async def hold(self) -> None:
         """Wait out a rate limit's pause (or until ``stop``)."""
         await sleep(self.hold_until - time.monotonic(), self.stop)
 
+    def relay_recovered(self) -> None:
+        """A relay took mail: entries deferred only for the relay's sake are due at once (those
+        this pass passed over join it now, the rest are taken as the pass reaches them), while
+        a recipient's own 4xx keeps its schedule (policy.due_after_recovery). The one place
+        that acts on a recovery: it costs no extra reads, since the pass reads every state."""
+        if self.recovered:
+            return
+        self.recovered = True
+        waiting, self.relay_waiting = self.relay_waiting, []
+        self.recovering.extend(waiting)
+
     def next_entry(self) -> str | None:
         """The next entry to try, taken for good (no other session gets it); None at the end."""
         if self.returned:
             return self.returned.pop(0)  # already vetted: an extra session gave it back
+        while self.recovering:
+            qid = self.recovering.pop(0)
+            if self._gate(qid):
+                return qid
         for qid in self.order:
             if self.stop is not None and self.stop.is_set():
                 self.ended = self.ended or "stopped"
@@ -208,8 +226,17 @@ class _Pass:
         except DataError:
             state = None  # deliver_entry quarantines the entry
         if state is not None and (state.held or (not self.force and state.next_attempt > self.now)):
+            if policy.due_after_recovery(state):
+                if self.recovered:
+                    return self._gate(qid)
+                self.relay_waiting.append(qid)
+                return False
             self.counts.skipped += 1
             return False
+        return self._gate(qid)
+
+    def _gate(self, qid: str) -> bool:
+        """The entry's submitter may send now (sendlimits)."""
         if self.limiter is not None and not sendlimits.gate(
             self.limiter, self.target, qid, self.now
         ):
@@ -299,8 +326,9 @@ async def run_pass(
     for outcome in done:
         if isinstance(outcome, BaseException):
             raise outcome
-    while run.returned and not run.ended:
-        await session(0)  # what refused extra sessions gave back
+    while (run.returned or run.recovering) and not run.ended:
+        await session(0)  # what refused extra sessions gave back, or a late recovery made due
+    counts.skipped += len(run.relay_waiting) + len(run.recovering)
     return run.ended or "done"
 
 
@@ -344,6 +372,7 @@ async def _deliver_one(
     run.answered = True
     if status == SENT:
         target.clear_relay_down()  # new submissions may start agents again
+        run.relay_recovered()
     if any(r.code == 421 for r in replies.values()):
         _lower(pool, f"421 from the listener: {next(iter(replies.values()))}")
     run.streak = run.streak + 1 if status == THROTTLED else 0

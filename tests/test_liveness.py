@@ -239,3 +239,94 @@ def test_mail_deferred_while_the_listener_was_down_goes_with_the_first_new_mail(
     assert fworld.queued() == [grey]
     assert state_of(fworld, grey).next_attempt == grey_next  # greylisting keeps its schedule
     assert asked.count("grey@example.org") == 1  # not asked again
+
+
+# -- the listener-down pause (issue 22 item 4) ------------------------------------------------
+
+
+def test_mail_submitted_after_a_short_blip_goes_out_at_once_not_at_the_next_step(fworld):
+    from conftest import queue_config
+
+    queue_config(fworld, queue='retry = ["1s", "25s"]')
+    fworld.listener.stop()
+    out = fworld.sendmail("bob@example.org", input=b"Subject: during\n\nduring the blip\n")
+    assert out.returncode == 0, out.stderr
+    (first,) = fworld.queued()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and state_of(fworld, first).attempts < 1:
+        time.sleep(0.05)
+    assert state_of(fworld, first).attempts >= 1  # the agent found the listener down
+    time.sleep(1.5)  # the blip
+    fworld.listener.start()
+    out = fworld.sendmail("bob@example.org", input=b"Subject: after\n\nright after\n")
+    assert out.returncode == 0, out.stderr
+    # Well before the 25 s step: the new message, and the deferred one with it.
+    got = fworld.listener.wait(2, timeout=15)
+    assert sorted(m.header("Subject")[0] for m in got) == ["after", "during"]
+
+
+# -- SIGTERM after the entry in flight; the daemon never beside an agent (issue 22 item 6) ---
+
+
+def slow_queue(world, n: int) -> list[str]:
+    from conftest import queue_config
+
+    queue_config(world, relay="concurrency = 1")
+    world.listener.handler.data_delay = 0.5  # each message takes a moment
+    return queue_entries(world, n=n)
+
+
+def test_sigterm_stops_the_agent_after_the_entry_in_flight(fworld):
+    ids = slow_queue(fworld, 12)
+    out = fworld.sendmail("bob@example.org", input=b"Subject: start\n\nstarts the agent\n")
+    assert out.returncode == 0, out.stderr
+    fworld.listener.wait(1, timeout=30)
+    pid = agent_pid(fworld)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid, 30)
+    got = delivered(fworld)
+    assert len(got) < 13  # it did not finish the whole queue first
+    assert all(n == 1 for n in got.values())
+    assert agent_lock_free(fworld)
+    out = fworld.run("mailshim", ["flush"], timeout=60)  # the rest is intact and goes once
+    assert out.returncode == 0, out.stderr
+    assert set(ids) <= set(delivered(fworld)) and all(n == 1 for n in delivered(fworld).values())
+
+
+def test_a_starting_daemon_takes_over_from_a_busy_agent_and_never_runs_beside_it(fworld):
+    ids = slow_queue(fworld, 12)
+    out = fworld.sendmail("bob@example.org", input=b"Subject: start\n\nstarts the agent\n")
+    assert out.returncode == 0, out.stderr
+    fworld.listener.wait(1, timeout=30)
+    daemon = subprocess.Popen(
+        [tool("mailshim"), "daemon"], env=fworld.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        fworld.wait_queue_empty(90)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+    got = delivered(fworld)
+    assert set(ids) <= set(got) and all(n == 1 for n in got.values())
+    # concurrency = 1 per process: two connections at once means two processes delivering
+    assert fworld.listener.handler.peak_connections == 1
+
+
+def test_the_daemon_waits_for_the_holder_of_the_agent_lock(fworld):
+    ids = queue_entries(fworld, n=3)
+    fd = spool.Spool(str(fworld.spool)).try_agent_lock()  # someone else serves the spool
+    assert fd is not None
+    daemon = subprocess.Popen(
+        [tool("mailshim"), "daemon"], env=fworld.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(2)  # a daemon delivering beside the holder would have sent them by now
+        assert fworld.listener.messages == []
+        os.close(fd)  # the holder leaves
+        fworld.wait_queue_empty(30)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=30)
+    assert delivered(fworld) == Counter(ids)
+    assert b"waiting for it to leave" in err

@@ -505,31 +505,62 @@ def queue_stamp(target: spool.Spool) -> tuple[int, ...]:
     return tuple(out)
 
 
-async def _agent_session(config: Config, target: spool.Spool) -> bool:
+STOP_POLL = 0.1  # seconds between the agent's looks for a blocked SIGTERM while it delivers
+
+
+async def _watch_signals(stops: frozenset[int], stop: asyncio.Event) -> None:
+    """Set ``stop`` once one of ``stops`` is pending. The agent keeps them blocked (so none
+    can cut a delivery short); they stay pending for its ``sigtimedwait`` after the pass."""
+    import asyncio
+    import signal
+
+    while not stop.is_set():
+        if stops & signal.sigpending():
+            stop.set()
+            return
+        await asyncio.sleep(STOP_POLL)
+
+
+async def _agent_session(
+    config: Config, target: spool.Spool, stops: frozenset[int] = frozenset()
+) -> bool:
     """Deliver due entries until the queue stays quiet; False if the listener was unreachable
-    or kept asking to slow down (the agent then sleeps until the next entry is due)."""
+    or kept asking to slow down (the agent then sleeps until the next entry is due). With
+    ``stops`` (blocked signals), one of them pending ends it after the entries in flight."""
     import asyncio
 
     counts = Counts()
     deadletters.expire(target, config.keep_dead)
-    async with pool_for(config) as pool:
-        while True:
-            stamp = queue_stamp(target)
-            pickup(config, target)
-            status = await run_pass(config, pool, target, counts, force=False)
-            target.sync(force=True)
-            if status in ("down", "busy"):
-                return False
-            deadline = time.monotonic() + AGENT_LINGER
-            while queue_stamp(target) == stamp and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if queue_stamp(target) == stamp:
-                return True
+    stop = asyncio.Event()
+    watch = asyncio.ensure_future(_watch_signals(stops, stop)) if stops else None
+    try:
+        async with pool_for(config) as pool:
+            while not stop.is_set():
+                stamp = queue_stamp(target)
+                pickup(config, target)
+                status = await run_pass(config, pool, target, counts, force=False, stop=stop)
+                target.sync(force=True)
+                if status in ("down", "busy"):
+                    return False
+                deadline = time.monotonic() + AGENT_LINGER
+                while (
+                    queue_stamp(target) == stamp
+                    and time.monotonic() < deadline
+                    and not stop.is_set()
+                ):
+                    await asyncio.sleep(0.05)
+                if queue_stamp(target) == stamp:
+                    return True
+            return True
+    finally:
+        if watch is not None:
+            watch.cancel()
 
 
-def deliver_due(config: Config, target: spool.Spool) -> bool:
+def deliver_due(config: Config, target: spool.Spool, stops: frozenset[int] = frozenset()) -> bool:
     """The agent's pass (agent.py): deliver due entries until the queue stays quiet; False
-    when the listener was unreachable or kept asking to slow down."""
+    when the listener was unreachable or kept asking to slow down. One of ``stops`` (signals
+    the caller blocks) pending ends it after the entries in flight, leaving it pending."""
     import asyncio
 
-    return asyncio.run(_agent_session(config, target))
+    return asyncio.run(_agent_session(config, target, stops))

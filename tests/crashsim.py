@@ -889,3 +889,8 @@ def build(trace: Trace, state: State) -> Tree:
     for i in sorted(state.kept):
         tree.apply(trace.ops[i], trace.inits)
     return tree
+
+
+def durable_only(trace: Trace, model: str, cut: int) -> State:
+    """The state at ``cut`` in which nothing but what an fsync made durable reached the disk."""
+    return min(_states_at(trace, model, cut, 1, random.Random(0)), key=lambda s: len(s.kept))

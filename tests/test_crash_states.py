@@ -92,6 +92,9 @@ class Workload:
     may_hold: bool = False  # entries may wait in queue/ after recovery (limits, hold)
     setup_ack: str = ""  # the folders setup-spool made must survive its ack
     releases: dict[str, int] = field(default_factory=dict)  # token: first op of its release
+    # what the install runs before the runner when the command that makes the spool may not
+    # have finished: the next submission, or setup-spool again (both complete a half spool)
+    first: list[tuple[list[str], tuple[int, int] | None, bytes]] = field(default_factory=list)
     rec: cs.Recorder | None = None
     n: int = 0
 
@@ -365,6 +368,11 @@ class Checker:
         else:
             steps = [[tool("mailshim"), "run"], [tool("mailshim"), "flush"]]
             who = wl.runner
+        for argv, user, data in wl.first:
+            self.reference.pop("next", None)  # a new submission each time: its own Date
+            r = wl.plain(argv, user, data)
+            if r.returncode != 0:
+                bad.append(f"{argv[-1]} exited {r.returncode}: {r.stderr.decode()[-300:]}")
         for argv in steps:
             r = wl.plain(argv, who)
             err = r.stderr.decode("utf-8", "replace")
@@ -593,6 +601,10 @@ def w_first_submit(wl: Workload) -> None:
     wl.base_config()
     wl.start()
     wl.submit("bob@example.org")
+    wl.msgs["next"] = Msg("next", ["carol@example.org"])
+    wl.first = [
+        ([tool("sendmail"), "-f", "alice@example.org", "carol@example.org"], None, message("next"))
+    ]
 
 
 def w_background(wl: Workload) -> None:
@@ -821,6 +833,7 @@ def w_setup_spool(wl: Workload, alice) -> None:
     wl.setup_ack = "setup"
     r = wl.traced([tool("mailshim"), "setup-spool", "--user", RUNNER], None, acks=["setup"])
     assert r.returncode == 0, r.stderr.decode()
+    wl.first = [([tool("mailshim"), "setup-spool", "--user", RUNNER], None, b"")]
 
 
 def w_user_spool(wl: Workload, alice) -> None:
@@ -849,3 +862,76 @@ def test_power_cut_states_system_spool(name, box):
     BOX_WORKLOADS[name](wl, alice)
     trace = wl.finish()
     _assert_clean(explore(wl, trace, None if FULL else CI_STATES))
+
+
+# --- the findings, each replayed ---------------------------------------------------------------
+
+
+def _replay(wl: Workload, trace: cs.Trace, st: cs.State) -> list[str]:
+    records = record_ops(trace, wl.spool)
+    checker = Checker(wl, trace)
+    facts = facts_at(trace, st.model, st.cut, records, {}, wl.releases)
+    return checker.run(facts, cs.build(trace, st))
+
+
+def test_replay_the_first_spool_keeps_an_acknowledged_message(plain_root):
+    """Finding 1: the first submission made the spool's folders without fsyncing them into
+    their parents; with only what was fsynced on disk, the acknowledged entry was gone."""
+    root, listener = plain_root
+    wl = Workload("first-submit", root, listener)
+    w_first_submit(wl)
+    trace = wl.finish()
+    st = cs.durable_only(trace, "conservative", len(trace.ops))
+    tree = cs.build(trace, st)
+    queued = [p for p in tree.files() if p.startswith("spool/queue/")]
+    assert len(queued) == 1, sorted(tree.files())
+    assert _replay(wl, trace, st) == []
+
+
+def test_replay_a_dead_letter_keeps_its_state_until_the_move_is_durable(plain_root):
+    """Finding 2: bury() removed state/<id> before the move to dead/ was fsynced; a power
+    cut could keep the removal and lose the move, and the entry, back in queue/ without the
+    record of its delivered recipients, went to them again."""
+    root, listener = plain_root
+    wl = Workload("deliver-refused", root, listener)
+    w_deliver_refused(wl)
+    trace = wl.finish()
+    seen = 0
+    for st in cs.states(trace, "conservative", limit=4096):
+        files = cs.build(trace, st).files()
+        for p in files:
+            if p.startswith("spool/queue/") and f"spool/dead/{p[12:]}.state" in files:
+                seen += 1
+                assert f"spool/state/{p[12:]}" in files, (st.cut, sorted(files))
+    assert seen, "no state has the entry both in queue/ and its state linked into dead/"
+
+
+def test_replay_setup_spool_is_durable_once_it_says_done(box):
+    """Finding 3: setup-spool fsynced nothing; once it had said done, a power cut could still
+    take incoming/ (users' mail would then go to per-user spools no runner reads)."""
+    wl, _run, alice = _box_workload("setup-spool", box)
+    w_setup_spool(wl, alice)
+    trace = wl.finish()
+    tree = cs.build(trace, cs.durable_only(trace, "conservative", len(trace.ops)))
+    want = {p: v for p, v in _dirs(trace.live).items() if p.startswith("spool")}
+    assert {p: v for p, v in _dirs(tree).items() if p.startswith("spool")} == want
+
+
+def test_replay_a_half_made_spool_does_not_stop_the_runner(plain_root):
+    """Finding 4: a crash while the first submission made the spool can leave tmp/ and
+    queue/ without state/; the next submission fills it without looking, and every run
+    then refused with "the spool cannot be written" (exit 73): the queue stopped."""
+    root, listener = plain_root
+    wl = Workload("half-spool", root, listener)
+    wl.base_config()
+    for name in ("tmp", "queue"):
+        (root / "spool" / name).mkdir(parents=True, mode=0o700)
+    r = wl.plain(
+        [tool("sendmail"), "-f", "alice@example.org", "bob@example.org"], None, message("half")
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    r = wl.plain([tool("mailshim"), "run"])
+    assert r.returncode == 0, r.stderr.decode()
+    (got,) = listener.messages
+    assert got.data.endswith(b"\r\n\r\nbody of half\r\nline 2\r\n")
+    assert sorted(os.listdir(root / "spool")) == ["corrupt", "dead", "queue", "state", "tmp"]

@@ -57,6 +57,7 @@ from mailshim.spoolfs import (
     _create_temp,
     _fsync_dir,
     _listdir,
+    _make_dirs,
     _may_write,
     _remove_if_abandoned,
     _same,
@@ -94,17 +95,23 @@ class Spool:
     # --- creation and choice -------------------------------------------------
 
     def ensure(self) -> None:
-        """Create missing folders (mode 0700: entries are private to the spool's owner)."""
+        """Create missing folders (mode 0700: entries are private to the spool's owner), each
+        made durable in its parent before any entry is written into it."""
         try:
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            _make_dirs(self.root, 0o700)
+            made = False
             for name in SUBDIRS:
                 path = os.path.join(self.root, name)
                 try:
                     os.mkdir(path, 0o700)
+                    made = True
                 except FileExistsError:
                     st = os.lstat(path)
                     if not stat.S_ISDIR(st.st_mode):
                         raise CantCreateError(f"spool folder {path} is not a folder") from None
+            if made:
+                # their names, or the first entry fsynced into queue/ could vanish with it
+                _fsync_dir(self.root)
         except OSError as exc:
             raise from_oserror(exc, "creating the spool folder") from None
 
@@ -150,8 +157,15 @@ class Spool:
             os.fchown(fd, own[0], own[1])
 
     def check_usable(self) -> None:
-        """Raise the right error when entries cannot be recorded here (read-only, denied)."""
-        for folder in (self.queue, self.state_dir, self.tmp):
+        """Raise the right error when entries cannot be recorded here (read-only, denied).
+
+        A spool whose creation a crash cut short (``queue/`` made, ``state/`` not: a
+        submission fills such a spool without looking) is completed when this process may
+        write its root, rather than refusing every run until someone notices (issue 27)."""
+        folders = (self.queue, self.state_dir, self.tmp)
+        if not all(map(os.path.lexists, folders)) and os.access(self.root, os.W_OK | os.X_OK):
+            self.ensure()
+        for folder in folders:
             if not os.access(folder, os.W_OK | os.X_OK):
                 try:
                     os.utime(folder)  # the kernel says why: EROFS, EACCES, ENOENT ...

@@ -1,5 +1,6 @@
 """File-system primitives of the spool: unpredictable names, exclusive creation, link without
-replace, folder fsync, and the quiet listdir/unlink/close helpers; nothing about its layout.
+replace, folder fsync, durable folder creation, and the quiet listdir/unlink/close helpers;
+nothing about its layout.
 
 Every create is O_EXCL under a name with 60 random bits (a fresh name on EEXIST) and never
 O_TRUNC; a final name is linked, never renamed over (a rename would replace it). What the
@@ -84,6 +85,30 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _make_dirs(path: str, mode: int) -> bool:
+    """``os.makedirs(path, mode, exist_ok=True)`` that makes every new folder durable.
+
+    A new folder's name is on disk only once its parent is fsynced: without that, a power cut
+    after an entry was fsynced into a new spool could take the folder, and the entry with it
+    (issue 27, found by tests/test_crash_states.py). Parents made on the way get 0777 less the
+    umask, as with ``os.makedirs``. A parent this process may not read cannot be fsynced and
+    is left as it is. Returns whether anything was created."""
+    parent = os.path.dirname(path.rstrip("/")) or "."
+    if parent != path and not os.path.isdir(parent):
+        _make_dirs(parent, 0o777)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if os.path.isdir(path):
+            return False
+        raise
+    try:
+        _fsync_dir(parent)
+    except PermissionError:
+        pass
+    return True
 
 
 def _may_write(folder: str) -> bool:

@@ -18,7 +18,7 @@ import stat
 
 from mailshim.errors import CantCreateError, from_oserror
 from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool
-from mailshim.spoolfs import _listdir
+from mailshim.spoolfs import _fsync_dir, _listdir, _make_dirs
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -33,7 +33,7 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
     """
     changes: list[str] = []
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(target.root)), mode=0o755, exist_ok=True)
+        _make_dirs(os.path.dirname(os.path.abspath(target.root)), 0o755)
         changes += _make_dir(target.root, 0, 0, 0o711)
         for name in SUBDIRS:
             changes += _make_dir(os.path.join(target.root, name), uid, gid, 0o700)
@@ -54,6 +54,9 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
         # Entries a root process left behind before the runner user existed.
         for name in SUBDIRS:
             changes += _give_files(os.path.join(target.root, name), uid, gid)
+        # The names made here (folders, agent.lock, listener-size) are on disk only once
+        # the root is fsynced: "done" must survive a power cut (issue 27).
+        _fsync_dir(target.root)
     except OSError as exc:
         raise from_oserror(exc, "setting up the spool") from None
     target.forget_owner()
@@ -80,6 +83,7 @@ def _make_dir(path: str, uid: int, gid: int, mode: int) -> list[str]:
     try:
         os.mkdir(path, mode & 0o777)
         made = [f"{path}: created"]
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     except FileExistsError:
         made = []
     try:
@@ -99,6 +103,8 @@ def _make_dir(path: str, uid: int, gid: int, mode: int) -> list[str]:
         os.fchmod(fd, mode)
         if stat.S_IMODE(st.st_mode) != mode:
             made.append(f"{path}: mode {mode:04o}")
+        if made:
+            os.fsync(fd)  # its owner and mode, which nobody else would make durable
     finally:
         os.close(fd)
     return made

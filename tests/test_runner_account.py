@@ -272,3 +272,46 @@ def test_concurrent_runners_count_every_message_once(sb):
 
 def teardown_module():
     stop_processes([])
+
+
+# --- a user's own domain is not their own address ---------------------------------------------
+
+
+def test_a_users_own_domain_gets_the_warning_like_f(sb):
+    alice = sb.users[ALICE]
+    own = alice.home / "config.toml"
+    text = sb.config.read_text().replace('domain = "example.org"', 'domain = "bank.example"')
+    assert "bank.example" in text
+    own.write_text(text)
+    os.chown(own, alice.uid, alice.gid)
+    # under the system's (root-controlled) configuration: her own address, no warning
+    r = sb.sendmail(alice, "-odi", "-i", "bob@example.org", input=MSG)
+    assert r.returncode == 0, r.stderr.decode()
+    # under her own configuration, no -f: the envelope says bank.example, and a warning
+    r = sb.sendmail(alice, "-odi", "-i", "bob@example.org", input=MSG, MAILSHIM_CONFIG=str(own))
+    assert r.returncode == 0, r.stderr.decode()
+    first, second = sb.listener.wait(2, 30)
+    assert first.mail_from == f"{ALICE}@example.org"
+    assert b"X-Authentication-Warning" not in first.data
+    assert second.mail_from == f"{ALICE}@bank.example"
+    warnings = [ln for ln in second.data.split(b"\r\n") if ln.startswith(b"X-Authentication")]
+    assert len(warnings) == 1
+    assert warnings[0].endswith(
+        f"{ALICE} set sender to {ALICE}@bank.example using its own configuration".encode()
+    )
+
+
+def test_own_domain_entry_picked_up_by_root_warns_once(sb):
+    alice = sb.users[ALICE]
+    own = alice.home / "config.toml"
+    own.write_text(
+        sb.config.read_text().replace('domain = "example.org"', 'domain = "bank.example"')
+    )
+    os.chown(own, alice.uid, alice.gid)
+    r = sb.sendmail(alice, "-odq", "-i", "bob@example.org", input=MSG, MAILSHIM_CONFIG=str(own))
+    assert r.returncode == 0, r.stderr.decode()
+    assert sb.mailshim(None, "flush").returncode == 0
+    (got,) = sb.listener.wait(1, 30)
+    assert got.mail_from == f"{ALICE}@bank.example"
+    assert got.data.count(b"X-Authentication-Warning") == 1
+    assert b"mailshim pickup, from userid" in got.data

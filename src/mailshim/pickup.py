@@ -575,9 +575,11 @@ def _sender_warning(rules: _Rules, sender: str, uid: int, src: BinaryIO, now: in
     trace = f"Received: by {host} (mailshim pickup, from userid {uid});\r\n\t"
     trace += message.format_date(now, 0) + "\r\n"
     head = warning.encode("utf-8", "surrogateescape")
-    # sendmail under the user's own configuration may have written the same warning: once.
-    start = src.read(len(head))
-    return trace.encode() + (b"" if start == head else head)
+    # sendmail under the user's own configuration may have written the same warning (or one
+    # saying its configuration set the sender): once.
+    same = head[: -len(b" -f\r\n")]
+    start = src.read(len(same))
+    return trace.encode() + (b"" if start == same else head)
 
 
 def _refusals(failed: dict[str, str]) -> dict[str, Reply]:

@@ -448,9 +448,18 @@ class Spool:
         for name in _listdir(self.tmp):
             if _remove_if_abandoned(os.path.join(self.tmp, name), cutoff):
                 removed += 1
-        for name in _listdir(self.state_dir):
+        # A state whose entry is gone is a crash's leftover, but pickup writes the state of
+        # its copy before linking it into queue/ (a crash then leaves no copy without its
+        # refusals): a state whose entry is still in tmp/ is being written. States are listed
+        # first, tmp/ then, queue/ last: a writer's temp file exists from before its state
+        # until after its link, so each state is found in one or the other.
+        states = _listdir(self.state_dir)
+        writing = {name.split(".", 1)[0] for name in _listdir(self.tmp)}
+        for name in states:
             path = os.path.join(self.state_dir, name)
             if spoolfmt.valid_id(name):
+                if name in writing:
+                    continue
                 if not os.path.lexists(os.path.join(self.queue, name)):
                     _unlink(path)
             elif name.endswith(".tmp"):

@@ -315,3 +315,54 @@ def test_own_domain_entry_picked_up_by_root_warns_once(sb):
     assert got.mail_from == f"{ALICE}@bank.example"
     assert got.data.count(b"X-Authentication-Warning") == 1
     assert b"mailshim pickup, from userid" in got.data
+
+
+# --- dead letters and the spool budget --------------------------------------------------------
+
+
+def test_dead_letters_do_not_lock_a_user_out_and_a_held_user_is_told(sb):
+    alice = sb.users[ALICE]
+    text = sb.config.read_text()
+    sb.config.write_text(text + "\n[limits]\nuser_spool_entries = 1\n")
+    try:
+        sb.listener.handler.rcpt_replies["nobody@example.org"] = "550 5.1.1 no such user"
+        for _ in range(2):  # two dead letters: over the budget of 1, were they counted
+            r = sb.sendmail(alice, "-odq", "-i", "nobody@example.org", input=MSG)
+            assert r.returncode == 0 and r.stderr == b""
+            sb.flush()
+        assert len([n for n in sb.names("dead") if "." not in n]) == 2
+        r = sb.sendmail(alice, "-odq", "-i", "bob@example.org", input=MSG)
+        assert r.returncode == 0 and r.stderr == b""
+        sb.flush()
+        assert sb.names("incoming") == []  # taken in, dead letters notwithstanding
+        # the listener is down: one entry fills the budget, the next waits, and alice hears
+        sb.listener.stop()
+        for i in range(2):
+            r = sb.sendmail(alice, "-odq", "-i", f"c{i}@example.org", input=MSG)
+            assert r.returncode == 0 and r.stderr == b""
+            sb.flush()
+        assert len([n for n in sb.names("incoming") if not n.startswith(".")]) == 1
+        r = sb.sendmail(alice, "-odq", "-i", "d@example.org", input=MSG)
+        assert r.returncode == 0
+        note = r.stderr.decode()
+        assert note.count("\n") == 1 and note.startswith("sendmail: note: your mail waits")
+        assert "user_spool_entries = 1" in note
+        # mailq says why, to her and to root
+        for who in (alice, None):
+            r = sb.run(who, [tool("mailq")])
+            assert f"-- uid {alice.uid}: mail waits in the drop folder: ".encode() in r.stdout
+        # bob is not told anything
+        r = sb.sendmail(sb.users[BOB], "-odq", "-i", "e@example.org", input=MSG)
+        assert r.returncode == 0 and r.stderr == b""
+        # once alice's mail gets in, the notice goes
+        sb.listener.start()
+        for _ in range(4):
+            sb.flush()
+        assert not (sb.incoming / f".held.{alice.uid}").exists()
+        r = sb.sendmail(alice, "-odq", "-i", "f@example.org", input=MSG)
+        assert r.returncode == 0 and r.stderr == b""
+    finally:
+        sb.config.write_text(text)
+        sb.listener.handler.rcpt_replies.clear()
+        if sb.listener.controller is None:
+            sb.listener.start()

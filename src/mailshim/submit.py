@@ -249,10 +249,23 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
         writer.abort()
         _restore_signals(previous)
         raise
+    if target.drop:
+        _tell_if_held(target, user.uid)
     try:
         return _hand_on(config, sub, user, sender, recipients, target, writer, mode, locked)
     finally:
         _restore_signals(previous)
+
+
+def _tell_if_held(target: spool.Spool, uid: int) -> None:
+    """The runner marks a user whose mail cannot enter its queue (``Spool.held_notice``):
+    say so on stderr, after the entry is safe in the drop folder (exit status 0 stands)."""
+    why = target.held_notice(uid)
+    if why:
+        import sys
+
+        sys.stderr.write(f"sendmail: note: your mail waits in the drop folder: {why}\n")
+        sys.stderr.flush()
 
 
 def _hand_on(

@@ -264,6 +264,11 @@ def _cache_put(cache_file: str, key: tuple[object, ...], data: Table) -> None:
     folder = os.path.dirname(cache_file)
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
+        # Root never writes into a cache folder another account controls (the units' is
+        # the runner's): it would not read it back anyway (_cache_get), and writes nothing
+        # there that account could aim elsewhere.
+        if not _trusted(os.stat(folder)):
+            return
     except OSError:
         return
     paths.replace_file(cache_file, blob, 0o600)

@@ -28,13 +28,14 @@ from mailshim import spoolfmt
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOCTTY = getattr(os, "O_NOCTTY", 0)
 _READ = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NOCTTY | os.O_NONBLOCK
 _CREATE = os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _O_NOCTTY
+_FOLDER = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW | _O_CLOEXEC
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 TEMP_TRIES = 16  # fresh random names tried before a create gives up (EEXIST each time)
 
@@ -127,6 +128,43 @@ def _may_write(folder: str) -> bool:
         groups = {os.getegid(), *os.getgroups()}
         need = stat.S_IWGRP | stat.S_IXGRP if st.st_gid in groups else stat.S_IWOTH | stat.S_IXOTH
     return st.st_mode & need == need
+
+
+def open_folder(
+    name: str,
+    owners: Collection[int],
+    dir_fd: int | None = None,
+    create: int | None = None,
+    give: tuple[int, int] | None = None,
+) -> int:
+    """A folder as a descriptor, reached without following a link: ``name`` (relative to
+    ``dir_fd`` when given) opened O_DIRECTORY|O_NOFOLLOW, owned by one of ``owners`` (this
+    process's euid always counts) and writable by nobody else. ``create``: the mode to make
+    it with when missing; a folder root makes here goes to ``give`` (the spool's owner).
+
+    What root opens under a folder the runner account owns goes through such descriptors,
+    one component at a time: the runner account could otherwise swap a folder for a link
+    between root's look and root's use (docs/security.md). Raises ``OSError`` (ELOOP or
+    ENOTDIR for a link or a file, EPERM for a folder of another account)."""
+    made = False
+    if create is not None:
+        try:
+            os.mkdir(name, create, dir_fd=dir_fd)
+            made = True
+        except FileExistsError:
+            pass
+    fd = os.open(name, _FOLDER, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if made and give is not None and os.geteuid() == 0 and st.st_uid != give[0]:
+            os.fchown(fd, give[0], give[1])
+            st = os.fstat(fd)
+        if st.st_uid not in {*owners, os.geteuid()} or st.st_mode & 0o022:
+            raise PermissionError(errno.EPERM, "a folder another account controls", name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _listdir(path: str) -> list[str]:

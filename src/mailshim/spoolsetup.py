@@ -18,10 +18,11 @@ import stat
 
 from mailshim.errors import CantCreateError, from_oserror
 from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool
-from mailshim.spoolfs import _fsync_dir, _listdir, _make_dirs
+from mailshim.spoolfs import _fsync_dir, _make_dirs, open_folder
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_FILE = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 
 def setup(target: Spool, uid: int, gid: int) -> list[str]:
@@ -111,16 +112,35 @@ def _make_dir(path: str, uid: int, gid: int, mode: int) -> list[str]:
 
 
 def _give_files(folder: str, uid: int, gid: int) -> list[str]:
-    """Give root-owned plain files in ``folder`` to the runner user. Files with more than one
-    link are left alone: chowning a planted hard link would hand over its other name too."""
-    changed = []
-    for name in _listdir(folder):
-        path = os.path.join(folder, name)
-        try:
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == 0 and uid != 0:
-                os.lchown(path, uid, gid)
-                changed.append(f"{path}: owner {uid}:{gid}")
-        except OSError:
-            continue
+    """Give root-owned plain files in ``folder`` to the runner user. Each is looked at and
+    changed through descriptors (the folder's, then the file's: O_NOFOLLOW, O_NONBLOCK), so
+    a name the runner account swaps for a link in between is never followed; files with
+    more than one link are left alone: chowning a hard link would hand over its other name."""
+    changed: list[str] = []
+    if uid == 0:
+        return changed
+    try:
+        dir_fd = open_folder(folder, {uid})
+    except OSError:
+        return changed
+    try:
+        for name in os.listdir(dir_fd):
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+                if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == 0):
+                    continue
+                fd = os.open(name, _FILE, dir_fd=dir_fd)
+            except OSError:
+                continue
+            try:
+                now = os.fstat(fd)
+                if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev) and now.st_nlink == 1:
+                    os.fchown(fd, uid, gid)
+                    changed.append(f"{os.path.join(folder, name)}: owner {uid}:{gid}")
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)
     return changed

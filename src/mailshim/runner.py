@@ -202,10 +202,8 @@ class _Pass:
         """The next entry to try, taken for good (no other session gets it); None at the end."""
         if self.returned:
             return self.returned.pop(0)  # already vetted: an extra session gave it back
-        while self.recovering:
-            qid = self.recovering.pop(0)
-            if self._gate(qid):
-                return qid
+        if self.recovering:
+            return self.recovering.pop(0)
         for qid in self.order:
             if self.stop is not None and self.stop.is_set():
                 self.ended = self.ended or "stopped"
@@ -228,19 +226,10 @@ class _Pass:
         if state is not None and (state.held or (not self.force and state.next_attempt > self.now)):
             if policy.due_after_recovery(state):
                 if self.recovered:
-                    return self._gate(qid)
+                    return True
                 self.relay_waiting.append(qid)
                 return False
             self.counts.skipped += 1
-            return False
-        return self._gate(qid)
-
-    def _gate(self, qid: str) -> bool:
-        """The entry's submitter may send now (sendlimits)."""
-        if self.limiter is not None and not sendlimits.gate(
-            self.limiter, self.target, qid, self.now
-        ):
-            self.counts.add(LIMITED)
             return False
         return True
 
@@ -411,6 +400,12 @@ async def _attempt_with_pauses(
             return QUARANTINED, {}
         if locked is None:
             counts.skipped += 1
+            return "", {}
+        # Counted against its owner's sending limit under the lock this attempt keeps.
+        limiter = run.limiter if tries == 0 else None
+        if limiter is not None and not sendlimits.gate(limiter, locked, run.now):
+            locked.release()
+            counts.add(LIMITED)
             return "", {}
         status, replies = await delivery.deliver_entry(config, client, locked)
         if status != THROTTLED:

@@ -208,6 +208,13 @@ class Config:
     def source(self, key: str) -> str:
         return self.sources.get(key, "default")
 
+    @property
+    def down_pause(self) -> float:
+        """Seconds after every relay was found unreachable during which nothing more is tried
+        (a burst of submissions costs no connections): the relays' ``retry_after_failure``,
+        never longer than the first retry step. What is submitted meanwhile goes at its end."""
+        return min(min(r.retry_after_failure for r in self.relays), float(self.retry[0]))
+
     def max_size_for(self, listener_size: int | None) -> int:
         """The size limit: ``[submission] max_size`` when set, else the ``SIZE`` the listener
         last announced (``Spool.listener_size``), else 50 MB."""

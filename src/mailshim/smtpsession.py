@@ -39,6 +39,7 @@ from mailshim.hostnames import (
     bare_host,
     is_loopback,
 )
+from mailshim.policy import pressure_kind
 from mailshim.reply import Reply, clean_text
 from mailshim.tlsctx import ContextCache, tls_context
 from mailshim.wire import Connection, LocalFailure, WireError, WireReply, failure, is_timeout
@@ -107,12 +108,16 @@ def _wire_address(addr: str) -> str:
 class Outcome:
     """What one transaction on one relay decided."""
 
-    __slots__ = ("relay_failed", "replies", "retry_fresh")
+    __slots__ = ("dotted", "relay_failed", "replies", "retry_fresh")
 
     def __init__(self) -> None:
         self.replies: dict[str, Reply] = {}
-        # The relay as a whole failed (421, no reply, 4xx at RSET/MAIL/DATA): skip it a while.
+        # The relay as a whole failed (421, no reply, 4xx at RSET/MAIL/DATA, but not
+        # back-pressure such as a rate limit at MAIL): skip it a while.
         self.relay_failed = False
+        # The replies answer the final dot: the listener may have stored the message even
+        # when it said 4xx, so it never goes to another relay in the same attempt.
+        self.dotted = False
         # Nothing was accepted and nothing refused for good, on a connection that already
         # carried mail: a fresh one may well succeed (idle timeout, Stalwart's limit of
         # 10 messages per session).
@@ -486,7 +491,10 @@ class RelaySession:
                 # The message (its size, its sender) was refused, not a recipient.
                 reply = reply.at(self._mail_stage(size))
             out.all(recipients, reply)
-            out.relay_failed = out.retry_fresh = reply.temporary
+            out.retry_fresh = reply.temporary
+            # A rate limit at MAIL is this session's (too many messages on it, or a second):
+            # the runner opens fewer sessions; the relay is not down for the others.
+            out.relay_failed = reply.temporary and pressure_kind(reply) is None
             dialogue.abandon()
             return out
         accepted = await self._recipients(out, recipients, dialogue)
@@ -503,6 +511,7 @@ class RelaySession:
             out.relay_failed = reply.temporary
             return out
         replies = await self._data(message, start, len(accepted) if self.lmtp else 1)
+        out.dotted = True
         if self.lmtp:
             for rcpt, final in zip(accepted, replies, strict=True):
                 out.replies[rcpt] = final

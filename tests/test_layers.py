@@ -53,6 +53,7 @@ LAYERS: dict[str, int] = {
     "mailshim.relay": STORE,
     "mailshim.sendlimits": STORE,
     "mailshim.sessions": STORE,
+    "mailshim.smtpconnect": STORE,
     "mailshim.smtpsession": STORE,
     "mailshim.spool": STORE,
     "mailshim.spoolchoice": STORE,

@@ -35,14 +35,16 @@ from mailshim.errors import ConfigError
 from mailshim.hostnames import valid_helo
 from mailshim.policy import pressure_kind
 from mailshim.reply import Reply
-from mailshim.smtpsession import RelayDown, RelaySession, silent
+from mailshim.smtpconnect import RelayDown, silent
+from mailshim.smtpsession import RelaySession
 from mailshim.tlsctx import ContextCache
 from mailshim.wire import LocalFailure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from mailshim.smtpsession import Outcome, RelaySettings
+    from mailshim.smtpconnect import RelaySettings
+    from mailshim.smtpsession import Outcome
 
 __all__ = ["RelayClient", "SendResult", "SlotBusy", "Slots"]
 

@@ -1,37 +1,32 @@
-"""One SMTP or LMTP session with one relay: EHLO/LHLO, STARTTLS, AUTH, then transactions.
+"""Opening one SMTP or LMTP connection to one relay, and the commands on it: resolve, connect,
+EHLO/LHLO, STARTTLS, AUTH; one command or a PIPELINING batch at a time; QUIT.
 
-A ``RelaySession`` is one connection's dialogue. ``RelaySession.open`` resolves the relay's
-host (IPv6 and IPv4, in the resolver's order; no resolver for an address) and keeps the first
-address that greets and gets through EHLO/LHLO, STARTTLS and AUTH as configured. In a
-transaction, with PIPELINING (RFC 2920) offered, MAIL, every RCPT and DATA go out in one write
-and the replies are matched to them in order; without it, lock-step. RSET only after a
-transaction that ended before its final dot. Each ``transaction`` returns an ``Outcome``: one
-``Reply`` per recipient (2xx sent, 4xx or code 0 deferred, 5xx bounced) and whether the relay
-as a whole failed. Which relay to try, and when to try the next, is ``relay``'s (the failover
-client). The bytes themselves (aiosmtplib, the streamed DATA) are ``wire``'s; TLS contexts are
-``tlsctx``'s; reply values are ``reply``'s.
+``Link.open`` resolves the relay's host (IPv6 and IPv4, in the resolver's order; no resolver
+for an address) and keeps the first address that greets and gets through EHLO/LHLO, STARTTLS
+and AUTH as configured. Every reply is judged here (a reply code outside the expected ones, a
+lost connection, a timeout become a ``Reply`` with its kind), so that what runs on the link
+(a mail transaction: ``smtpsession``; the check's MAIL/RCPT probe: ``probe``) sees replies,
+never exceptions from the wire. The bytes themselves (aiosmtplib) are ``wire``'s; TLS contexts
+are ``tlsctx``'s.
 
-Trust: called by ``relay.RelayClient`` (as the submitting user or the ``mailshim`` user) and
-by ``mailshim check`` (``probe``). The listener is hostile-or-broken by assumption; every
-failure ends as a temporary reply within ``timeout``, never a hang or a traceback. Reply text
-is cleaned to one printable line before anyone sees it. The message file comes from the spool
-and is sent byte for byte; the AUTH secret is read only when a connection needs it, never
-written to the transcript, and never sent in clear text except to a loopback address or a unix
-socket.
+Trust: called through ``smtpsession.RelaySession`` by ``relay.RelayClient`` (as the submitting
+user or the ``mailshim`` user) and by ``mailshim check`` (``probe``). The listener is
+hostile-or-broken by assumption; every failure ends as a temporary reply within ``timeout``,
+never a hang or a traceback. Reply text is cleaned to one printable line before anyone sees it.
+The AUTH secret is read only when a connection needs it, never written to the transcript, and
+never sent in clear text except to a loopback address or a unix socket.
 
-Raises ``RelayDown`` from ``RelaySession.open`` when no address of the relay can take mail (its
-``reply`` has the failure's kind); a ``wire.LocalFailure`` (the message file could not be read)
-passes through ``transaction``. Failures on the listener's side are replies, not exceptions.
+Raises ``RelayDown`` from ``Link.open`` when no address of the relay can take mail (its
+``reply`` has the failure's kind). Failures on the listener's side are replies, not exceptions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from mailshim import reply as kinds
-from mailshim.constants import STAGE_MAIL, STAGE_SIZE
 from mailshim.errors import MailshimError
 from mailshim.hostnames import (
     LOCALHOST_NAMES,
@@ -39,16 +34,17 @@ from mailshim.hostnames import (
     bare_host,
     is_loopback,
 )
-from mailshim.policy import pressure_kind
 from mailshim.reply import Reply, clean_text
 from mailshim.tlsctx import ContextCache, tls_context
-from mailshim.wire import Connection, LocalFailure, WireError, WireReply, failure, is_timeout
+from mailshim.wire import Connection, WireError, WireReply, failure, is_timeout
 
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Callable, Sequence
 
-__all__ = ["Outcome", "RelayDown", "RelaySession", "RelaySettings", "silent"]
+
+__all__ = ["AUTH_MECHANISMS", "Link", "RelayDown", "RelaySettings", "silent"]
+
 
 QUIT_TIMEOUT = 5.0
 AUTH_MECHANISMS = ("plain", "login")
@@ -80,7 +76,7 @@ class RelayDown(Exception):
 
     Its ``reply`` has code 0 and the failure's kind; ``server`` is the listener's own reply
     when one caused it (a refused EHLO, STARTTLS or AUTH). Raised only by
-    ``RelaySession.open`` (for ``mailshim check``); ``RelayClient`` turns it into temporary
+    ``Link.open`` (for ``mailshim check``); ``RelayClient`` turns it into temporary
     replies.
     """
 
@@ -98,38 +94,11 @@ def silent(line: str) -> None:
     """The transcript when nobody reads one (``-v`` not given): lines are not even built."""
 
 
-def _wire_address(addr: str) -> str:
-    """The address between the angle brackets; ``""`` and ``"<>"`` are the null sender."""
-    if len(addr) >= 2 and addr.startswith("<") and addr.endswith(">"):
-        return addr[1:-1]
-    return addr
+_L = TypeVar("_L", bound="Link")
 
 
-class Outcome:
-    """What one transaction on one relay decided."""
-
-    __slots__ = ("dotted", "relay_failed", "replies", "retry_fresh")
-
-    def __init__(self) -> None:
-        self.replies: dict[str, Reply] = {}
-        # The relay as a whole failed (421, no reply, 4xx at RSET/MAIL/DATA, but not
-        # back-pressure such as a rate limit at MAIL): skip it a while.
-        self.relay_failed = False
-        # The replies answer the final dot: the listener may have stored the message even
-        # when it said 4xx, so it never goes to another relay in the same attempt.
-        self.dotted = False
-        # Nothing was accepted and nothing refused for good, on a connection that already
-        # carried mail: a fresh one may well succeed (idle timeout, Stalwart's limit of
-        # 10 messages per session).
-        self.retry_fresh = False
-
-    def all(self, recipients: Sequence[str], reply: Reply) -> None:
-        for rcpt in recipients:
-            self.replies[rcpt] = reply
-
-
-class RelaySession:
-    """One live SMTP or LMTP connection to one relay at one address."""
+class Link:
+    """One live SMTP or LMTP connection to one relay at one address, before and between messages."""
 
     def __init__(
         self,
@@ -160,13 +129,13 @@ class RelaySession:
 
     @classmethod
     async def open(
-        cls,
+        cls: type[_L],
         relay: RelaySettings,
         *,
         helo: str,
         say: Callable[[str], None] = silent,
         contexts: ContextCache | None = None,
-    ) -> RelaySession:
+    ) -> _L:
         """Connect to the first address of ``relay`` that greets, says EHLO/LHLO, TLS, AUTH.
 
         Raises ``RelayDown`` with the last address's failure when none works.
@@ -209,7 +178,7 @@ class RelaySession:
 
     @classmethod
     async def _connect(
-        cls,
+        cls: type[_L],
         relay: RelaySettings,
         address: str | None,
         label: str,
@@ -217,7 +186,7 @@ class RelaySession:
         server_name: str,
         context: ssl.SSLContext | None,
         say: Callable[[str], None],
-    ) -> RelaySession:
+    ) -> _L:
         say(f"*** connecting to {label}")
         try:
             wire, code, text = await Connection.open(
@@ -439,188 +408,6 @@ class RelaySession:
         except WireError:
             pass
         self.kill()
-
-    # -- one message ------------------------------------------------------------------------
-
-    async def transaction(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        message: BinaryIO,
-        start: int,
-        size: int,
-        eightbit: bool,
-    ) -> Outcome:
-        out = Outcome()
-        if self._open:
-            # The last transaction ended before its final dot (refused recipients or DATA):
-            # the listener may still hold its sender. After a completed one, no RSET.
-            reply = await self.command(b"RSET")
-            if reply.code != 250:
-                if not reply.temporary:
-                    reply = Reply(0, str(reply), kind=kinds.PROTOCOL)
-                out.all(recipients, reply)
-                out.relay_failed = out.retry_fresh = True
-                return out
-            self._open = False
-        self.messages += 1
-
-        sender = _wire_address(sender)
-        utf8 = not sender.isascii() or not all(r.isascii() for r in recipients)
-        if utf8 and "smtputf8" not in self.extensions:
-            recipients = self._refuse_utf8(out, sender, recipients)
-            if not recipients:
-                return out
-            utf8 = False
-        encoding = "utf-8" if utf8 else "ascii"
-
-        mail = (b"MAIL", b"FROM:<" + sender.encode(encoding) + b">")
-        commands: list[tuple[tuple[bytes, ...], tuple[int, ...]]] = [
-            ((*mail, *self._mail_params(size, eightbit, utf8)), (250,))
-        ]
-        for rcpt in recipients:
-            wire = _wire_address(rcpt).encode(encoding)
-            commands.append(((b"RCPT", b"TO:<" + wire + b">"), (250, 251)))
-        commands.append(((b"DATA",), (354,)))
-        self._open = True
-        dialogue = _Dialogue(self, commands, "pipelining" in self.extensions)
-
-        reply = await dialogue.next()
-        if reply.code != 250:
-            if reply.permanent:
-                # The message (its size, its sender) was refused, not a recipient.
-                reply = reply.at(self._mail_stage(size))
-            out.all(recipients, reply)
-            out.retry_fresh = reply.temporary
-            # A rate limit at MAIL is this session's (too many messages on it, or a second):
-            # the runner opens fewer sessions; the relay is not down for the others.
-            out.relay_failed = reply.temporary and pressure_kind(reply) is None
-            dialogue.abandon()
-            return out
-        accepted = await self._recipients(out, recipients, dialogue)
-        if not accepted:
-            # Every RCPT deferred (Stalwart's 452 4.4.5 may come here instead of at MAIL):
-            # on a connection that already carried mail, a fresh one is worth one try.
-            out.retry_fresh = all(reply.temporary for reply in out.replies.values())
-            dialogue.abandon()
-            return out
-
-        reply = await dialogue.next()
-        if reply.code != 354:
-            out.all(accepted, reply)
-            out.relay_failed = reply.temporary
-            return out
-        replies = await self._data(message, start, len(accepted) if self.lmtp else 1)
-        out.dotted = True
-        if self.lmtp:
-            for rcpt, final in zip(accepted, replies, strict=True):
-                out.replies[rcpt] = final
-            out.relay_failed = any(r.code in (0, 421) for r in replies)
-        else:
-            out.all(accepted, replies[0])
-            out.relay_failed = replies[0].temporary
-        return out
-
-    def size_limit(self) -> int | None:
-        """The largest message the listener announced (EHLO ``SIZE n``); None when it gave
-        no figure or 0 (RFC 1870: no fixed limit)."""
-        value = self.extensions.get("size", "").strip()
-        if value.isdigit() and value.isascii() and 0 < int(value) < 1 << 62:
-            return int(value)
-        return None
-
-    def _mail_stage(self, size: int) -> str:
-        """``size`` when the declared size is over the listener's advertised SIZE limit."""
-        limit = self.size_limit()
-        return STAGE_SIZE if limit is not None and size > limit else STAGE_MAIL
-
-    def _mail_params(self, size: int, eightbit: bool, utf8: bool) -> list[bytes]:
-        params = []
-        if "size" in self.extensions:
-            params.append(f"SIZE={size}".encode("ascii"))
-        # 8-bit data to a server that does not offer 8BITMIME still goes out: RFC 6152 says
-        # not to, but every listener in use takes it, and bouncing cron mail is worse.
-        if eightbit and "8bitmime" in self.extensions:
-            params.append(b"BODY=8BITMIME")
-        if utf8:
-            params.append(b"SMTPUTF8")
-        return params
-
-    async def _recipients(
-        self, out: Outcome, recipients: Sequence[str], dialogue: _Dialogue
-    ) -> list[str]:
-        """The RCPT replies, in order; refusals go into ``out``; returns the accepted ones."""
-        accepted: list[str] = []
-        for rcpt in recipients:
-            reply = await dialogue.next()
-            if reply.code in (250, 251):
-                accepted.append(rcpt)
-            elif reply.code in (0, 421):
-                # The connection is gone: nobody got this message from this relay.
-                out.all([r for r in recipients if r not in out.replies], reply)
-                out.relay_failed = True
-                return []
-            else:
-                out.replies[rcpt] = reply
-        return accepted
-
-    def _refuse_utf8(self, out: Outcome, sender: str, recipients: Sequence[str]) -> list[str]:
-        """Without SMTPUTF8, non-ASCII addresses cannot be sent: refuse those, keep the rest."""
-        why = f"5.6.7 SMTPUTF8 is required, but {self.label} does not offer it"
-        if not sender.isascii():
-            out.all(recipients, Reply(553, clean_text(f"{why} (sender <{sender}>)")))
-            return []
-        for rcpt in recipients:
-            if not rcpt.isascii():
-                out.replies[rcpt] = Reply(553, clean_text(f"{why} (recipient <{rcpt}>)"))
-        return [r for r in recipients if r.isascii()]
-
-    async def _data(self, message: BinaryIO, start: int, owed: int) -> list[Reply]:
-        """Stream the message after a 354; return the ``owed`` replies to the final dot."""
-        try:
-            replies, reusable = await self._wire.send_body(message, start, owed, self._show)
-        except LocalFailure:
-            self.alive = False
-            raise
-        if reusable:
-            self._open = False
-        else:
-            self.alive = False
-        return replies
-
-
-class _Dialogue:
-    """The replies to MAIL, each RCPT and DATA, in order: each command sent when its reply is
-    asked for (lock-step), or all of them in one write at the first ask (PIPELINING)."""
-
-    def __init__(
-        self,
-        session: RelaySession,
-        commands: Sequence[tuple[tuple[bytes, ...], tuple[int, ...]]],
-        pipelined: bool,
-    ) -> None:
-        self._session = session
-        self._commands = commands
-        self._pipelined = pipelined
-        self._replies: list[Reply] | None = None
-        self._asked = 0
-
-    async def next(self) -> Reply:
-        index = self._asked
-        self._asked += 1
-        if not self._pipelined:
-            args, ok = self._commands[index]
-            return await self._session.command(*args, ok=ok)
-        if self._replies is None:
-            self._replies = await self._session.pipelined(self._commands)
-        return self._replies[index]
-
-    def abandon(self) -> None:
-        """The transaction ends before the message. A pipelined DATA answered 354 (MAIL
-        refused, or no recipient accepted) waits for a body that must not come, not even a
-        lone dot: the connection is dropped instead."""
-        if self._replies is not None and self._replies[-1].code == 354:
-            self._session.kill()
 
 
 def _literal_ip(host: str) -> bool:

@@ -165,7 +165,7 @@ def refuse_defaults(cfg: Config, spools: list[spool.Spool]) -> None:
 
     if configload.usable(cfg):
         return
-    waiting = sum(len(s.ids()) for s in spools)
+    waiting = sum(len(s.ids()) + _dropped(s) for s in spools)
     where = ", ".join(s.root for s in spools)
     text = (
         f"{cfg.path or 'the configuration'} is invalid and no earlier configuration from it"
@@ -174,6 +174,16 @@ def refuse_defaults(cfg: Config, spools: list[spool.Spool]) -> None:
     )
     maillog.log(f"error: {text}", error=True)
     raise ConfigError(text)
+
+
+def _dropped(target: spool.Spool) -> int:
+    """Entries users left in the drop folder (listable by the runner and root only)."""
+    from mailshim import spoolfmt
+
+    try:
+        return sum(1 for n in os.listdir(target.incoming) if spoolfmt.valid_id(n))
+    except OSError:
+        return 0
 
 
 def _say(line: str) -> None:

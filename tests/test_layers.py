@@ -62,6 +62,7 @@ LAYERS: dict[str, int] = {
     "mailshim.spoolsetup": STORE,
     "mailshim.wire": STORE,
     "mailshim.agent": ORCHESTRATION,
+    "mailshim.removal": ORCHESTRATION,
     "mailshim.dropagent": ORCHESTRATION,
     "mailshim.bs": ORCHESTRATION,
     "mailshim.check": ORCHESTRATION,

@@ -18,6 +18,8 @@ has the relay's timeout. Raises nothing: failures are findings (exit codes 67, 6
 
 from __future__ import annotations
 
+import os
+
 from mailshim import reply as kinds
 from mailshim.checkreport import ERROR, OK, WARNING, Finding, RelayProbe, Report
 from mailshim.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE
@@ -37,7 +39,22 @@ __all__ = ["classify_failure", "classify_mail", "classify_rcpt", "probe_relays"]
 
 MAX_RCPT_FAILURES = 3
 CERT_EXPIRY_WARNING = 14 * 86400
-STALWART_DOC = "docs/stalwart.md"
+
+
+def _stalwart_doc() -> str:
+    """Where the Stalwart set-up is to be read on this host: the Debian package installs
+    docs/*.md compressed under /usr/share/doc/mailshim, the rpm uncompressed."""
+    for installed in (
+        "/usr/share/doc/mailshim/stalwart.md.gz",
+        "/usr/share/doc/mailshim/stalwart.md",
+        "/usr/share/doc/mailshim/docs/stalwart.md",
+    ):
+        if os.path.exists(installed):
+            return installed
+    return "docs/stalwart.md"
+
+
+STALWART_DOC = _stalwart_doc()
 
 
 def _local(relay: RelayConfig) -> bool:

@@ -1,4 +1,5 @@
-# Packages, man pages: `make deb`, `make rpm`, `make man-lint` (and deb-lint, rpm-lint).
+# Packages, man pages: `make deb`, `make rpm`, `make man-lint` (and deb-lint, rpm-lint;
+# `make lint-packages` builds both packages and lints them, as CI does).
 #
 # Included by the top-level Makefile; also works alone: make -f mk/packaging.mk deb
 # Missing build tools are installed with apt (as root, or through sudo). See
@@ -28,7 +29,7 @@ DEB_TOOLS = dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all \
 	python3-setuptools lintian
 RPM_TOOLS = rpm python3
 
-.PHONY: deb deb-lint rpm rpm-lint man-lint pkg-tree
+.PHONY: deb deb-lint rpm rpm-lint lint-packages man-lint pkg-tree
 
 # The source tree as a clean checkout has it: tracked files, plus new files git does not
 # ignore; no dot-folders, no virtualenv, no build output.
@@ -84,10 +85,16 @@ rpm: pkg-tree
 	cp $(RPM_TOP)/RPMS/noarch/mailshim-$(VERSION)-*.noarch.rpm $(PKG_DIST)/
 	@ls $(PKG_DIST)/mailshim-$(VERSION)-*.noarch.rpm
 
+# No errors and no warnings (--strict makes every message an error); every filter carries
+# its reason in packaging/rpm/rpmlintrc, and a filter that matches nothing is an error.
 rpm-lint:
 	command -v rpmlint >/dev/null || { $(call pkg_apt,rpmlint); }
-	rpmlint -r packaging/rpm/rpmlintrc packaging/rpm/mailshim.spec \
+	rpmlint --strict -r packaging/rpm/rpmlintrc packaging/rpm/mailshim.spec \
 	    $(PKG_DIST)/mailshim-$(VERSION)-*.noarch.rpm
+
+# Both packages built afresh and both linters on them (.ci/lint-packages.sh, run by CI).
+lint-packages:
+	bash .ci/lint-packages.sh
 
 man-lint:
 	@command -v mandoc >/dev/null || { echo "man-lint needs mandoc: apt-get install mandoc" >&2; exit 1; }

@@ -850,11 +850,11 @@ def test_planted_temp_names_do_not_make_a_message_go_twice(mu):
         alice,
         f"""
         import fcntl, json, os
-        from mailshim import config, runner, spool
+        from mailshim import config, delivery, spool
         s = spool.Spool({str(mu.spool)!r}, drop=True)
         fd = os.open(os.path.join(s.incoming, {qid!r}), os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        status, _ = runner.deliver_now(config.load(), spool.open_drop_entry(s, {qid!r}, fd))
+        status, _ = delivery.deliver_now(config.load(), spool.open_drop_entry(s, {qid!r}, fd))
         print(json.dumps(status))
         """,
     )

@@ -1,4 +1,4 @@
-"""PIPELINING (RFC 2920) in relay.py: MAIL, every RCPT and DATA in one write when the listener
+"""PIPELINING (RFC 2920) in smtpsession.py: MAIL, every RCPT and DATA in one write when the listener
 offers it, the replies matched to their commands in order; lock-step when it does not.
 
 The listeners are real: aiosmtpd (relayhelpers' Listener offers PIPELINING unless hidden, and

@@ -1,5 +1,5 @@
-"""relay.py against real listeners: aiosmtpd SMTP/LMTP over TCP, IPv6 and unix sockets,
-trustme TLS, raw misbehaving servers, and a 200 MB message in a separate process."""
+"""relay.py and smtpsession.py against real listeners: aiosmtpd SMTP/LMTP over TCP, IPv6 and
+unix sockets, trustme TLS, raw misbehaving servers, and a 200 MB message in a separate process."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailshim import relay, wire
+from mailshim import smtpsession, wire
 from mailshim.errors import ConfigError, NoPermError
 from mailshim.relay import RelayClient, SendResult
 from mailshim.reply import MAX_TEXT, Reply, clean_text
@@ -678,7 +678,7 @@ def test_session_open_for_a_check(certs, tmp_path):
         target = relay_for(tls, tls="starttls", ca_file=certs.ca_file(tmp_path))
 
         async def probe():
-            session = await relay.RelaySession.open(target, helo="check.test")
+            session = await smtpsession.RelaySession.open(target, helo="check.test")
             try:
                 reply = await session.command(b"NOOP")
                 return session.greeting, session.encrypted, session.ssl_object, reply
@@ -687,8 +687,8 @@ def test_session_open_for_a_check(certs, tmp_path):
 
         greeting, encrypted, ssl_object, reply = run(probe())
         down = FakeRelay(free_port())
-        with pytest.raises(relay.RelayDown) as failed:
-            run(relay.RelaySession.open(down, helo="check.test"))
+        with pytest.raises(smtpsession.RelayDown) as failed:
+            run(smtpsession.RelaySession.open(down, helo="check.test"))
     assert greeting.startswith("listener.test") and encrypted
     assert ssl_object is not None and ssl_object.version()
     assert reply.code == 250

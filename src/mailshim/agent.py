@@ -200,7 +200,7 @@ def _drop_agent(
     (dropagent.py) until a runner takes it or nothing is left."""
     import asyncio
 
-    from mailshim import runner
+    from mailshim import delivery
     from mailshim.constants import QUEUED, REJECTED, SENT
     from mailshim.errors import DataError
 
@@ -215,8 +215,8 @@ def _drop_agent(
         entry = None  # unreadable: the runner's pickup sends it to corrupt/ with the reason
 
     async def one(entry: spool.DropEntry) -> str:
-        async with runner.client_for(config) as client:
-            return (await runner.deliver_drop(config, client, entry))[0]
+        async with delivery.client_for(config) as client:
+            return (await delivery.deliver_drop(config, client, entry))[0]
 
     if entry is not None:
         try:

@@ -266,7 +266,7 @@ def _take(target: spool.Spool, qid: str) -> spool.DropEntry | str:
 async def _attempt(
     config: Config, client: RelayClient, target: spool.Spool, qid: str, tr: _Track
 ) -> str:
-    from mailshim import maillog, runner
+    from mailshim import delivery, maillog
     from mailshim.constants import QUEUED, REJECTED, SENT
     from mailshim.errors import DataError
 
@@ -285,10 +285,10 @@ async def _attempt(
             f" serves {target.root}: retried on the last step until one does",
             error=True,
         )
-    status, replies = await runner.deliver_drop(config, client, entry)
+    status, replies = await delivery.deliver_drop(config, client, entry)
     if status in (SENT, REJECTED, QUEUED):
         return GONE  # QUEUED: only refusals are left, the runner's to bounce
-    if runner._is_connection_failure(replies):
+    if delivery.is_connection_failure(replies):
         return DOWN
     return LATER
 
@@ -305,7 +305,7 @@ def _round(
     listener is taken to be down: 0 once reached, ``down_until`` when nothing was tried."""
     import asyncio
 
-    from mailshim import maillog, runner
+    from mailshim import delivery, maillog
     from mailshim.errors import MailshimError
 
     now = time.time()
@@ -315,7 +315,7 @@ def _round(
     down_until = 0.0
 
     async def run() -> None:
-        async with runner.client_for(config) as client:
+        async with delivery.client_for(config) as client:
             nonlocal down_until
             for i, qid in enumerate(due):
                 tr = tracks[qid]

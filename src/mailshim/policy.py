@@ -15,7 +15,7 @@ either, and leaves the next attempt where the schedule had put it: flushing whil
 listener is down can never delay the mail (Postfix's ``postqueue -f`` behaves the same).
 
 Trust: pure; the replies come from an untrusted listener but arrive as (code, text) values
-already cleaned by relay.py, and are only stored and quoted. Raises nothing.
+already cleaned by smtpsession.py, and are only stored and quoted. Raises nothing.
 """
 
 from __future__ import annotations

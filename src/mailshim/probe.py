@@ -1,6 +1,6 @@
 """Probe each listener the way delivery would reach it, and say in plain words what it answered.
 
-``probe_relays`` opens each relay with ``relay.RelaySession.open`` (TCP or socket, TLS, EHLO,
+``probe_relays`` opens each relay with ``smtpsession.RelaySession.open`` (TCP or socket, TLS, EHLO,
 AUTH), then tries ``MAIL FROM`` with the default sender and ``RCPT TO`` for root's alias and
 any extra recipients, then ``RSET`` and ``QUIT``: no message is sent. A relay with AUTH is
 probed a second time without it (MAIL and one RCPT) to say whether it is sealed: whether a
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mailshim.config import Config, RelayConfig
-    from mailshim.relay import RelayDown, RelaySession
     from mailshim.reply import Reply
+    from mailshim.smtpsession import RelayDown, RelaySession
 
 __all__ = ["classify_failure", "classify_mail", "classify_rcpt", "probe_relays"]
 
@@ -91,7 +91,7 @@ async def _probe(
     sender: str,
     rcpts: list[tuple[str, str]],
 ) -> None:
-    from mailshim import relay as relay_mod
+    from mailshim import smtpsession
 
     name = relay.name
 
@@ -121,8 +121,8 @@ async def _probe(
         return
     probe.transcript.append(f"*** probing {probe.label}")
     try:
-        session = await relay_mod.RelaySession.open(relay, helo=helo, say=probe.transcript.append)
-    except relay_mod.RelayDown as down:
+        session = await smtpsession.RelaySession.open(relay, helo=helo, say=probe.transcript.append)
+    except smtpsession.RelayDown as down:
         text, fix, code = classify_failure(relay, down)
         add(ERROR, "listener", text, fix, code)
         return
@@ -183,14 +183,14 @@ async def _probe_sealed(
 ) -> None:
     """Try MAIL and one RCPT without AUTH (then RSET: nothing is sent) and say whether the
     listener refused. One refused RCPT at most, so Stalwart's auto-ban is not approached."""
-    from mailshim import relay as relay_mod
+    from mailshim import smtpsession
 
     say = probe.transcript.append
     say(f"*** probing {probe.label} without authentication")
     bare = _without_secret(relay)
     try:
-        session = await relay_mod.RelaySession.open(bare, helo=helo, say=say)
-    except relay_mod.RelayDown as down:
+        session = await smtpsession.RelaySession.open(bare, helo=helo, say=say)
+    except smtpsession.RelayDown as down:
         text, fix, code = classify_failure(bare, down)
         # Without its certificate the client fails in the handshake, or (TLS 1.3, where the
         # server checks it after the client's side is done) on the first read.

@@ -25,7 +25,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from mailshim.relay import RelaySettings
+    from mailshim.smtpsession import RelaySettings
     from mailshim.tlsctx import ContextCache
 
 DEFAULT_CONCURRENCY = 4

@@ -274,9 +274,9 @@ def _hand_on(
     )
     outcome = Outcome(qid, QUEUED, target)
     if mode == INTERACTIVE and locked is not None:
-        from mailshim import runner
+        from mailshim import delivery
 
-        outcome.status, outcome.replies = runner.deliver_now(
+        outcome.status, outcome.replies = delivery.deliver_now(
             config, locked, verbose=sub.verbose, discard_rejected=sub.discard_rejected
         )
     elif mode == BACKGROUND:

@@ -16,11 +16,10 @@ import shutil
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from conftest import Env, tool
 
+from conftest import Env, tool
 from mailshim import journal
 
 JOURNALD = "/lib/systemd/systemd-journald"
@@ -67,7 +66,7 @@ def test_entries_reach_a_datagram_socket_with_their_fields(world: Env, tmp_path)
             entries.append(parse_datagram(sock.recv(65536)))
     finally:
         sock.close()
-    (msg,) = world.listener.wait(1)
+    (_msg,) = world.listener.wait(1)
     first, *_, last = entries
     qid = dict(first)["MAILSHIM_QUEUE_ID"]
     assert dict(first)["MESSAGE"].startswith(f"{qid}: uid={os.getuid()} from=<")
@@ -134,7 +133,7 @@ def test_a_real_journald_tells_the_story(world: Env, journald, tmp_path):
     env.pop("MAILSHIM_NO_SYSLOG")
     r = world.run("sendmail", ["-odi", "root"], input=CRON, env=env)
     assert r.returncode == 0, r.stderr
-    (msg,) = world.listener.wait(1)
+    (_msg,) = world.listener.wait(1)
 
     def inside(*argv: str) -> subprocess.CompletedProcess[bytes]:
         # journalctl and `mailshim log` see the private journal from inside the namespace
@@ -162,12 +161,12 @@ def test_a_real_journald_tells_the_story(world: Env, journald, tmp_path):
     assert sent and sent[0]["MAILSHIM_RECIPIENT"] == "admin@example.org"
     # journald shows (and forwards to syslog) the last identifier: pflogsumm's "mailshim/smtp"
     short = inside("journalctl", f"MAILSHIM_QUEUE_ID={qid}", "-o", "short", "--no-pager")
-    assert f" mailshim/smtp[" in short.stdout.decode()
+    assert " mailshim/smtp[" in short.stdout.decode()
     # mailshim log reads it back through journalctl -o json (no log file configured)
     log = inside(tool("mailshim"), "log", qid)
     assert log.returncode == 0, log.stderr
     lines = log.stdout.decode().splitlines()
-    assert lines[0].split(" ", 2)[2].startswith(f"mailshim[") and f"{qid}: uid=" in lines[0]
+    assert lines[0].split(" ", 2)[2].startswith("mailshim[") and f"{qid}: uid=" in lines[0]
     assert any(" mailshim/smtp[" in line and "status=sent" in line for line in lines)
 
 

@@ -13,13 +13,14 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Env, others_can_run, queue_config, queue_entries, tool
 
+from conftest import Env, others_can_run, queue_config, queue_entries, tool
 from mailshim import monplugin
 
 PERF = re.compile(r"'([^'=]+)'=(-?[0-9.]+)(s|%|B|KB|MB|TB|c)?;([^;]*);([^;]*);([^;]*);([^;]*)$")
@@ -62,7 +63,7 @@ def test_ranges_as_the_guidelines_define_them(text, alerts, quiet):
 def test_empty_queue_is_ok_with_perfdata(world: Env):
     queue_config(world, mode="queue")
     queue_entries(world, n=0)
-    code, out, perf = check(world)
+    code, _out, perf = check(world)
     assert code == 0
     assert set(perf) == {"waiting", "oldest", "held", "dead", "stall", "size"}
     assert perf["oldest"][:2] == ("0", "s") and perf["size"][1] == "B"
@@ -131,47 +132,72 @@ def test_json_outputs_carry_their_schema(world: Env):
 # --- an unprivileged monitoring user against the system spool --------------------------------
 
 
-def _system_spool(world: Env, tmp_path: Path) -> Path:
-    """A spool set up by root as setup-spool does, for the runner user 'nobody'-like uid."""
-    root = tmp_path / "sys"
-    r = world.run("mailshim", ["setup-spool", "--user", "root", "--dir", str(root)])
-    return root if r.returncode == 0 else pytest.skip(f"setup-spool: {r.stderr!r}")
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def as_nobody(world: Env, spool: Path, config: Path, *args: str) -> tuple[int, str]:
+    """``mailshim check-queue`` as uid 65534 (no group of the spool). Debian's own python3
+    runs it when this test's interpreter is not runnable by others (a pyenv under /root):
+    the check-queue path needs nothing outside the standard library."""
+    if others_can_run():
+        argv = [tool("mailshim")]
+    elif os.access("/usr/bin/python3", os.X_OK):
+        boot = (
+            f"import sys; sys.path.insert(0, {SRC!r}); sys.argv[0] = 'mailshim';"
+            " from mailshim.cli.entry import main; main()"
+        )
+        argv = ["/usr/bin/python3", "-I", "-c", boot]
+    else:
+        pytest.skip("no interpreter an unprivileged user may run")
+    r = subprocess.run(
+        [*argv, "-C", str(config), "check-queue", *args],
+        user=65534, group=65534, extra_groups=[], cwd="/", capture_output=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "MAILSHIM_NO_SYSLOG": "1", "HOME": "/nonexistent"},
+    )  # fmt: skip
+    out = r.stdout.decode()
+    assert r.stderr == b"" and out.count("\n") == 1, (out, r.stderr)
+    return r.returncode, out
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the check as another user")
-def test_an_unprivileged_user_reads_the_summary_only(world: Env, tmp_path):
-    if not others_can_run():
-        pytest.skip("this interpreter cannot be run by other users")
-    os.chmod(tmp_path, 0o755)
-    queue_config(world, mode="queue")
-    queue_entries(world, rcpts=("secret-person@example.org",), n=2)
-    os.chmod(world.spool, 0o711)
-    for sub in ("queue", "state", "dead", "tmp", "corrupt"):
-        (world.spool / sub).mkdir(exist_ok=True)
-        os.chmod(world.spool / sub, 0o700)
-    os.chmod(world.config, 0o644)
-    kw = {"user": 65534, "group": 65534, "extra_groups": [], "cwd": "/"}
-    # no summary yet: UNKNOWN, saying what is missing
-    code, out, _ = check(world, **kw)
-    assert code == 3 and "no runner has published" in out, out
-    # a pass (nothing due: retry is in an hour) publishes it; the user reads figures only
-    world.run("mailshim", ["run"])
-    r = world.run("mailshim", ["queue", "hold", "--all"])
-    assert r.returncode == 0
-    assert world.run("mailshim", ["run"]).returncode == 0
-    code, out, perf = check(world, "--critical-held", "1", **kw)
-    assert code == 2 and perf["held"][0] == "2", out
-    assert "secret-person" not in out
-    # mail dropped after the last pass: counted as waiting although no pass has seen it
-    summary = world.spool / "monitor" / "summary.json"
-    old = time.time() - 3 * 3600
-    os.utime(summary, (old, old))
-    doc = json.loads(summary.read_text())
-    doc["written"] = old
-    summary.write_text(json.dumps(doc))
-    queue_entries(world)  # changes queue/ now, after the summary's time
-    code, out, perf = check(world, **kw)
-    assert int(perf["waiting"][0]) >= 1 and code == 2, out
+def test_an_unprivileged_user_reads_the_summary_only(world: Env):
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="mailshim-mon-"))
+    try:
+        os.chmod(base, 0o755)
+        spool = base / "spool"
+        config = base / "mailshim.toml"
+        config.write_text(world.config.read_text().replace(str(world.spool), str(spool)))
+        os.chmod(config, 0o644)
+        world.env["MAILSHIM_CONFIG"] = str(config)
+        world.spool = spool
+        r = world.run("mailshim", ["setup-spool", "--user", "root"])
+        assert r.returncode == 0, r.stderr
+        assert stat.S_IMODE(os.stat(spool).st_mode) == 0o711
+        assert stat.S_IMODE(os.stat(spool / "queue").st_mode) == 0o700
+        # no summary yet: UNKNOWN, saying what is missing
+        code, out = as_nobody(world, spool, config)
+        assert code == 3 and "no runner has published" in out, out
+        queue_entries(world, rcpts=("secret-person@example.org",), n=2)
+        assert world.run("mailshim", ["queue", "hold", "--all"]).returncode == 0
+        assert world.run("mailshim", ["run"]).returncode == 0  # a pass publishes the figures
+        code, out = as_nobody(world, spool, config, "--critical-held", "1")
+        assert code == 2 and "'held'=2;;1;0;" in out, out
+        assert "secret-person" not in out and "example.org" not in out
+        # the user really cannot read the queue: it was the summary
+        r = subprocess.run(["ls", str(spool / "queue")], user=65534, capture_output=True)
+        assert r.returncode != 0
+        # mail arriving after the last pass counts as waiting though no pass has seen it
+        summary = spool / "monitor" / "summary.json"
+        doc = json.loads(summary.read_text())
+        doc["written"] = time.time() - 3 * 3600
+        summary.write_text(json.dumps(doc))
+        queue_entries(world)  # queue/ changes now, hours after the summary
+        code, out = as_nobody(world, spool, config, "-w", "0")
+        assert code == 1 and "'waiting'=1;0;;0;" in out, out
+    finally:
+        shutil.rmtree(base)
 
 
 # --- a real Nagios 4 runs the check ----------------------------------------------------------

@@ -28,7 +28,17 @@ from __future__ import annotations
 import os
 import time
 
-from mailshim import deadletters, delivery, fair, maillog, policy, sendlimits, spool
+from mailshim import (
+    deadletters,
+    delivery,
+    fair,
+    maillog,
+    mailstats,
+    metrics,
+    policy,
+    sendlimits,
+    spool,
+)
 from mailshim.constants import (
     DEFERRED,
     LIMITED,
@@ -213,6 +223,7 @@ class _Pass:
             self.limiter, self.target, qid, self.now
         ):
             self.counts.add(LIMITED)
+            mailstats.limited()
             return False
         return True
 
@@ -453,6 +464,7 @@ def flush(
                             break
                 finally:
                     target.sync(force=True)
+                    metrics.after_pass(config, target, time.time())
 
     asyncio.run(run())
     return counts
@@ -482,6 +494,7 @@ async def _agent_session(config: Config, target: spool.Spool) -> bool:
             pickup(config, target)
             status = await run_pass(config, pool, target, counts, force=False)
             target.sync(force=True)
+            metrics.after_pass(config, target, time.time())
             if status in ("down", "busy"):
                 return False
             deadline = time.monotonic() + AGENT_LINGER

@@ -56,10 +56,10 @@ def test_entries_reach_a_datagram_socket_with_their_fields(world: Env, tmp_path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.settimeout(20)
-    env = dict(world.env, MAILSHIM_JOURNAL_SOCKET=path)
-    env.pop("MAILSHIM_NO_SYSLOG")
+    world.env["MAILSHIM_JOURNAL_SOCKET"] = path
+    del world.env["MAILSHIM_NO_SYSLOG"]
     try:
-        r = world.run("sendmail", ["-odi", "root"], input=CRON, env=env)
+        r = world.run("sendmail", ["-odi", "root"], input=CRON)
         assert r.returncode == 0, r.stderr
         entries = []
         while not any(("MAILSHIM_STATUS", "sent") in e for e in entries):
@@ -129,9 +129,10 @@ exec {JOURNALD}
 
 def test_a_real_journald_tells_the_story(world: Env, journald, tmp_path):
     path, pid = journald
-    env = dict(world.env, MAILSHIM_JOURNAL_SOCKET=path)
-    env.pop("MAILSHIM_NO_SYSLOG")
-    r = world.run("sendmail", ["-odi", "root"], input=CRON, env=env)
+    world.env["MAILSHIM_JOURNAL_SOCKET"] = path
+    del world.env["MAILSHIM_NO_SYSLOG"]
+    env = world.env
+    r = world.run("sendmail", ["-odi", "root"], input=CRON)
     assert r.returncode == 0, r.stderr
     (_msg,) = world.listener.wait(1)
 
@@ -175,8 +176,8 @@ def test_without_the_journal_lines_go_to_syslog(world: Env, tmp_path):
     /dev/log is not possible without root's /dev; the file log shows the tags instead)."""
     log = tmp_path / "mail.log"
     world.reconfigure(extra=f'[log]\nfile = "{log}"\n')
-    env = dict(world.env, MAILSHIM_JOURNAL_SOCKET="")
-    r = world.run("sendmail", ["-odi", "root"], input=CRON, env=env)
+    world.env["MAILSHIM_JOURNAL_SOCKET"] = ""
+    r = world.run("sendmail", ["-odi", "root"], input=CRON)
     assert r.returncode == 0, r.stderr
     world.listener.wait(1)
     lines = log.read_text().splitlines()

@@ -222,3 +222,20 @@ def test_held_flag_matches_the_state_encoding():
     assert queuestats.HELD_BYTES not in encode_state(state)
     state.held = True
     assert queuestats.HELD_BYTES in encode_state(state)
+
+
+def test_held_and_deferred_after_a_pass_and_from_a_fresh_process(mworld: Env):
+    """The runner's pass tells the snapshot what it read (held or not); `mailshim metrics`,
+    with no pass behind it, reads the states itself: both must agree."""
+    ids = queue_entries(mworld, n=3)
+    assert mworld.run("mailshim", ["queue", "hold", ids[0]]).returncode == 0
+    mworld.listener.handler.rcpt_replies = {"bob@example.org": "451 4.3.0 try later"}
+    assert mworld.run("mailshim", ["flush"]).returncode == 0
+    for text in (
+        (mworld.textfile / "mailshim.prom").read_text(),  # type: ignore[attr-defined]
+        mworld.run("mailshim", ["metrics"]).stdout.decode(),
+    ):
+        samples = parse(text)
+        assert sample(samples, "mailshim_queue_length", queue="held") == 1
+        assert sample(samples, "mailshim_queue_length", queue="deferred") == 2
+        assert sample(samples, "mailshim_queue_length", queue="new") == 0

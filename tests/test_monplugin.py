@@ -44,12 +44,22 @@ def check(world: Env, *args: str, **kw) -> tuple[int, str, dict[str, tuple[str, 
     return r.returncode, out, perf
 
 
-def age_entries(world: Env, seconds: float) -> None:
-    """Make the queued files ``seconds`` old, as if they had waited that long (an entry's
-    file is never changed once queued: its time is what queuestats reads)."""
-    old = time.time() - seconds
-    for name in world.queued():
-        os.utime(world.spool / "queue" / name, (old, old))
+def old_entries(world: Env, seconds: float, n: int = 1) -> list[str]:
+    """Entries spooled ``seconds`` ago: their queue ids (which carry the time) and arrival."""
+    from mailshim import spool
+
+    target = spool.Spool(str(world.spool))
+    target.ensure()
+    then = time.time() - seconds
+    ids = []
+    for _ in range(n):
+        qid = spool.new_queue_id(int(then * 1e9))
+        w = target.new_entry("alice@example.org", ["bob@example.org"], os.getuid(),
+                             queue_id=qid, arrival=int(then))  # fmt: skip
+        w.write(b"Subject: old\r\n\r\nwaiting\r\n")
+        w.commit(False)
+        ids.append(w.queue_id)
+    return ids
 
 
 @pytest.mark.parametrize(
@@ -81,8 +91,7 @@ def test_empty_queue_is_ok_with_perfdata(world: Env):
 
 def test_thresholds_on_waiting_age_and_dead(world: Env):
     queue_config(world, mode="queue")
-    queue_entries(world, n=3, arrival=int(time.time()) - 600)
-    age_entries(world, 600)  # ten minutes: under the default stall thresholds
+    old_entries(world, 600, n=3)  # ten minutes: under the default stall thresholds
     code, out, perf = check(world, "-w", "2", "-c", "5")
     assert code == 1 and "waiting 3" in out and perf["waiting"][:4] == ("3", None, "2", "5")
     code, out, _ = check(world, "-w", "2", "-c", "2")
@@ -98,8 +107,7 @@ def test_thresholds_on_waiting_age_and_dead(world: Env):
 def test_the_stall_is_seen(world: Env):
     """Mail waiting two hours and nothing delivered: critical by default."""
     queue_config(world, mode="queue")
-    queue_entries(world, arrival=int(time.time()) - 7200)
-    age_entries(world, 7200)
+    old_entries(world, 7200)
     code, out, perf = check(world)
     assert code == 2 and "nothing delivered for 2h while mail waits" in out, out
     assert int(perf["stall"][0]) >= 7200

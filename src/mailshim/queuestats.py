@@ -3,12 +3,15 @@ and the public summary (``monitor/summary.json``) that lets an unprivileged moni
 see those figures without reading the spool.
 
 ``snapshot`` looks at names, ``stat`` results and the state files only, never at an entry's
-envelope or message, so it costs a directory scan and one small read per entry with a state
-(10,000 queued: bench/metrics_cost.py). The states are Postfix's queues in mailshim's words:
-``new`` (in ``queue/``, never tried), ``deferred`` (tried, waiting for its next attempt),
-``held`` (``mailshim queue hold``), ``dead`` (``dead/``: failed for good) and ``incoming``
-(users' entries still in the drop folder, e.g. over their sending limit). An entry's age is
-the age of its file: for an entry picked up from the drop folder, since the pickup.
+envelope or message; after a pass it reuses what the pass read (each entry's size from
+fair.py, held or not from ``note_state``), so it costs little more than listing the folders
+(10,000 queued: bench/metrics_cost.py, bench/RESULTS.md). The states are Postfix's queues in
+mailshim's words: ``new`` (in ``queue/``, never tried), ``deferred`` (tried, waiting for
+its next attempt), ``held`` (``mailshim queue hold``), ``dead`` (``dead/``: failed for good)
+and ``incoming`` (users' entries still in the drop folder, e.g. over their sending limit).
+An entry's age counts from its queue id, which is the time it was spooled (for an entry
+picked up from the drop folder, the pickup); a dead letter's and a drop entry's from their
+file's time.
 
 The runner publishes the figures after each pass in ``monitor/summary.json`` (mode 0644, in a
 folder of mode 0755 that ``setup-spool`` makes for the runner user): counts, bytes, ages, the
@@ -32,7 +35,7 @@ from __future__ import annotations
 import os
 import stat
 
-from mailshim import spoolfmt
+from mailshim import fair, spoolfmt
 from mailshim.errors import NoInputError
 
 TYPE_CHECKING = False
@@ -110,6 +113,13 @@ def _scan(folder: str) -> list[tuple[str, os.stat_result]]:
     return out
 
 
+def _names(folder: str) -> set[str]:
+    try:
+        return {n for n in os.listdir(folder) if spoolfmt.valid_id(n)}
+    except OSError:
+        return set()
+
+
 def _held(path: str) -> bool:
     try:
         fd = os.open(path, _READ)
@@ -123,18 +133,64 @@ def _held(path: str) -> bool:
         os.close(fd)
 
 
+def id_time(qid: str) -> float | None:
+    """When entry ``qid`` was spooled (or picked up): its first 13 characters are the
+    microseconds in hex (spool.new_queue_id). None for a name not made that way.
+
+    >>> id_time("0000000F4240" + "0ABCDEFGH")
+    1.0
+    """
+    try:
+        usec = int(qid[:13], 16)
+    except ValueError:
+        return None
+    return usec / 1e6
+
+
+def note_state(target: Spool, qid: str, held: bool) -> None:
+    """The runner's pass read ``qid``'s state: remember whether it is held, so that the
+    snapshot after the pass need not read the state again (cleared by ``snapshot``)."""
+    _seen[(target.queue, qid)] = held
+
+
+_seen: dict[tuple[str, str], bool] = {}
+
+
 def snapshot(target: Spool, now: float) -> Snapshot:
-    """The figures of ``target`` now (the caller must be able to read its folders)."""
+    """The figures of ``target`` now (the caller must be able to read its folders).
+
+    What the pass in this process already learnt is not read again: each entry's size
+    (fair.py reads it to order the pass) and whether its state says held (``note_state``).
+    An entry's time is its queue id's."""
     snap = Snapshot(target.root, now)
-    states = {name for name, _ in _scan(target.state_dir)}
     queues = snap.queues
-    for name, st in _scan(target.queue):
+    try:
+        names = [n for n in os.listdir(target.queue) if spoolfmt.valid_id(n)]
+    except OSError:
+        names = []
+    states = _names(target.state_dir)  # names only: a stat each would double the cost
+    seen = _seen
+    for name in names:
+        size = fair.known_size(target, name)
+        when = id_time(name)
+        if size is None or when is None:
+            try:
+                st = os.lstat(os.path.join(target.queue, name))
+            except OSError:
+                continue  # delivered while we looked
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            size = st.st_size
+            when = st.st_mtime if when is None else when
         if name not in states:
-            queues["new"].add(st.st_size, st.st_mtime)
-        elif _held(os.path.join(target.state_dir, name)):
-            queues["held"].add(st.st_size, st.st_mtime)
-        else:
-            queues["deferred"].add(st.st_size, st.st_mtime)
+            queues["new"].add(size, when)
+            continue
+        held = seen.get((target.queue, name))
+        if held is None:
+            held = _held(os.path.join(target.state_dir, name))
+        queues["held" if held else "deferred"].add(size, when)
+    for key in [k for k in seen if k[0] == target.queue]:
+        del seen[key]
     for _name, st in _scan(target.dead):
         queues["dead"].add(st.st_size, st.st_mtime)
     for _name, st in _scan(target.incoming):

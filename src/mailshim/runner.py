@@ -36,6 +36,7 @@ from mailshim import (
     mailstats,
     metrics,
     policy,
+    queuestats,
     sendlimits,
     spool,
 )
@@ -216,6 +217,8 @@ class _Pass:
             state = self.target.load_state(qid)
         except DataError:
             state = None  # deliver_entry quarantines the entry
+        if state is not None:
+            queuestats.note_state(self.target, qid, state.held)  # spares the metrics a read
         if state is not None and (state.held or (not self.force and state.next_attempt > self.now)):
             self.counts.skipped += 1
             return False

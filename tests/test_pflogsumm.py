@@ -90,3 +90,27 @@ def test_pflogsumm_skips_the_untagged_form(tmp_path):
         log.write_text(line.format(tag=tag))
         r = subprocess.run([pflogsumm, "--syslog-name=mailshim", str(log)], capture_output=True)
         assert grand_totals(r.stdout.decode())["delivered"] == count
+
+
+def test_summary_of_one_day_in_either_time_format():
+    from mailshim import logsummary
+
+    sent = (
+        "{stamp} host mailshim/smtp[7]: 0123456789ABCDEFGHIJ: to=<a@example.org>, relay=r,"
+        " delay=1, status=sent (250 ok)"
+    )
+    expired = (
+        "2026-12-06T10:00:00+00:00 host mailshim[7]: 0123456789ABCDEFGHIK: moved to dead/:"
+        " <b@example.org>: expired in the queue; last error: 451 4.3.0 later; <c@example.org>:"
+        " expired in the queue; last error: 451 4.3.0 later"
+    )
+    lines = [
+        sent.format(stamp="2026-12-06T09:00:00+01:00"),
+        sent.format(stamp="Dec  6 09:00:01"),
+        sent.format(stamp="2026-12-07T09:00:00+01:00"),
+        "2026-12-06T09:00:00+01:00 host postfix/smtp[8]: X: to=<a@b>, relay=r, status=sent",
+        expired,
+    ]
+    day = logsummary.summarize(lines, "2026-12-06")
+    assert day == {"delivered": 2, "deferred": 0, "deferrals": 0, "bounced": 0, "expired": 2}
+    assert logsummary.summarize(lines)["delivered"] == 3

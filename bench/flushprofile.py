@@ -59,6 +59,7 @@ def say(text: str = "") -> None:
 def fill(root: Path, n: int) -> None:
     """``n`` entries of 2 KB for one recipient, written with mailshim's spool API."""
     from mailshim import spool as spool_mod
+    from mailshim import spoolentry, spoolfs
 
     target = spool_mod.Spool(str(root))
     target.ensure()
@@ -67,11 +68,11 @@ def fill(root: Path, n: int) -> None:
     for i in range(n):
         body = bl.message(i).replace(b"\n", b"\r\n")
         # Distinct, increasing arrival stamps: the ids sort as a real queue's would.
-        qid = spool_mod.new_queue_id(t0 + i * 1000)
+        qid = spoolentry.new_queue_id(t0 + i * 1000)
         writer = target.new_entry("bench@example.org", [bl.RCPT], uid, queue_id=qid)
         writer.write(body)
         writer.commit(False, sync_dir=False)
-    spool_mod._fsync_dir(target.queue)
+    spoolfs._fsync_dir(target.queue)
     left = len(os.listdir(target.queue))
     if left != n:
         raise bl.BenchError(f"{left} entries in the queue, expected {n}")
@@ -311,11 +312,10 @@ def section_profile(b: Bench) -> None:
     n = b.args.count
     say(f"\n## `runner.flush` of {n} under cProfile, in this process")
     os.environ.update(b.env)
-    from mailshim import config as config_mod
-    from mailshim import runner
+    from mailshim import configload, runner
     from mailshim import spool as spool_mod
 
-    cfg = config_mod.load(str(b.config))
+    cfg = configload.load(str(b.config))
     b.reset(n)
     b.listener.reset()
     spools = [spool_mod.Spool(str(b.spool))]

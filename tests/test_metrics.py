@@ -201,16 +201,16 @@ def test_counters_file_is_replaced_whole_and_a_bad_one_restarts(tmp_path):
     target = Spool(str(tmp_path / "spool"))
     target.ensure()
     mailstats.delivery("relay[127.0.0.1]:25", "sent", 250, 3.0, 1000.0)
-    first = mailstats.merge(target, mailstats.take_notes(), 1000.0)
+    first = mailstats.merge(target.state_dir, mailstats.take_notes(), 1000.0)
     assert first.deliveries == {("relay", "sent", "2xx"): 1} and not first.error
     names = sorted(os.listdir(target.state_dir))
     assert names == ["metrics", "metrics.lock"]
     (Path(target.state_dir) / "metrics").write_text('{"schema": 1, "deliveries": "x"}')
     mailstats.delivery("relay", "bounced", 550, 3.0, 1001.0)
-    again = mailstats.merge(target, mailstats.take_notes(), 1001.0)
+    again = mailstats.merge(target.state_dir, mailstats.take_notes(), 1001.0)
     assert again.deliveries == {("relay", "bounced", "5xx"): 1}
     assert "counting starts again" in again.error
-    assert mailstats.load(target).deliveries == {("relay", "bounced", "5xx"): 1}
+    assert mailstats.load(target.state_dir).deliveries == {("relay", "bounced", "5xx"): 1}
 
 
 def test_held_flag_matches_the_state_encoding():

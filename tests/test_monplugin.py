@@ -46,14 +46,14 @@ def check(world: Env, *args: str, **kw) -> tuple[int, str, dict[str, tuple[str, 
 
 def old_entries(world: Env, seconds: float, n: int = 1) -> list[str]:
     """Entries spooled ``seconds`` ago: their queue ids (which carry the time) and arrival."""
-    from mailshim import spool
+    from mailshim import spool, spoolentry
 
     target = spool.Spool(str(world.spool))
     target.ensure()
     then = time.time() - seconds
     ids = []
     for _ in range(n):
-        qid = spool.new_queue_id(int(then * 1e9))
+        qid = spoolentry.new_queue_id(int(then * 1e9))
         w = target.new_entry("alice@example.org", ["bob@example.org"], os.getuid(),
                              queue_id=qid, arrival=int(then))  # fmt: skip
         w.write(b"Subject: old\r\n\r\nwaiting\r\n")

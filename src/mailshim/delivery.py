@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, mailstats, policy, spool
+from mailshim import bounce, maillog, mailstats, policy, spoolentry
 from mailshim.constants import (
     BOUNCED,
     DEFERRED,
@@ -88,7 +88,7 @@ def _log_replies(queue_id: str, arrival: int, result: SendResult, now: float) ->
 
 def _write_report(
     config: Config,
-    locked: spool.LockedEntry,
+    locked: spoolentry.LockedEntry,
     state: State,
     kind: str,
     recipients: dict[str, Reply],
@@ -101,7 +101,7 @@ def _write_report(
         headers = locked.headers()
     except (DataError, OSError):
         headers = b""
-    qid = queue_id or spool.new_queue_id()
+    qid = queue_id or spoolentry.new_queue_id()
     data = bounce.build_report(
         kind=kind,
         envelope=env,
@@ -129,7 +129,7 @@ def _write_report(
 
 
 def _carry_out(
-    config: Config, locked: spool.LockedEntry, state: State, action: policy.Action, now: float
+    config: Config, locked: spoolentry.LockedEntry, state: State, action: policy.Action, now: float
 ) -> str:
     """Carry out policy's action on ``locked``: remove, bury or reschedule.
 
@@ -156,7 +156,7 @@ def _carry_out(
         # once written, "reported" says so even after the report itself has gone out (the
         # move to dead/ may fail and be tried again at the next attempt).
         if not state.bounce_id:
-            state.bounce_id = spool.new_queue_id()
+            state.bounce_id = spoolentry.new_queue_id()
             locked.save_state(state)
         target = locked.spool
         if not (
@@ -181,7 +181,7 @@ def _sendable(addr: str) -> bool:
     return True
 
 
-def _quarantine(locked: spool.LockedEntry, why: str) -> tuple[str, dict[str, Reply]]:
+def _quarantine(locked: spoolentry.LockedEntry, why: str) -> tuple[str, dict[str, Reply]]:
     locked.quarantine(why)
     maillog.log(f"{locked.queue_id}: moved to corrupt/: {why}", error=True)
     return QUARANTINED, {}
@@ -190,7 +190,7 @@ def _quarantine(locked: spool.LockedEntry, why: str) -> tuple[str, dict[str, Rep
 async def deliver_entry(
     config: Config,
     client: RelayClient,
-    locked: spool.LockedEntry,
+    locked: spoolentry.LockedEntry,
     *,
     interactive: bool = False,
     discard_rejected: bool = False,
@@ -241,7 +241,7 @@ async def deliver_entry(
 async def deliver_drop(
     config: Config,
     client: RelayClient,
-    entry: spool.DropEntry,
+    entry: spoolentry.DropEntry,
     *,
     interactive: bool = False,
     discard_rejected: bool = False,
@@ -300,7 +300,7 @@ def client_for(config: Config, transcript: Callable[[str], None] | None = None) 
 
 def deliver_now(
     config: Config,
-    locked: spool.LockedEntry | spool.DropEntry,
+    locked: spoolentry.LockedEntry | spoolentry.DropEntry,
     *,
     verbose: bool = False,
     discard_rejected: bool = False,
@@ -314,7 +314,7 @@ def deliver_now(
 
     async def run() -> tuple[str, dict[str, Reply]]:
         async with client_for(config, transcript if verbose else None) as client:
-            if isinstance(locked, spool.DropEntry):
+            if isinstance(locked, spoolentry.DropEntry):
                 return await deliver_drop(
                     config, client, locked, interactive=True, discard_rejected=discard_rejected
                 )
@@ -326,11 +326,11 @@ def deliver_now(
         result = asyncio.run(run())
     finally:
         locked.release()
-    if isinstance(locked, spool.LockedEntry):
+    if isinstance(locked, spoolentry.LockedEntry):
         if result[0] == SENT:
             locked.spool.clear_relay_down()
         # Counted at once (cheap); the queue's figures wait for the next pass.
-        mailstats.merge(locked.spool, mailstats.take_notes(), time.time())
+        mailstats.merge(locked.spool.state_dir, mailstats.take_notes(), time.time())
     return result
 
 

@@ -28,10 +28,6 @@ from __future__ import annotations
 
 import os
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from mailshim.spool import Spool
-
 SCHEMA = 1
 FILE = "metrics"
 LOCK = "metrics.lock"
@@ -182,9 +178,10 @@ def take_notes() -> Counters:
 # --- the file ------------------------------------------------------------------------------
 
 
-def load(target: Spool) -> Counters:
-    """The spool's counters as saved (empty ones, with ``error`` set, when unreadable)."""
-    path = os.path.join(target.state_dir, FILE)
+def load(state_dir: str) -> Counters:
+    """The counters saved in a spool's ``state_dir`` (empty ones, with ``error`` set, when
+    unreadable)."""
+    path = os.path.join(state_dir, FILE)
     try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -207,14 +204,15 @@ def load(target: Spool) -> Counters:
         return out
 
 
-def merge(target: Spool, notes: Counters, now: float) -> Counters:
-    """Add ``notes`` to the spool's counters and save them; returns the new totals."""
+def merge(state_dir: str, notes: Counters, now: float) -> Counters:
+    """Add ``notes`` to the counters in a spool's ``state_dir`` and save them; returns the new
+    totals."""
     import fcntl
 
     lock_fd = -1
     try:
         lock_fd = os.open(
-            os.path.join(target.state_dir, LOCK),
+            os.path.join(state_dir, LOCK),
             os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK,
             0o600,
         )
@@ -222,33 +220,33 @@ def merge(target: Spool, notes: Counters, now: float) -> Counters:
     except OSError as exc:
         if lock_fd >= 0:
             os.close(lock_fd)
-        totals = load(target)
+        totals = load(state_dir)
         totals.add(notes)
-        totals.error = f"{target.state_dir}: {exc.strerror}; counters not saved"
+        totals.error = f"{state_dir}: {exc.strerror}; counters not saved"
         return totals
     try:
-        totals = load(target)
+        totals = load(state_dir)
         if not totals.since:
             totals.since = now
         totals.add(notes)
         if not notes.empty() or totals.error:
             error = totals.error
             totals.error = ""
-            _save(target, totals)
+            _save(state_dir, totals)
             totals.error = error
         return totals
     except OSError as exc:
-        totals.error = f"{target.state_dir}/{FILE}: {exc.strerror}; counters not saved"
+        totals.error = f"{state_dir}/{FILE}: {exc.strerror}; counters not saved"
         return totals
     finally:
         os.close(lock_fd)
 
 
-def _save(target: Spool, counters: Counters) -> None:
+def _save(state_dir: str, counters: Counters) -> None:
     import json
 
     data = json.dumps(counters.as_json(), sort_keys=True).encode() + b"\n"
-    path = os.path.join(target.state_dir, FILE)
+    path = os.path.join(state_dir, FILE)
     tmp = f"{path}.{os.urandom(8).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
     try:

@@ -186,14 +186,14 @@ def write_textfile(folder: str, name: str, text: str) -> str:
 def collect(target: Spool, now: float, counters: Counters | None = None) -> Snapshot:
     """The figures of ``target`` with its counters (as saved, unless given)."""
     snap = queuestats.snapshot(target, now)
-    snap.counters = counters if counters is not None else mailstats.load(target)
+    snap.counters = counters if counters is not None else mailstats.load(target.state_dir)
     return snap
 
 
 def after_pass(config: Config, target: Spool, now: float) -> None:
     """The runner's call after each pass over ``target`` (see the module docstring)."""
     problems = []
-    counters = mailstats.merge(target, mailstats.take_notes(), now)
+    counters = mailstats.merge(target.state_dir, mailstats.take_notes(), now)
     if counters.error:
         problems.append(counters.error)
     snap = collect(target, now, counters)

@@ -135,7 +135,7 @@ def _held(path: str) -> bool:
 
 def id_time(qid: str) -> float | None:
     """When entry ``qid`` was spooled (or picked up): its first 13 characters are the
-    microseconds in hex (spool.new_queue_id). None for a name not made that way.
+    microseconds in hex (spoolentry.new_queue_id). None for a name not made that way.
 
     >>> id_time("0000000F4240" + "0ABCDEFGH")
     1.0

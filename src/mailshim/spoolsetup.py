@@ -18,7 +18,8 @@ import stat
 
 from mailshim.errors import CantCreateError, from_oserror
 from mailshim.queuestats import FOLDER as MONITOR_FOLDER
-from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool, _listdir
+from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool
+from mailshim.spoolfs import _listdir
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)

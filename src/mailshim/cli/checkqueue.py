@@ -71,11 +71,11 @@ def main(argv: list[str], config_path: str | None = None) -> int:
             if warn is not None or crit is not None or name != "stall":
                 thresholds[label] = (warn, crit)
         path = args.config or config_path
-        from mailshim import config
+        from mailshim import config, configload
         from mailshim.errors import MailshimError
 
         try:
-            cfg = config.load(path)
+            cfg = configload.load(path)
         except MailshimError as exc:
             if args.spool is None:
                 raise PluginError(exc.message) from None

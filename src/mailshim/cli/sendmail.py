@@ -97,9 +97,9 @@ def run(argv: list[str]) -> int:
 def _dispatch(prog: str, inv: Invocation) -> int:
     if inv.action in ("aliases", "nothing"):
         return 0  # aliases are read at each submission: there is nothing to rebuild
-    from mailshim import config as config_mod
+    from mailshim import configload
 
-    config = config_mod.load(inv.config_path)
+    config = configload.load(inv.config_path)
     if inv.action == "list":
         from mailshim import queueview
 
@@ -152,9 +152,9 @@ def _submit(prog: str, config: Config, inv: Invocation) -> int:
 
 
 def _flush(prog: str, config: Config, inv: Invocation) -> int:
-    from mailshim import runner, spool
+    from mailshim import runner, spoolchoice
 
-    spools = [s for s in spool.known_spools(config) if s.writable()]
+    spools = [s for s in spoolchoice.known_spools(config) if s.writable()]
     only = {inv.queue_filter} if inv.queue_filter else None
 
     def transcript(line: str) -> None:

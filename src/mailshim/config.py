@@ -117,6 +117,7 @@ class Config:
 
     __slots__ = (
         "_domain",
+        "_trusted_domain",
         "aliases",
         "aliases_file",
         "delivery_mode",
@@ -182,6 +183,18 @@ class Config:
         self.user_messages = 100
         self.user_recipients = 500
         self.user_window = 3600
+        # The domain of users' own addresses as root's configuration gives it, when the file
+        # read is one the caller chose (configload); None: that file is root's own.
+        self._trusted_domain: str | None = None
+
+    @property
+    def own_domain(self) -> str:
+        """The domain of a user's own address as root's configuration sets it: a file the
+        caller chose may send their mail under another ``domain``, but not make that
+        address theirs (it gets ``X-Authentication-Warning``, as ``-f`` does)."""
+        if self._trusted_domain is None:
+            return self.domain
+        return self._trusted_domain or paths.fqdn()
 
     @property
     def domain(self) -> str:

@@ -64,6 +64,7 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> config.Confi
     if os.geteuid() != 0 and not root_controlled(path):
         data = _without_trust(cfg, data, path)
         _trust_from_system(cfg, path, use_cache)
+        cfg._trusted_domain = _system_domain(use_cache)
     config.apply_table(cfg, data, path)
     _check_addresses(cfg, path)
     if cfg.log_file is not None:
@@ -110,6 +111,21 @@ def _without_trust(cfg: config.Config, data: Table, where: str) -> Table:
                 f"ignored in {where} (only a file root controls may set it)"
             )
     return out
+
+
+def _system_domain(use_cache: bool) -> str:
+    """``[addresses] domain`` of the system configuration when root controls it, else ""
+    (the built-in default, this host's name): what users' own addresses are, whatever a
+    file they chose says (issue 24, item 3)."""
+    system = paths.SYSTEM_CONFIG
+    if not os.path.exists(system) or not root_controlled(system):
+        return ""
+    try:
+        body = _read_table(system, use_cache).get("addresses")
+    except ConfigError:
+        return ""
+    value = body.get("domain") if isinstance(body, dict) else None
+    return value if isinstance(value, str) and value else ""
 
 
 def _trust_from_system(cfg: config.Config, where: str, use_cache: bool) -> None:
@@ -248,6 +264,11 @@ def _cache_put(cache_file: str, key: tuple[object, ...], data: Table) -> None:
     folder = os.path.dirname(cache_file)
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
+        # Root never writes into a cache folder another account controls (the units' is
+        # the runner's): it would not read it back anyway (_cache_get), and writes nothing
+        # there that account could aim elsewhere.
+        if not _trusted(os.stat(folder)):
+            return
     except OSError:
         return
     paths.replace_file(cache_file, blob, 0o600)

@@ -355,8 +355,31 @@ def print_queue(config: Config) -> int:
             f"-- {dead} dead letter{'s' if dead != 1 else ''} (failed for good):"
             " mailshim queue --dead lists them\n"
         )
+    text += held_lines(config)
     sys.stdout.write(text)
     return 0
+
+
+def held_lines(config: Config) -> str:
+    """Why mail waits in the system spool's drop folder (its owners over their budget, as
+    the runner last wrote): every user's for those who may list it, else the caller's own."""
+    from mailshim import paths, spool
+
+    target = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
+    try:
+        uids = sorted(
+            int(n[len(spool.HELD_NOTICE) :])
+            for n in os.listdir(target.incoming)
+            if n.startswith(spool.HELD_NOTICE) and n[len(spool.HELD_NOTICE) :].isdigit()
+        )
+    except OSError:
+        uids = [os.geteuid()]
+    out = ""
+    for uid in uids:
+        why = target.held_notice(uid)
+        if why:
+            out += f"-- uid {uid}: mail waits in the drop folder: {one_line(why)}\n"
+    return out
 
 
 def format_dead(items: list[DeadItem], now: float, color: bool = False) -> str:

@@ -222,12 +222,6 @@ class _Pass:
         if state is not None and (state.held or (not self.force and state.next_attempt > self.now)):
             self.counts.skipped += 1
             return False
-        if self.limiter is not None and not sendlimits.gate(
-            self.limiter, self.target, qid, self.now
-        ):
-            self.counts.add(LIMITED)
-            mailstats.limited()
-            return False
         return True
 
 
@@ -389,6 +383,13 @@ async def _attempt_with_pauses(
             return QUARANTINED, {}
         if locked is None:
             counts.skipped += 1
+            return "", {}
+        # Counted against its owner's sending limit under the lock this attempt keeps.
+        limiter = run.limiter if tries == 0 else None
+        if limiter is not None and not sendlimits.gate(limiter, locked, run.now):
+            locked.release()
+            counts.add(LIMITED)
+            mailstats.limited()
             return "", {}
         status, replies = await delivery.deliver_entry(config, client, locked)
         if status != THROTTLED:

@@ -269,3 +269,61 @@ def test_a_users_interactive_drop_deferral_is_retried_by_their_agent(dropbox, ho
     assert mu.names("queue") == []  # no runner took it: the user's agent delivered it
     time.sleep(1)
     assert len(mu.listener.messages) == 1
+
+
+# --- item 3: `mailshim queue release` and `retry` start or wake an agent --------------------
+
+
+def test_release_after_the_agent_left_sends_the_mail(down_world):
+    """hold --all while deferred: the agent leaves (nothing it may retry); the listener comes
+    back; `queue release --all` alone (no submission, no flush) gets the mail out."""
+    world = down_world
+    done = world.sendmail("-i", "bob@example.org", input=MESSAGE % 0)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: agents(world.spool), what="an agent")
+    held = world.run("mailshim", ["queue", "hold", "--all"])
+    assert held.returncode == 0, held.stderr
+    wait_for(lambda: not agents(world.spool), timeout=STEP + SLACK, what="the agent to leave")
+    world.listener.start()
+    time.sleep(1)
+    assert world.listener.messages == []  # held: nothing goes
+    released = world.run("mailshim", ["queue", "release", "--all"])
+    assert released.returncode == 0, released.stderr
+    assert released.stdout == b"release: 1 entry\n"
+    (msg,) = world.listener.wait(1, timeout=SLACK)
+    assert msg.rcpt_tos == ["bob@example.org"]
+    world.wait_queue_empty()
+
+
+def test_retry_wakes_the_agent_sleeping_until_a_later_step(down_world):
+    """An agent sleeps until a deferred entry's next step (10 minutes away); the listener
+    comes back and `queue retry --all` makes it due: the agent is woken and sends it now."""
+    world = down_world
+    configure(world, retry='["10m"]')
+    done = world.sendmail("-i", "bob@example.org", input=MESSAGE % 0)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: agents(world.spool), what="an agent")
+    wait_for(
+        lambda: b"deferred" in world.run("mailshim", ["queue"]).stdout,
+        what="the first attempt to fail",
+    )
+    world.listener.start()
+    time.sleep(1)
+    assert world.listener.messages == []
+    retried = world.run("mailshim", ["queue", "retry", "--all"])
+    assert retried.returncode == 0, retried.stderr
+    (msg,) = world.listener.wait(1, timeout=SLACK)
+    assert msg.rcpt_tos == ["bob@example.org"]
+    world.wait_queue_empty()
+
+
+def test_release_in_queue_mode_leaves_the_mail_to_the_runner(down_world):
+    world = down_world
+    configure(world, mode="queue")
+    world.listener.start()
+    assert world.sendmail("-i", "bob@example.org", input=MESSAGE % 0).returncode == 0
+    assert world.run("mailshim", ["queue", "hold", "--all"]).returncode == 0
+    assert world.run("mailshim", ["queue", "release", "--all"]).returncode == 0
+    time.sleep(2)
+    assert agents(world.spool) == [] and world.listener.messages == []
+    assert len(world.queued()) == 1

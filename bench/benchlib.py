@@ -36,7 +36,7 @@ SENDMAIL_CODE = (
 )
 
 # What a queue- or background-mode sendmail imports (see bench/RESULTS.md's importtime list).
-IMPORTS_CODE = "import mailshim.cli.sendmail, mailshim.config, mailshim.submit"
+IMPORTS_CODE = "import mailshim.cli.sendmail, mailshim.config, mailshim.configload, mailshim.submit"
 
 
 class BenchError(Exception):

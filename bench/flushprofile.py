@@ -312,11 +312,10 @@ def section_profile(b: Bench) -> None:
     n = b.args.count
     say(f"\n## `runner.flush` of {n} under cProfile, in this process")
     os.environ.update(b.env)
-    from mailshim import config as config_mod
-    from mailshim import runner
+    from mailshim import configload, runner
     from mailshim import spool as spool_mod
 
-    cfg = config_mod.load(str(b.config))
+    cfg = configload.load(str(b.config))
     b.reset(n)
     b.listener.reset()
     spools = [spool_mod.Spool(str(b.spool))]

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from mailshim import config as config_mod
-from mailshim import runner, spoolchoice
+from mailshim import configload, runner, spoolchoice
 from mailshim.relay import RelayClient
 
 
@@ -37,7 +36,7 @@ def main() -> int:
         sys.stderr.write("usage: one_per_session.py CONFIG\n")
         return 64
     runner._client = _one_message_client
-    config = config_mod.load(sys.argv[1])
+    config = configload.load(sys.argv[1])
     spools = [s for s in spoolchoice.known_spools(config) if s.writable()]
     counts = runner.flush(config, spools)
     print(counts.sent, counts.deferred, counts.bounced)

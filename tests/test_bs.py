@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Env, free_port, tool
-from mailshim import bs
-from mailshim import config as config_mod
+from mailshim import bs, configload
 from mailshim.errors import EX_DATAERR, EX_NOUSER, EX_OK, EX_TEMPFAIL
 
 HERE = Path(__file__).parent
@@ -392,7 +391,7 @@ def test_a_plain_message_piped_by_mistake_ends_with_421(world: Env) -> None:
 
 
 def serve_in_process(world: Env, data: bytes, idle_timeout: float) -> tuple[int, bytes]:
-    cfg = config_mod.load(str(world.config), use_cache=False)
+    cfg = configload.load(str(world.config), use_cache=False)
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     os.write(in_w, data)  # small: fits in the pipe; in_w stays open, so no EOF
@@ -435,7 +434,7 @@ def test_idle_timeout_in_data_keeps_nothing(world: Env) -> None:
 
 
 def test_client_that_stops_reading_does_not_hang(world: Env) -> None:
-    cfg = config_mod.load(str(world.config), use_cache=False)
+    cfg = configload.load(str(world.config), use_cache=False)
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     os.close(out_r)  # nobody reads the replies
@@ -524,7 +523,7 @@ def test_php_symfony_style_client(world: Env, tmp_path: Path) -> None:
 def test_non_blocking_output_pipe(world: Env) -> None:
     """A client may hand us a non-blocking pipe: a burst of replies larger than the pipe
     buffer must still arrive whole, in order."""
-    cfg = config_mod.load(str(world.config), use_cache=False)
+    cfg = configload.load(str(world.config), use_cache=False)
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     os.set_blocking(out_w, False)

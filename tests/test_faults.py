@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Env, message_queue_id, others_can_run, queue_config, tool
-from mailshim import config as config_mod
-from mailshim import spool, spoolfmt
+from mailshim import configload, spool, spoolfmt
 from relayhelpers import Listener
 
 MSG = b"Subject: fault test\n\nkeep me\n"
@@ -397,7 +396,7 @@ def run_crashes(world: Env, sendmails: int, pairs: int, seed: int) -> None:
     assert duplicates, "no kill landed between a delivery and its record"
     # ... and is short: a copy per killed session at most (each runner has up to
     # `concurrency` sessions, each with its own message between the reply and the record)
-    sessions = config_mod.load(str(world.config), use_cache=False).relays[0].concurrency
+    sessions = configload.load(str(world.config), use_cache=False).relays[0].concurrency
     assert sum(duplicates.values()) <= (crashes.kills - sendmails) * sessions
     print(
         f"crash test: {crashes.kills} kills, {len(msgs)} messages, "

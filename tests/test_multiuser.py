@@ -650,8 +650,8 @@ def test_a_user_flooding_the_drop_folder_does_not_hold_back_others(mu):
         box.users[RUNNER],
         f"""
         import json
-        from mailshim import config, pickup, spool
-        cfg = config.load({str(box.config)!r})
+        from mailshim import configload, pickup, spool
+        cfg = configload.load({str(box.config)!r})
         results = pickup.pickup(spool.Spool({str(box.spool)!r}), cfg, per_user=3)
         print(json.dumps([p.name for p in results if p.status == "picked"]))
         """,
@@ -850,11 +850,12 @@ def test_planted_temp_names_do_not_make_a_message_go_twice(mu):
         alice,
         f"""
         import fcntl, json, os
-        from mailshim import config, delivery, spool, spoolentry
+        from mailshim import configload, delivery, spool, spoolentry
         s = spool.Spool({str(mu.spool)!r}, drop=True)
         fd = os.open(os.path.join(s.incoming, {qid!r}), os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        status, _ = delivery.deliver_now(config.load(), spoolentry.open_drop_entry(s, {qid!r}, fd))
+        entry = spoolentry.open_drop_entry(s, {qid!r}, fd)
+        status, _ = delivery.deliver_now(configload.load(), entry)
         print(json.dumps(status))
         """,
     )

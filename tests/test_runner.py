@@ -16,8 +16,7 @@ import time
 import pytest
 
 from conftest import message_queue_id, queue_config, queue_entries, tool
-from mailshim import config as config_mod
-from mailshim import policy, runner, spool, spoolentry, spoolfmt
+from mailshim import configload, policy, runner, spool, spoolentry, spoolfmt
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +25,7 @@ def no_syslog(monkeypatch):
 
 
 def cfg(world):
-    return config_mod.load(str(world.config), use_cache=False)
+    return configload.load(str(world.config), use_cache=False)
 
 
 def sp(world) -> spool.Spool:

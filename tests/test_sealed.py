@@ -17,8 +17,7 @@ import subprocess
 import pytest
 
 from conftest import tool
-from mailshim import config as config_mod
-from mailshim import sealed
+from mailshim import configload, sealed
 from mailshim.config import Config, RelayConfig
 from mailshim.errors import ConfigError
 from relayhelpers import Certs, Listener
@@ -222,10 +221,10 @@ def test_client_cert_needs_tls(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[relay]\nclient_cert = "/x.pem"\n')
     with pytest.raises(ConfigError, match='client_cert needs tls = "starttls" or "tls"'):
-        config_mod.load(str(path), use_cache=False)
+        configload.load(str(path), use_cache=False)
     path.write_text('[relay]\ntls = "tls"\nclient_key = "/x.key"\n')
     with pytest.raises(ConfigError, match="client_key is set but client_cert is not"):
-        config_mod.load(str(path), use_cache=False)
+        configload.load(str(path), use_cache=False)
     relay = RelayConfig("relay")
     relay.client_cert = "/c.pem"
     assert sealed.secret_files(relay) == ["/c.pem"]  # the key in the certificate file

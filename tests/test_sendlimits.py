@@ -14,7 +14,7 @@ import pytest
 
 from conftest import queue_config, tool
 from mailshim import config as config_mod
-from mailshim import runner, sendlimits, spool
+from mailshim import configload, runner, sendlimits, spool
 from mailshim.errors import ConfigError
 from mailshim.sendlimits import Usage, decide
 
@@ -124,7 +124,7 @@ def test_an_unwritable_counter_never_holds_mail(tmp_path):
 def test_config_keys(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[limits]\nuser_messages = 7\nuser_recipients = 0\nuser_window = "90s"\n')
-    cfg = config_mod.load(str(path), use_cache=False)
+    cfg = configload.load(str(path), use_cache=False)
     assert (cfg.user_messages, cfg.user_recipients, cfg.user_window) == (7, 0, 90)
     defaults = config_mod.Config()
     assert (defaults.user_messages, defaults.user_recipients, defaults.user_window) == (
@@ -133,7 +133,7 @@ def test_config_keys(tmp_path):
     for bad in ("user_messages = -1", 'user_messages = "many"', 'user_window = "0s"'):
         path.write_text(f"[limits]\n{bad}\n")
         with pytest.raises(ConfigError) as info:
-            config_mod.load(str(path), use_cache=False)
+            configload.load(str(path), use_cache=False)
         assert "[limits]" in info.value.message
 
 
@@ -167,7 +167,7 @@ def queue_as(world, uid: int, n: int, rcpts=("bob@example.org",)) -> list[str]:
 
 def test_runner_holds_the_rest_until_the_next_window_and_others_go_on(fworld):
     queue_config(fworld, extra='[limits]\nuser_messages = 3\nuser_window = "3s"')
-    cfg = config_mod.load(str(fworld.config), use_cache=False)
+    cfg = configload.load(str(fworld.config), use_cache=False)
     burst = queue_as(fworld, 4242, 7)
     queue_as(fworld, 4343, 2)
     queue_as(fworld, os.getuid(), 4)  # root / the runner: exempt
@@ -201,7 +201,7 @@ def test_runner_holds_the_rest_until_the_next_window_and_others_go_on(fworld):
 
 def test_check_names_users_at_their_limit(fworld):
     queue_config(fworld, extra='[limits]\nuser_messages = 1\nuser_window = "1h"')
-    cfg = config_mod.load(str(fworld.config), use_cache=False)
+    cfg = configload.load(str(fworld.config), use_cache=False)
     queue_as(fworld, 4242, 3)
     runner.flush(cfg, [system_spool(fworld)])
     r = subprocess.run(

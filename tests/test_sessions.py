@@ -11,8 +11,7 @@ from collections import Counter
 import pytest
 
 from conftest import message_queue_id, queue_config, queue_entries, tool
-from mailshim import config as config_mod
-from mailshim import spool
+from mailshim import configload, spool
 from mailshim.errors import ConfigError
 
 
@@ -193,7 +192,7 @@ def test_concurrency_out_of_range_is_a_config_error_naming_the_key(tmp_path, bad
     path = tmp_path / "c.toml"
     path.write_text(f'[relay]\nhost = "127.0.0.1"\nconcurrency = {bad}\n')
     with pytest.raises(ConfigError) as err:
-        config_mod.load(str(path), use_cache=False)
+        configload.load(str(path), use_cache=False)
     assert "concurrency" in err.value.message
 
 
@@ -202,7 +201,7 @@ def test_concurrency_is_read_per_relay(tmp_path):
     path.write_text(
         '[[relay]]\nhost = "127.0.0.1"\nconcurrency = 8\n\n[[relay]]\nhost = "127.0.0.2"\n'
     )
-    cfg = config_mod.load(str(path), use_cache=False)
+    cfg = configload.load(str(path), use_cache=False)
     assert [r.concurrency for r in cfg.relays] == [8, 4]
 
 

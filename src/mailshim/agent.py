@@ -252,10 +252,10 @@ def agent_main(
     A ``sendmail`` that finds the spool's lock taken starts no agent, trusting the holder to
     see its entry; so after releasing the lock the agent looks once more and carries on if
     anything is due."""
-    from mailshim import config as config_mod
+    from mailshim import configload
 
     try:
-        config = config_mod.load(config_path)
+        config = configload.load(config_path)
     except MailshimError as exc:
         maillog.log(f"agent: {exc.message}", error=True)
         return exc.code

@@ -54,11 +54,11 @@ RETRYING_UNITS = ("mailshim-flush.timer", "mailshim-daemon.service")
 
 def run(config_path: str | None, extra_rcpts: Sequence[str] = (), *, probe: bool = True) -> Report:
     """Check everything; never raises a ``MailshimError`` (each becomes a finding)."""
-    from mailshim import config as config_mod
+    from mailshim import configload
 
     report = Report()
     try:
-        cfg = config_mod.load(config_path)
+        cfg = configload.load(config_path)
     except MailshimError as exc:
         key = exc.key if isinstance(exc, ConfigError) else ""
         report.add(

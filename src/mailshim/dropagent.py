@@ -265,13 +265,14 @@ def schedule(config: Config) -> tuple[int, ...]:
     controls it, else the system one, else the built-in steps. A user's own file may not
     make their agent hammer the listener."""
     from mailshim import config as config_mod
+    from mailshim import configload
     from mailshim.errors import MailshimError
 
-    if config.path and config_mod.root_controlled(config.path):
+    if config.path and configload.root_controlled(config.path):
         return config.retry
-    if os.path.exists(paths.SYSTEM_CONFIG) and config_mod.root_controlled(paths.SYSTEM_CONFIG):
+    if os.path.exists(paths.SYSTEM_CONFIG) and configload.root_controlled(paths.SYSTEM_CONFIG):
         try:
-            return config_mod.load(paths.SYSTEM_CONFIG).retry
+            return configload.load(paths.SYSTEM_CONFIG).retry
         except MailshimError:
             pass  # a broken system file: the built-in steps
     return config_mod.Config().retry

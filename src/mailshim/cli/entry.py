@@ -20,10 +20,10 @@ from mailshim.errors import EX_OK
 
 
 def _straight(force: bool) -> int:
-    from mailshim import config
+    from mailshim import configload
 
     try:
-        queuerun.run_queue(config.load(None), verbose=False, force=force)
+        queuerun.run_queue(configload.load(None), verbose=False, force=force)
     except (Exception, KeyboardInterrupt) as exc:
         return queuerun.failed(exc)
     return EX_OK

@@ -3,7 +3,7 @@
 Its own module so that the command modules (``admin``, ``admin_spool``) import it and not
 each other: imports run one way (admin -> admin_spool -> group).
 
-Trust: as ``cli/admin.py``. Raises ``MailshimError`` (config.load: 78 and friends) from
+Trust: as ``cli/admin.py``. Raises ``MailshimError`` (configload.load: 78 and friends) from
 ``_config``; click's own errors are turned into sysexits codes by ``admin.main``.
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import click
 
-from mailshim import __version__
+from mailshim import __version__, configload
 from mailshim import config as config_mod
 
 
 def _config(ctx: click.Context) -> config_mod.Config:
     obj = ctx.ensure_object(dict)
     if "config" not in obj:
-        obj["config"] = config_mod.load(obj.get("config_path"))
+        obj["config"] = configload.load(obj.get("config_path"))
     cfg: config_mod.Config = obj["config"]
     return cfg
 

@@ -97,9 +97,9 @@ def run(argv: list[str]) -> int:
 def _dispatch(prog: str, inv: Invocation) -> int:
     if inv.action in ("aliases", "nothing"):
         return 0  # aliases are read at each submission: there is nothing to rebuild
-    from mailshim import config as config_mod
+    from mailshim import configload
 
-    config = config_mod.load(inv.config_path)
+    config = configload.load(inv.config_path)
     if inv.action == "list":
         from mailshim import queueview
 

@@ -1,0 +1,253 @@
+"""Find and read the configuration file, with its marshal cache and the rules on which file
+may grant trust; ``config`` checks what the file says.
+
+Lookup order: ``-C FILE``, ``$MAILSHIM_CONFIG``, the per-user file (when it exists),
+``/etc/mailshim/config.toml``, built-in defaults. Only the first file found is read: files
+are not merged, so what ``mailshim config`` shows is the whole story.
+
+Parsing TOML costs more than the rest of ``sendmail`` start-up (``tomllib`` pulls in ``re``,
+``typing`` and ``datetime``), so the parsed table is cached with ``marshal`` in the caller's
+cache folder, keyed on the file's identity (device, inode, size, mtime, ctime). The cache is
+only trusted when it and its folder belong to the caller (or root) and nobody else can write
+them; the table read from it is validated again like a freshly parsed one.
+
+Trust: runs as every user. The file named by ``-C`` or ``$MAILSHIM_CONFIG`` is the caller's
+choice and only affects the caller's own submission; the settings that grant trust
+(``TRUST_KEYS``) are taken only from a file that root controls, else from the system file.
+
+Raises ``ConfigError`` (exit 78) naming the file, the key and the problem: a file that cannot
+be read, is not a regular file, UTF-8 or TOML, a value ``config`` refuses, or an address that
+cannot be used.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+import sys
+
+from mailshim import config, paths
+from mailshim.errors import ConfigError
+
+# typing costs ~8 ms at start-up; mypy treats this name like typing.TYPE_CHECKING.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from mailshim.config import Table
+
+_CACHE_VERSION = 1
+
+
+def find_config_file(explicit: str | None) -> tuple[str | None, str]:
+    """The file to read and why it was chosen ("-C", "environment", "user", "system")."""
+    if explicit:
+        return explicit, "-C"
+    env = os.environ.get("MAILSHIM_CONFIG")
+    if env:
+        return env, "$MAILSHIM_CONFIG"
+    user = os.path.join(paths.user_config_dir(), "config.toml")
+    if os.path.exists(user):
+        return user, "user"
+    if os.path.exists(paths.SYSTEM_CONFIG):
+        return paths.SYSTEM_CONFIG, "system"
+    return None, "defaults"
+
+
+def load(explicit: str | None = None, *, use_cache: bool = True) -> config.Config:
+    """Find and read the configuration. Raises ``ConfigError`` (exit 78) naming the problem."""
+    path, _why = find_config_file(explicit)
+    cfg = config.Config()
+    if path is None:
+        return cfg
+    data = _read_table(path, use_cache)
+    cfg.path = path
+    if os.geteuid() != 0 and not root_controlled(path):
+        data = _without_trust(cfg, data, path)
+        _trust_from_system(cfg, path, use_cache)
+    config.apply_table(cfg, data, path)
+    _check_addresses(cfg, path)
+    if cfg.log_file is not None:
+        from mailshim import maillog
+
+        maillog.use_file(cfg.log_file)
+    return cfg
+
+
+# Settings that grant trust: who may choose any sender without a warning, and one sender for
+# everyone. A file the caller chose (-C, $MAILSHIM_CONFIG, their own per-user file) could
+# otherwise make anyone trusted; so they are read only from a file that root controls, and
+# else from the system configuration (issue 12, item 4).
+TRUST_KEYS = (("submission", "trusted_users"), ("addresses", "sender"))
+
+
+def root_controlled(path: str) -> bool:
+    """Only root can have written ``path``: it and every folder above it belong to root,
+    and none is writable by group or others (a sticky folder such as /tmp excepted)."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+        folder = os.path.dirname(real)
+        while True:
+            st = os.stat(folder)
+            if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                return False
+            if folder == os.path.dirname(folder):
+                return True
+            folder = os.path.dirname(folder)
+    except OSError:
+        return False
+
+
+def _without_trust(cfg: config.Config, data: Table, where: str) -> Table:
+    out = dict(data)
+    for section, key in TRUST_KEYS:
+        body = out.get(section)
+        if isinstance(body, dict) and key in body:
+            out[section] = {k: v for k, v in body.items() if k != key}
+            cfg.sources[f"{section}.{key}"] = (
+                f"ignored in {where} (only a file root controls may set it)"
+            )
+    return out
+
+
+def _trust_from_system(cfg: config.Config, where: str, use_cache: bool) -> None:
+    system = paths.SYSTEM_CONFIG
+    if where == system or not os.path.exists(system) or not root_controlled(system):
+        return
+    data = _read_table(system, use_cache)
+    for section, key in TRUST_KEYS:
+        body = data.get(section)
+        if isinstance(body, dict) and key in body:
+            attr, check = config.SECTIONS[section][key]
+            try:
+                setattr(cfg, attr, check(body[key]))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{system}: [{section}] {key}: {exc}", f"[{section}] {key}"
+                ) from None
+            cfg.sources[f"{section}.{key}"] = f"file {system}"
+
+
+def _check_addresses(cfg: config.Config, where: str) -> None:
+    """Addresses in the file must be usable before anything is sent (issue 12, item 13)."""
+    if cfg._domain is None and cfg.sender is None and not cfg.aliases:
+        return
+    from mailshim import aliases  # pure, and sendmail imports it anyway
+
+    problem = aliases.settings_problem(cfg._domain, cfg.sender, cfg.aliases)
+    if problem is not None:
+        key, why = problem
+        raise ConfigError(f"{where}: {key}: {why}", key)
+
+
+def _read_table(path: str, use_cache: bool) -> Table:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: the configuration is not a regular file")
+        key = (
+            _CACHE_VERSION,
+            sys.version_info[:2],
+            os.path.abspath(path),
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        )
+        cache_file = _cache_path() if use_cache else None
+        if cache_file is not None:
+            cached = _cache_get(cache_file, key)
+            if cached is not None:
+                return cached
+        raw = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            raw += chunk
+            if len(raw) > 4 * 1024 * 1024:
+                raise ConfigError(f"{path}: the configuration is larger than 4 MiB")
+    finally:
+        os.close(fd)
+    data = _parse_toml(raw, path)
+    if cache_file is not None:
+        _cache_put(cache_file, key, data)
+    return data
+
+
+def _parse_toml(raw: bytes, path: str) -> Table:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+    try:
+        text = raw.decode("utf-8")
+        return tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the configuration is not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _cache_path() -> str | None:
+    base = os.environ.get("MAILSHIM_CACHE_DIR") or paths.user_cache_dir()
+    return os.path.join(base, "config.marshal")
+
+
+def _trusted(st: os.stat_result) -> bool:
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+
+
+def _cache_get(cache_file: str, key: tuple[object, ...]) -> Table | None:
+    try:
+        dst = os.stat(os.path.dirname(cache_file))
+        fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) and _trusted(st) and _trusted(dst)):
+            return None
+        if st.st_size > 8 * 1024 * 1024:
+            return None
+        blob = b""
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            blob += chunk
+        stored = marshal.loads(blob)
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    finally:
+        os.close(fd)
+    if (
+        isinstance(stored, tuple)
+        and len(stored) == 2
+        and stored[0] == key
+        and isinstance(stored[1], dict)
+    ):
+        return stored[1]
+    return None
+
+
+def _cache_put(cache_file: str, key: tuple[object, ...], data: Table) -> None:
+    """Best effort: a cache that cannot be written only costs the next run some milliseconds."""
+    try:
+        # marshal's stub lists concrete types; the table holds only TOML's plain values.
+        blob = marshal.dumps((key, data))  # type: ignore[arg-type]
+    except ValueError:
+        return  # a TOML date or time value: not marshal-able, and rejected by validation anyway
+    folder = os.path.dirname(cache_file)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        return
+    paths.replace_file(cache_file, blob, 0o600)

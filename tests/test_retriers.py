@@ -327,3 +327,49 @@ def test_release_in_queue_mode_leaves_the_mail_to_the_runner(down_world):
     time.sleep(2)
     assert agents(world.spool) == [] and world.listener.messages == []
     assert len(world.queued()) == 1
+
+
+# --- item 5: `mailshim check` never takes agent.lock ---------------------------------------
+
+
+def _opens_of(path) -> int:
+    """An inotify fd that becomes readable when anyone opens ``path`` (IN_OPEN)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK)
+    assert fd >= 0
+    assert libc.inotify_add_watch(fd, str(path).encode(), 0x20) >= 0  # IN_OPEN
+    return fd
+
+
+def _opened(fd: int) -> bool:
+    try:
+        return bool(os.read(fd, 4096))
+    except BlockingIOError:
+        return False
+
+
+def test_check_names_the_agent_without_taking_its_lock(down_world):
+    """`mailshim check` says which agent serves the spool without opening agent.lock at all
+    (a sendmail finding the lock taken by check for that moment started no agent and had
+    no second look): the agent is found through /proc/locks."""
+    world = down_world
+    configure(world, retry='["10m"]')
+    assert world.sendmail("-i", "bob@example.org", input=MESSAGE % 0).returncode == 0
+    wait_for(lambda: agents(world.spool), what="an agent")
+    wait_for(lambda: (world.spool / "state" / "agent.pid").exists(), what="its pid file")
+    (pid,) = agents(world.spool)
+    fd = _opens_of(world.spool / "agent.lock")
+    try:
+        report = world.run("mailshim", ["check"]).stdout.decode()
+        assert f"a lingering delivery agent (pid {pid})" in report, report
+        assert not _opened(fd), "check opened agent.lock"
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not agents(world.spool), what="the agent to stop")
+        _opened(fd)  # the agent's own last touches
+        report = world.run("mailshim", ["check"]).stdout.decode()
+        assert "lingering delivery agent" not in report, report
+        assert not _opened(fd), "check opened agent.lock"
+    finally:
+        os.close(fd)

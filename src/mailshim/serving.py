@@ -10,8 +10,9 @@ the agent's module only when it must start one.
 Trust: runs as the submitting user, the runner or root. The pid file is only a hint: it is
 believed only while the agent lock is held, a poke is SIGURG (whose default action is to be
 ignored, so a stale pid harms nothing), and SIGTERM goes only to a pid named as an agent
-while the lock is held. Raises nothing but what ``spool.Spool.try_agent_lock`` raises
-(``OSError``), which callers treat as "unknown".
+while the lock is held. Whether the lock is held is read from ``/proc/locks``, never by
+taking it. Raises nothing but what ``spool.Spool.try_agent_lock`` raises (``OSError``),
+which callers treat as "unknown".
 """
 
 from __future__ import annotations
@@ -67,14 +68,34 @@ def holder(target: spool.Spool, *, locked: bool = False) -> tuple[int, str] | No
 
 
 def lock_busy(target: spool.Spool) -> bool:
-    """Whether someone holds the agent lock (it is taken and released at once otherwise)."""
+    """Whether someone holds the agent lock, found without taking it: a ``sendmail`` that
+    found it taken even for a moment (``mailshim check`` looking) would start no agent and
+    trust the holder to see its entry. Read from ``/proc/locks``; where that cannot be read,
+    a live process named in the pid file counts as the holder."""
     try:
-        fd = target.try_agent_lock()
+        st = os.stat(os.path.join(target.root, "agent.lock"))
     except OSError:
         return False
-    if fd is None:
-        return True
-    os.close(fd)
+    held = _flocked(st.st_dev, st.st_ino)
+    if held is not None:
+        return held
+    found = holder(target, locked=True)
+    return found is not None and os.path.isdir(f"/proc/{found[0]}")
+
+
+def _flocked(dev: int, ino: int) -> bool | None:
+    """Whether ``/proc/locks`` lists an flock on the file (dev, ino); None if unreadable."""
+    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    try:
+        with open("/proc/locks", "rb") as f:
+            text = f.read(4 * 1024 * 1024).decode("ascii", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        words = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:4244243 0 EOF"; "1: -> FLOCK ..." waits
+        if len(words) >= 6 and words[1] == "FLOCK" and words[5] == want:
+            return True
     return False
 
 

@@ -373,3 +373,73 @@ def test_check_names_the_agent_without_taking_its_lock(down_world):
         assert not _opened(fd), "check opened agent.lock"
     finally:
         os.close(fd)
+
+
+# --- item 8: an enabled unit that is stopped or failed retries nothing ----------------------
+# No real systemd runs on the test machines (PID 1 is not systemd): `mailshim check` runs in
+# a private mount namespace where /run/systemd/system exists, with a fake `systemctl` first
+# on PATH answering is-enabled / is-active from $FAKE_UNITS. The unit states a real systemd
+# reports are the ones `systemctl` documents (enabled, disabled; active, inactive, failed).
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+# systemctl VERB UNIT: answers from FAKE_UNITS ("unit=enabled:active ...")
+for pair in $FAKE_UNITS; do
+    unit=${pair%%=*}; states=${pair#*=}
+    if [ "$unit" = "$2" ]; then
+        case $1 in
+            is-enabled) echo "${states%%:*}"; [ "${states%%:*}" = enabled ]; exit $? ;;
+            is-active) echo "${states#*:}"; [ "${states#*:}" = active ]; exit $? ;;
+        esac
+    fi
+done
+case $1 in is-enabled) echo disabled ;; *) echo inactive ;; esac
+exit 1
+"""
+
+
+def _check_under_fake_systemd(world: Env, tmp_path, units: str) -> str:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace")
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "systemctl"
+    fake.write_text(FAKE_SYSTEMCTL)
+    fake.chmod(0o755)
+    env = dict(world.env, FAKE_UNITS=units, PATH=f"{bindir}:{world.env.get('PATH', '')}")
+    script = (
+        "mount -t tmpfs tmpfs /run/systemd 2>/dev/null || mount -t tmpfs tmpfs /run"
+        ' && mkdir -p /run/systemd/system && exec "$@"'
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", tool("mailshim"), "check"],
+        env=env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert b"Traceback" not in done.stderr, done.stderr
+    return done.stdout.decode()
+
+
+def test_check_says_an_enabled_but_stopped_timer_retries_nothing(down_world, tmp_path):
+    world = down_world
+    out = _check_under_fake_systemd(
+        world, tmp_path, "mailshim-flush.timer=enabled:inactive mailshim-flush.path=enabled:active"
+    )
+    assert "mailshim-flush.timer is enabled but inactive" in out, out
+    assert "systemctl start mailshim-flush.timer" in out, out
+    assert "retried by mailshim-flush.timer" not in out, out
+
+
+def test_check_says_a_failed_daemon_unit_retries_nothing(down_world, tmp_path):
+    world = down_world
+    out = _check_under_fake_systemd(world, tmp_path, "mailshim-daemon.service=enabled:failed")
+    assert "mailshim-daemon.service is enabled but failed" in out, out
+    assert "systemctl reset-failed mailshim-daemon.service" in out, out
+    assert "retried by mailshim-daemon.service" not in out, out
+
+
+def test_check_counts_an_enabled_and_active_timer(down_world, tmp_path):
+    world = down_world
+    out = _check_under_fake_systemd(
+        world, tmp_path, "mailshim-flush.timer=enabled:active mailshim-flush.path=enabled:active"
+    )
+    assert "retried by mailshim-flush.timer (enabled, active)" in out, out
+    assert "but inactive" not in out, out

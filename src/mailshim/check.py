@@ -648,6 +648,15 @@ def check_runner(cfg: Config, report: Report) -> None:
     system_root = cfg.queue_dir or paths.SYSTEM_SPOOL
     roots = [t.root for t in spoolchoice.known_spools(cfg)] or [system_root]
     uncovered: list[str] = []
+    mine: list[str | None] = []  # this user's own retrier, looked up once, when needed
+
+    def own_retrier() -> str | None:
+        if not mine:
+            from mailshim import retrier
+
+            mine.append(retrier.installed())
+        return mine[0]
+
     for root in roots:
         if os.path.isdir(os.path.join(root, "incoming")):
             _own_drop_agent(root, report)
@@ -661,6 +670,10 @@ def check_runner(cfg: Config, report: Report) -> None:
             who.append(now)
         elif pids and root == system_root:
             who += [f"mailshim daemon (pid {p})" for p in pids]
+        if not who and target.writable():
+            found = own_retrier()
+            if found:
+                who.append(f"{found} (mailshim retrier)")
         if who:
             report.add(OK, "runner", f"{root}: deferred mail is retried by " + ", ".join(who))
             if root == system_root and states and "mailshim-flush.path" not in running and not pids:
@@ -671,13 +684,25 @@ def check_runner(cfg: Config, report: Report) -> None:
                 )  # fmt: skip
             continue
         uncovered.append(root)
-    if not uncovered:
-        return
+    if uncovered:
+        _uncovered(cfg, report, uncovered, system_root, states, active)
+
+
+def _uncovered(
+    cfg: Config,
+    report: Report,
+    uncovered: list[str],
+    system_root: str,
+    states: dict[str, str],
+    active: dict[str, str],
+) -> None:
+    """The spools nothing retries now: what that means for each, and the fix."""
     how = "systemctl enable --now mailshim-flush.timer mailshim-flush.path"
     if not states:
         how = (
             "run mailshim daemon (containers, hosts without systemd), or enable"
-            " mailshim-flush.timer where systemd runs"
+            " mailshim-flush.timer where systemd runs; for your own spool: mailshim"
+            " retrier install"
         )
     if cfg.delivery_mode == "queue":
         report.add(
@@ -713,9 +738,37 @@ def check_runner(cfg: Config, report: Report) -> None:
                 " runs",
                 how,
             )  # fmt: skip
+        elif waiting := _waiting(root):
+            report.add(
+                WARNING, "runner",
+                f"{root}: {waiting} deferred message(s) and nothing retries them (no"
+                " delivery agent, daemon, timer or retrier: the agent died or the host"
+                " restarted); they go out only with the next submission",
+                "mailshim flush sends them now; mailshim retrier install retries them from"
+                " now on, after a reboot too",
+            )  # fmt: skip
         else:
             report.add(
                 OK, "runner",
                 f"{root}: no delivery agent is waiting now; the agent each sendmail starts"
                 " lingers while mail is deferred and retries it on the [queue] retry schedule",
+                "if that agent dies or the host restarts, nothing retries until the next"
+                " submission: mailshim retrier install",
             )  # fmt: skip
+
+
+def _waiting(root: str) -> int:
+    """Entries in ``root``'s queue that a retrier would try (not held); 0 if unreadable."""
+    from mailshim import spool
+
+    target = spool.Spool(root)
+    count = 0
+    try:
+        for qid in target.ids():
+            try:
+                count += not target.load_state(qid).held
+            except (MailshimError, OSError):
+                count += 1
+    except (MailshimError, OSError):
+        return 0
+    return count

@@ -66,6 +66,7 @@ class _Daemon:
         self.locks: dict[str, int] = {}
         self.took_over: set[str] = set()
         self.dead_expired: dict[str, float] = {}
+        self.marked: dict[str, float] = {}  # when the "served" mark was last refreshed
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -79,6 +80,7 @@ class _Daemon:
                 target.sync(force=True)
                 if target.root in self.locks:
                     serving.clear_pid(target)
+                    serving.mark_served(target, None)  # sendmail starts agents again
             for fd in self.locks.values():
                 os.close(fd)
 
@@ -87,21 +89,8 @@ class _Daemon:
         now = time.time()
         wake = now + 3600.0
         waiting_drops = False
+        self.take_locks()
         for target in self.spools:
-            if target.root not in self.locks:
-                # While the daemon runs, sendmail starts no agents: the daemon sees its entry.
-                # A lingering agent is asked to leave, once: the daemon serves the spool now.
-                try:
-                    if target.root in self.took_over:
-                        fd = target.try_agent_lock()
-                    else:
-                        self.took_over.add(target.root)
-                        fd = serving.stop_lingering(target)
-                except OSError:
-                    fd = None
-                if fd is not None:
-                    self.locks[target.root] = fd
-                    serving.write_pid(target, serving.DAEMON)
             try:
                 target.clean_tmp()
                 if now - self.dead_expired.get(target.root, 0.0) > DEAD_EXPIRY_EVERY:
@@ -145,6 +134,35 @@ class _Daemon:
             wake = min(wake, time.time() + LOCKED_RECHECK)
         return wake
 
+    def take_locks(self) -> None:
+        """The agent lock of each spool not held yet; the "served" marks kept fresh."""
+        for target in self.spools:
+            if target.root not in self.locks:
+                # While the daemon runs, sendmail starts no agents: the daemon sees its entry.
+                # A lingering agent is asked to leave, once: the daemon serves the spool now.
+                try:
+                    if target.root in self.took_over:
+                        fd = target.try_agent_lock()
+                    else:
+                        self.took_over.add(target.root)
+                        fd = serving.stop_lingering(target)
+                except OSError:
+                    fd = None
+                if fd is not None:
+                    self.locks[target.root] = fd
+                    serving.write_pid(target, serving.DAEMON)
+        self.keep_marks()
+
+    def keep_marks(self) -> None:
+        """Keep the "served" mark of each spool this daemon holds fresh: users' sendmail
+        then leaves their mail to the daemon instead of starting their own agents."""
+        now = time.monotonic()
+        for target in self.spools:
+            last = self.marked.get(target.root, -serving.SERVED_REFRESH)
+            if target.root in self.locks and now - last >= serving.SERVED_REFRESH:
+                self.marked[target.root] = now
+                serving.mark_served(target, serving.DAEMON)
+
     async def wait(self, stop: asyncio.Event, wake: float) -> None:
         """Sleep until ``wake``, a change in a spool folder, or ``stop``."""
         stamps = [runner.queue_stamp(t) for t in self.spools]
@@ -155,6 +173,7 @@ class _Daemon:
                 runner.queue_stamp(t) for t in self.spools
             ] != stamps and time.time() >= self.hold_until:
                 return
+            self.keep_marks()
             if self.pool is not None and time.monotonic() - idle_since > 5.0:
                 await self.pool.close()  # do not hold the listener's connections while idle
                 self.pool = None

@@ -30,7 +30,12 @@ if TYPE_CHECKING:
 PID_FILE = "agent.pid"  # in state/: "<pid> <role>"
 AGENT = "agent"
 DAEMON = "daemon"
+UNITS = "units"
+SERVED = "served"  # at the spool's root, readable by all: "<role>\n", mtime = last refresh
+SERVED_REFRESH = 60.0  # the daemon refreshes the mark this often (the timer runs each minute)
+SERVED_FRESH = 150.0  # a mark older than this is stale: its server stopped (or hung)
 DAEMON_TAKEOVER = 10.0  # seconds the daemon waits for a lingering agent to leave
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def write_pid(target: spool.Spool, role: str) -> None:
@@ -108,6 +113,60 @@ def who_retries(target: spool.Spool) -> str | None:
     if role == DAEMON:
         return f"mailshim daemon (pid {pid})"
     return f"a lingering delivery agent (pid {pid})"
+
+
+def served(target: spool.Spool) -> str | None:
+    """``units`` or ``daemon`` while the packaged units or ``mailshim daemon`` serve
+    ``target`` (a fresh mark), else None: then ``sendmail`` leaves new and deferred entries
+    to them and starts no agent of its own (issue 23, item 5). One ``open``; every user may
+    read the mark, and only one of the spool's owner (or root) counts."""
+    import stat
+
+    try:
+        fd = os.open(os.path.join(target.root, SERVED), os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        own = target.owner()
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, own[0] if own else 0):
+            return None
+        if not 0 <= time.time() - st.st_mtime < SERVED_FRESH:
+            return None
+        role = os.read(fd, 16)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return {b"units\n": UNITS, b"daemon\n": DAEMON}.get(role)
+
+
+def mark_served(target: spool.Spool, role: str | None) -> None:
+    """Say that ``role`` (``units``, ``daemon``) serves ``target`` from now on, refreshing
+    the mark's time; None clears it (a daemon stopping). Best effort: without the mark,
+    ``sendmail`` starts agents as where nothing serves the spool."""
+    data = b"" if role is None else role.encode() + b"\n"
+    try:
+        # O_CREAT without O_TRUNC: the system spool's root is root's, where setup-spool made
+        # this file for the runner; a per-user spool's owner may create it.
+        fd = os.open(
+            os.path.join(target.root, SERVED),
+            os.O_WRONLY | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+            0o644,
+        )
+    except OSError:
+        return
+    try:
+        import stat
+
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+            os.utime(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _signal(pid: int, name: str) -> bool:

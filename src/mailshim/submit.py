@@ -231,6 +231,14 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
             # agent (or an interactive attempt) could only fail. The drop folder wakes the
             # runner.
             mode = QUEUE
+    if mode == BACKGROUND:
+        from mailshim import serving
+
+        if serving.served(target):
+            # The units or the daemon serve this spool: they deliver it (the path unit or
+            # the daemon sees it arrive) and retry it; an agent beside them would only be a
+            # second retrier, in the user's session (issue 23, item 5).
+            mode = QUEUE
     writer = target.new_entry(sender, recipients, user.uid)
     # In the drop folder the submitter's agent needs the entry's lock from the start: the
     # runner skips locked entries, so the two never send it both.
@@ -296,6 +304,10 @@ def _retry_later(config: Config, target: spool.Spool, qid: str) -> None:
     folder = target.incoming if target.drop else target.queue
     if not os.path.exists(os.path.join(folder, qid)):
         return  # delivered or refused after all, or already taken by a runner
+    from mailshim import serving
+
+    if serving.served(target):
+        return  # the units or the daemon retry it
     if not target.drop:
         _to_agent(config, target, None)
         return

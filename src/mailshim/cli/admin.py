@@ -175,11 +175,11 @@ def _wake_agents(cfg: Config) -> None:
     would wait for the next submission where no runner runs."""
     if cfg.delivery_mode == "queue":
         return
-    from mailshim import agent
+    from mailshim import agent, serving
 
     for target in spoolchoice.known_spools(cfg):
-        if target.writable():
-            agent.start(target, cfg)
+        if target.writable() and not serving.served(target):
+            agent.start(target, cfg)  # the daemon sees the change; the timer's next run
 
 
 @queue_cmd.command(

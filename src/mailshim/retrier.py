@@ -250,7 +250,7 @@ def installed() -> str | None:
     crontab is read where crontab is missing)."""
     if os.path.exists(os.path.join(unit_dir(), TIMER)):
         if not user_manager():
-            return f"{TIMER} (its user manager is not running now)"
+            return None  # installed, but nothing runs it now (no login, no lingering)
         state = _run(["systemctl", "--user", "is-active", TIMER]).stdout.strip() or "unknown"
         return f"{TIMER} ({state})" if state == "active" else None
     if shutil.which("crontab") is None:

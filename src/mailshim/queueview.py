@@ -17,10 +17,11 @@ Raises nothing of its own: an entry or state that cannot be read is listed as su
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 
-from mailshim import spool, spoolchoice
+from mailshim import paths, spool, spoolchoice, spoolfmt
 from mailshim.errors import DataError, one_line
 from mailshim.paint import painter
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from mailshim.deadletters import DeadItem
     from mailshim.reply import Reply
     from mailshim.spoolfmt import Envelope, State
+
+_OPEN = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOCTTY", 0) | os.O_NONBLOCK
 
 STYLES = {
     "id": "1",
@@ -111,7 +114,13 @@ class Item:
 
 def collect(config: Config) -> list[Item]:
     items: list[Item] = []
-    for target in spoolchoice.known_spools(config):
+    known = spoolchoice.known_spools(config)
+    for target in known:
+        items.extend(_drop_items(target, mine=False))
+    system = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
+    if all(t.root != system.root for t in known) and system.droppable():
+        items.extend(_drop_items(system, mine=True))
+    for target in known:
         for qid in target.ids():
             try:
                 env = target.read_envelope(qid)
@@ -125,6 +134,51 @@ def collect(config: Config) -> list[Item]:
             items.append(Item(target, qid, env, state))
     items.sort(key=lambda i: (i.envelope.arrival if i.envelope else 0, i.queue_id))
     return items
+
+
+def unseen(config: Config) -> list[str]:
+    """Queue folders that exist but this user may not read (the system spool's private
+    queue/, for a user): a listing says so rather than "empty" (issue 23)."""
+    root = config.queue_dir or paths.SYSTEM_SPOOL
+    queue = os.path.join(root, "queue")
+    if os.path.isdir(queue) and not os.access(queue, os.R_OK | os.X_OK):
+        return [queue]
+    return []
+
+
+def _drop_items(target: spool.Spool, mine: bool) -> list[Item]:
+    """Entries still in ``target``'s drop folder: every one for whoever may list it (root,
+    the runner), else (``mine``) the caller's own, by the ids their ``sendmail`` noted
+    (dropagent.noted): the folder cannot be listed and other users' ids stay private."""
+    if mine:
+        from mailshim import dropagent
+
+        ids = dropagent.noted(target.root)
+    else:
+        try:
+            ids = sorted(os.listdir(target.incoming))
+        except OSError:
+            return []
+    out = []
+    for qid in ids:
+        if not spoolfmt.valid_id(qid):
+            continue
+        try:
+            fd = os.open(os.path.join(target.incoming, qid), _OPEN)
+        except OSError:
+            continue  # picked up, delivered, or never there
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (mine and st.st_uid != os.geteuid()):
+                continue
+            try:
+                env, _ = spoolfmt.decode_envelope(f)
+            except DataError as exc:
+                out.append(Item(target, qid, None, None, f"in the drop folder: {exc.message}"))
+                continue
+        env.uid = st.st_uid  # the owner as the kernel knows it, as pickup takes it
+        out.append(Item(target, qid, env, None))
+    return out
 
 
 def age(seconds: float) -> str:
@@ -340,15 +394,46 @@ def print_queue(config: Config) -> int:
     """``mailq``: Postfix's listing, then one line about dead letters when there are any."""
     from mailshim import deadletters
 
-    text = format_listing(collect(config), time.time(), use_color(sys.stdout))
+    items = collect(config)
+    hidden = unseen(config)
+    # Never "Mail queue is empty" about a queue this user could not read.
+    text = format_listing(items, time.time(), use_color(sys.stdout)) if items or not hidden else ""
+    for queue in hidden:
+        text += (
+            f"-- {queue} is private to the mailshim user: your messages there are not listed;"
+            " mailshim log ID follows one, root's mailq lists them all\n"
+        )
     dead = deadletters.count(config)
     if dead:
         text += (
             f"-- {dead} dead letter{'s' if dead != 1 else ''} (failed for good):"
             " mailshim queue --dead lists them\n"
         )
+    text += held_lines(config)
     sys.stdout.write(text)
     return 0
+
+
+def held_lines(config: Config) -> str:
+    """Why mail waits in the system spool's drop folder (its owners over their budget, as
+    the runner last wrote): every user's for those who may list it, else the caller's own."""
+    from mailshim import paths, spool
+
+    target = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
+    try:
+        uids = sorted(
+            int(n[len(spool.HELD_NOTICE) :])
+            for n in os.listdir(target.incoming)
+            if n.startswith(spool.HELD_NOTICE) and n[len(spool.HELD_NOTICE) :].isdigit()
+        )
+    except OSError:
+        uids = [os.geteuid()]
+    out = ""
+    for uid in uids:
+        why = target.held_notice(uid)
+        if why:
+            out += f"-- uid {uid}: mail waits in the drop folder: {one_line(why)}\n"
+    return out
 
 
 def format_dead(items: list[DeadItem], now: float, color: bool = False) -> str:

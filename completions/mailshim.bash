@@ -95,7 +95,8 @@ log
 metrics
 check-queue
 sink
-setup-spool"
+setup-spool
+retrier"
             fi
             ;;
         config) _mailshim_compgen "$cur" "--json
@@ -190,6 +191,22 @@ requeue"
             ;;
         setup-spool) _mailshim_compgen "$cur" "--user
 --help" ;;
+        retrier)
+            case $action in
+                '')
+                    if [[ $cur == -* ]]; then
+                        _mailshim_compgen "$cur" "--help"
+                    else
+                        _mailshim_compgen "$cur" "install
+remove"
+                    fi
+                    ;;
+                install) _mailshim_compgen "$cur" "--systemd
+--cron
+--help" ;;
+                *) _mailshim_compgen "$cur" "--help" ;;
+            esac
+            ;;
         *) _mailshim_compgen "$cur" "--help" ;;
     esac
     return 0

@@ -9,7 +9,7 @@ function __mailshim_dead_ids
     command mailshim queue --dead --ids 2>/dev/null
 end
 
-set -l __mailshim_commands config check send-test flush run daemon queue log metrics check-queue sink setup-spool
+set -l __mailshim_commands config check send-test flush run daemon queue log metrics check-queue sink setup-spool retrier
 set -l __mailshim_actions list show delete hold release retry requeue
 
 complete -c mailshim -f
@@ -29,6 +29,7 @@ complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a check-queue -d 'Check the queue as a Nagios/Icinga plugin'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a sink -d 'A debugging listener'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a setup-spool -d 'Create the system spool with its owners and modes'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a retrier -d 'Set up what retries your mail where no runner runs'
 
 complete -c mailshim -n '__fish_seen_subcommand_from config' -l json -d 'Print JSON for scripts'
 complete -c mailshim -n '__fish_seen_subcommand_from flush run' -s v -l verbose -d 'Show the SMTP dialogue'
@@ -76,3 +77,8 @@ complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subc
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from requeue' -a '(__mailshim_dead_ids)' -d 'Dead letter id'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from requeue' -l all -d 'Every dead letter'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show' -l json -d 'Print JSON with the raw values'
+
+complete -c mailshim -n "__fish_seen_subcommand_from retrier; and not __fish_seen_subcommand_from install remove" -a install -d 'Run mailshim run at boot and every minute'
+complete -c mailshim -n "__fish_seen_subcommand_from retrier; and not __fish_seen_subcommand_from install remove" -a remove -d 'Remove the retrier install set up'
+complete -c mailshim -n '__fish_seen_subcommand_from retrier; and __fish_seen_subcommand_from install' -l systemd -d 'A systemd user timer'
+complete -c mailshim -n '__fish_seen_subcommand_from retrier; and __fish_seen_subcommand_from install' -l cron -d 'Your crontab'

@@ -81,6 +81,7 @@ LAYERS: dict[str, int] = {
     "mailshim.queueview": ORCHESTRATION,
     "mailshim.runner": ORCHESTRATION,
     "mailshim.serving": ORCHESTRATION,
+    "mailshim.retrier": ORCHESTRATION,
     "mailshim.sink": ORCHESTRATION,
     "mailshim.submit": ORCHESTRATION,
     "mailshim.cli": CLI,

@@ -106,7 +106,7 @@ def line_fields(
     """
     fields = [
         ("MESSAGE", line),
-        ("PRIORITY", "4" if error else "6"),
+        ("PRIORITY", "4" if error else "5"),
         ("SYSLOG_FACILITY", "2"),
         ("SYSLOG_IDENTIFIER", IDENTIFIER),
     ]

@@ -122,7 +122,9 @@ def log(
     if _opened != tag:
         syslog.openlog(tag, syslog.LOG_PID, syslog.LOG_MAIL)
         _opened = tag
-    syslog.syslog(syslog.LOG_WARNING if error else syslog.LOG_INFO, line)
+    # notice, not info: the units drop systemd's own per-run lines (info) with
+    # LogLevelMax=notice, which would drop info lines of ours with them.
+    syslog.syslog(syslog.LOG_WARNING if error else syslog.LOG_NOTICE, line)
 
 
 # --- reading the story back (``mailshim log ID``) -----------------------------------------

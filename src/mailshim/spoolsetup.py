@@ -56,6 +56,8 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
         finally:
             os.close(fd)
         changes += _make_public_file(os.path.join(target.root, LISTENER_SIZE), uid, gid)
+        # serving.SERVED: the runner's "the units or the daemon serve this spool" mark
+        changes += _make_public_file(os.path.join(target.root, "served"), uid, gid)
         # Entries a root process left behind before the runner user existed.
         for name in SUBDIRS:
             changes += _give_files(os.path.join(target.root, name), uid, gid)

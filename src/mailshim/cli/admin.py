@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -37,6 +37,9 @@ from mailshim.errors import (
     one_line,
     printable,
 )
+
+if TYPE_CHECKING:
+    from mailshim.config import Config
 
 # --- config ---------------------------------------------------------------------------
 
@@ -165,12 +168,21 @@ def queue_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
     if wanted:
         raise UsageError(f"no such dead letter: {', '.join(sorted(wanted))}")
     click.echo(f"requeue: {done} entr{'y' if done == 1 else 'ies'}")
-    if done and cfg.delivery_mode != "queue":
-        from mailshim import agent
+    if done:
+        _wake_agents(cfg)
 
-        for target in spoolchoice.known_spools(cfg):
-            if target.writable():
-                agent.start(target, cfg)  # or wake the one serving it
+
+def _wake_agents(cfg: Config) -> None:
+    """Entries became due (requeue, release, retry): start the agent of each spool this
+    user may write, or wake the one serving it, as a new submission would; else the mail
+    would wait for the next submission where no runner runs."""
+    if cfg.delivery_mode == "queue":
+        return
+    from mailshim import agent, serving
+
+    for target in spoolchoice.known_spools(cfg):
+        if target.writable() and not serving.served(target):
+            agent.start(target, cfg)  # the daemon sees the change; the timer's next run
 
 
 @queue_cmd.command(
@@ -253,6 +265,7 @@ def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bo
 
 def _queue_action(ctx: click.Context, ids: tuple[str, ...], all_: bool, action: str) -> None:
     done = 0
+    woken = 0
     for target, qid in _targets(ctx, ids, all_):
         locked = _locked(target, qid)
         if action == "delete":
@@ -262,14 +275,18 @@ def _queue_action(ctx: click.Context, ids: tuple[str, ...], all_: bool, action: 
             if action == "hold":
                 state.held = True
             elif action == "release":
+                woken += state.held
                 state.held = False
             elif action == "retry":
+                woken += not state.held
                 state.next_attempt = 0
             locked.save_state(state)
             locked.release()
         maillog.log(f"{qid}: {action} by uid {os.getuid()} (mailshim queue {action})")
         done += 1
     click.echo(f"{action}: {done} entr{'y' if done == 1 else 'ies'}")
+    if woken:
+        _wake_agents(_config(ctx))
 
 
 for _name, _help in (

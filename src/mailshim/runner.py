@@ -199,7 +199,11 @@ class _Pass:
         self.recovering.extend(waiting)
 
     def next_entry(self) -> str | None:
-        """The next entry to try, taken for good (no other session gets it); None at the end."""
+        """The next entry to try, taken for good (no other session gets it); None at the end.
+        A stop is looked at first: what was given back or recovered waits like the rest."""
+        if self.stop is not None and self.stop.is_set():
+            self.ended = self.ended or "stopped"
+            return None
         if self.returned:
             return self.returned.pop(0)  # already vetted: an extra session gave it back
         if self.recovering:

@@ -1,0 +1,102 @@
+"""liveness under attack: the combinations a hostile reviewer tried after issue 22/23's fixes.
+
+Real processes (the delivery agent, ``mailshim run``/``flush``/``daemon``) against real
+listeners (conftest.FaultListener, relayhelpers.RawListener); each test names what it found.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+
+from conftest import message_queue_id, queue_config, queue_entries, tool
+from mailshim import spool
+
+
+def delivered(world) -> Counter[str]:
+    return Counter(message_queue_id(m) for m in world.listener.messages)
+
+
+def state_of(world, qid: str) -> spool.State:
+    return spool.Spool(str(world.spool)).load_state(qid)
+
+
+def agent_pid(world) -> int | None:
+    try:
+        return int((world.spool / "state" / "agent.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def deferred_at_an_outage(world, n: int) -> list[str]:
+    """``n`` entries, each deferred once for the relay's sake (``relay_wait``) with a long
+    step ahead: one ``mailshim run`` per entry while the listener is down."""
+    queue_config(world, queue='retry = ["10m"]', relay="concurrency = 1")
+    ids = queue_entries(world, n=n)
+    world.listener.stop()
+    for _ in range(n):
+        out = world.run("mailshim", ["run"])
+        assert out.returncode == 0, out.stderr
+    assert all(state_of(world, q).relay_wait for q in ids)
+    world.listener.start()
+    return ids
+
+
+# -- SIGTERM while a recovery drains the entries that waited for the relay -------------------
+
+
+def test_sigterm_stops_the_agent_while_it_sends_what_waited_for_the_relay(fworld):
+    # The pass's recovery list is served before the fair order, and only the order looked
+    # at the stop: a SIGTERM waited until every recovered entry had gone.
+    old = deferred_at_an_outage(fworld, 10)
+    fworld.listener.handler.data_delay = 0.5
+    out = fworld.sendmail("bob@example.org", input=b"Subject: new\n\nnew mail\n")
+    assert out.returncode == 0, out.stderr
+    fworld.listener.wait(2, timeout=30)  # the new one, and the first of the old ones
+    pid = agent_pid(fworld)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid, 30)
+    got = delivered(fworld)
+    assert all(n == 1 for n in got.values())
+    assert len(got) < len(old) + 1  # it stopped after the entry in flight, not at the end
+    left = fworld.queued()
+    assert left and set(left) <= set(old)
+
+
+def test_sigterm_stops_the_daemon_while_it_sends_what_waited_for_the_relay(fworld):
+    old = deferred_at_an_outage(fworld, 10)
+    fworld.listener.handler.data_delay = 0.5
+    (new,) = queue_entries(fworld)
+    daemon = subprocess.Popen(
+        [tool("mailshim"), "daemon"], env=fworld.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        fworld.listener.wait(2, timeout=30)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=60)
+    got = delivered(fworld)
+    assert all(n == 1 for n in got.values())
+    assert new in got
+    assert len(got) < len(old) + 1

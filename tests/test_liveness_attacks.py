@@ -100,3 +100,75 @@ def test_sigterm_stops_the_daemon_while_it_sends_what_waited_for_the_relay(fworl
     assert all(n == 1 for n in got.values())
     assert new in got
     assert len(got) < len(old) + 1
+
+
+# -- a failover in the middle of a pass, onto a backup with one slot -------------------------
+
+
+def pair_config(world, primary_port: int, backup_port: int, backup: str, primary: str = "") -> None:
+    log = world.tmp / "mail.log"
+    world.config.write_text(
+        f"""
+[[relay]]
+name = "primary"
+host = "127.0.0.1"
+port = {primary_port}
+timeout = 5
+helo = "client.example.org"
+{primary}
+
+[[relay]]
+name = "backup"
+host = "127.0.0.1"
+port = {backup_port}
+timeout = 1
+helo = "client.example.org"
+{backup}
+
+[addresses]
+domain = "example.org"
+
+[queue]
+dir = "{world.spool}"
+retry = ["10m"]
+
+[log]
+file = "{log}"
+"""
+    )
+
+
+def test_a_failover_in_the_middle_of_a_pass_defers_nothing_as_all_busy(fworld):
+    # Four sessions at work on the primary (concurrency 4); one of them meets a 451 at MAIL,
+    # the primary is marked down and every session turns to the backup (concurrency 1). The
+    # three that find its one slot taken waited the backup's timeout and then deferred their
+    # entry "all busy", an attempt counted, though nothing was wrong with either relay.
+    from conftest import FaultListener, free_port
+
+    backup = FaultListener(free_port())
+    backup.start()
+    try:
+        backup.handler.data_delay = 0.3
+        fworld.listener.handler.data_delay = 0.2
+        pair_config(fworld, fworld.listener.port, backup.port, "concurrency = 1")
+        ids = queue_entries(fworld, n=16)
+        h = fworld.listener.handler
+        plain_mail = h.handle_MAIL
+        seen = []
+
+        async def mail(server, session, envelope, address, options):
+            seen.append(address)
+            if len(seen) >= 3:  # the primary turns sour in the middle of the pass
+                return "451 4.3.0 Temporary local problem"
+            return await plain_mail(server, session, envelope, address, options)
+
+        h.handle_MAIL = mail
+        out = fworld.run("mailshim", ["flush"], timeout=120)
+        assert out.returncode == 0, out.stderr
+        got = Counter(message_queue_id(m) for m in fworld.listener.messages + backup.messages)
+        assert all(n == 1 for n in got.values())
+        busy = [q for q in fworld.queued() if "all busy" in state_of(fworld, q).last_error]
+        assert busy == [], out.stdout
+        assert got == Counter(ids), out.stdout
+    finally:
+        backup.stop()

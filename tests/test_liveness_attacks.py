@@ -172,3 +172,30 @@ def test_a_failover_in_the_middle_of_a_pass_defers_nothing_as_all_busy(fworld):
         assert got == Counter(ids), out.stdout
     finally:
         backup.stop()
+
+
+def test_a_primary_at_its_connection_limit_lowers_the_sessions_and_does_not_fail_over(fworld):
+    # The primary takes two connections and answers 421 to a third (Postfix's smtpd and
+    # Stalwart at their limit). The extra session it refused went on to the backup, and its
+    # next message tried the primary again, met the 421 and marked it down for every session:
+    # mail went to the backup while the primary was healthy. The docs say a refused extra
+    # session means one session fewer.
+    from conftest import FaultListener, free_port
+
+    backup = FaultListener(free_port())
+    backup.start()
+    try:
+        fworld.listener.handler.max_connections = 2
+        fworld.listener.handler.data_delay = 0.1
+        pair_config(fworld, fworld.listener.port, backup.port, "concurrency = 1")
+        ids = queue_entries(fworld, n=12)
+        out = fworld.run("mailshim", ["flush"], timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert b"12 delivered" in out.stdout, out.stdout
+        assert fworld.listener.handler.refused_connections >= 1
+        assert delivered(fworld) == Counter(ids)
+        assert backup.handler.sessions == 0 and backup.messages == []  # not even an EHLO
+        log = (fworld.tmp / "mail.log").read_text()
+        assert "refused" in log and "session(s) from now on" in log
+    finally:
+        backup.stop()

@@ -190,25 +190,23 @@ class RelayClient:
         return self._candidates()[0]
 
     async def connect(self) -> Reply | None:
-        """Open a connection to the first relay that greets, before any message is at stake
-        (a pool's extra sessions): None once connected, else the last relay's failure."""
+        """Open a connection to the relay in play, before any message is at stake (a pool's
+        extra sessions): None once connected, else its failure. Never one further down the
+        list: an extra session that relay will not take (at its connection limit, or just
+        gone) means one session fewer, not mail to the backup while the primary serves the
+        sessions it has (the first session's messages decide a failover)."""
         if self.connected:
             return None
-        failed = Reply(0, "no relay configured", kind=kinds.NOT_TRIED)
-        for relay in self._candidates():
-            try:
-                await self._session_for(relay)
-            except SlotBusy as busy:
-                return busy.reply  # that relay is healthy, only busy: not one further down
-            except RelayDown as down:
-                # Not marked as failed: a listener refusing one more session still serves
-                # the ones it has, and the pool only opens fewer.
-                failed = down.reply
-                continue
-            except LocalFailure as local:
-                return local.reply
-            return None
-        return failed
+        relay = self.in_play()
+        try:
+            await self._session_for(relay)
+        except RelayDown as down:
+            # Not marked as failed (SlotBusy included): a listener refusing one more
+            # session still serves the ones it has, and the pool only opens fewer.
+            return down.reply
+        except LocalFailure as local:
+            return local.reply
+        return None
 
     @classmethod
     def forget_failures(cls) -> None:

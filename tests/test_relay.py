@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailshim import smtpsession, wire
+from mailshim import smtpconnect, smtpsession, wire
 from mailshim.errors import ConfigError, NoPermError
 from mailshim.relay import RelayClient, SendResult
 from mailshim.reply import MAX_TEXT, Reply, clean_text
@@ -717,7 +717,7 @@ def test_session_open_for_a_check(certs, tmp_path):
 
         greeting, encrypted, ssl_object, reply = run(probe())
         down = FakeRelay(free_port())
-        with pytest.raises(smtpsession.RelayDown) as failed:
+        with pytest.raises(smtpconnect.RelayDown) as failed:
             run(smtpsession.RelaySession.open(down, helo="check.test"))
     assert greeting.startswith("listener.test") and encrypted
     assert ssl_object is not None and ssl_object.version()

@@ -43,7 +43,7 @@ import sys
 import time
 
 from mailshim import dropagent, maillog, serving, spool, spoolentry
-from mailshim.errors import MailshimError
+from mailshim.errors import EX_CONFIG, MailshimError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -252,10 +252,13 @@ def agent_main(
     from mailshim import configload
 
     try:
-        config = configload.load(config_path)
+        config = configload.load_or_fallback(config_path)
     except MailshimError as exc:
         maillog.log(f"agent: {exc.message}", error=True)
         return exc.code
+    configload.announce(config)
+    if not configload.usable(config):
+        return EX_CONFIG  # the entries wait for a runner (or the next agent) with a good file
     if incoming is not None:
         if lock_fd is None:
             return 64

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 
-from mailshim import deadletters, maillog, policy, runner, serving, spool
+from mailshim import deadletters, maillog, metrics, policy, runner, serving, spool
 from mailshim.errors import DataError, MailshimError
 
 TYPE_CHECKING = False
@@ -140,6 +140,7 @@ class _Daemon:
                     self.config, self.pool, target, counts, force=False, stop=stop
                 )
                 target.sync(force=True)
+                metrics.after_pass(self.config, target, time.time())
                 if counts.total():
                     self.say(f"{target.root}: {counts.summary()}")
                     wake = time.time()  # look again at once: new entries (bounces) may be due

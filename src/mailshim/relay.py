@@ -32,19 +32,22 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
+from mailshim import mailstats
 from mailshim import reply as kinds
 from mailshim.errors import ConfigError
 from mailshim.hostnames import valid_helo
 from mailshim.policy import pressure_kind
 from mailshim.reply import Reply
-from mailshim.smtpsession import RelayDown, RelaySession, silent
+from mailshim.smtpconnect import RelayDown, silent
+from mailshim.smtpsession import RelaySession
 from mailshim.tlsctx import ContextCache
 from mailshim.wire import LocalFailure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from mailshim.smtpsession import Outcome, RelaySettings
+    from mailshim.smtpconnect import RelaySettings
+    from mailshim.smtpsession import Outcome
 
 __all__ = ["RelayClient", "SendResult", "SlotBusy", "Slots"]
 
@@ -228,6 +231,7 @@ class RelayClient:
         return usable or list(self._relays)
 
     def _mark(self, relay: RelaySettings, failed: bool) -> None:
+        mailstats.relay_state(relay.name, not failed, time.time())  # mailshim_relay_up
         if failed:
             until = time.monotonic() + max(0.0, relay.retry_after_failure)
             self._down_until[self._key(relay)] = until

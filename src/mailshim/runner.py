@@ -28,7 +28,18 @@ from __future__ import annotations
 import os
 import time
 
-from mailshim import deadletters, delivery, fair, maillog, policy, sendlimits, spool
+from mailshim import (
+    deadletters,
+    delivery,
+    fair,
+    maillog,
+    mailstats,
+    metrics,
+    policy,
+    queuestats,
+    sendlimits,
+    spool,
+)
 from mailshim.constants import (
     DEFERRED,
     LIMITED,
@@ -228,6 +239,8 @@ class _Pass:
             state = self.target.load_state(qid)
         except DataError:
             state = None  # deliver_entry quarantines the entry
+        if state is not None:
+            queuestats.note_state(self.target, qid, state.held)  # spares the metrics a read
         if state is not None and (state.held or (not self.force and state.next_attempt > self.now)):
             if policy.due_after_recovery(state):
                 if self.recovered:
@@ -429,6 +442,7 @@ async def _attempt_with_pauses(
         if limiter is not None and not sendlimits.gate(limiter, locked, run.now):
             locked.release()
             counts.add(LIMITED)
+            mailstats.limited()
             return "", {}
         try:
             status, replies = await delivery.deliver_entry(config, client, locked)
@@ -520,6 +534,7 @@ def flush(
                             break
                 finally:
                     target.sync(force=True)
+                    metrics.after_pass(config, target, time.time())
 
     asyncio.run(run())
     return counts
@@ -571,6 +586,7 @@ async def _agent_session(
                 pickup(config, target)
                 status = await run_pass(config, pool, target, counts, force=False, stop=stop)
                 target.sync(force=True)
+                metrics.after_pass(config, target, time.time())
                 if status in ("down", "busy"):
                     return False
                 deadline = time.monotonic() + AGENT_LINGER

@@ -29,7 +29,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from mailshim.smtpsession import RelaySettings
+    from mailshim.smtpconnect import RelaySettings
     from mailshim.tlsctx import ContextCache
 
 DEFAULT_CONCURRENCY = 4

@@ -46,7 +46,7 @@ import stat
 import time
 
 from mailshim import spoolfmt
-from mailshim.errors import CantCreateError, DataError, from_oserror
+from mailshim.errors import CantCreateError, DataError, MailshimError, from_oserror
 from mailshim.spoolentry import EntryWriter, LockedEntry, move_no_replace, new_queue_id
 from mailshim.spoolfmt import Envelope, State
 from mailshim.spoolfs import (
@@ -70,6 +70,16 @@ HELD_NOTICE = ".held."  # incoming/.held.<uid>: why that user's mail waits there
 INCOMING_MODE = 0o3733  # setgid + sticky; owner rwx, group and others may only create
 SYNC_INTERVAL = 0.2  # seconds: removals of delivered entries are made durable in batches
 MARK_RECHECK = 1.0  # seconds: how long a cleared "listener unreachable" mark is trusted
+
+
+def requeued_state(old: State | None, now: float) -> State:
+    """The state of a dead letter put back in the queue: a fresh schedule, the lifetime
+    counted from ``now``, the recipients already delivered still delivered."""
+    state = State()
+    if old is not None:
+        state.done = dict(old.done)
+    state.requeued = int(now)
+    return state
 
 
 class Spool:
@@ -265,7 +275,9 @@ class Spool:
                 return None
             if not stat.S_ISREG(st.st_mode):
                 raise DataError("spool entry is not a regular file")
-            if st.st_nlink == 2 and self._drop_temp_twin(qid, st):
+            if st.st_nlink == 2 and (
+                self._drop_temp_twin(qid, st) or self._finish_requeue(qid, st)
+            ):
                 st = os.fstat(fd)
             if st.st_nlink != 1:
                 raise DataError("spool entry has more than one link")
@@ -286,6 +298,43 @@ class Spool:
                 except OSError:
                     continue
         return False
+
+    def _finish_requeue(self, qid: str, st: os.stat_result) -> bool:
+        """A requeue (``deadletters.requeue``) stopped between linking ``dead/<id>`` into
+        queue/ and removing it from dead/ (we hold the lock, so it is gone): finish it, rather
+        than send an acknowledged message to corrupt/ for its second link. Its state is made
+        from ``dead/<id>.state`` first when the requeue had not written it, so that delivered
+        recipients stay delivered."""
+        dead = os.path.join(self.dead, qid)
+        try:
+            if not _same(os.lstat(dead), st):
+                return False
+            if not os.path.lexists(os.path.join(self.state_dir, qid)):
+                self.save_state(qid, requeued_state(self.dead_state(qid), time.time()))
+        except (OSError, MailshimError):
+            return False
+        for name in (f"{qid}.reason", f"{qid}.state", qid):  # the entry's own name last
+            _unlink(os.path.join(self.dead, name))
+        try:
+            _fsync_dir(self.dead)
+        except OSError:
+            pass
+        return True
+
+    def dead_state(self, qid: str) -> State | None:
+        """The last state kept beside a dead letter (``dead/<id>.state``), None when there is
+        none or it cannot be read. The runner account owns dead/: never a link or a FIFO."""
+        try:
+            fd = os.open(os.path.join(self.dead, f"{qid}.state"), _READ)
+        except OSError:
+            return None
+        try:
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return None
+                return spoolfmt.decode_state(f.read(1024 * 1024))
+        except (OSError, DataError):
+            return None
 
     # --- state ---------------------------------------------------------------
 

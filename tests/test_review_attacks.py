@@ -1,0 +1,117 @@
+"""A hostile review of issue 24's boundary (root against the runner account and local users).
+
+Each test is an attack made as a real account (useradd users ``mshrev-*``, the system spool
+set up by ``setup-spool``) against a real root command; each failed before its fix. Skipped
+when not root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import tool
+from test_multiuser import System, built_box, emptied
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and chown files"),
+    pytest.mark.skipif(shutil.which("useradd") is None, reason="useradd is not installed"),
+]
+
+RUNNER, ALICE, BOB = "mshrev-run", "mshrev-a", "mshrev-b"
+MSG = b"Subject: review\n\nhello\n"
+
+
+@pytest.fixture(scope="module")
+def box():
+    with built_box((RUNNER, ALICE, BOB)) as system:
+        yield system
+
+
+@pytest.fixture
+def sb(box):
+    return emptied(box)
+
+
+def as_user(sb: System, who: str, *argv: str) -> None:
+    r = sb.run(sb.users[who], list(argv))
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def dead_letter(sb: System) -> str:
+    """One of alice's messages refused for good, in dead/ with its reason and state."""
+    sb.listener.handler.rcpt_replies["nobody@example.org"] = "550 5.1.1 no such user"
+    r = sb.sendmail(sb.users[ALICE], "-odq", "-i", "nobody@example.org", input=MSG)
+    assert r.returncode == 0, r.stderr.decode()
+    sb.flush()
+    sb.listener.handler.rcpt_replies.clear()
+    (qid,) = [n for n in sb.names("dead") if "." not in n]
+    assert f"{qid}.state" in sb.names("dead")
+    return qid
+
+
+# --- requeue: dead/ is the runner account's ----------------------------------------------------
+
+
+def test_root_requeue_never_blocks_on_a_fifo_planted_as_the_dead_state(sb):
+    """``mailshim queue requeue`` as root opened ``dead/<id>.state`` with a plain ``open()``:
+    the runner account made it a FIFO and root's command hung for ever (or a link, read)."""
+    qid = dead_letter(sb)
+    state = sb.spool / "dead" / f"{qid}.state"
+    as_user(sb, RUNNER, "/bin/rm", "-f", str(state))
+    as_user(sb, RUNNER, "/usr/bin/mkfifo", "-m", "0600", str(state))
+    try:
+        r = sb.mailshim(None, "queue", "requeue", qid, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("root's requeue blocked on a FIFO in dead/")
+    assert r.returncode == 0, r.stderr.decode()
+    assert qid in sb.names("queue") and qid not in sb.names("dead")
+
+
+# --- the config cache: root with a user's HOME or XDG_CACHE_HOME -------------------------------
+
+
+def root_folder(sb: System, name: str) -> Path:
+    """A folder only root may write, outside the spool (like /etc/logrotate.d)."""
+    folder = sb.base / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(mode=0o755)
+    return folder
+
+
+@pytest.mark.parametrize("plant", ["cache-folder", "cache-parent"])
+def test_root_never_writes_its_config_cache_where_a_user_points(sb, plant):
+    """Root run with a user's HOME (``sudo -E``, ``su -m``) or XDG_CACHE_HOME (kept by ``su``)
+    wrote its config cache under a path that user controls; the check (``os.stat`` of the
+    folder, which follows links) let a link to any root folder through: root created
+    ``config.marshal`` there (or, with ``~/.cache`` a link, made folders) outside the spool."""
+    alice = sb.users[ALICE]
+    outside = root_folder(sb, "outside-etc")
+    cache = alice.home / ".cache"
+    as_user(sb, ALICE, "/bin/rm", "-rf", str(cache))
+    # root's own HOME still gets its cache (the check refuses what a user controls, no more)
+    home = root_folder(sb, "roothome")
+    r = sb.run(None, [tool("mailq")], HOME=str(home))
+    assert r.returncode == 0, r.stderr.decode()
+    assert (home / ".cache" / "mailshim" / "config.marshal").is_file()
+    if plant == "cache-folder":
+        as_user(sb, ALICE, "/bin/mkdir", str(cache))
+        as_user(sb, ALICE, "/bin/ln", "-s", str(outside), str(cache / "mailshim"))
+    else:
+        as_user(sb, ALICE, "/bin/ln", "-s", str(outside), str(cache))
+    for env in ({"HOME": str(alice.home)}, {"XDG_CACHE_HOME": str(cache)}):
+        r = sb.run(None, [tool("mailq")], **env)
+        assert r.returncode == 0, r.stderr.decode()
+        assert sorted(os.listdir(outside)) == [], env
+    as_user(sb, ALICE, "/bin/rm", "-rf", str(cache))
+    # root's own HOME still gets its cache (the check refuses what a user controls, no more)
+    home = root_folder(sb, "roothome")
+    r = sb.run(None, [tool("mailq")], HOME=str(home))
+    assert r.returncode == 0, r.stderr.decode()
+    assert (home / ".cache" / "mailshim" / "config.marshal").is_file()

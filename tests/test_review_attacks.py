@@ -115,3 +115,39 @@ def test_root_never_writes_its_config_cache_where_a_user_points(sb, plant):
     r = sb.run(None, [tool("mailq")], HOME=str(home))
     assert r.returncode == 0, r.stderr.decode()
     assert (home / ".cache" / "mailshim" / "config.marshal").is_file()
+
+
+# --- a user held out of the queue is told, whoever runs the pickup ------------------------------
+
+
+def test_a_held_user_is_told_when_root_runs_the_pickup(sb):
+    """Root's pickup (``mailshim flush`` from root's cron, a root daemon) wrote the notice
+    ``incoming/.held.<uid>`` as a root file, which ``sendmail`` and ``mailq`` believe only
+    from the drop folder's owner: the user was never told why their mail waited."""
+    alice = sb.users[ALICE]
+    text = sb.config.read_text()
+    sb.config.write_text(text + "\n[limits]\nuser_spool_entries = 1\n")
+    sb.listener.stop()
+    try:
+        for i in range(2):
+            r = sb.sendmail(alice, "-odq", "-i", f"c{i}@example.org", input=MSG)
+            assert r.returncode == 0 and r.stderr == b""
+            r = sb.mailshim(None, "flush")
+            assert r.returncode == 0, r.stderr.decode()
+        assert len([n for n in sb.names("incoming") if not n.startswith(".")]) == 1
+        notice = sb.incoming / f".held.{alice.uid}"
+        assert notice.lstat().st_uid == sb.users[RUNNER].uid  # the drop folder's owner's
+        r = sb.sendmail(alice, "-odq", "-i", "d@example.org", input=MSG)
+        assert r.returncode == 0
+        assert r.stderr.decode().startswith("sendmail: note: your mail waits"), r.stderr
+        r = sb.run(alice, [tool("mailq")])
+        assert f"-- uid {alice.uid}: mail waits in the drop folder: ".encode() in r.stdout
+        # the runner account's own pickup keeps the notice root handed it, and clears it
+        sb.listener.start()
+        for _ in range(4):
+            sb.flush()
+        assert not notice.exists()
+    finally:
+        sb.config.write_text(text)
+        if sb.listener.controller is None:
+            sb.listener.start()

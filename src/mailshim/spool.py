@@ -507,14 +507,26 @@ class Spool:
             os.close(fd)
         return raw.decode("utf-8", "replace").strip().splitlines()[0] if raw.strip() else ""
 
+    def notice_owner(self) -> int | None:
+        """Whose ``incoming/.held.<uid>`` notices are believed: the drop folder's owner."""
+        try:
+            return os.lstat(self.incoming).st_uid
+        except OSError:
+            return None
+
     def set_held_notice(self, uid: int, reason: str) -> None:
         """Record (``reason``) or clear ("") why ``uid``'s mail cannot enter the queue (the
-        runner; best effort). A name a user planted there is removed first."""
+        runner; best effort). A name a user planted there is removed first. Root's notice
+        goes to the drop folder's owner (only what it creates here), since only a notice of
+        that owner is believed (``held_notice``): a root pickup must tell the user too."""
         path = os.path.join(self.incoming, f"{HELD_NOTICE}{uid}")
         data = reason.encode("utf-8", "replace") + b"\n"
+        owner = self.notice_owner()
+        if owner is None:
+            return
         try:
             st = os.lstat(path)
-            if not reason or st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+            if not reason or st.st_uid != owner or not stat.S_ISREG(st.st_mode):
                 _unlink(path)
             elif self.held_notice(uid) == reason:
                 return
@@ -522,14 +534,22 @@ class Spool:
             pass
         if not reason:
             return
+        flags = os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, 0o644
-            )
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+                made = True
+            except FileExistsError:
+                fd = os.open(path, flags)
+                made = False
         except OSError:
             return
         try:
-            if os.fstat(fd).st_uid == os.geteuid():
+            st = os.fstat(fd)
+            if made and st.st_uid != owner and os.geteuid() == 0:
+                os.fchown(fd, owner, -1)
+                st = os.fstat(fd)
+            if st.st_uid == owner and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 os.fchmod(fd, 0o644)
                 os.pwrite(fd, data, 0)
                 os.ftruncate(fd, len(data))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,54 @@ def test_a_held_user_is_told_when_root_runs_the_pickup(sb):
         sb.config.write_text(text)
         if sb.listener.controller is None:
             sb.listener.start()
+
+
+# --- the send-limit counters: the runner account holds a counter's flock ------------------------
+
+
+def test_a_held_counter_stalls_a_root_pass_once_not_per_message(sb):
+    """Each message of a user whose counter the runner account keeps locked made root's pass
+    wait ``LOCK_WAIT`` (5 s) before going on uncounted, with the event loop (and so every
+    parallel session) stopped: 1000 such messages held ``mailshim flush`` for 83 minutes.
+    The wait is now paid once per counter and pass: the counter is known to be held."""
+    alice = sb.users[ALICE]
+    text = sb.config.read_text()
+    log = sb.base / "review.log"
+    log.write_text("")
+    sb.config.write_text(text + f'\n[log]\nfile = "{log}"\n')
+    run = sb.users[RUNNER]
+    limits = sb.spool / "state" / "limits"
+    holder = None
+    try:
+        r = sb.sendmail(alice, "-odq", "-i", "first@example.org", input=MSG)
+        assert r.returncode == 0, r.stderr.decode()
+        sb.flush()  # alice's counter exists, the runner's
+        sb.wait_delivered(1)
+        counter = limits / str(alice.uid)
+        assert counter.lstat().st_uid == run.uid
+        code = (
+            "import fcntl, time\n"
+            f"f = open({str(counter)!r}, 'rb')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(300)\n"
+        )
+        holder = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, user=run.uid, group=run.gid,
+            extra_groups=[], cwd="/",
+        )  # fmt: skip
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        n = 3
+        for i in range(n):
+            r = sb.sendmail(alice, "-odq", "-i", f"m{i}@example.org", input=MSG)
+            assert r.returncode == 0, r.stderr.decode()
+        r = sb.mailshim(None, "flush", timeout=120)
+        assert r.returncode == 0, r.stderr.decode()
+        sb.wait_delivered(1 + n)  # never stranded: the messages go, uncounted
+        stuck = [ln for ln in log.read_text().splitlines() if "stays locked" in ln]
+        assert len(stuck) == 1, stuck
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        sb.config.write_text(text)

@@ -203,3 +203,31 @@ def test_a_held_counter_stalls_a_root_pass_once_not_per_message(sb):
             holder.kill()
             holder.wait()
         sb.config.write_text(text)
+
+
+# --- a half-made system spool completed by root ---------------------------------------------------
+
+
+def test_root_completing_a_half_made_system_spool_leaves_it_usable_by_the_runner(sb):
+    """Issue 27's fix completes a spool whose creation a crash cut short when the process
+    may write its root; for the system spool that is root, which made the missing folder
+    its own (0700): the runner user could then no longer write it, and every run of the
+    packaged units failed until someone ran setup-spool."""
+    run = sb.users[RUNNER]
+    shutil.rmtree(sb.spool / "state")
+    try:
+        r = sb.sendmail(sb.users[ALICE], "-odq", "-i", "bob@example.org", input=MSG)
+        assert r.returncode == 0, r.stderr.decode()
+        r = sb.mailshim(None, "flush")
+        assert r.returncode == 0, r.stderr.decode()
+        st = (sb.spool / "state").lstat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (run.uid, run.gid, 0o700)
+        sb.listener.handler.rcpt_replies["later@example.org"] = "451 4.3.0 try later"
+        r = sb.sendmail(sb.users[ALICE], "-odq", "-i", "later@example.org", input=MSG)
+        assert r.returncode == 0, r.stderr.decode()
+        sb.flush()  # the runner user records the deferral in state/
+        assert len(sb.names("state")) >= 1
+    finally:
+        if not (sb.spool / "state").exists():
+            (sb.spool / "state").mkdir(mode=0o700)
+        os.chown(sb.spool / "state", run.uid, run.gid)

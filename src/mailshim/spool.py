@@ -50,6 +50,7 @@ from mailshim.errors import CantCreateError, DataError, MailshimError, from_oser
 from mailshim.spoolentry import EntryWriter, LockedEntry, move_no_replace, new_queue_id
 from mailshim.spoolfmt import Envelope, State
 from mailshim.spoolfs import (
+    _FOLDER,
     _O_CLOEXEC,
     _O_NOFOLLOW,
     _READ,
@@ -111,6 +112,7 @@ class Spool:
         try:
             _make_dirs(self.root, 0o700)
             made = False
+            own = self._runner_account() if os.geteuid() == 0 else None
             for name in SUBDIRS:
                 path = os.path.join(self.root, name)
                 try:
@@ -120,11 +122,33 @@ class Spool:
                     st = os.lstat(path)
                     if not stat.S_ISDIR(st.st_mode):
                         raise CantCreateError(f"spool folder {path} is not a folder") from None
+                    continue
+                if own is not None:
+                    # Root completing the system spool: the folder is the runner user's, as
+                    # setup-spool makes it, or that user could no longer write it.
+                    fd = os.open(path, _FOLDER)
+                    try:
+                        os.fchown(fd, own[0], own[1])
+                    finally:
+                        os.close(fd)
             if made:
+                self._owner = None
                 # their names, or the first entry fsynced into queue/ could vanish with it
                 _fsync_dir(self.root)
         except OSError as exc:
             raise from_oserror(exc, "creating the spool folder") from None
+
+    def _runner_account(self) -> tuple[int, int] | None:
+        """The (uid, gid) of the account a spool's existing folders belong to, when that is
+        not root (the system spool's runner user); None otherwise."""
+        for name in (*SUBDIRS, "incoming"):
+            try:
+                st = os.lstat(os.path.join(self.root, name))
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid != 0:
+                return st.st_uid, st.st_gid
+        return None
 
     def forget_owner(self) -> None:
         """The spool's owner changed (setup-spool): look it up again when next needed."""

@@ -92,6 +92,8 @@ run
 daemon
 queue
 log
+metrics
+check-queue
 sink
 setup-spool"
             fi
@@ -112,6 +114,20 @@ setup-spool"
                 COMPREPLY=($(compgen -u -- "$cur"))
             fi
             ;;
+        check-queue) _mailshim_compgen "$cur" "--warning-waiting
+--critical-waiting
+--warning-age
+--critical-age
+--warning-held
+--critical-held
+--warning-dead
+--critical-dead
+--warning-stall
+--critical-stall
+--spool
+--probe
+--config
+--help" ;;
         sink) _mailshim_compgen "$cur" "--host
 --port
 --dir
@@ -119,7 +135,9 @@ setup-spool"
 --help" ;;
         log)
             if [[ $cur == -* ]]; then
-                _mailshim_compgen "$cur" "--help"
+                _mailshim_compgen "$cur" "--summary
+--day
+--help"
             elif [[ -z $action ]]; then
                 _mailshim_queue_ids "$cur"
             fi

@@ -17,10 +17,11 @@ Raises nothing of its own: an entry or state that cannot be read is listed as su
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 
-from mailshim import spool, spoolchoice
+from mailshim import paths, spool, spoolchoice, spoolfmt
 from mailshim.errors import DataError, one_line
 from mailshim.paint import painter
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from mailshim.deadletters import DeadItem
     from mailshim.reply import Reply
     from mailshim.spoolfmt import Envelope, State
+
+_OPEN = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOCTTY", 0) | os.O_NONBLOCK
 
 STYLES = {
     "id": "1",
@@ -45,6 +48,14 @@ STYLES = {
     "partial": "33",
     "unreadable": "31;1",
 }
+
+
+JSON_SCHEMA = 1  # the shape of `queue --json` (docs/monitoring.md); a new shape, a new number
+
+
+def json_doc(key: str, items: list[dict[str, object]]) -> dict[str, object]:
+    """``mailshim queue --json``'s document: ``{"schema": 1, KEY: [item, ...]}``."""
+    return {"schema": JSON_SCHEMA, key: items}
 
 
 class Item:
@@ -111,7 +122,13 @@ class Item:
 
 def collect(config: Config) -> list[Item]:
     items: list[Item] = []
-    for target in spoolchoice.known_spools(config):
+    known = spoolchoice.known_spools(config)
+    for target in known:
+        items.extend(_drop_items(target, mine=False))
+    system = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
+    if all(t.root != system.root for t in known) and system.droppable():
+        items.extend(_drop_items(system, mine=True))
+    for target in known:
         for qid in target.ids():
             try:
                 env = target.read_envelope(qid)
@@ -125,6 +142,51 @@ def collect(config: Config) -> list[Item]:
             items.append(Item(target, qid, env, state))
     items.sort(key=lambda i: (i.envelope.arrival if i.envelope else 0, i.queue_id))
     return items
+
+
+def unseen(config: Config) -> list[str]:
+    """Queue folders that exist but this user may not read (the system spool's private
+    queue/, for a user): a listing says so rather than "empty" (issue 23)."""
+    root = config.queue_dir or paths.SYSTEM_SPOOL
+    queue = os.path.join(root, "queue")
+    if os.path.isdir(queue) and not os.access(queue, os.R_OK | os.X_OK):
+        return [queue]
+    return []
+
+
+def _drop_items(target: spool.Spool, mine: bool) -> list[Item]:
+    """Entries still in ``target``'s drop folder: every one for whoever may list it (root,
+    the runner), else (``mine``) the caller's own, by the ids their ``sendmail`` noted
+    (dropagent.noted): the folder cannot be listed and other users' ids stay private."""
+    if mine:
+        from mailshim import dropagent
+
+        ids = dropagent.noted(target.root)
+    else:
+        try:
+            ids = sorted(os.listdir(target.incoming))
+        except OSError:
+            return []
+    out = []
+    for qid in ids:
+        if not spoolfmt.valid_id(qid):
+            continue
+        try:
+            fd = os.open(os.path.join(target.incoming, qid), _OPEN)
+        except OSError:
+            continue  # picked up, delivered, or never there
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (mine and st.st_uid != os.geteuid()):
+                continue
+            try:
+                env, _ = spoolfmt.decode_envelope(f)
+            except DataError as exc:
+                out.append(Item(target, qid, None, None, f"in the drop folder: {exc.message}"))
+                continue
+        env.uid = st.st_uid  # the owner as the kernel knows it, as pickup takes it
+        out.append(Item(target, qid, env, None))
+    return out
 
 
 def age(seconds: float) -> str:
@@ -340,7 +402,15 @@ def print_queue(config: Config) -> int:
     """``mailq``: Postfix's listing, then one line about dead letters when there are any."""
     from mailshim import deadletters
 
-    text = format_listing(collect(config), time.time(), use_color(sys.stdout))
+    items = collect(config)
+    hidden = unseen(config)
+    # Never "Mail queue is empty" about a queue this user could not read.
+    text = format_listing(items, time.time(), use_color(sys.stdout)) if items or not hidden else ""
+    for queue in hidden:
+        text += (
+            f"-- {queue} is private to the mailshim user: your messages there are not listed;"
+            " mailshim log ID follows one, root's mailq lists them all\n"
+        )
     dead = deadletters.count(config)
     if dead:
         text += (

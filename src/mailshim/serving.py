@@ -159,14 +159,14 @@ def claim_or_poke(target: spool.Spool, config: Config) -> int | None:
     """For a new entry in ``target``: the agent lock's fd when nobody serves the spool (the
     caller starts an agent with it), else None once the server knows of the entry.
 
-    The holder is poked (SIGURG), unless the listener was found down less than its
-    ``retry_after_failure`` ago: then the entry waits with the others for the next attempt
+    The holder is poked (SIGURG), unless the listener was found down less than its pause
+    (``Config.down_pause``) ago: then the entry waits with the others for the next attempt
     and a burst of submissions costs no connections. Raises ``OSError`` when the lock cannot
     be opened (the entry is safe in the spool for the runner)."""
     fd = target.try_agent_lock()
     if fd is None:
         down = target.relay_down_since()
-        pause = min(r.retry_after_failure for r in config.relays)
+        pause = config.down_pause
         if down is None or not 0 <= time.time() - down < pause:
             poke(target)
     return fd
@@ -186,7 +186,7 @@ def poke(target: spool.Spool) -> bool:
 def stop_lingering(target: spool.Spool) -> int | None:
     """The daemon's start: ask a lingering agent to leave, then take the agent lock. Returns
     the lock fd, or None when the lock is still held (another daemon, or an agent that did
-    not leave in time: the daemon goes on without it, as before)."""
+    not leave in time: the daemon does not deliver beside it, and looks again)."""
     fd = target.try_agent_lock()
     if fd is not None:
         return fd

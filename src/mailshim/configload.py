@@ -379,10 +379,46 @@ def _trusted(st: os.stat_result) -> bool:
     return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
 
 
+def _root_path(folder: str, create: bool) -> bool:
+    """For root: whether no other account can change what ``folder`` names. Every component
+    from ``/`` down is looked at with ``lstat`` (a link anywhere refuses it: ``os.stat`` of the
+    folder would follow one a user planted in a folder of theirs above it) and must be a
+    folder of root's, writable by nobody else (a sticky folder excepted on the way, since what
+    it holds is then root's and cannot be renamed by others). With ``create``, missing folders
+    are made (0700), one at a time: ``mkdir`` never follows a link at its last component.
+
+    Root's cache folder lies under whatever HOME or XDG_CACHE_HOME it was started with, which
+    ``sudo -E``, ``su -m`` or ``su`` (XDG_CACHE_HOME) take from a user (issue 24, item 1)."""
+    parts = [p for p in os.path.abspath(folder).split("/") if p]
+    path = "/"
+    for i in range(len(parts) + 1):
+        if i:
+            path = os.path.join(path, parts[i - 1])
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not create:
+                return False
+            try:
+                os.mkdir(path, 0o700)
+                st = os.lstat(path)
+            except OSError:
+                return False
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            return False
+        if st.st_mode & 0o022 and (i == len(parts) or not st.st_mode & stat.S_ISVTX):
+            return False
+    return True
+
+
 def _cache_get(
     cache_file: str, key: tuple[object, ...] | None
 ) -> tuple[tuple[object, ...], Table] | None:
     """The cached (key, table) when it matches ``key`` (any key: None), else None."""
+    if os.geteuid() == 0 and not _root_path(os.path.dirname(cache_file), create=False):
+        return None
     try:
         dst = os.stat(os.path.dirname(cache_file))
         fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
@@ -429,6 +465,8 @@ def _cache_put(cache_file: str, key: tuple[object, ...], data: Table) -> None:
     except ValueError:
         return  # a TOML date or time value: not marshal-able, and rejected by validation anyway
     folder = os.path.dirname(cache_file)
+    if os.geteuid() == 0 and not _root_path(folder, create=True):
+        return
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         # Root never writes into a cache folder another account controls (the units' is

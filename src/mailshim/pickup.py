@@ -189,7 +189,7 @@ def clean_incoming(target: Spool, now: float | None = None) -> int:
         if spoolfmt.valid_id(name):
             continue
         path = os.path.join(target.incoming, name)
-        if name.startswith(HELD_NOTICE) and _runners(path):
+        if name.startswith(HELD_NOTICE) and _runners(target, path):
             continue
         if spoolfmt.is_temp_name(name):
             if _remove_if_abandoned(path, cutoff, hostile=True):
@@ -206,13 +206,14 @@ def clean_incoming(target: Spool, now: float | None = None) -> int:
     return removed
 
 
-def _runners(path: str) -> bool:
-    """A plain file of this process's account (the runner's own notice, not a user's)."""
+def _runners(target: Spool, path: str) -> bool:
+    """A plain file of the drop folder's owner (the runner's own notice, also when root
+    wrote it: see ``Spool.set_held_notice``; not a user's)."""
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+    return stat.S_ISREG(st.st_mode) and st.st_uid == target.notice_owner()
 
 
 def _remove_folder(target: Spool, name: str, st: os.stat_result) -> int:

@@ -16,7 +16,8 @@ minutes and is critical at an hour; the other thresholds are off until given.
 No network: the figures come from the spool when the caller may read it (root, the runner
 user), else from the summary the runner publishes after each pass (queuestats), which holds
 counts and ages only. ``queue/`` and ``incoming/`` changing after that summary was written
-means mail arrived that no pass has seen: it counts as waiting since then. ``--probe``
+means mail arrived that no pass has seen: it counts as waiting since that summary (the
+latest change says only when the last of it came). ``--probe``
 also runs ``mailshim check``'s connection to each listener.
 
 Trust: any user, typically an unprivileged monitoring account, every minute. It reads what
@@ -146,8 +147,13 @@ def from_summary(summary: queuestats.Summary, changed: float) -> Figures:
     out.last_delivery = summary.last_delivery
     if changed > summary.written + 1:
         # Something arrived (or left) after the last pass, and no pass has seen it since.
+        # This reader cannot list queue/: the latest change is all it sees, and counting from
+        # it would restart the wait at each arrival (a stopped runner on a busy host would
+        # stay OK for good). The unseen mail may have waited since the summary, and nothing
+        # can have been delivered since (a pass would have written a new one); the timer
+        # writes one every minute, so a running spool's summary is never that old.
         out.waiting = max(out.waiting, 1)
-        out.oldest = min(out.oldest, changed) if out.oldest else changed
+        out.oldest = min(out.oldest, summary.written) if out.oldest else summary.written
     return out
 
 

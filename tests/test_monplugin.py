@@ -123,6 +123,17 @@ def test_bad_arguments_are_unknown(world: Env):
         assert code == 3 and out.startswith("MAILSHIM UNKNOWN: ") and not perf, out
 
 
+def test_a_range_that_is_not_a_number_is_unknown(world: Env):
+    """float() takes "nan" and "inf": nan compares false with every value, so "-w nan" was a
+    WARNING for good on an empty queue."""
+    queue_config(world, mode="queue")
+    queue_entries(world, n=0)
+    assert check(world)[0] == 0
+    for args in (["-w", "nan"], ["-c", "5:inf"], ["--warning-age", "@~:NaN"]):
+        code, out, perf = check(world, *args)
+        assert code == 3 and "is not a range" in out and not perf, out
+
+
 def test_a_broken_config_is_unknown(world: Env):
     world.config.write_text("[queue\n")
     code, out, _ = check(world)

@@ -61,8 +61,8 @@ class Range:
         if not sep:
             start, end = "0", body
         try:
-            self.start = float("-inf") if start == "~" else float(start or "0")
-            self.end = float("inf") if end == "" else float(end)
+            self.start = float("-inf") if start == "~" else _finite(start or "0")
+            self.end = float("inf") if end == "" else _finite(end)
         except ValueError:
             raise PluginError(
                 f"threshold {text!r} is not a range (10, 10:, ~:10, @10:20)"
@@ -80,6 +80,17 @@ class Range:
         """
         within = self.start <= value <= self.end
         return within if self.inside else not within
+
+
+def _finite(text: str) -> float:
+    """A range's end: a number (float() also takes "nan" and "inf", which no range means:
+    nan compares false with every value, so it would alert for good)."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 class Metric:

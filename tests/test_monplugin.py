@@ -134,6 +134,13 @@ def test_a_range_that_is_not_a_number_is_unknown(world: Env):
         assert code == 3 and "is not a range" in out and not perf, out
 
 
+def test_no_bar_in_the_text(world: Env, tmp_path):
+    """A "|" in the text would start perfdata for Nagios: a path holding one is shown
+    without it (the status line's text comes from paths and listeners' replies)."""
+    code, out, perf = check(world, "--spool", str(tmp_path / "a|b"))
+    assert code == 3 and out.count("|") == 0 and "a/b" in out and not perf, out
+
+
 def test_a_broken_config_is_unknown(world: Env):
     world.config.write_text("[queue\n")
     code, out, _ = check(world)

@@ -249,11 +249,17 @@ def _why(metric: Metric) -> str:
     return f"{metric.label} {value}"
 
 
-def unknown(message: str) -> str:
-    """The status line for a check that could not be made."""
+def _plain(text: str) -> str:
+    """``text`` as one line without "|": Nagios and Icinga read whatever follows a "|" as
+    perfdata, and this text holds paths and listeners' replies."""
     from mailshim.errors import one_line
 
-    return f"{SERVICE} UNKNOWN: {one_line(message)}"
+    return one_line(text).replace("|", "/")
+
+
+def unknown(message: str) -> str:
+    """The status line for a check that could not be made."""
+    return f"{SERVICE} UNKNOWN: {_plain(message)}"
 
 
 def probe(config_path: str | None) -> tuple[int, str]:
@@ -264,7 +270,8 @@ def probe(config_path: str | None) -> tuple[int, str]:
     if report.exit_code == 0:
         return OK, "listener answers"
     first = next((f for f in report.findings if f.level == "error"), None)
-    return CRITICAL, first.text if first is not None else f"mailshim check exit {report.exit_code}"
+    words = first.text if first is not None else f"mailshim check exit {report.exit_code}"
+    return CRITICAL, _plain(words)
 
 
 def run(

@@ -1,0 +1,75 @@
+"""liveness, second hostile review: suspicions read from the code after issue 22/23's
+fixes, each reproduced here for real before it was fixed.
+
+Real processes (``mailshim run``/``flush``, the delivery agent, a real user's drop agent)
+against real listeners (conftest.FaultListener, relayhelpers.Listener, LMTP included).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from conftest import message_queue_id, queue_entries
+from mailshim import spool
+from relayhelpers import Listener
+
+
+def delivered(world) -> Counter[str]:
+    return Counter(message_queue_id(m) for m in world.listener.messages)
+
+
+def state_of(world, qid: str) -> spool.State:
+    return spool.Spool(str(world.spool)).load_state(qid)
+
+
+def _qid(data: bytes) -> str:
+    found = re.search(rb"Message-ID: <([^@>]+)@", data)
+    assert found is not None
+    return found.group(1).decode()
+
+
+# -- a rate limit after the final dot is one session's, not the relay down (item 6) ----------
+
+
+def test_a_rate_limit_after_the_dot_neither_marks_the_relay_down_nor_fails_over(fworld):
+    # Stalwart may answer the final dot with 452 4.4.5. It marked the primary down for the
+    # whole process: the pass's retry of that very entry went to the backup (one entry: with
+    # more, another session's success on the primary clears the mark first).
+    from test_liveness_attacks import pair_config
+
+    with Listener() as primary, Listener() as backup:
+        pair_config(fworld, primary.port, backup.port, "")
+        ids = queue_entries(fworld)
+        primary.handler.script("DATA", "452 4.4.5 Rate limit exceeded, try again later")
+        out = fworld.run("mailshim", ["flush"], timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert backup.handler.connections == 0 and backup.handler.messages == [], out.stdout
+        got = Counter(_qid(m.data) for m in primary.handler.messages)
+        assert got == Counter(ids), out.stdout
+
+
+# -- LMTP: one recipient's 421 says nothing of another's own 452 (item 5) --------------------
+
+
+def test_lmtp_one_recipients_421_leaves_anothers_own_452_on_its_schedule(fworld, tmp_path):
+    # After the dot, LMTP answers per recipient. A 421 for one made every deferred
+    # recipient "relay-level", so the other's full mailbox was retried early at every
+    # recovery instead of on its schedule.
+    sock = str(tmp_path / "lmtp.sock")
+    with Listener(unix=sock, lmtp=True) as lmtp:
+        fworld.config.write_text(
+            f'[relay]\nsocket = "{sock}"\nprotocol = "lmtp"\n'
+            f'[addresses]\ndomain = "example.org"\n'
+            f'[queue]\ndir = "{fworld.spool}"\nretry = ["10m"]\n'
+        )
+        lmtp.handler.data_replies = {
+            "full@example.org": "452 4.2.0 Mailbox full",
+            "gone@example.org": "421 4.3.2 Shutting down",
+        }
+        (qid,) = queue_entries(fworld, rcpts=("full@example.org", "gone@example.org"))
+        out = fworld.run("mailshim", ["flush"], timeout=60)
+        assert out.returncode == 0, out.stderr
+        state = state_of(fworld, qid)
+        assert set(state.pending) == {"full@example.org", "gone@example.org"}, out.stdout
+        assert not state.relay_wait  # full@'s own 4xx keeps the schedule

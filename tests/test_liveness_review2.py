@@ -8,15 +8,25 @@ against real listeners (conftest.FaultListener, relayhelpers.Listener, LMTP incl
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 
-from conftest import message_queue_id, queue_entries
+import pytest
+
+from conftest import message_queue_id, queue_config, queue_entries
 from mailshim import spool
 from relayhelpers import Listener
 
 
 def delivered(world) -> Counter[str]:
     return Counter(message_queue_id(m) for m in world.listener.messages)
+
+
+def agent_pid(world) -> int | None:
+    try:
+        return int((world.spool / "state" / "agent.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def state_of(world, qid: str) -> spool.State:
@@ -73,3 +83,65 @@ def test_lmtp_one_recipients_421_leaves_anothers_own_452_on_its_schedule(fworld,
         state = state_of(fworld, qid)
         assert set(state.pending) == {"full@example.org", "gone@example.org"}, out.stdout
         assert not state.relay_wait  # full@'s own 4xx keeps the schedule
+
+
+# -- the agent after a rate-limited ("busy") pass (item 7) -----------------------------------
+
+SYS_RT_SIGTIMEDWAIT = {"x86_64": 128, "aarch64": 137}
+
+
+def asleep_in_sigtimedwait(pid: int) -> bool:
+    """The agent sleeps between passes (``/proc/PID/syscall`` names the call it waits in)."""
+    import platform
+
+    number = SYS_RT_SIGTIMEDWAIT.get(platform.machine())
+    if number is None:
+        pytest.skip("no rt_sigtimedwait number known for this machine")
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0] == str(number)
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_busy_pass_does_not_mark_the_relay_down_so_new_mail_still_pokes_the_agent(fworld):
+    # A pass that met only 452 4.4.5 ends "busy"; the agent wrote the "relay down" mark for
+    # it, so sendmail stopped poking the agent for the listener-down pause (300 s here),
+    # though the listener answered every connection.
+    queue_config(
+        fworld, queue='retry = ["10m"]', relay="concurrency = 1\nretry_after_failure = 300"
+    )
+    h = fworld.listener.handler
+    plain_mail = h.handle_MAIL
+    limited = [True]
+
+    async def mail(server, session, envelope, address, options):
+        if limited[0]:
+            h.throttled += 1
+            return "452 4.4.5 Rate limit exceeded, try again later"
+        return await plain_mail(server, session, envelope, address, options)
+
+    h.handle_MAIL = mail
+    queue_entries(fworld, n=6)
+    out = fworld.sendmail("bob@example.org", input=b"Subject: start\n\nstarts the agent\n")
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 60
+    pid = None
+    while time.monotonic() < deadline:
+        pid = agent_pid(fworld)
+        if pid is not None and h.throttled >= 5 and asleep_in_sigtimedwait(pid):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the agent never slept after its busy pass")
+    assert spool.Spool(str(fworld.spool)).relay_down_since() is None  # it answered: not down
+    limited[0] = False
+    out = fworld.sendmail("carol@example.org", input=b"Subject: new\n\nnew mail\n")
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any(m.rcpt_tos == ["carol@example.org"] for m in fworld.listener.messages):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the new mail waited for the listener-down pause")

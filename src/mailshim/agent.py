@@ -165,7 +165,7 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
     Returns False when asked to stop (SIGTERM, SIGHUP, SIGINT) or the spool is gone."""
     import signal
 
-    from mailshim import runner
+    from mailshim import policy, runner
 
     stops = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
     wanted = stops | {signal.SIGURG}
@@ -176,9 +176,15 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
     serving.write_pid(target, serving.AGENT)
     try:
         while True:
+            rest_until = 0.0
             try:
-                reachable = runner.deliver_due(config, target, frozenset(stops))
-                target.mark_relay(lock_fd, reachable)
+                status = runner.deliver_due(config, target, frozenset(stops))
+                # Only an unreachable listener is "down" (no pokes for a while). One that
+                # answered with rate limits is up: pokes still wake the agent, which
+                # otherwise rests a moment before the entries the busy pass left untried.
+                target.mark_relay(lock_fd, status != "down")
+                if status == "busy":
+                    rest_until = time.time() + policy.pressure_delay(config, policy.RATE)
             except MailshimError as exc:
                 maillog.log(f"agent: {exc.message}", error=True)
             if not os.path.isdir(target.queue):
@@ -191,6 +197,7 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
                 wake = time.time() + config.retry[0]
             if wake is None:
                 return True
+            wake = max(wake, rest_until)
             got = signal.sigtimedwait(wanted, max(0.0, wake - time.time()))
             if got is not None and got.si_signo in stops:
                 return False

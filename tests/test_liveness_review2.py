@@ -7,7 +7,10 @@ against real listeners (conftest.FaultListener, relayhelpers.Listener, LMTP incl
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import signal
 import time
 from collections import Counter
 
@@ -145,3 +148,109 @@ def test_a_busy_pass_does_not_mark_the_relay_down_so_new_mail_still_pokes_the_ag
         time.sleep(0.05)
     else:
         raise AssertionError("the new mail waited for the listener-down pause")
+
+
+# -- a real user's drop agent: stop between entries (item 1), recovery (item 2) ---------------
+
+DROP_RUN, DROP_A, DROP_B = "mshl2-run", "mshl2-a", "mshl2-b"
+
+
+@pytest.fixture(scope="module")
+def dbox():
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create users")
+    from test_multiuser import built_box
+
+    with built_box((DROP_RUN, DROP_A, DROP_B), "10m", "retry_after_failure = 1") as system:
+        yield system
+
+
+@pytest.fixture
+def drop(dbox):
+    from test_drop_linger import _agents
+    from test_multiuser import emptied
+
+    plain = dbox.config.read_text()
+    mu = emptied(dbox)
+    yield mu
+    for name in (DROP_A, DROP_B, DROP_RUN):
+        for pid in _agents(mu.users[name].uid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        state = mu.users[name].home / ".local" / "state" / "mailshim"
+        if state.is_dir():
+            shutil.rmtree(state, ignore_errors=True)
+    dbox.config.write_text(plain)
+    if mu.listener.controller is None:
+        mu.listener.start()
+
+
+def _until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def _incoming(mu) -> list[str]:
+    return [n for n in mu.names("incoming") if not n.startswith(".")]
+
+
+@pytest.mark.root
+def test_a_users_drop_agent_goes_out_with_the_first_new_mail_after_an_outage(drop):
+    # Deferred while the listener was down, the user's entry waited for its 10-minute step
+    # although the agent delivered the user's next message at once: the drop agent had no
+    # recovery rule (issue 23 item 2).
+    from test_drop_linger import _agents
+
+    alice = drop.users[DROP_A]
+    drop.listener.stop()
+    r = drop.sendmail(alice, "-i", "old@example.org", input=b"Subject: old\n\nold\n")
+    assert r.returncode == 0, r.stderr.decode()
+    _until(lambda: len(_agents(alice.uid)) == 1, 20, "the user's drop agent")
+    _until(lambda: asleep_in_sigtimedwait(_agents(alice.uid)[0]), 20, "the agent to sleep")
+    drop.listener.start()
+    time.sleep(1.5)  # past the listener-down pause (retry_after_failure = 1)
+    r = drop.sendmail(alice, "-i", "new@example.org", input=b"Subject: new\n\nnew\n")
+    assert r.returncode == 0, r.stderr.decode()
+    got = drop.listener.wait(2, timeout=30)
+    assert sorted(m.rcpt_tos[0] for m in got) == ["new@example.org", "old@example.org"]
+    _until(lambda: not _agents(alice.uid), 20, "the agent to leave")
+    assert _incoming(drop) == []
+
+
+@pytest.mark.root
+def test_sigterm_stops_a_users_drop_agent_after_the_entry_in_flight(drop, tmp_path):
+    # A round tried every due entry before the blocked SIGTERM was looked at.
+    from conftest import FaultListener, free_port
+    from test_drop_linger import _agents
+
+    slow = FaultListener(free_port())
+    slow.start()
+    try:
+        drop.config.write_text(
+            drop.config.read_text().replace(f"port = {drop.listener.port}", f"port = {slow.port}")
+        )
+        alice = drop.users[DROP_A]
+        slow.stop()
+        for i in range(6):  # all deferred together: one round tries them all
+            r = drop.sendmail(alice, "-i", f"r{i}@example.org", input=b"Subject: s\n\nslow\n")
+            assert r.returncode == 0, r.stderr.decode()
+        _until(lambda: len(_agents(alice.uid)) == 1, 20, "the user's drop agent")
+        (pid,) = _agents(alice.uid)
+        slow.handler.data_delay = 1.0
+        slow.start()
+        r = drop.sendmail(alice, "-i", "go@example.org", input=b"Subject: go\n\nnow\n")
+        assert r.returncode == 0, r.stderr.decode()
+        _until(lambda: slow.handler.data_started >= 1, 30, "the first delivery")
+        os.kill(pid, signal.SIGTERM)
+        _until(lambda: not _agents(alice.uid), 30, "the agent to leave")
+        slow.wait_idle()
+        assert len(slow.messages) < 7  # not the whole round first
+        assert len(_incoming(drop)) == 7 - len(slow.messages)  # the rest kept, safe
+    finally:
+        slow.stop()

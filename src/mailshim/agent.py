@@ -48,6 +48,7 @@ from mailshim.errors import EX_CONFIG, MailshimError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from mailshim.config import Config
+    from mailshim.reply import Reply
 
 MIN_NAP = 1.0  # never wake more often than this (an entry held by an interactive sendmail)
 RETAKE_TRIES = 10  # a leaving agent's tries at the lock when something fell due meanwhile
@@ -228,17 +229,19 @@ def _drop_agent(
     except (DataError, OSError):
         entry = None  # unreadable: the runner's pickup sends it to corrupt/ with the reason
 
-    async def one(entry: spoolentry.DropEntry) -> str:
+    async def one(entry: spoolentry.DropEntry) -> tuple[str, dict[str, Reply]]:
         async with delivery.client_for(config) as client:
-            return (await delivery.deliver_drop(config, client, entry))[0]
+            return await delivery.deliver_drop(config, client, entry)
 
+    first_down = False
     if entry is not None:
         try:
-            status = asyncio.run(one(entry))
+            status, replies = asyncio.run(one(entry))
             if status in (SENT, REJECTED, QUEUED):
                 dropagent.forget(root, entry.queue_id)
             else:
                 first = entry.queue_id
+                first_down = delivery.is_connection_failure(replies)
         except MailshimError as exc:
             maillog.log(f"agent: {exc.message}", error=True)
             first = entry.queue_id
@@ -246,7 +249,7 @@ def _drop_agent(
             entry.release()
     if slot_fd is None:
         return 0
-    return dropagent.linger(config, target, slot_fd, first)
+    return dropagent.linger(config, target, slot_fd, first, first_down)
 
 
 def agent_main(

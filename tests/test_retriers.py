@@ -565,6 +565,51 @@ def test_cron_retrier_as_a_real_user_delivers_what_the_dead_agent_left():
             subprocess.run(["crontab", "-r", "-u", user.name], capture_output=True)
 
 
+@pytest.mark.root
+def test_retrier_keeps_a_real_users_lines_after_a_lone_begin_marker():
+    """The user edited the block by hand (crontab -e): the END marker deleted, her own job
+    added below it. A second `install` and then `remove`, as that real user through
+    crontab(1), keep every line of hers and leave exactly one block after install, none
+    after remove (before: every line after a BEGIN with no END was taken for the block's
+    and dropped)."""
+    from conftest import others_can_run
+
+    if os.geteuid() != 0 or not others_can_run():
+        pytest.skip("needs root, and an interpreter other users can run")
+    import shutil as sh
+
+    if sh.which("crontab") is None:
+        pytest.skip("crontab is not installed (apt-get install cron)")
+    from test_multiuser import users_in_tmp
+
+    with users_in_tmp("mailshim-cronedit-", ("mshra-cron",)) as (_base, users):
+        user = users["mshra-cron"]
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(user.home), "LOGNAME": user.name}
+        try:
+            mine = "# the user's own job\n0 3 * * * true\n"
+            assert _as(user, ["crontab", "-"], env, mine.encode()).returncode == 0
+            done = _as(user, [tool("mailshim"), "retrier", "install", "--cron"], env)
+            assert done.returncode == 0, done.stderr
+            text = _as(user, ["crontab", "-l"], env).stdout.decode()
+            text = text.replace("# mailshim retrier: end\n", "")
+            text += "0 4 * * * /usr/local/bin/backup\n"
+            own = ["# the user's own job", "0 3 * * * true", "0 4 * * * /usr/local/bin/backup"]
+            assert _as(user, ["crontab", "-"], env, text.encode()).returncode == 0
+
+            done = _as(user, [tool("mailshim"), "retrier", "install", "--cron"], env)
+            assert done.returncode == 0, done.stderr
+            lines = _cron_lines(user, env)
+            assert [ln for ln in lines if "mailshim" not in ln] == own, lines
+            assert sum(ln.startswith("# mailshim retrier: begin") for ln in lines) == 1, lines
+            assert sum(ln.startswith("@reboot ") for ln in lines) == 1, lines
+
+            gone = _as(user, [tool("mailshim"), "retrier", "remove"], env)
+            assert gone.returncode == 0, gone.stderr
+            assert _cron_lines(user, env) == own
+        finally:
+            subprocess.run(["crontab", "-r", "-u", user.name], capture_output=True)
+
+
 def _mailshim(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([tool("mailshim"), *args], env=env, capture_output=True, timeout=60)
 

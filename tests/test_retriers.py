@@ -873,3 +873,57 @@ def test_a_users_mail_goes_to_the_daemon_not_to_an_agent_of_theirs(dropbox):
     mu.listener.stop()
     assert mu.sendmail(alice, "-i", "carol@example.org", input=MESSAGE % 2).returncode == 0
     wait_for(lambda: len(_agents(alice.uid)) == 1, what="the user's own agent again")
+
+
+# --- a long-lived retrier reads a changed configuration ---------------------------------------
+
+
+def _relay_config(world: Env, port: int) -> None:
+    world.config.write_text(
+        f"""
+[relay]
+host = "127.0.0.1"
+port = {port}
+timeout = 5
+retry_after_failure = 1
+
+[addresses]
+domain = "example.org"
+
+[queue]
+dir = "{world.spool}"
+retry = ["2s"]
+"""
+    )
+
+
+@pytest.mark.parametrize("who", ["agent", "daemon"])
+def test_a_fixed_relay_is_used_by_the_retrier_already_running(world, who):
+    """The relay was wrong (nothing listens there); the mail is deferred and the lingering
+    agent (or `mailshim daemon`) retries it. The administrator fixes `[relay] port`: the
+    next retry goes to the fixed relay. Before, the process kept the file it read at start
+    and retried the old relay until it left, which it never did while that relay refused."""
+    _relay_config(world, free_port())  # the old relay: nothing listens there
+    daemon = None
+    if who == "daemon":
+        daemon = subprocess.Popen(
+            [tool("mailshim"), "daemon"], env=world.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        sent = world.sendmail("-i", "bob@example.org", input=b"Subject: fixed\n\nbody\n")
+        assert sent.returncode == 0, sent.stderr
+        if who == "agent":
+            wait_for(lambda: agents(world.spool), what="the lingering agent")
+        wait_for(
+            lambda: b"Connection refused" in world.run("mailshim", ["queue"]).stdout,
+            what="the first attempt at the old relay",
+        )
+        _relay_config(world, world.listener.port)
+        (msg,) = world.listener.wait(1, timeout=30)
+        assert msg.rcpt_tos == ["bob@example.org"]
+        world.wait_queue_empty()
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(timeout=60)

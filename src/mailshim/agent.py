@@ -165,7 +165,7 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
     Returns False when asked to stop (SIGTERM, SIGHUP, SIGINT) or the spool is gone."""
     import signal
 
-    from mailshim import runner
+    from mailshim import configload, runner
 
     stops = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
     wanted = stops | {signal.SIGURG}
@@ -176,6 +176,7 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
     serving.write_pid(target, serving.AGENT)
     try:
         while True:
+            config = configload.refresh(config, "agent")
             try:
                 reachable = runner.deliver_due(config, target, frozenset(stops))
                 target.mark_relay(lock_fd, reachable)

@@ -434,7 +434,7 @@ def linger(config: Config, target: spool.Spool, slot_fd: int, first: str | None)
     meanwhile and carries on when it can take the slot again."""
     import signal
 
-    from mailshim import maillog
+    from mailshim import configload, maillog
     from mailshim.errors import MailshimError
 
     stops = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
@@ -459,6 +459,7 @@ def linger(config: Config, target: spool.Spool, slot_fd: int, first: str | None)
                         tracks[qid] = _adopt(target.root, qid, steps, max(now, down_until))
                 if not tracks or not os.path.isdir(target.incoming):
                     break
+                config = configload.refresh(config, "drop agent")
                 try:
                     down_until = _round(config, target, tracks, steps, gone, down_until)
                 except MailshimError as exc:

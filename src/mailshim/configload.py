@@ -147,8 +147,14 @@ def refresh(cfg: config.Config, who: str) -> config.Config:
     if cfg.path is None or stamp(cfg.path) == cfg.stamp:
         return cfg
     from mailshim import maillog
+    from mailshim.errors import MailshimError
 
-    new = load_or_fallback(cfg.path)
+    seen = stamp(cfg.path)
+    try:
+        new = load_or_fallback(cfg.path)
+    except MailshimError as exc:  # never the end of a process that is retrying mail
+        new = config.Config()
+        new.broken, new.stamp = exc.message, seen
     if new.broken is not None:
         maillog.log(
             f"error: {new.broken}; {who} keeps the configuration it read before until the"

@@ -166,7 +166,7 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
     Returns False when asked to stop (SIGTERM, SIGHUP, SIGINT) or the spool is gone."""
     import signal
 
-    from mailshim import policy, runner
+    from mailshim import configload, policy, runner
 
     stops = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
     wanted = stops | {signal.SIGURG}
@@ -178,6 +178,7 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
     try:
         while True:
             rest_until = 0.0
+            config = configload.refresh(config, "agent")
             try:
                 status = runner.deliver_due(config, target, frozenset(stops))
                 # Only an unreachable listener is "down" (no pokes for a while). One that

@@ -61,8 +61,10 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> config.Confi
     path, _why = find_config_file(explicit)
     if path is None:
         return config.Config()
+    seen = stamp(path)  # before the read: a change after it is seen by the next refresh
     data, pending = _read_table(path, use_cache)
     cfg = _validated(path, data, use_cache)
+    cfg.stamp = seen
     _use_log_file(cfg)
     if pending is not None:
         # Only a table that validated is cached: the cache is also the last good
@@ -103,6 +105,7 @@ def load_or_fallback(explicit: str | None = None) -> config.Config:
     configuration that validated from this file (this user's cache), else the built-in
     defaults, with ``Config.broken`` saying why the file was not used. A caller that sends
     mail checks ``usable`` first: the defaults are good enough to spool, never to deliver."""
+    seen = stamp(find_config_file(explicit)[0])
     try:
         return load(explicit)
     except ConfigError as exc:
@@ -118,8 +121,50 @@ def load_or_fallback(explicit: str | None = None) -> config.Config:
     else:
         cfg.fallback = "last good"
     cfg.broken = problem
+    cfg.stamp = seen
     _use_log_file(cfg)
     return cfg
+
+
+def stamp(path: str | None) -> tuple[int, ...] | None:
+    """The identity of the file at ``path`` now (device, inode, size, mtime, ctime; ``()``
+    when it cannot be looked at), for ``refresh``; None without a file."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def refresh(cfg: config.Config, who: str) -> config.Config:
+    """For a process that lives on (the delivery agent, a user's drop agent, the daemon):
+    ``cfg`` while its file is unchanged, else the file read again. An administrator who
+    fixes the relay must not wait for such a process to leave, which it never does while
+    the old relay refuses the mail it retries. A changed file that is invalid leaves ``cfg``
+    in use (the last good configuration, in memory), said once in the log."""
+    if cfg.path is None or stamp(cfg.path) == cfg.stamp:
+        return cfg
+    from mailshim import maillog
+    from mailshim.errors import MailshimError
+
+    seen = stamp(cfg.path)
+    try:
+        new = load_or_fallback(cfg.path)
+    except MailshimError as exc:  # never the end of a process that is retrying mail
+        new = config.Config()
+        new.broken, new.stamp = exc.message, seen
+    if new.broken is not None:
+        maillog.log(
+            f"error: {new.broken}; {who} keeps the configuration it read before until the"
+            " file is fixed",
+            error=True,
+        )
+        cfg.stamp = new.stamp  # said once per change of the file
+        return cfg
+    maillog.log(f"{who}: {cfg.path} changed: read again")
+    return new
 
 
 def usable(cfg: config.Config) -> bool:

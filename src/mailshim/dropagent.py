@@ -461,7 +461,7 @@ def linger(
     meanwhile and carries on when it can take the slot again."""
     import signal
 
-    from mailshim import maillog
+    from mailshim import configload, maillog
     from mailshim.errors import MailshimError
 
     stops = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
@@ -486,6 +486,7 @@ def linger(
                         tracks[qid] = _adopt(target.root, qid, steps, max(now, down_until))
                 if not tracks or not os.path.isdir(target.incoming):
                     break
+                config = configload.refresh(config, "drop agent")
                 try:
                     down_until = _round(
                         config, target, tracks, steps, gone, down_until, frozenset(stops)

@@ -53,7 +53,7 @@ STYLES = {
 class Item:
     """One queued message as shown to a person or a script."""
 
-    __slots__ = ("envelope", "error", "queue_id", "spool", "state")
+    __slots__ = ("drop_id", "envelope", "error", "queue_id", "spool", "state")
 
     def __init__(
         self,
@@ -62,12 +62,14 @@ class Item:
         envelope: Envelope | None,
         state: State | None,
         error: str = "",
+        drop_id: str = "",
     ) -> None:
         self.spool = spool_
         self.queue_id = queue_id
         self.envelope = envelope
         self.state = state
         self.error = error
+        self.drop_id = drop_id  # a user's own entry seen through its view: her drop id
 
     @property
     def status(self) -> str:
@@ -88,6 +90,8 @@ class Item:
     def as_dict(self) -> dict[str, object]:
         env, st = self.envelope, self.state
         out: dict[str, object] = {"id": self.queue_id, "spool": self.spool.root}
+        if self.drop_id:
+            out["submitted_as"] = self.drop_id
         out["status"] = self.status
         if env is None:
             out["error"] = self.error
@@ -117,9 +121,7 @@ def collect(config: Config) -> list[Item]:
     known = spoolchoice.known_spools(config)
     for target in known:
         items.extend(_drop_items(target, mine=False))
-    system = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
-    if all(t.root != system.root for t in known) and system.droppable():
-        items.extend(_drop_items(system, mine=True))
+    items.extend(own_items(config, known))
     for target in known:
         for qid in target.ids():
             try:
@@ -136,6 +138,40 @@ def collect(config: Config) -> list[Item]:
     return items
 
 
+def own_items(config: Config, known: list[spool.Spool] | None = None) -> list[Item]:
+    """A user's own entries in the system spool she may not list: those still in its drop
+    folder, and (through their views, ownview.py) those the runner has taken into its
+    private queue, with their state. Empty for whoever may list that spool."""
+    from mailshim import dropagent, ownview
+
+    system = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
+    if known is None:
+        known = spoolchoice.known_spools(config)
+    if any(t.root == system.root for t in known) or not system.droppable():
+        return []
+    notes = dict(ownview.noted(system.root))
+    views = ownview.exists(system.root)
+    now = time.time()
+    out = []
+    for qid in sorted(set(notes) | set(dropagent.noted(system.root))):
+        if not spoolfmt.valid_id(qid):
+            continue
+        there = _drop_item(system, qid, mine=True)
+        if isinstance(there, Item):
+            out.append(there)
+        if there is not None:
+            continue
+        # Not in the drop folder: pickup writes the view before it removes the original,
+        # and delivery removes the view after the entry, so one of the two is found.
+        seen = ownview.read(system.root, qid)
+        if seen is not None:
+            env, state = seen
+            out.append(Item(system, env.queue_id, env, state, drop_id=qid))
+        elif qid in notes and (views or now - notes[qid] > ownview.NOTES_KEPT):
+            ownview.forget(system.root, qid)  # delivered, refused or bounced: done
+    return out
+
+
 def unseen(config: Config) -> list[str]:
     """Queue folders that exist but this user may not read (the system spool's private
     queue/, for a user): a listing says so rather than "empty" (issue 23)."""
@@ -147,38 +183,37 @@ def unseen(config: Config) -> list[str]:
 
 
 def _drop_items(target: spool.Spool, mine: bool) -> list[Item]:
-    """Entries still in ``target``'s drop folder: every one for whoever may list it (root,
-    the runner), else (``mine``) the caller's own, by the ids their ``sendmail`` noted
-    (dropagent.noted): the folder cannot be listed and other users' ids stay private."""
-    if mine:
-        from mailshim import dropagent
-
-        ids = dropagent.noted(target.root)
-    else:
-        try:
-            ids = sorted(os.listdir(target.incoming))
-        except OSError:
-            return []
+    """Every entry in ``target``'s drop folder, for whoever may list it (root, the runner)."""
+    try:
+        ids = sorted(os.listdir(target.incoming))
+    except OSError:
+        return []
     out = []
     for qid in ids:
-        if not spoolfmt.valid_id(qid):
-            continue
-        try:
-            fd = os.open(os.path.join(target.incoming, qid), _OPEN)
-        except OSError:
-            continue  # picked up, delivered, or never there
-        with open(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or (mine and st.st_uid != os.geteuid()):
-                continue
-            try:
-                env, _ = spoolfmt.decode_envelope(f)
-            except DataError as exc:
-                out.append(Item(target, qid, None, None, f"in the drop folder: {exc.message}"))
-                continue
-        env.uid = st.st_uid  # the owner as the kernel knows it, as pickup takes it
-        out.append(Item(target, qid, env, None))
+        if spoolfmt.valid_id(qid):
+            item = _drop_item(target, qid, mine)
+            if isinstance(item, Item):
+                out.append(item)
     return out
+
+
+def _drop_item(target: spool.Spool, qid: str, mine: bool) -> Item | bool | None:
+    """``incoming/<qid>`` as an item; None when there is none, False when it is not the
+    caller's (``mine``) or not a plain file."""
+    try:
+        fd = os.open(os.path.join(target.incoming, qid), _OPEN)
+    except OSError:
+        return None  # picked up, delivered, or never there
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (mine and st.st_uid != os.geteuid()):
+            return False
+        try:
+            env, _ = spoolfmt.decode_envelope(f)
+        except DataError as exc:
+            return Item(target, qid, None, None, f"in the drop folder: {exc.message}")
+    env.uid = st.st_uid  # the owner as the kernel knows it, as pickup takes it
+    return Item(target, qid, env, None)
 
 
 def age(seconds: float) -> str:
@@ -255,6 +290,8 @@ def show_fields(item: Item, now: float) -> list[tuple[str, list[str]]]:
     out. ``Item.as_dict`` keeps the raw values (``--json``)."""
     env, st = item.envelope, item.state
     out: list[tuple[str, list[str]]] = [("id", [item.queue_id]), ("status", [item.status])]
+    if item.drop_id:
+        out.append(("submitted as", [item.drop_id]))
     if env is None:
         return [*out, ("error", [one_line(item.error)]), ("spool", [item.spool.root])]
     size = human_size(env.size)
@@ -392,17 +429,24 @@ def _recipient(rcpt: str, st: State | None, paint: Callable[[str, str], str]) ->
 
 def print_queue(config: Config) -> int:
     """``mailq``: Postfix's listing, then one line about dead letters when there are any."""
-    from mailshim import deadletters
+    from mailshim import deadletters, ownview
 
     items = collect(config)
     hidden = unseen(config)
     # Never "Mail queue is empty" about a queue this user could not read.
     text = format_listing(items, time.time(), use_color(sys.stdout)) if items or not hidden else ""
     for queue in hidden:
-        text += (
-            f"-- {queue} is private to the mailshim user: your messages there are not listed;"
-            " mailshim log ID follows one, root's mailq lists them all\n"
-        )
+        if ownview.exists(os.path.dirname(queue)):
+            if not items:
+                text += "No message of yours is queued (by your sendmail's notes)\n"
+            text += (
+                f"-- other users' messages in {queue} are private; root's mailq lists them all\n"
+            )
+        else:
+            text += (
+                f"-- {queue} is private to the mailshim user: your messages there are not"
+                " listed; mailshim log ID follows one, root's mailq lists them all\n"
+            )
     dead = deadletters.count(config)
     if dead:
         text += (

@@ -47,7 +47,13 @@ import time
 
 from mailshim import spoolfmt
 from mailshim.errors import CantCreateError, DataError, from_oserror
-from mailshim.spoolentry import EntryWriter, LockedEntry, move_no_replace, new_queue_id
+from mailshim.spoolentry import (
+    EntryWriter,
+    LockedEntry,
+    move_no_replace,
+    new_drop_id,
+    new_queue_id,
+)
 from mailshim.spoolfmt import Envelope, State
 from mailshim.spoolfs import (
     _O_CLOEXEC,
@@ -185,7 +191,8 @@ class Spool:
         queue_id: str | None = None,
         arrival: int | None = None,
     ) -> EntryWriter:
-        qid = queue_id or new_queue_id()
+        # A drop id is also the secret name of its submitter's view (ownview.py).
+        qid = queue_id or (new_drop_id() if self.drop else new_queue_id())
         when = int(time.time()) if arrival is None else arrival
         return EntryWriter(self, Envelope(qid, sender, recipients, when, uid), drop=self.drop)
 

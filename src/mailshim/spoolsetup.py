@@ -39,6 +39,8 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
         for name in SUBDIRS:
             changes += _make_dir(os.path.join(target.root, name), uid, gid, 0o700)
         changes += _make_dir(target.incoming, uid, gid, INCOMING_MODE)
+        # Users' views of their own entries after pickup, found by name only (ownview.py).
+        changes += _make_dir(os.path.join(target.root, "status"), uid, gid, 0o711)
         lock = os.path.join(target.root, "agent.lock")
         fd = os.open(lock, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
         try:

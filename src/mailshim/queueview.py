@@ -44,6 +44,7 @@ STYLES = {
     "error": "31",
     "delivered": "32",
     "new": "36",
+    "waiting": "33",
     "dim": "2",
     "partial": "33",
     "unreadable": "31;1",
@@ -53,7 +54,16 @@ STYLES = {
 class Item:
     """One queued message as shown to a person or a script."""
 
-    __slots__ = ("drop_id", "envelope", "error", "queue_id", "spool", "state")
+    __slots__ = (
+        "down_since",
+        "down_until",
+        "drop_id",
+        "envelope",
+        "error",
+        "queue_id",
+        "spool",
+        "state",
+    )
 
     def __init__(
         self,
@@ -70,22 +80,33 @@ class Item:
         self.state = state
         self.error = error
         self.drop_id = drop_id  # a user's own entry seen through its view: her drop id
+        # The spool's listener-down mark (Spool.relay_down_since) and when the pause after
+        # it ends: an entry never tried meanwhile waits for the listener, it is not "new".
+        self.down_since = 0.0
+        self.down_until = 0.0
 
     @property
     def status(self) -> str:
-        """held | new | deferred | partial | unreadable."""
+        """held | new | waiting | deferred | partial | unreadable.
+
+        waiting: never tried, and the listener was found unreachable (the spool's mark):
+        it goes when the listener answers again, not at once as "new" would say."""
         st = self.state
         if self.envelope is None:
             return "unreadable"
-        if st is None:
-            return "new"
+        if st is None or (st.attempts == 0 and not st.held and not st.done and not st.failed):
+            return "waiting" if self.down_since else "new"
         if st.held:
             return "held"
         if st.done or st.failed:
             return "partial"
-        if st.attempts == 0:
-            return "new"
         return "deferred"
+
+    def next_try(self, now: float) -> str:
+        """ "due now", "in 4m", or "" (held, or nothing scheduled)."""
+        if self.status == "waiting":
+            return "due now" if self.down_until <= now else f"in {age(self.down_until - now)}"
+        return _next_try(self.state, now)
 
     def as_dict(self) -> dict[str, object]:
         env, st = self.envelope, self.state
@@ -113,6 +134,8 @@ class Item:
                 failed={rcpt: str(reply) for rcpt, reply in st.failed.items()},
                 pending={rcpt: str(reply) for rcpt, reply in st.pending.items()},
             )
+        if self.status == "waiting":
+            out.update(listener_down_since=self.down_since, next_attempt=self.down_until)
         return out
 
 
@@ -134,8 +157,22 @@ def collect(config: Config) -> list[Item]:
                 items.append(Item(target, qid, None, None, text))
                 continue
             items.append(Item(target, qid, env, state))
+    mark_waiting(config, items)
     items.sort(key=lambda i: (i.envelope.arrival if i.envelope else 0, i.queue_id))
     return items
+
+
+def mark_waiting(config: Config, items: list[Item]) -> None:
+    """Entries never tried while their spool's listener-down mark stands wait for it."""
+    marks: dict[str, float | None] = {}
+    for item in items:
+        root = item.spool.root
+        if root not in marks:
+            marks[root] = item.spool.relay_down_since()
+        since = marks[root]
+        if since:
+            item.down_since = since
+            item.down_until = since + config.down_pause
 
 
 def own_items(config: Config, known: list[spool.Spool] | None = None) -> list[Item]:
@@ -262,6 +299,10 @@ def use_color(stream: object = None) -> bool:
         return False
 
 
+def _waiting_note(item: Item, now: float) -> str:
+    return f"not tried yet: the listener was unreachable {age(now - item.down_since)} ago"
+
+
 def _next_try(st: State | None, now: float) -> str:
     if st is None or st.held or not st.next_attempt:
         return ""
@@ -292,6 +333,9 @@ def show_fields(item: Item, now: float) -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = [("id", [item.queue_id]), ("status", [item.status])]
     if item.drop_id:
         out.append(("submitted as", [item.drop_id]))
+    if item.status == "waiting":
+        out.append(("waiting", [_waiting_note(item, now)]))
+        out.append(("next attempt", [when(max(item.down_until, now), now)]))
     if env is None:
         return [*out, ("error", [one_line(item.error)]), ("spool", [item.spool.root])]
     size = human_size(env.size)
@@ -379,7 +423,10 @@ def format_listing(items: list[Item], now: float, color: bool = False) -> str:
         lines.append(
             f"{paint('id', cell)} {env.size:>{size_width}} {age(now - env.arrival):>7}  {sender}"
         )
-        if st is not None and st.last_error:
+        if item.status == "waiting":
+            note = f"({_waiting_note(item, now)})"
+            lines.append(indent + paint("waiting", note) + f" [next try {item.next_try(now)}]")
+        elif st is not None and st.last_error:
             note = f"({one_line(st.last_error)})"
             when = _next_try(st, now)
             lines.append(indent + paint("error", note) + (f" [next try {when}]" if when else ""))
@@ -536,9 +583,9 @@ def format_table(items: list[Item], now: float, color: bool = False) -> str:
             rows.append((item, (item.queue_id, "?", "?", "?", "unreadable", "", "")))
             continue
         status = item.status
-        when = _next_try(st, now)
-        if status == "deferred" and when:
-            status = f"deferred, next {when}"
+        when = item.next_try(now)
+        if status in ("deferred", "waiting") and when:
+            status = f"{status}, next {when}"
         rcpts = [one_line(r) for r in env.recipients]
         shown = rcpts[0] + (f" +{len(rcpts) - 1}" if len(rcpts) > 1 else "") if rcpts else ""
         rows.append((item, (
@@ -574,6 +621,8 @@ def format_table(items: list[Item], now: float, color: bool = False) -> str:
         note = ""
         if item.envelope is None:
             note = f"unreadable: {one_line(item.error)}"
+        elif status == "waiting":
+            note = _waiting_note(item, now)
         elif item.state is not None and item.state.last_error:
             note = one_line(item.state.last_error)
         if note:

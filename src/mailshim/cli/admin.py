@@ -239,6 +239,7 @@ def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bo
     for target, qid in _targets(ctx, ids, all_):
         try:
             item = queueview.Item(target, qid, target.read_envelope(qid), target.load_state(qid))
+            queueview.mark_waiting(_config(ctx), [item])
         except FileNotFoundError:
             if not as_json:
                 click.echo(f"{qid}: delivered or removed meanwhile\n")

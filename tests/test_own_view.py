@@ -12,10 +12,13 @@ import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from conftest import tool
+from mailshim import spoolfmt
 from test_multiuser import MSG, System, built_box, emptied, stop_processes
 
 pytestmark = [
@@ -41,6 +44,7 @@ def mu(box: System) -> System:
         os.unlink(system.spool / "status" / name)
     for user in (system.users[ALICE], system.users[BOB]):
         shutil.rmtree(user.home / ".local", ignore_errors=True)
+        shutil.rmtree(user.home / ".cache", ignore_errors=True)
     return system
 
 
@@ -140,3 +144,83 @@ def test_a_planted_link_in_status_is_never_read_or_followed(mu):
     assert target.read_text() == "root's\n"
     assert not (mu.spool / "status" / drop_id).is_symlink()
     assert "451 4.2.0 later" in _mailq(mu, alice)
+
+
+# --- the runner's copy of the last valid system configuration (issue 23, item 1) ----------
+
+# The real entry points with the system paths aimed at this test's files: /etc/mailshim is
+# shared by every test on the machine, so it is never written here.
+WRAP = (
+    "import sys; from mailshim import paths; paths.SYSTEM_CONFIG, paths.SYSTEM_SPOOL ="
+    " sys.argv[1:3]; sys.argv = sys.argv[3:]; from mailshim.cli.{0} import main;"
+    " sys.exit(main())"
+)
+
+
+def _as_system(mu: System, user, module: str, argv: list[str], input: bytes = b""):
+    env = mu.env(user)
+    del env["MAILSHIM_CONFIG"]  # the system file, as cron's and mail's sendmail find it
+    code = WRAP.format(module)
+    cmd = [sys.executable, "-c", code, str(mu.config), str(mu.spool), *argv]
+    kw = {} if user is None else {"user": user.uid, "group": user.gid, "extra_groups": []}
+    return subprocess.run(cmd, input=input, capture_output=True, env=env, cwd="/", timeout=60, **kw)
+
+
+def _rcpts_in_incoming(mu: System) -> list[list[str]]:
+    out = []
+    for name in mu.names("incoming"):
+        if spoolfmt.valid_id(name):
+            with open(mu.incoming / name, "rb") as f:
+                out.append(spoolfmt.decode_envelope(f)[0].recipients)
+    return out
+
+
+def test_a_user_who_never_sent_mail_addresses_it_as_the_last_valid_system_file_said(mu):
+    """bob's sendmail never ran while the system file was good; the file breaks; his mail
+    is addressed as the runner's copy of the last valid file says (not bob@<this host>),
+    spooled for the runner, and nothing of the copy's paths or relays is taken."""
+    bob = mu.users[BOB]
+    good = mu.config.read_bytes()
+    r = _as_system(mu, mu.users[RUNNER], "entry", ["mailshim", "run"])
+    assert r.returncode == 0, r.stderr.decode()
+    copy = mu.spool / "status" / "config.toml"
+    assert copy.read_bytes() == good
+    st = copy.stat()
+    assert st.st_uid == mu.users[RUNNER].uid and stat.S_IMODE(st.st_mode) == 0o644
+
+    mu.config.write_bytes(good + b"\n[addresses\nbroken = \n")  # not TOML any more
+    try:
+        r = _as_system(mu, bob, "sendmail", ["sendmail", "-i", "carol"], input=MSG)
+        assert r.returncode == 0, r.stderr.decode()
+        assert _rcpts_in_incoming(mu) == [["carol@example.org"]]
+        assert mu.listener.messages == []  # never delivered with the copy: the runner does
+
+        # Without the copy, the defaults: the mail would go to carol@<this host>.
+        copy.unlink()
+        r = _as_system(mu, mu.users[ALICE], "sendmail", ["sendmail", "-i", "dave"], input=MSG)
+        assert r.returncode == 0, r.stderr.decode()
+        rcpts = _rcpts_in_incoming(mu)
+        assert ["carol@example.org"] in rcpts and len(rcpts) == 2, rcpts
+        assert ["dave@example.org"] not in rcpts
+    finally:
+        mu.config.write_bytes(good)
+    r = _as_system(mu, mu.users[RUNNER], "entry", ["mailshim", "run"])
+    assert r.returncode == 0, r.stderr.decode()
+    assert "carol@example.org" in [m.rcpt_tos[0] for m in mu.listener.wait(2)]
+    assert copy.read_bytes() == good  # published again
+
+
+def test_a_copy_others_could_write_or_a_link_is_ignored(mu):
+    bob = mu.users[BOB]
+    good = mu.config.read_bytes()
+    copy = mu.spool / "status" / "config.toml"
+    copy.write_bytes(good)
+    os.chown(copy, mu.users[BOB].uid, mu.users[BOB].gid)  # not the runner's: ignored
+    mu.config.write_bytes(b"[addresses\n")
+    try:
+        r = _as_system(mu, bob, "sendmail", ["sendmail", "-i", "carol"], input=MSG)
+        assert r.returncode == 0
+        assert _rcpts_in_incoming(mu) != [["carol@example.org"]]
+    finally:
+        mu.config.write_bytes(good)
+        copy.unlink()

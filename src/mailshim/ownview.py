@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from mailshim.spoolfmt import Envelope, State
 
 FOLDER = "status"
+CONFIG_COPY = "config.toml"  # status/config.toml: the runner's copy of the last valid system file
 MODE = 0o711  # enter, not list: a view is found only by its name
 VIEW_MAGIC = "MAILSHIM-VIEW 1"
 MAX_VIEW = 1024 * 1024
@@ -196,7 +197,6 @@ def encode(env: Envelope, state: State, drop_id: str) -> bytes:
 def publish(target: EntrySpool, env: Envelope, state: State) -> None:
     """Write (or replace) the view ``status/<state.view>`` of the locked entry ``env``."""
     from mailshim import spoolfmt
-    from mailshim.spoolfs import _tag
 
     name = state.view
     if not spoolfmt.valid_id(name):
@@ -205,34 +205,90 @@ def publish(target: EntrySpool, env: Envelope, state: State) -> None:
     if fd is None:
         return
     try:
-        data = encode(env, state, name)
-        for _ in range(8):
-            tmp = f".{name}.{_tag()}.tmp"
-            try:
-                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
-                              0o644, dir_fd=fd)  # fmt: skip
-                break
-            except FileExistsError:
-                continue
-        else:
-            return
-        try:
-            target.give(out)
-            os.fchmod(out, 0o644)
-            os.write(out, data)
-        except OSError:
-            os.close(out)
-            _unlink(fd, tmp)
-            return
-        os.close(out)
-        try:
-            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-        except OSError:
-            _unlink(fd, tmp)
-    except OSError:
-        pass
+        _replace(fd, name, encode(env, state, name), target.root)
     finally:
         os.close(fd)
+
+
+def publish_config(root: str, source: str) -> bool:
+    """Copy the system configuration ``source``, which the caller has just loaded and
+    validated, to ``status/config.toml`` when it differs, for users whose ``sendmail`` finds
+    the file broken later and never read it while it was good (configload.load_or_fallback:
+    their mail is then addressed as the last valid file said, not with the defaults). Only
+    a file everyone may read is copied (the copy tells nobody more than the file does; relay
+    secrets live in ``password_file``), and only bytes that validate again here."""
+    from mailshim import configload
+    from mailshim.errors import ConfigError
+
+    try:
+        fd = os.open(source, _READ)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IROTH:
+                return False
+            raw = os.read(fd, MAX_VIEW + 1)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    if len(raw) > MAX_VIEW:
+        return False
+    try:
+        configload.check_bytes(raw, source)
+    except ConfigError:
+        return False  # changed since it was loaded: the next run copies it once it is valid
+    dir_fd = _folder(root, create=False)
+    if dir_fd is None:
+        return False
+    try:
+        try:
+            old = os.open(CONFIG_COPY, _READ, dir_fd=dir_fd)
+            try:
+                if os.read(old, MAX_VIEW + 1) == raw:
+                    return False
+            finally:
+                os.close(old)
+        except OSError:
+            pass
+        return _replace(dir_fd, CONFIG_COPY, raw, root)
+    finally:
+        os.close(dir_fd)
+
+
+def _replace(dir_fd: int, name: str, data: bytes, root: str) -> bool:
+    """``name`` in the folder ``dir_fd`` holds ``data`` (mode 0644): written under a fresh
+    temp name (O_EXCL) and renamed over it, never through a link; root's goes to the owner."""
+    from mailshim.spoolfs import _tag
+
+    for _ in range(8):
+        tmp = f".{name}.{_tag()}.tmp"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+            out = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+        except OSError:
+            return False
+    else:
+        return False
+    try:
+        own = _owner(root)
+        if own is not None and os.geteuid() == 0 and own[0] != 0:
+            os.fchown(out, own[0], own[1])
+        os.fchmod(out, 0o644)
+        os.write(out, data)
+    except OSError:
+        os.close(out)
+        _unlink(dir_fd, tmp)
+        return False
+    os.close(out)
+    try:
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        _unlink(dir_fd, tmp)
+        return False
+    return True
 
 
 def withdraw(target: EntrySpool, state: State) -> None:

@@ -128,6 +128,7 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
         _say("nothing to deliver: no spool this user can write")
         return
     refuse_defaults(cfg, spools)
+    publish_config(cfg, spools)
     total = sum(len(s.ids()) for s in spools)
     # The transcript goes to stderr line by line: a bar redrawn in between would garble it.
     tty = isatty(sys.stdout) and not verbose
@@ -155,6 +156,22 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
         raise SpoolIOError(f"cannot write the output: {progress.failed.strerror}")
     untried = total - counts.total() - counts.skipped
     _say(counts.summary(untried if untried > 0 and counts.deferred else 0))
+
+
+def publish_config(cfg: Config, spools: list[spool.Spool]) -> None:
+    """The system file loaded and is valid: keep the runner's copy of it in each spool's
+    ``status/`` up to date, for users whose ``sendmail`` finds it broken later (issue 23)."""
+    from mailshim import paths
+
+    if cfg.broken is not None or not cfg.path:
+        return
+    if os.path.abspath(cfg.path) != paths.SYSTEM_CONFIG:
+        return
+    from mailshim import ownview
+
+    for target in spools:
+        if target.has_incoming():
+            ownview.publish_config(target.root, cfg.path)
 
 
 def refuse_defaults(cfg: Config, spools: list[spool.Spool]) -> None:

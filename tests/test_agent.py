@@ -275,7 +275,9 @@ def test_a_new_submission_wakes_a_sleeping_agent(tmp_path, faulty):
     wait_for(lambda: serving.holder(spool.Spool(str(world.spool))) is not None, what="pid file")
     submit(world, 1)
     faulty.wait(1, timeout=10)
-    assert len(world.queued()) == 1 and len(agents(world)) == 1
+    # The listener has the message a moment before the agent removes its entry.
+    wait_for(lambda: len(world.queued()) == 1, what="the delivered entry's removal")
+    assert len(agents(world)) == 1
 
 
 def test_no_queue_id_in_any_agents_argv(tmp_path, faulty):

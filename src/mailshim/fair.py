@@ -52,6 +52,12 @@ def order(target: Spool, ids: list[str], quantum: int = QUANTUM) -> list[str]:
     return unreadable + round_robin(items, quantum)
 
 
+def known_size(target: Spool, qid: str) -> int | None:
+    """The size of entry ``qid`` as a pass in this process read it (None: not read here)."""
+    got = _known.get((target.queue, qid))
+    return got[1] if got is not None else None
+
+
 def round_robin(items: list[tuple[str, int, int]], quantum: int) -> list[str]:
     """Deficit round-robin over (id, uid, cost) in arrival order; uids take turns in the
     order of their oldest entry.

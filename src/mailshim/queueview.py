@@ -51,6 +51,14 @@ STYLES = {
 }
 
 
+JSON_SCHEMA = 1  # the shape of `queue --json` (docs/monitoring.md); a new shape, a new number
+
+
+def json_doc(key: str, items: list[dict[str, object]]) -> dict[str, object]:
+    """``mailshim queue --json``'s document: ``{"schema": 1, KEY: [item, ...]}``."""
+    return {"schema": JSON_SCHEMA, key: items}
+
+
 class Item:
     """One queued message as shown to a person or a script."""
 

@@ -28,7 +28,18 @@ from __future__ import annotations
 import os
 import time
 
-from mailshim import deadletters, delivery, fair, maillog, policy, sendlimits, spool
+from mailshim import (
+    deadletters,
+    delivery,
+    fair,
+    maillog,
+    mailstats,
+    metrics,
+    policy,
+    queuestats,
+    sendlimits,
+    spool,
+)
 from mailshim.constants import (
     DEFERRED,
     LIMITED,
@@ -182,6 +193,7 @@ class _Pass:
         self.recovered = False  # a relay took mail in this pass (see relay_recovered)
         self.relay_waiting: list[str] = []  # not due, but waiting only for the relay
         self.recovering: list[str] = []  # such entries, due since a relay took mail
+        self.gated: set[str] = set()  # counted by the sending limits, then given back
 
     async def hold(self) -> None:
         """Wait out a rate limit's pause (or until ``stop``)."""
@@ -199,7 +211,11 @@ class _Pass:
         self.recovering.extend(waiting)
 
     def next_entry(self) -> str | None:
-        """The next entry to try, taken for good (no other session gets it); None at the end."""
+        """The next entry to try, taken for good (no other session gets it); None at the end.
+        A stop is looked at first: what was given back or recovered waits like the rest."""
+        if self.stop is not None and self.stop.is_set():
+            self.ended = self.ended or "stopped"
+            return None
         if self.returned:
             return self.returned.pop(0)  # already vetted: an extra session gave it back
         if self.recovering:
@@ -223,6 +239,8 @@ class _Pass:
             state = self.target.load_state(qid)
         except DataError:
             state = None  # deliver_entry quarantines the entry
+        if state is not None:
+            queuestats.note_state(self.target, qid, state.held)  # spares the metrics a read
         if state is not None and (state.held or (not self.force and state.next_attempt > self.now)):
             if policy.due_after_recovery(state):
                 if self.recovered:
@@ -282,15 +300,10 @@ async def run_pass(
                 qid = run.next_entry()
                 if qid is None:
                     return
-                if index > 0 and not client.connected:
-                    failed = await client.connect()
-                    if failed is not None:
-                        # An extra session the listener will not take (421, too many
-                        # connections): one session fewer, and the entry waits for another.
-                        run.returned.append(qid)
-                        _lower(pool, f"session {index + 1} refused: {failed}")
-                        return
-                await _deliver_one(config, pool, client, run, qid, progress, index)
+                if index > 0 and not await _open_extra(pool, client, run, qid, index):
+                    return
+                if not await _deliver_one(config, pool, client, run, qid, progress, index):
+                    return  # other sessions hold the relay's slots: it makes way for them
                 if run.answered:
                     opened.set()
         except BaseException:
@@ -321,6 +334,20 @@ async def run_pass(
     return run.ended or "done"
 
 
+async def _open_extra(pool: Pool, client: RelayClient, run: _Pass, qid: str, index: int) -> bool:
+    """Connect extra session ``index`` before it carries ``qid``; False when the listener
+    will not take it (421, too many connections): one session fewer, and the entry waits
+    for another."""
+    if client.connected:
+        return True
+    failed = await client.connect()
+    if failed is None:
+        return True
+    run.returned.append(qid)
+    _lower(pool, f"session {index + 1} refused: {failed}")
+    return False
+
+
 def _lower(pool: Pool, why: str) -> None:
     if pool.lower(why):
         maillog.log(f"the listener is pushing back ({why}): {pool.limit} session(s) from now on")
@@ -334,8 +361,9 @@ async def _deliver_one(
     qid: str,
     progress: Callable[[str, str], None] | None,
     index: int,
-) -> None:
-    """One entry on session ``index``, and what its outcome means for the whole pass."""
+) -> bool:
+    """One entry on session ``index``, and what its outcome means for the whole pass;
+    False when the session should end (the entry went back to the pass)."""
     target, counts = run.target, run.counts
     try:
         status, replies = await _attempt_with_pauses(config, pool, client, run, qid, index)
@@ -346,22 +374,24 @@ async def _deliver_one(
         _spool_wide(target)
         counts.errors += 1
         maillog.log(f"{qid}: {exc.message}; left in the queue for its next attempt", error=True)
-        return
+        return True
+    if status == _MADE_WAY:
+        return False
     if status == "":
-        return
+        return True
     counts.add(status)
     if progress is not None:
         progress(qid, status)
     if status == QUARANTINED:
         run.streak = 0
-        return
+        return True
     if status == DEFERRED and delivery.is_connection_failure(replies):
         if not run.ended:
             # What waits untried is listed as waiting for the listener, not as new
             # (queueview.py), whoever runs the pass: the agent, a run, a flush, the daemon.
             target.mark_relay_down()
         run.ended = run.ended or "down"
-        return
+        return True
     run.answered = True
     if status == SENT:
         target.clear_relay_down()  # new submissions may start agents again
@@ -371,6 +401,7 @@ async def _deliver_one(
     run.streak = run.streak + 1 if status == THROTTLED else 0
     if run.streak >= PRESSURE_STREAK:
         run.ended = run.ended or "busy"
+    return True
 
 
 def _spool_wide(target: spool.Spool) -> None:
@@ -387,12 +418,17 @@ def _spool_wide(target: spool.Spool) -> None:
         raise TempFailError(f"the spool {target.root} is full (nothing more can be recorded)")
 
 
+_MADE_WAY = "made-way"  # _attempt_with_pauses: the entry went back to the pass (SlotBusy)
+
+
 async def _attempt_with_pauses(
     config: Config, pool: Pool, client: RelayClient, run: _Pass, qid: str, index: int = 0
 ) -> tuple[str, dict[str, Reply]]:
     """Deliver one entry; on a rate limit, one session fewer for the run, then reconnect,
     pause (no session starts a message meanwhile) and try it again a few times. A session
     the lowering leaves out gives the entry back to the ones left, first in line."""
+    from mailshim.relay import SlotBusy
+
     target, counts, stop = run.target, run.counts, run.stop
     tries = 0
     while True:
@@ -406,12 +442,26 @@ async def _attempt_with_pauses(
             counts.skipped += 1
             return "", {}
         # Counted against its owner's sending limit under the lock this attempt keeps.
-        limiter = run.limiter if tries == 0 else None
+        limiter = run.limiter if tries == 0 and qid not in run.gated else None
         if limiter is not None and not sendlimits.gate(limiter, locked, run.now):
             locked.release()
             counts.add(LIMITED)
+            mailstats.limited()
             return "", {}
-        status, replies = await delivery.deliver_entry(config, client, locked)
+        try:
+            status, replies = await delivery.deliver_entry(config, client, locked)
+        except SlotBusy:
+            # Other sessions of this pass hold every slot of the relay in play (a failover
+            # in the middle of the pass onto a backup with fewer): nothing was sent or
+            # recorded; the entry goes back to the pass, first in line, and this session
+            # ends (the pass's last session takes what is left). Deferring it "all busy"
+            # would cost it a whole retry step with both relays healthy.
+            if limiter is not None:
+                run.gated.add(qid)  # counted once: the next try of it in this pass is not
+            if run.working <= 1:
+                run.ended = run.ended or "busy"  # nobody else holds a slot: not waiting on
+            run.returned.insert(0, qid)
+            return _MADE_WAY, {}
         if status != THROTTLED:
             return status, replies
         kinds = {policy.pressure_kind(r) for r in replies.values()}
@@ -488,6 +538,7 @@ def flush(
                             break
                 finally:
                     target.sync(force=True)
+                    metrics.after_pass(config, target, time.time())
 
     asyncio.run(run())
     return counts
@@ -539,6 +590,7 @@ async def _agent_session(
                 pickup(config, target)
                 status = await run_pass(config, pool, target, counts, force=False, stop=stop)
                 target.sync(force=True)
+                metrics.after_pass(config, target, time.time())
                 if status in ("down", "busy"):
                     return False
                 deadline = time.monotonic() + AGENT_LINGER

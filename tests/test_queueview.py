@@ -280,7 +280,7 @@ def test_mail_that_waits_for_an_unreachable_listener_is_not_listed_as_new(tmp_pa
     tried, fresh = world.queued()
 
     r = world.run("mailshim", ["queue", "--json"])
-    rows = {row["id"]: row for row in json.loads(r.stdout)}
+    rows = {row["id"]: row for row in json.loads(r.stdout)["entries"]}
     assert rows[tried]["status"] == "deferred"
     assert rows[fresh]["status"] == "waiting" and rows[fresh]["next_attempt"] > 0
     text = world.run("mailshim", ["queue"]).stdout.decode()
@@ -299,5 +299,5 @@ def test_mail_that_waits_for_an_unreachable_listener_is_not_listed_as_new(tmp_pa
     assert r.returncode == 0, r.stderr.decode()
     assert world.queued() == [] and len(listener.messages) == 2
     r = world.sendmail("-i", "c@example.org", input=b"Subject: 3\n\nbody\n")
-    rows = json.loads(world.run("mailshim", ["queue", "--json"]).stdout)
+    rows = json.loads(world.run("mailshim", ["queue", "--json"]).stdout)["entries"]
     assert [row["status"] for row in rows] == ["new"]

@@ -249,7 +249,7 @@ def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bo
                 click.echo(queueview.format_show(item, time.time()))
         if not ids:
             if as_json:
-                click.echo(json.dumps(shown_items, indent=2))
+                click.echo(json.dumps(queueview.json_doc("entries", shown_items), indent=2))
             return
     for target, qid in _targets(ctx, ids, all_):
         try:

@@ -8,7 +8,8 @@
 # `apt-get remove` / `purge` with a delivery agent and the daemon running.
 #
 # The bookworm root is built once (about 5 minutes) and cached in $E2E_ROOT; each run boots
-# it with a throw-away overlay (--volatile=overlay), so a run takes about two minutes.
+# it with a throw-away overlay (--volatile=overlay): a run then takes about 15 s (13.4 s
+# measured on a 2-core machine).
 # Needs root, debootstrap and systemd-container (installed with apt when missing).
 # Run: make e2e-systemd   (builds the .deb first)
 set -euo pipefail

@@ -64,6 +64,7 @@ LAYERS: dict[str, int] = {
     "mailshim.spoolentry": STORE,
     "mailshim.spoolfs": STORE,
     "mailshim.spoolsetup": STORE,
+    "mailshim.ownview": STORE,
     "mailshim.wire": STORE,
     "mailshim.agent": ORCHESTRATION,
     "mailshim.removal": ORCHESTRATION,

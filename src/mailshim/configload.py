@@ -117,7 +117,11 @@ def load_or_fallback(explicit: str | None = None) -> config.Config:
         cfg.path = path
         cfg.fallback = "defaults"
         if path is not None:
-            _salvage(cfg, path)
+            if os.path.abspath(path) == paths.SYSTEM_CONFIG:
+                probe = config.Config()
+                _salvage(probe, path)
+                _published(cfg, probe.queue_dir or paths.SYSTEM_SPOOL)
+            _salvage(cfg, path)  # what the broken file still says wins over the copy
     else:
         cfg.fallback = "last good"
     cfg.broken = problem
@@ -176,6 +180,11 @@ def fallback_note(cfg: config.Config) -> str:
     """What is used instead of a broken file, for the loud line every user of it logs."""
     if usable(cfg):
         return "using the last configuration from this file that was valid until it is fixed"
+    if cfg.fallback == "published":
+        return (
+            "addresses as the runner's copy of its last valid version says; mail is kept in"
+            " the spool and the runner delivers it"
+        )
     return (
         "no earlier configuration from this file was valid here: mail is kept in the spool"
         " and delivered once the file is fixed"
@@ -222,6 +231,69 @@ def _salvage(cfg: config.Config, path: str) -> None:
             except ConfigError:
                 continue
             config.apply_table(cfg, piece, path)
+
+
+# What a user's sendmail takes from the runner's copy of the last valid system file: how
+# her message is addressed and sized. Never the spool, the log file, the relays or trust: a
+# copy the runner account wrote may not aim root's sendmail at a path, and a configuration
+# taken from it is never used to deliver (``usable`` stays false: the runner delivers).
+_PUBLISHED = {
+    "addresses": ("domain", "from_header", "qualify_headers"),
+    "aliases": None,
+    "submission": ("max_size", "max_recipients", "helo"),
+}
+
+
+def _published(cfg: config.Config, spool_root: str) -> None:
+    """The system file is broken and this user has no last good table of it: take the
+    addressing from the runner's copy of the last valid one (``status/config.toml``,
+    ownview.publish_config), so that ``bob`` does not become ``bob@<this host>``."""
+    copy = os.path.join(spool_root, "status", "config.toml")
+    try:
+        owners = {0, os.lstat(os.path.join(spool_root, "queue")).st_uid}
+        fd = os.open(copy, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in owners:
+            return
+        if st.st_mode & 0o022:
+            return
+        raw = os.read(fd, 1024 * 1024 + 1)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    if len(raw) > 1024 * 1024:
+        return
+    try:
+        data = _parse_toml(raw, copy)
+    except ConfigError:
+        return
+    table: Table = {}
+    for section, keys in _PUBLISHED.items():
+        body = data.get(section)
+        if isinstance(body, dict):
+            table[section] = body if keys is None else {k: v for k, v in body.items() if k in keys}
+    where = f"{copy} (the runner's copy of the last valid {paths.SYSTEM_CONFIG})"
+    trial = config.Config()
+    try:
+        config.apply_table(trial, table, where)
+        _check_addresses(trial, where)
+    except ConfigError:
+        return
+    config.apply_table(cfg, table, where)
+    cfg.fallback = "published"
+
+
+def check_bytes(raw: bytes, path: str) -> None:
+    """Raise ``ConfigError`` unless ``raw`` is a configuration that validates (the runner,
+    before it publishes a copy of the system file: ownview.publish_config)."""
+    data = _parse_toml(raw, path)
+    trial = config.Config()
+    config.apply_table(trial, data, path)
+    _check_addresses(trial, path)
 
 
 def _queue_dir_line(raw: bytes) -> str | None:

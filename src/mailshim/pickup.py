@@ -45,7 +45,7 @@ import os
 import stat
 import time
 
-from mailshim import spoolfmt
+from mailshim import ownview, spoolfmt
 from mailshim.errors import DataError, MailshimError, printable
 from mailshim.spool import HELD_NOTICE, Spool
 from mailshim.spoolentry import COPY_CHUNK, EntryWriter, LockedEntry, move_no_replace, new_queue_id
@@ -299,6 +299,7 @@ class _Rules:
         self.exempt = {0, os.geteuid()}
         self.logins: dict[int, str] = {}  # uid -> login, looked up once per pickup
         self.states = False  # a copy got a state (failed records): state/ needs an fsync
+        self.views = False  # status/ is kept: each copy gets its submitter's view (ownview)
 
     def login(self, uid: int) -> str:
         login = self.logins.get(uid)
@@ -335,6 +336,7 @@ def pickup(
     for gone in {k for k in _told if spoolfmt.valid_id(k)} - set(names):
         del _told[gone]  # taken, or removed by its owner: a daemon's memory stays bounded
     rules = _Rules(config, per_user, max_size)
+    rules.views = ownview.enabled(target)
     usage = _Usage(target)
     results: list[Pickup] = []
     names = _fair_share(target, names, per_user)
@@ -569,12 +571,18 @@ def _copy(target: Spool, pick: Pickup, fd: int, st: os.stat_result, rules: _Rule
             if copied != env.size:
                 raise DataError("the entry changed while it was being copied")
             writer.write(ends.end())
-            if env.failed:
+            state = None
+            if env.failed or rules.views:
                 state = spoolfmt.State()
                 state.failed = _refusals(env.failed)
+                if rules.views:
+                    state.view = pick.name  # the submitter's secret name for her view
                 target.save_state(qid, state, sync=False)
                 rules.states = True
             copy = writer.commit(eightbit, keep_lock=True, sync_dir=False)
+            if state is not None and state.view:
+                # Before the original leaves incoming/: her mailq always finds one of them.
+                ownview.publish(target, writer.envelope, state)
         except BaseException:
             writer.abort()
             _unlink(os.path.join(target.state_dir, qid))

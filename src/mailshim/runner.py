@@ -386,6 +386,10 @@ async def _deliver_one(
         run.streak = 0
         return True
     if status == DEFERRED and delivery.is_connection_failure(replies):
+        if not run.ended:
+            # What waits untried is listed as waiting for the listener, not as new
+            # (queueview.py), whoever runs the pass: the agent, a run, a flush, the daemon.
+            target.mark_relay_down()
         run.ended = run.ended or "down"
         return True
     run.answered = True

@@ -47,7 +47,13 @@ import time
 
 from mailshim import spoolfmt
 from mailshim.errors import CantCreateError, DataError, MailshimError, from_oserror
-from mailshim.spoolentry import EntryWriter, LockedEntry, move_no_replace, new_queue_id
+from mailshim.spoolentry import (
+    EntryWriter,
+    LockedEntry,
+    move_no_replace,
+    new_drop_id,
+    new_queue_id,
+)
 from mailshim.spoolfmt import Envelope, State
 from mailshim.spoolfs import (
     _FOLDER,
@@ -219,7 +225,8 @@ class Spool:
         queue_id: str | None = None,
         arrival: int | None = None,
     ) -> EntryWriter:
-        qid = queue_id or new_queue_id()
+        # A drop id is also the secret name of its submitter's view (ownview.py).
+        qid = queue_id or (new_drop_id() if self.drop else new_queue_id())
         when = int(time.time()) if arrival is None else arrival
         return EntryWriter(self, Envelope(qid, sender, recipients, when, uid), drop=self.drop)
 
@@ -436,6 +443,30 @@ class Spool:
             return
         try:
             os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def mark_relay_down(self) -> None:
+        """A pass found every relay unreachable: leave the mark the agent leaves (without
+        holding the agent lock: a run, a flush, the daemon), so that listings show what
+        waits for the listener and a burst of submissions pokes nobody. Only a plain file
+        of one link is written; best effort."""
+        self._mark_clear_at = -MARK_RECHECK
+        path = os.path.join(self.root, "agent.lock")
+        # Made here only by the spool's owner: one root made in the runner's spool would shut
+        # the runner out of its lock (setup-spool makes the system spool's).
+        own = self.owner()
+        make = os.O_CREAT if own is not None and own[0] == os.geteuid() else 0
+        try:
+            fd = os.open(path, os.O_WRONLY | make | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                os.pwrite(fd, b"relay down\n", 0)
         except OSError:
             pass
         finally:

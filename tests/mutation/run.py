@@ -71,6 +71,10 @@ use_git_change_detection = false
 """
 
 
+class MutmutFailed(Exception):
+    """mutmut could not measure a module (its tests fail unmutated, say)."""
+
+
 @dataclass
 class Result:
     module: str
@@ -81,6 +85,7 @@ class Result:
     equivalent: list[str] = field(default_factory=list)
     seconds: float = 0.0
     capped: bool = False
+    error: str = ""
 
     @property
     def run(self) -> int:
@@ -156,7 +161,7 @@ def run_mutmut(module: str, tmp: Path, max_children: int, budget: float | None) 
         log.close()
     if proc.returncode != 0:
         tail = (tmp / "mutmut.log").read_text(errors="replace")[-3000:]
-        raise SystemExit(f"mutmut failed on {module} (exit {proc.returncode}):\n{tail}")
+        raise MutmutFailed(f"mutmut failed on {module} (exit {proc.returncode}):\n{tail}")
     return False
 
 
@@ -212,6 +217,15 @@ def measure(module: str, max_children: int, budget: float | None, keep: bool) ->
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def summary(r: Result) -> str:
+    if r.error:
+        return r.error
+    return (
+        f"{r.killed} of {r.run} killed, {len(r.survivors)} survived, "
+        f"{len(r.equivalent)} equivalent: {r.score:.1f} % in {r.seconds:.0f} s"
+    )
+
+
 def report(results: list[Result]) -> None:
     for r in results:
         for name, status, diff in r.survivors:
@@ -221,6 +235,9 @@ def report(results: list[Result]) -> None:
     print("| module | mutants | run | killed | survived | equivalent | score | raw | time |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        if r.error:
+            print(f"| {r.module} | {r.error} |")
+            continue
         run = f"{r.run} (cap)" if r.capped else str(r.run)
         print(
             f"| {r.module} | {r.total} | {run} | {r.killed} | {len(r.survivors)} "
@@ -260,7 +277,13 @@ def main() -> int:
     results = []
     for module in modules:
         print(f"mutating {module} ...", file=sys.stderr, flush=True)
-        results.append(measure(module, args.max_children, args.budget, args.keep))
+        try:
+            result = measure(module, args.max_children, args.budget, args.keep)
+        except MutmutFailed as exc:
+            print(exc, file=sys.stderr)
+            result = Result(module, error="mutmut failed (see above)")
+        print(f"{module}: {summary(result)}", file=sys.stderr, flush=True)
+        results.append(result)
     report(results)
     for entry in stale_entries(results):
         print(f"stale entry in {EQUIVALENT.name} (no surviving mutant matches it): {entry}")
@@ -272,7 +295,9 @@ def main() -> int:
         SCORES.write_text(json.dumps(dict(sorted(recorded.items())), indent=2) + "\n")
     if args.check:
         low = [
-            r for r in results if r.module in recorded and round(r.score, 1) < recorded[r.module]
+            r
+            for r in results
+            if r.module in recorded and (r.error or round(r.score, 1) < recorded[r.module])
         ]
         for r in low:
             print(
@@ -284,7 +309,7 @@ def main() -> int:
             print(f"{module}: no recorded score in {SCORES.name} (run with --record)")
         if low or missing:
             return 1
-    return 0
+    return 1 if any(r.error for r in results) else 0
 
 
 if __name__ == "__main__":

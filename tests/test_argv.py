@@ -288,6 +288,7 @@ def test_each_legacy_flag_is_recorded(letter):
 def test_o_options_that_look_like_delivery_modes():
     assert parse("-od root").delivery is None and parse("-od root").ignored == ["-od"]
     assert parse("-odd root").delivery == "queue"
+    assert parse("-odbackground root").delivery == "background"  # the first letter counts
     assert parse("-oi root").dot_ends is False and parse("-oi root").ignored == []
     assert parse("-oix root").dot_ends is True and parse("-oix root").ignored == ["-oix"]
 
@@ -314,6 +315,7 @@ def test_a_lone_dash_is_neither_an_option_nor_a_recipient():
         ("-qR", "flush", None),
         ("-q", "flush", None),
         ("-q1h", "nothing", None),
+        ("-qXyz", "nothing", None),
     ],
 )
 def test_queue_runs(line, action, queue_filter):
@@ -363,6 +365,7 @@ def test_injection_messages_name_the_field_and_the_character(args, message):
         ("-bP", "mailshim config"),
         ("-bz", "unknown mode -bz (known: -bm -bp -bi -bv -bs)"),
         ("-bsx", "unknown mode -bsx"),
+        ("-bdx", "run `mailshim daemon`"),  # the mode is its first letter
     ],
 )
 def test_unsupported_modes_name_what_to_do_instead(mode, says):
@@ -393,6 +396,10 @@ def test_long_words_in_messages_are_shortened_and_printable():
     with pytest.raises(UsageError) as info:
         argv.parse(["--a\x1bb"])
     assert "'--a\\x1bb'" in info.value.message and "\x1b" not in info.value.message
+    over = "--" + "z" * 39  # 41 characters: shortened
+    with pytest.raises(UsageError) as info:
+        argv.parse([over])
+    assert repr(over[:40]) in info.value.message
     exact = "--" + "y" * 38  # 40 characters: shown as written
     with pytest.raises(UsageError) as info:
         argv.parse([exact])

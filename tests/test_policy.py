@@ -433,3 +433,11 @@ def test_action_defaults_and_repr():
     assert repr(action) == (
         "Action('sent', next_attempt=0, warn=None, report=None, bury=False, reason='')"
     )
+
+
+def test_an_attempt_without_back_pressure_returns_none_and_keeps_the_throttle_count():
+    for replies in ({A: OK}, {A: NO}, {A: OK, B: NO}):
+        st = state()
+        st.throttled = 2
+        assert policy.record(st, replies, NOW) is None
+        assert st.throttled == 2 and st.attempts == 0

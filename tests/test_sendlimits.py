@@ -56,6 +56,8 @@ TABLE = [
     # a limit of 0 is no limit
     (Usage(1000, M, M), 5, 1500, 0, 0, H, (True, 0, False, Usage(1000, M + 1, M + 5))),
     (Usage(1000, M, 3), 5, 1500, 0, 500, H, (True, 0, False, Usage(1000, M + 1, 8))),
+    # a message that fits after a held one keeps the window's "logged" mark: one log line
+    (Usage(1000, 1, 1, True), 1, 1500, 100, 500, H, (True, 0, False, Usage(1000, 2, 2, True))),
     # a clock set back starts a fresh window rather than holding mail for hours
     (Usage(5000, 100, 11, True), 1, 1000, 100, 500, H, (True, 0, False, Usage(1000, 1, 1))),
     # a short window (the tests' own)
@@ -265,10 +267,10 @@ def test_who_is_exempt(tmp_path):
     owner = os.lstat(target.queue).st_uid
     cfg = config_mod.Config()
     nobody = pwd.getpwnam("nobody").pw_uid
-    cfg.trusted_users = ("nobody", "no-such-user-here")
+    cfg.trusted_users = ("no-such-user-here", "nobody")
     lim = sendlimits.limiter_for(cfg, target)
     assert lim is not None
-    assert {0, os.geteuid(), owner, nobody} <= lim.exempt
+    assert lim.exempt == {0, os.geteuid(), owner, nobody}
     assert not lim.applies(nobody) and not lim.applies(0) and lim.applies(4242)
     assert lim.owner == (owner, os.lstat(target.queue).st_gid)
     cfg.trusted_users = ()
@@ -347,3 +349,100 @@ def test_root_gives_the_counters_to_the_runner_user(tmp_path):
     # a second counter in the existing folder is given away too
     assert lim.admit(4243, 1, 1_800_000_000).ok
     assert (folder / "4243").stat().st_uid == 4343
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the spool away")
+def test_the_spool_owner_is_exempt_not_its_group(tmp_path):
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    os.chown(target.queue, 4343, 4444)
+    target = spool.Spool(str(tmp_path / "spool"))
+    cfg = config_mod.Config()
+    cfg.trusted_users = ()
+    lim = sendlimits.limiter_for(cfg, target)
+    assert lim is not None and lim.exempt == {0, os.geteuid(), 4343}
+    assert lim.owner == (4343, 4444) and lim.applies(4444)
+
+
+def test_a_counter_that_is_a_symlink_is_not_followed(tmp_path):
+    folder = tmp_path / "limits"
+    folder.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(Usage(1_800_000_000, 2, 2, True).encode())
+    (folder / "4242").symlink_to(elsewhere)
+    lim = limiter(folder, messages=2)
+    assert lim.usage(4242) == Usage()  # not the planted record
+    assert lim.admit(4242, 1, 1_800_000_000).ok
+    assert elsewhere.read_bytes() == Usage(1_800_000_000, 2, 2, True).encode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a device node")
+def test_a_counter_that_cannot_be_written_is_logged_and_the_message_goes(tmp_path, capsys):
+    from mailshim import maillog
+
+    folder = tmp_path / "limits"
+    folder.mkdir()
+    os.mknod(folder / "4242", 0o600 | 0o020000, os.makedev(1, 7))  # /dev/full: pwrite fails
+    lim = limiter(folder, messages=1)
+    old = maillog._stderr
+    maillog._stderr = True
+    try:
+        assert lim.admit(4242, 1, 1_800_000_000).ok
+    finally:
+        maillog._stderr = old
+    err = capsys.readouterr().err
+    assert f"limits: {folder / '4242'}: " in err and "; not counted" in err
+
+
+# --- the gate before a first attempt --------------------------------------------------------
+
+
+def queued(target: spool.Spool, uid: int) -> str:
+    w = target.new_entry("a@example.org", ["b@example.org"], uid)
+    w.write(b"Subject: x\r\n\r\nx\r\n")
+    w.commit(False)
+    return w.queue_id
+
+
+def test_gate_counts_first_attempts_and_holds_what_is_over(tmp_path):
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    lim = limiter(tmp_path / "limits", messages=1, window=600)
+    now = 1_800_000_000
+    first, second = queued(target, 4242), queued(target, 4242)
+    assert sendlimits.gate(lim, target, first, now)
+    assert not sendlimits.gate(lim, target, second, now + 1)
+    state = target.load_state(second)
+    assert state.next_attempt == now + 600
+    assert state.last_error == lim.why(4242, Usage(now, 1, 1, True), now + 600)
+    assert "sent 1 messages to 1 recipients" in state.last_error
+    # an entry already tried was counted then: it always goes on
+    tried = queued(target, 4242)
+    locked = target.lock(tried)
+    assert locked is not None
+    st = locked.state()
+    st.first_attempt = now - 5
+    locked.save_state(st)
+    locked.release()
+    assert sendlimits.gate(lim, target, tried, now + 2)
+
+
+def test_gate_lets_the_attempt_deal_with_a_busy_or_damaged_entry(tmp_path):
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    lim = limiter(tmp_path / "limits", messages=1)
+    now = 1_800_000_000
+    assert sendlimits.gate(lim, target, queued(target, 4242), now)  # uses the one message
+    busy = queued(target, 4242)
+    holder = target.lock(busy)
+    assert holder is not None
+    try:
+        assert sendlimits.gate(lim, target, busy, now)  # busy: skipped by the attempt too
+    finally:
+        holder.release()
+    broken = spool.new_queue_id()
+    (tmp_path / "spool" / "queue" / broken).write_bytes(b"not an entry")
+    assert sendlimits.gate(lim, target, broken, now)  # the attempt quarantines it
+    bad_state = queued(target, 4242)
+    (tmp_path / "spool" / "state" / bad_state).write_bytes(b"not json")
+    assert sendlimits.gate(lim, target, bad_state, now)

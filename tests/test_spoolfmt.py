@@ -535,3 +535,153 @@ def test_end_is_said_once():
     assert ends.end() == b"\r\n" and ends.end() == b""
     ends = LineEnds()
     assert ends.feed(b"a") == b"a" and ends.end() == b"\r\n" and ends.end() == b""
+
+
+# --- bytes that are not UTF-8 are kept as they are, never a crash ---------------------------
+
+
+def test_undecodable_bytes_in_a_hand_made_entry_are_kept_exactly():
+    raw = (
+        entry()
+        .replace(b"sender a@example.org", b"sender a\xff@example.org")
+        .replace(b"rcpt c@example.org", b"rcpt c\xfe@example.org")
+        .replace(b"MAILSHIM-ENTRY 1", b"MAILSHIM-ENTRY 2")
+        .replace(b"\n\n", b"\nfailed c\xfe@example.org\t550 \xfd\n\n", 1)
+    )
+    env, _ = spoolfmt.decode_envelope(io.BytesIO(raw))
+    assert env.sender == "a\udcff@example.org"
+    assert env.recipients == ["b@example.org", "c\udcfe@example.org"]
+    assert env.failed == {"c\udcfe@example.org": "550 \udcfd"}
+    # written again, the same bytes
+    again = spoolfmt.encode_envelope(env).data
+    assert b"sender a\xff@example.org\n" in again and b"rcpt c\xfe@example.org\n" in again
+    assert b"failed c\xfe@example.org\t550 \xfd\n" in again
+
+
+def test_a_failed_record_splits_at_the_first_tab():
+    raw = v2(b"failed b@example.org\t550\tno such user")
+    env, _ = spoolfmt.decode_envelope(io.BytesIO(raw))
+    assert env.failed == {"b@example.org": "550\tno such user"}
+
+
+def test_a_record_longer_than_the_limit_is_refused_even_when_it_ends():
+    long = b"a" * (spoolfmt.MAX_RECORD + 10) + b"@example.org"
+    raw = entry().replace(b"sender a@example.org", b"sender " + long)
+    with pytest.raises(DataError) as info:
+        spoolfmt.decode_envelope(io.BytesIO(raw))
+    assert info.value.message == "entry truncated or record too long while reading sender"
+
+
+def test_a_state_without_flags_or_error_reads_as_fresh():
+    st = spoolfmt.decode_state(b'{"format": "MAILSHIM-STATE 1"}')
+    assert (st.held, st.warned, st.reported, st.last_error) == (False, False, False, "")
+
+
+def test_line_ends_over_three_chunks():
+    ends = LineEnds()
+    out = ends.feed(b"a\r") + ends.feed(b"\nb") + ends.feed(b"c") + ends.end()
+    assert out == b"a\r\nbc\r\n"
+
+
+LONG = "x" * 100
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"MAILSHIM-ENTRY 9\n", "not a mailshim spool entry (bad first line)"),
+        (
+            entry().replace(b"id " + QID.encode(), b"id " + LONG.encode()),
+            f"bad queue id record {LONG[:40]!r}",
+        ),
+        (
+            entry().replace(b"arrival ", b"arrivel " + LONG.encode()),
+            f"expected record 'arrival', found {(b'arrivel ' + LONG.encode())[:40]!r}",
+        ),
+        (entry().replace(b"arrival 1", b"arrival x"), "record 'arrival' is not a number"),
+        (entry().replace(b"uid 1000", b"uid x"), "record 'uid' is not a number"),
+        (entry().replace(b"size 0", b"size 00"), "size record has the wrong width"),
+        (
+            entry().replace(b"size 000000000000005", b"size 00000000000000x"),
+            "record 'size' is not a number",
+        ),
+        (
+            entry().replace(b"body 7bit", b"body " + LONG.encode()),
+            f"unknown body type {LONG[:20]!r}",
+        ),
+        (entry().replace(b"rcpt b@", b"rcpt b\x00@"), "malformed recipient record"),
+        (entry().replace(b"rcpt b@example.org", b"rcpt "), "empty recipient record"),
+        (
+            entry().replace(b"rcpt b@example.org", b"xcpt " + LONG.encode()),
+            f"unexpected record {(b'xcpt ' + LONG.encode())[:40]!r} among recipients",
+        ),
+        (
+            entry().replace(b"rcpt b@example.org\nrcpt c@example.org\n", b""),
+            "entry has no recipients",
+        ),
+        (
+            v2(b"failed z@example.org\t550 no"),
+            "a failed record that names no recipient of this entry",
+        ),
+        (entry()[:60], "entry truncated or record too long while reading uid"),
+    ],
+)
+def test_what_is_wrong_with_an_entry_is_said(raw, message):
+    """The reason an entry went to corrupt/ (the runner logs it): exact words."""
+    with pytest.raises(DataError) as info:
+        spoolfmt.decode_envelope(io.BytesIO(raw))
+    assert info.value.message == message
+
+
+def test_what_is_wrong_with_an_envelope_to_write_is_said():
+    with pytest.raises(DataError) as info:
+        spoolfmt.encode_envelope(Envelope(QID, "a@x", [], 1, 0))
+    assert info.value.message == "an entry needs at least one recipient"
+    env = Envelope(QID, "a@x", ["b@x"], 1, 0)
+    env.failed = {"b@x": "550 " + "\r" + LONG}
+    with pytest.raises(DataError) as info:
+        spoolfmt.encode_envelope(env)
+    assert info.value.message == f"reply cannot be stored: {('550 ' + chr(13) + LONG)[:80]!r}"
+    env.failed = {"z" * 100: "550 no"}
+    with pytest.raises(DataError) as info:
+        spoolfmt.encode_envelope(env)
+    assert info.value.message == f"failed recipient {('z' * 80)!r} is not among the recipients"
+    env = Envelope(QID, "a@x", ["b@x\n"], 1, 0)
+    env.failed = {"b@x\n": "550 no"}
+    with pytest.raises(DataError) as info:
+        spoolfmt.encode_envelope(env)
+    assert info.value.message == "recipient cannot be stored: 'b@x\\n'"
+    with pytest.raises(DataError) as info:
+        spoolfmt.patch_size_and_body(10**15, False)
+    assert info.value.message == "message too large for the spool format"
+
+
+def test_peek_uid_says_what_is_wrong():
+    with pytest.raises(DataError) as info:
+        spoolfmt.peek_uid(io.BytesIO(b"MAILSHIM-ENTRY 9\n"))
+    assert info.value.message == "not a mailshim spool entry (bad first line)"
+    with pytest.raises(DataError) as info:
+        spoolfmt.peek_uid(io.BytesIO(entry().replace(b"uid 1000", b"uid x")))
+    assert info.value.message == "record 'uid' is not a number"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{", "state file is not valid JSON"),
+        (b'{"format": "X"}', "state file has an unknown format"),
+        (b'{"format": "MAILSHIM-STATE 2", "last_error": 1}', "state field last_error is not text"),
+        (
+            b'{"format": "MAILSHIM-STATE 2", "bounce_id": "x"}',
+            "state field bounce_id is not a queue id",
+        ),
+        (
+            b'{"format": "MAILSHIM-STATE 2", "expired": [1]}',
+            "state field expired is not a list of recipients",
+        ),
+    ],
+)
+def test_what_is_wrong_with_a_state_is_said(raw, message):
+    with pytest.raises(DataError) as info:
+        spoolfmt.decode_state(raw)
+    assert info.value.message == message

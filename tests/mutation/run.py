@@ -226,11 +226,13 @@ def summary(r: Result) -> str:
     )
 
 
-def report(results: list[Result]) -> None:
-    for r in results:
-        for name, status, diff in r.survivors:
-            key = fingerprint(r.module, name, diff)
-            print(f"\n### {r.module} {key} {name}: {status}\n{diff}")
+def show_survivors(r: Result) -> None:
+    for name, status, diff in r.survivors:
+        key = fingerprint(r.module, name, diff)
+        print(f"\n### {r.module} {key} {name}: {status}\n{diff}", flush=True)
+
+
+def table(results: list[Result]) -> None:
     print()
     print("| module | mutants | run | killed | survived | equivalent | score | raw | time |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -283,8 +285,9 @@ def main() -> int:
             print(exc, file=sys.stderr)
             result = Result(module, error="mutmut failed (see above)")
         print(f"{module}: {summary(result)}", file=sys.stderr, flush=True)
+        show_survivors(result)
         results.append(result)
-    report(results)
+    table(results)
     for entry in stale_entries(results):
         print(f"stale entry in {EQUIVALENT.name} (no surviving mutant matches it): {entry}")
 

@@ -111,7 +111,8 @@ bench-spooling: venv
 
 # Issue 28: mutation testing of the pure modules, each mutated alone against its own test
 # file (tests/mutation/run.py: score table, survivors as diffs). MODULES=argv,fair selects;
-# MUTATION_ARGS=--check fails below tests/mutation/scores.json, --record rewrites it.
+# MUTATION_ARGS=--check fails below tests/mutation/scores.json, --record rewrites it,
+# --changed skips the modules whose code and tests are those the recorded score measured.
 MUTMUT = mutmut==3.8.1
 .PHONY: mutation
 mutation: venv

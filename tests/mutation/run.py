@@ -15,10 +15,13 @@ lines (not by mutmut's numbering, which shifts when code above them changes). A 
 matches is not shown again; an entry that no longer matches anything is reported as stale.
 
 `--check` fails (exit 1) when a module scores below tests/mutation/scores.json; `--record` writes
-the scores measured now into that file.
+the scores measured now into that file, each with a digest of what it depends on (the module, the
+mailshim modules it imports, its test file, conftest.py, this runner, its equivalent entries);
+`--changed` measures only the modules whose digest differs (what CI runs: the scores are
+deterministic, so an unchanged module cannot have dropped).
 
 Usage: python tests/mutation/run.py [--modules argv,fair] [--max-children 2] [--budget SECONDS]
-       [--check] [--record] [--keep]
+       [--check] [--record] [--changed] [--keep]
 """
 
 from __future__ import annotations
@@ -258,6 +261,62 @@ def stale_entries(results: list[Result]) -> list[str]:
     ]
 
 
+def inputs_digest(module: str) -> str:
+    """What a module's score depends on: the module, the modules it imports from mailshim,
+    its test file, the shared fixtures, this runner and the module's equivalent entries.
+    Scores are deterministic (derandomized hypothesis), so the same inputs give the same
+    score; ``--changed`` measures only the modules whose inputs differ from the record."""
+    src = ROOT / "src" / "mailshim"
+    files = [src / f"{module}.py", ROOT / "tests" / f"test_{module}.py"]
+    files += [ROOT / "tests" / "conftest.py", Path(__file__)]
+    text = files[0].read_text()
+    for line in text.splitlines():
+        words = line.replace(",", " ").split()
+        if len(words) >= 4 and words[:3] == ["from", "mailshim", "import"]:
+            names = words[3:]
+        elif len(words) >= 2 and words[0] == "from" and words[1].startswith("mailshim."):
+            names = [words[1].split(".")[1]]
+        else:
+            continue
+        files += [src / f"{n}.py" for n in names if (src / f"{n}.py").exists()]
+    digest = hashlib.sha256()
+    for path in sorted(set(files)):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for (mod, key), why in sorted(read_equivalent().items()):
+        if mod == module:
+            digest.update(f"{key} {why}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def settle(
+    results: list[Result], recorded: dict[str, dict[str, object]], *, record: bool, check: bool
+) -> int:
+    """Record the scores and/or compare them with the record; the exit status."""
+    if record:
+        for r in results:
+            if not r.error and not r.capped:
+                recorded[r.module] = {"score": round(r.score, 1), "inputs": inputs_digest(r.module)}
+        SCORES.write_text(json.dumps(dict(sorted(recorded.items())), indent=2) + "\n")
+    if check:
+        low = [
+            r
+            for r in results
+            if r.module in recorded
+            and (r.error or round(r.score, 1) < float(str(recorded[r.module]["score"])))
+        ]
+        for r in low:
+            print(
+                f"{r.module}: mutation score {r.score:.1f} % is below "
+                f"the recorded {recorded[r.module]['score']} %"
+            )
+        missing = [r.module for r in results if r.module not in recorded]
+        for module in missing:
+            print(f"{module}: no recorded score in {SCORES.name} (run with --record)")
+        if low or missing:
+            return 1
+    return 1 if any(r.error for r in results) else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -268,6 +327,11 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help=f"fail below {SCORES.name}")
     parser.add_argument("--record", action="store_true", help=f"write the scores to {SCORES.name}")
     parser.add_argument("--keep", action="store_true", help="keep each module's work folder")
+    parser.add_argument(
+        "--changed",
+        action="store_true",
+        help=f"only the modules whose inputs changed since {SCORES.name} was recorded",
+    )
     args = parser.parse_args()
     modules = [m.strip() for m in args.modules.replace(" ", ",").split(",") if m.strip()]
     for module in modules:
@@ -275,6 +339,14 @@ def main() -> int:
             parser.error(f"no module src/mailshim/{module}.py")
         if not (ROOT / "tests" / f"test_{module}.py").exists():
             parser.error(f"no test file tests/test_{module}.py for {module}")
+
+    recorded = json.loads(SCORES.read_text()) if SCORES.exists() else {}
+    if args.changed:
+        same = [m for m in modules if recorded.get(m, {}).get("inputs") == inputs_digest(m)]
+        for module in same:
+            score = recorded[module]["score"]
+            print(f"{module}: unchanged since its score ({score} %) was recorded: not measured")
+        modules = [m for m in modules if m not in same]
 
     results = []
     for module in modules:
@@ -291,28 +363,7 @@ def main() -> int:
     for entry in stale_entries(results):
         print(f"stale entry in {EQUIVALENT.name} (no surviving mutant matches it): {entry}")
 
-    recorded = json.loads(SCORES.read_text()) if SCORES.exists() else {}
-    if args.record:
-        for r in results:
-            recorded[r.module] = round(r.score, 1)
-        SCORES.write_text(json.dumps(dict(sorted(recorded.items())), indent=2) + "\n")
-    if args.check:
-        low = [
-            r
-            for r in results
-            if r.module in recorded and (r.error or round(r.score, 1) < recorded[r.module])
-        ]
-        for r in low:
-            print(
-                f"{r.module}: mutation score {r.score:.1f} % is below "
-                f"the recorded {recorded[r.module]} %"
-            )
-        missing = [r.module for r in results if r.module not in recorded]
-        for module in missing:
-            print(f"{module}: no recorded score in {SCORES.name} (run with --record)")
-        if low or missing:
-            return 1
-    return 1 if any(r.error for r in results) else 0
+    return settle(results, recorded, record=args.record, check=args.check)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,10 @@ def run_mutmut(module: str, tmp: Path, max_children: int, budget: float | None) 
     )
     try:
         proc.wait(timeout=budget)
-    except subprocess.TimeoutExpired:
+    except BaseException as exc:  # the budget, or this runner interrupted: stop mutmut too
+        if not isinstance(exc, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)

@@ -334,8 +334,9 @@ def test_envelope_size_limit(monkeypatch):
     monkeypatch.setattr(spoolfmt, "MAX_ENVELOPE", 19)
     assert spoolfmt.decode_envelope(io.BytesIO(data))[0].recipients == ["b@x", "c@x"]
     monkeypatch.setattr(spoolfmt, "MAX_ENVELOPE", 18)
-    with pytest.raises(DataError, match="larger than the spool format allows"):
+    with pytest.raises(DataError) as info:
         spoolfmt.decode_envelope(io.BytesIO(data))
+    assert info.value.message == "envelope larger than the spool format allows"
 
 
 def test_the_message_offset_is_just_after_the_blank_line():
@@ -624,6 +625,10 @@ LONG = "x" * 100
             "a failed record that names no recipient of this entry",
         ),
         (entry()[:60], "entry truncated or record too long while reading uid"),
+        (
+            entry()[: entry().index(b"rcpt c@") + 6],
+            "entry truncated or record too long while reading recipients",
+        ),
     ],
 )
 def test_what_is_wrong_with_an_entry_is_said(raw, message):

@@ -71,6 +71,9 @@ only_mutate = ["src/mailshim/{module}.py"]
 pytest_add_cli_args_test_selection = ["tests/test_{module}.py"]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]
 use_git_change_detection = false
+# A mutant that loops forever is killed by a CPU-time limit of (the tests' time + 1 s) x this x 2:
+# mutmut's default of 15 let address's looping mutants take minutes each.
+timeout_multiplier = 2.0
 """
 
 

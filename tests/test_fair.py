@@ -55,3 +55,62 @@ def test_an_entry_costs_its_whole_size_read_or_not(tmp_path, body_size):
     w.commit(False)
     path = sp.path(w.queue_id)
     assert fair._uid_and_size(path) == (7, os.path.getsize(path))
+
+
+def queue(sp: spool.Spool, uid: int, size: int) -> str:
+    w = sp.new_entry("a@example.org", ["b@example.org"], uid)
+    w.write(b"x" * size)
+    w.commit(False)
+    return w.queue_id
+
+
+def test_turns_go_by_uid_not_by_entry_size(tmp_path):
+    """Two users whose entries have the same size are still two users; one user's entries
+    of different sizes are still one user's (a quantum that covers them all: one round)."""
+    sp = spool.Spool(str(tmp_path / "spool"))
+    sp.ensure()
+    a_small, a_big, b_small = queue(sp, 1, 10), queue(sp, 1, 3000), queue(sp, 2, 10)
+    assert fair.order(sp, [a_small, a_big, b_small], quantum=10**6) == [a_small, a_big, b_small]
+    # and with a quantum smaller than one entry, the uids alternate
+    assert fair.order(sp, [a_small, a_big, b_small], quantum=1) == [a_small, b_small, a_big]
+
+
+def test_what_was_read_is_kept_for_live_entries_and_forgotten_when_they_leave(tmp_path):
+    one, two = spool.Spool(str(tmp_path / "one")), spool.Spool(str(tmp_path / "two"))
+    for sp in (one, two):
+        sp.ensure()
+    ids_one = [queue(one, 1, 10), queue(one, 2, 10)]
+    ids_two = [queue(two, 3, 10)]
+    fair.order(one, ids_one)
+    fair.order(two, ids_two)
+    assert {(one.queue, q) for q in ids_one} | {(two.queue, ids_two[0])} <= set(fair._known)
+    # entries in queue/ never change: a second pass trusts what the first one read
+    size = os.path.getsize(one.path(ids_one[0]))
+    assert fair._known[(one.queue, ids_one[0])] == (1, size)
+    # the first entry left the queue: it is forgotten, the other spool's are kept
+    fair.order(one, ids_one[1:])
+    assert (one.queue, ids_one[0]) not in fair._known
+    assert (one.queue, ids_one[1]) in fair._known and (two.queue, ids_two[0]) in fair._known
+
+
+def test_a_symlink_or_a_fifo_in_the_queue_is_unreadable_and_never_blocks(tmp_path):
+    import signal
+
+    sp = spool.Spool(str(tmp_path / "spool"))
+    sp.ensure()
+    good = queue(sp, 1, 10)
+    link, fifo = spool.new_queue_id(), spool.new_queue_id()
+    os.symlink(sp.path(good), sp.path(link))
+    os.mkfifo(sp.path(fifo))
+
+    def hung(*_args):
+        raise TimeoutError("opening a FIFO in queue/ blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        got = fair.order(sp, [good, link, fifo])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert got == [link, fifo, good]

@@ -59,6 +59,7 @@ def say(text: str = "") -> None:
 def fill(root: Path, n: int) -> None:
     """``n`` entries of 2 KB for one recipient, written with mailshim's spool API."""
     from mailshim import spool as spool_mod
+    from mailshim import spoolentry, spoolfs
 
     target = spool_mod.Spool(str(root))
     target.ensure()
@@ -67,11 +68,11 @@ def fill(root: Path, n: int) -> None:
     for i in range(n):
         body = bl.message(i).replace(b"\n", b"\r\n")
         # Distinct, increasing arrival stamps: the ids sort as a real queue's would.
-        qid = spool_mod.new_queue_id(t0 + i * 1000)
+        qid = spoolentry.new_queue_id(t0 + i * 1000)
         writer = target.new_entry("bench@example.org", [bl.RCPT], uid, queue_id=qid)
         writer.write(body)
         writer.commit(False, sync_dir=False)
-    spool_mod._fsync_dir(target.queue)
+    spoolfs._fsync_dir(target.queue)
     left = len(os.listdir(target.queue))
     if left != n:
         raise bl.BenchError(f"{left} entries in the queue, expected {n}")

@@ -3,8 +3,8 @@
 The comparison point for ``mailshim flush`` (issue 3's benchmark): the same runner code, the
 same spool work, but a ``RelayClient`` that QUITs after every message, so that every message
 pays for connect, greeting, EHLO and QUIT. This script swaps ``runner._client`` for it; it
-relies on ``runner._client``, ``runner.flush`` and ``spool.known_spools`` keeping their current
-shapes.
+relies on ``runner._client``, ``runner.flush`` and ``spoolchoice.known_spools`` keeping their
+current shapes.
 
 Usage: python bench/one_per_session.py CONFIG   (prints "sent deferred bounced")
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from mailshim import config as config_mod
-from mailshim import runner, spool
+from mailshim import runner, spoolchoice
 from mailshim.relay import RelayClient
 
 
@@ -38,7 +38,7 @@ def main() -> int:
         return 64
     runner._client = _one_message_client
     config = config_mod.load(sys.argv[1])
-    spools = [s for s in spool.known_spools(config) if s.writable()]
+    spools = [s for s in spoolchoice.known_spools(config) if s.writable()]
     counts = runner.flush(config, spools)
     print(counts.sent, counts.deferred, counts.bounced)
     return 0

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mailshim import fair, spool
+from mailshim import fair, spool, spoolentry
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_order_reads_the_uid_record_and_puts_unreadable_entries_first(tmp_path):
         w.write(body)
         w.commit(False)
         ids.append(w.queue_id)
-    broken = spool.new_queue_id()
+    broken = spoolentry.new_queue_id()
     (tmp_path / "spool" / "queue" / broken).write_bytes(b"not an entry")
     order = fair.order(sp, sorted([*ids, broken]), quantum=1024)
     assert order == [broken, ids[2], ids[0], ids[1]]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Listener, free_port, message_queue_id, others_can_run, tool
-from mailshim import spool, spoolfmt
+from mailshim import spool, spoolentry, spoolfmt
 
 pytestmark = [
     pytest.mark.root,
@@ -309,7 +309,7 @@ def test_the_runner_records_the_file_owner_not_the_uid_record(mu):
     run = mu.users[RUNNER]
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (alice.uid, run.gid, 0o640)
     # alice also crafts an entry by hand claiming to be root
-    forged = spool.new_queue_id()
+    forged = spoolentry.new_queue_id()
     mu.python(
         alice,
         f"""
@@ -396,7 +396,7 @@ def test_planted_links_fifos_and_huge_files_change_nothing(mu, tmp_path):
     mu.flush()
     (alices,) = mu.names("queue")  # the runner's own id for it
     alices_bytes = (mu.spool / "queue" / alices).read_bytes()
-    ids = [spool.new_queue_id() for _ in range(8)]
+    ids = [spoolentry.new_queue_id() for _ in range(8)]
     planted = mu.python(
         bob,
         f"""
@@ -572,7 +572,7 @@ def test_a_user_holding_their_own_entry_delays_only_themselves(mu):
                 f"""
                 import fcntl, os, sys, time
                 from mailshim import spoolfmt
-                env = spoolfmt.Envelope({spool.new_queue_id()!r}, "b@example.org",
+                env = spoolfmt.Envelope({spoolentry.new_queue_id()!r}, "b@example.org",
                                         ["b@example.org"], 1, 0, False, 3)
                 path = {str(mu.incoming)!r} + "/" + env.queue_id
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
@@ -607,7 +607,7 @@ def test_a_user_holding_their_own_entry_delays_only_themselves(mu):
 def test_spoolfmt_of_user_entries_is_checked_again(mu):
     """A drop-folder entry with a wrong size goes to corrupt/, with its owner named."""
     bob = mu.users[BOB]
-    name = spool.new_queue_id()
+    name = spoolentry.new_queue_id()
     mu.python(
         bob,
         f"""
@@ -749,7 +749,7 @@ def test_an_entry_that_does_not_fit_never_stops_the_queue(small):
     assert mu.sendmail(bob, "-odq", "-i", "carol@example.org", input=MSG).returncode == 0
     mu.flush()  # bob's message is now in queue/, deferred
     assert len(mu.names("queue")) == 1
-    sparse = spool.new_queue_id()
+    sparse = spoolentry.new_queue_id()
     _drop_envelope(
         mu, alice, sparse, f"{ALICE}@example.org", ["x@example.org"], b"Subject: s\r\n\r\n",
         size=45 * 1000 * 1000, sparse=True,
@@ -850,11 +850,11 @@ def test_planted_temp_names_do_not_make_a_message_go_twice(mu):
         alice,
         f"""
         import fcntl, json, os
-        from mailshim import config, delivery, spool
+        from mailshim import config, delivery, spool, spoolentry
         s = spool.Spool({str(mu.spool)!r}, drop=True)
         fd = os.open(os.path.join(s.incoming, {qid!r}), os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        status, _ = delivery.deliver_now(config.load(), spool.open_drop_entry(s, {qid!r}, fd))
+        status, _ = delivery.deliver_now(config.load(), spoolentry.open_drop_entry(s, {qid!r}, fd))
         print(json.dumps(status))
         """,
     )
@@ -891,7 +891,7 @@ def test_a_backdated_drop_entry_does_not_expire_at_its_first_deferral(mu):
     """Item 8: the arrival record of a drop entry is ignored; pickup's time counts."""
     alice = mu.users[ALICE]
     mu.listener.stop()
-    name = spool.new_queue_id()
+    name = spoolentry.new_queue_id()
     _drop_envelope(mu, alice, name, f"{ALICE}@example.org", ["x@example.org"], b"S: x\r\n\r\n")
     started = time.time()
     mu.flush()
@@ -902,7 +902,7 @@ def test_a_backdated_drop_entry_does_not_expire_at_its_first_deferral(mu):
 def test_folders_planted_in_the_drop_folder_are_removed(mu):
     """Item 8: a non-empty folder, named like an entry or not, does not stay forever."""
     bob = mu.users[BOB]
-    names = [spool.new_queue_id(), "junk"]
+    names = [spoolentry.new_queue_id(), "junk"]
     mu.python(
         bob,
         f"""

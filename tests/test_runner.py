@@ -17,7 +17,7 @@ import pytest
 
 from conftest import message_queue_id, queue_config, queue_entries, tool
 from mailshim import config as config_mod
-from mailshim import policy, runner, spool, spoolfmt
+from mailshim import policy, runner, spool, spoolentry, spoolfmt
 
 
 @pytest.fixture(autouse=True)
@@ -277,7 +277,7 @@ def test_two_flushes_at_once_send_each_message_once(fworld):
 
 def test_a_corrupt_entry_goes_to_corrupt_and_the_rest_is_delivered(fworld):
     good = queue(fworld, n=2)
-    bad = spool.new_queue_id()
+    bad = spoolentry.new_queue_id()
     (fworld.spool / "queue" / bad).write_bytes(b"MAILSHIM-ENTRY 1\nnonsense\n")
     counts = flush(fworld)
     assert counts.sent == 2 and counts.quarantined == 1

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from mailshim import pickup, spool, spoolfmt, spoolsetup
+from mailshim import pickup, spool, spoolentry, spoolfmt, spoolsetup
 from mailshim.config import Config
 from mailshim.errors import CantCreateError, DataError
 from mailshim.reply import Reply
@@ -116,7 +116,7 @@ def test_lock_is_exclusive_and_follows_the_name(sp):
 def test_lock_refuses_what_is_not_a_plain_entry(sp, tmp_path, kind):
     victim = tmp_path / "victim"
     victim.write_bytes(b"secret")
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     path = sp.path(qid)
     if kind == "symlink":
         os.symlink(victim, path)
@@ -180,7 +180,7 @@ def test_bury_never_replaces_a_file_in_dead_or_corrupt(sp, folder):
 
 
 def test_a_stale_temp_file_never_makes_a_create_fail(sp):
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     for name in (qid, f"{qid}.tmp"):  # what the old, predictable names would have hit
         with open(os.path.join(sp.tmp, name), "w") as f:
             f.write("stale")
@@ -254,7 +254,7 @@ def test_setup_refuses_a_planted_link_and_gives_only_single_link_files(tmp_path)
     victim = tmp_path / "victim"
     victim.write_bytes(b"root's")
     os.link(victim, os.path.join(sp.queue, "linked"))
-    own = os.path.join(sp.queue, spool.new_queue_id())
+    own = os.path.join(sp.queue, spoolentry.new_queue_id())
     open(own, "wb").close()
     spoolsetup.setup(sp, USER, USER)
     assert os.stat(own).st_uid == USER
@@ -283,7 +283,7 @@ def test_root_gives_what_it_writes_to_the_spool_owner(tmp_path):
 
 @needs_root
 def test_pickup_records_the_owner_not_the_uid_record(dropsp):
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     plant(dropsp, qid, drop_bytes(qid, uid=0))
     (p,) = pick(dropsp).values()
     assert (p.status, p.uid) == ("picked", USER)
@@ -303,7 +303,7 @@ def test_pickup_records_the_owner_not_the_uid_record(dropsp):
 
 @pytest.mark.parametrize("skew", [10**6, -(10**6)])
 def test_pickup_normalises_line_ends_and_takes_arrival_from_pickup(dropsp, skew):
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     body = b"Subject: x\n\nline\r.\r\nSMUGGLED\ncaf\xc3\xa9"
     plant(dropsp, qid, drop_bytes(qid, body, arrival=int(time.time()) + skew))
     before = int(time.time())
@@ -321,7 +321,7 @@ def test_pickup_removes_a_symlink_without_touching_its_target(dropsp, tmp_path):
     victim = tmp_path / "victim"
     victim.write_bytes(drop_bytes("X" * 20))
     before = victim.stat()
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     os.symlink(victim, os.path.join(dropsp.incoming, qid))
     p = pick(dropsp)[qid]
     assert p.status == "rejected" and "not a regular file" in p.reason
@@ -332,7 +332,7 @@ def test_pickup_removes_a_symlink_without_touching_its_target(dropsp, tmp_path):
 
 
 def test_pickup_removes_a_hard_link_and_leaves_the_other_name(dropsp, tmp_path):
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     victim = tmp_path / "victim"
     victim.write_bytes(drop_bytes(qid))  # even a valid entry: a second name is refused
     os.link(victim, os.path.join(dropsp.incoming, qid))
@@ -343,7 +343,7 @@ def test_pickup_removes_a_hard_link_and_leaves_the_other_name(dropsp, tmp_path):
 
 
 def test_pickup_does_not_block_on_a_fifo(dropsp):
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     os.mkfifo(os.path.join(dropsp.incoming, qid))
     done = []
     t = threading.Thread(target=lambda: done.append(pick(dropsp)))
@@ -354,7 +354,7 @@ def test_pickup_does_not_block_on_a_fifo(dropsp):
 
 
 def test_pickup_refuses_a_huge_file_without_reading_it(dropsp):
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     path = os.path.join(dropsp.incoming, qid)
     with open(path, "wb") as f:
         f.write(drop_bytes(qid))
@@ -374,7 +374,7 @@ def test_pickup_refuses_a_huge_file_without_reading_it(dropsp):
     ],
 )
 def test_pickup_moves_an_invalid_entry_to_corrupt(dropsp, mutate, why):
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     plant(dropsp, qid, mutate(qid))
     p = pick(dropsp)[qid]
     assert p.status == "corrupt" and why in p.reason
@@ -385,7 +385,7 @@ def test_pickup_moves_an_invalid_entry_to_corrupt(dropsp, mutate, why):
 
 
 def test_pickup_leaves_an_entry_its_owner_holds(dropsp):
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     path = plant(dropsp, qid, drop_bytes(qid))
     fd = os.open(path, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -407,7 +407,7 @@ def test_pickup_never_overwrites_a_queued_entry(dropsp):
 
 
 def test_pickup_refuses_a_sparse_entry_without_copying_it(dropsp):
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     size = 8 * 1024 * 1024
     head = drop_bytes(qid, b"Subject: x\r\n\r\n", size=size)
     path = plant(dropsp, qid, head)
@@ -420,7 +420,7 @@ def test_pickup_refuses_a_sparse_entry_without_copying_it(dropsp):
 
 def pick_with_failed_record(sp: spool.Spool, reply: str) -> pickup.Pickup:
     """A drop entry for a@ and b@ whose agent recorded ``reply`` as a@'s refusal."""
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     env = Envelope(qid, "u@example.org", ["a@example.org", "b@example.org"], 1, 0, False, 3)
     env.failed = {"a@example.org": reply}
     plant(sp, qid, spoolfmt.encode_envelope(env).data + b"x\r\n")
@@ -438,9 +438,9 @@ def test_pickup_moves_failed_records_into_the_state(dropsp):
 
 
 def test_clean_incoming_keeps_live_temp_files_and_removes_the_rest(dropsp):
-    qid = spool.new_queue_id()
+    qid = spoolentry.new_queue_id()
     live = plant(dropsp, spoolfmt.temp_name(qid, "A" * 12), b"partial")
-    stale = plant(dropsp, spoolfmt.temp_name(spool.new_queue_id(), "B" * 12), b"partial")
+    stale = plant(dropsp, spoolfmt.temp_name(spoolentry.new_queue_id(), "B" * 12), b"partial")
     old = time.time() - 2 * pickup.STALE_TEMP
     os.utime(stale, (old, old))
     os.utime(live, (old, old))
@@ -471,7 +471,7 @@ def test_drop_writer_uses_a_temp_name_and_a_group_readable_mode(dropsp):
     assert spoolfmt.is_temp_name(temp) and temp.startswith(f".{w.queue_id}.")
     w.write(b"Subject: x\r\n\r\nhi\r\n")
     entry = w.commit(False, keep_lock=True)
-    assert isinstance(entry, spool.DropEntry)
+    assert isinstance(entry, spoolentry.DropEntry)
     assert os.listdir(s.incoming) == [w.queue_id]
     assert stat.S_IMODE(os.stat(entry.path).st_mode) == 0o640
     assert pick(dropsp)[w.queue_id].status == "busy"  # its submitter holds it
@@ -502,7 +502,7 @@ def test_headers_of_an_entry_without_a_body(sp):
 
 def test_read_envelope_rejects_an_entry_claiming_another_id(sp):
     qid = make_entry(sp)
-    other = spool.new_queue_id()
+    other = spoolentry.new_queue_id()
     os.rename(sp.path(qid), sp.path(other))
     with pytest.raises(DataError):
         sp.read_envelope(other)
@@ -523,7 +523,7 @@ def test_a_drop_entry_handed_over_as_an_fd_names_itself(dropsp):
     w = s.new_entry("a@example.org", ["b@example.org"], 1000)
     w.write(b"x\r\n")
     entry = w.commit(False, keep_lock=True)
-    adopted = spool.open_drop_entry(s, "", entry.fd)
+    adopted = spoolentry.open_drop_entry(s, "", entry.fd)
     assert adopted.queue_id == w.queue_id and adopted.still_here()
     entry.release()
 
@@ -555,7 +555,7 @@ def test_pickup_refuses_a_failed_record_that_is_not_a_refusal(dropsp):
 # --- reading and removing a locked entry cheaply (issue 14: a flush's CPU per message) ------
 
 
-BIG = spool.HEAD_READ
+BIG = spoolentry.HEAD_READ
 
 
 @pytest.mark.parametrize("size", [0, 100, BIG - 300, BIG, 3 * BIG + 7])

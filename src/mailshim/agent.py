@@ -42,7 +42,7 @@ import os
 import sys
 import time
 
-from mailshim import dropagent, maillog, serving, spool
+from mailshim import dropagent, maillog, serving, spool, spoolentry
 from mailshim.errors import MailshimError
 
 TYPE_CHECKING = False
@@ -60,7 +60,7 @@ RETAKE_PAUSE = 0.2
 def start(
     target: spool.Spool,
     config: Config,
-    entry: spool.DropEntry | None = None,
+    entry: spoolentry.DropEntry | None = None,
     lock_fd: int | None = None,
     slot_fd: int | None = None,
 ) -> None:
@@ -210,11 +210,11 @@ def _drop_agent(
     if slot_fd is not None:
         dropagent.write_pid(root)  # the slot is held from now on: pokes and check find it
     try:
-        entry = spool.open_drop_entry(target, qid, lock_fd)
+        entry = spoolentry.open_drop_entry(target, qid, lock_fd)
     except (DataError, OSError):
         entry = None  # unreadable: the runner's pickup sends it to corrupt/ with the reason
 
-    async def one(entry: spool.DropEntry) -> str:
+    async def one(entry: spoolentry.DropEntry) -> str:
         async with delivery.client_for(config) as client:
             return (await delivery.deliver_drop(config, client, entry))[0]
 

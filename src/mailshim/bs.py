@@ -37,7 +37,7 @@ import errno
 import os
 import select
 
-from mailshim import errors, smtpserver, spool, submit
+from mailshim import errors, smtpserver, spoolchoice, submit
 from mailshim.constants import (
     BACKGROUND,
     BOUNCED,
@@ -78,7 +78,9 @@ class _Session:
         self.broken = False  # the client no longer reads our replies
         self.status = errors.EX_OK
         # SIZE in EHLO and the DATA cut-off: what submit() would take from this spool.
-        self.max_size = config.max_size_for(spool.choose(config, create=False).listener_size())
+        self.max_size = config.max_size_for(
+            spoolchoice.choose(config, create=False).listener_size()
+        )
         self.smtp = smtpserver.ServerSession(
             config.helo_name,
             self.max_size,

@@ -617,14 +617,14 @@ _ENABLED = ("enabled", "enabled-runtime", "static", "alias", "indirect", "genera
 def check_runner(cfg: Config, report: Report) -> None:
     """Per spool, what retries deferred mail: the units, the daemon, a lingering delivery
     agent, or nothing (and whether that matters)."""
-    from mailshim import serving, spool
+    from mailshim import serving, spool, spoolchoice
 
     states = unit_states()
     enabled = [u for u, s in states.items() if s in _ENABLED]
     pids = daemon_pids()
     units = [f"{u} ({states[u]})" for u in enabled if u in RETRYING_UNITS]
     system_root = cfg.queue_dir or paths.SYSTEM_SPOOL
-    roots = [t.root for t in spool.known_spools(cfg)] or [system_root]
+    roots = [t.root for t in spoolchoice.known_spools(cfg)] or [system_root]
     uncovered: list[str] = []
     for root in roots:
         if os.path.isdir(os.path.join(root, "incoming")):

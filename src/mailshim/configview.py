@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from mailshim import paths, spool
+from mailshim import paths, spoolchoice
 from mailshim.config import Config
 
 __all__ = ["Row", "format_duration", "format_rows", "format_size", "rows"]
@@ -176,7 +176,7 @@ def rows(cfg: Config, listener_size: int | None = None) -> list[Row]:
 def spool_listener_size(cfg: Config) -> int | None:
     """The listener size recorded in the spool this user's submissions go to."""
     try:
-        return spool.choose(cfg, create=False).listener_size()
+        return spoolchoice.choose(cfg, create=False).listener_size()
     except OSError:
         return None
 

@@ -24,7 +24,7 @@ import os
 import stat
 import time
 
-from mailshim import maillog, spool, spoolfmt
+from mailshim import maillog, spool, spoolchoice, spoolfmt
 from mailshim.errors import DataError, UsageError, from_oserror
 
 TYPE_CHECKING = False
@@ -117,7 +117,7 @@ def _envelope(target: spool.Spool, qid: str) -> Envelope | None:
 def collect(config: Config) -> list[DeadItem]:
     """Dead letters of every spool this user can read, oldest burial first."""
     out = []
-    for target in spool.known_spools(config):
+    for target in spoolchoice.known_spools(config):
         for qid in ids(target):
             out.append(
                 DeadItem(
@@ -130,7 +130,7 @@ def collect(config: Config) -> list[DeadItem]:
 
 
 def count(config: Config) -> int:
-    return sum(len(ids(t)) for t in spool.known_spools(config))
+    return sum(len(ids(t)) for t in spoolchoice.known_spools(config))
 
 
 def _unlink(path: str) -> bool:
@@ -214,5 +214,8 @@ def recent(config: Config, now: float | None = None) -> int:
     """Dead letters younger than a week (``mailshim check`` warns about them)."""
     now = time.time() if now is None else now
     return sum(
-        1 for t in spool.known_spools(config) for q in ids(t) if now - _buried_at(t, q) < RECENT
+        1
+        for t in spoolchoice.known_spools(config)
+        for q in ids(t)
+        if now - _buried_at(t, q) < RECENT
     )

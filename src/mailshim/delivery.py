@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, policy, spool
+from mailshim import bounce, maillog, policy, spoolentry
 from mailshim.constants import (
     BOUNCED,
     DEFERRED,
@@ -82,7 +82,7 @@ def _log_replies(queue_id: str, arrival: int, result: SendResult, now: float) ->
 
 def _write_report(
     config: Config,
-    locked: spool.LockedEntry,
+    locked: spoolentry.LockedEntry,
     state: State,
     kind: str,
     recipients: dict[str, Reply],
@@ -95,7 +95,7 @@ def _write_report(
         headers = locked.headers()
     except (DataError, OSError):
         headers = b""
-    qid = queue_id or spool.new_queue_id()
+    qid = queue_id or spoolentry.new_queue_id()
     data = bounce.build_report(
         kind=kind,
         envelope=env,
@@ -123,7 +123,7 @@ def _write_report(
 
 
 def _carry_out(
-    config: Config, locked: spool.LockedEntry, state: State, action: policy.Action, now: float
+    config: Config, locked: spoolentry.LockedEntry, state: State, action: policy.Action, now: float
 ) -> str:
     """Carry out policy's action on ``locked``: remove, bury or reschedule.
 
@@ -150,7 +150,7 @@ def _carry_out(
         # once written, "reported" says so even after the report itself has gone out (the
         # move to dead/ may fail and be tried again at the next attempt).
         if not state.bounce_id:
-            state.bounce_id = spool.new_queue_id()
+            state.bounce_id = spoolentry.new_queue_id()
             locked.save_state(state)
         target = locked.spool
         if not (
@@ -174,7 +174,7 @@ def _sendable(addr: str) -> bool:
     return True
 
 
-def _quarantine(locked: spool.LockedEntry, why: str) -> tuple[str, dict[str, Reply]]:
+def _quarantine(locked: spoolentry.LockedEntry, why: str) -> tuple[str, dict[str, Reply]]:
     locked.quarantine(why)
     maillog.log(f"{locked.queue_id}: moved to corrupt/: {why}", error=True)
     return QUARANTINED, {}
@@ -183,7 +183,7 @@ def _quarantine(locked: spool.LockedEntry, why: str) -> tuple[str, dict[str, Rep
 async def deliver_entry(
     config: Config,
     client: RelayClient,
-    locked: spool.LockedEntry,
+    locked: spoolentry.LockedEntry,
     *,
     interactive: bool = False,
     discard_rejected: bool = False,
@@ -234,7 +234,7 @@ async def deliver_entry(
 async def deliver_drop(
     config: Config,
     client: RelayClient,
-    entry: spool.DropEntry,
+    entry: spoolentry.DropEntry,
     *,
     interactive: bool = False,
     discard_rejected: bool = False,
@@ -293,7 +293,7 @@ def client_for(config: Config, transcript: Callable[[str], None] | None = None) 
 
 def deliver_now(
     config: Config,
-    locked: spool.LockedEntry | spool.DropEntry,
+    locked: spoolentry.LockedEntry | spoolentry.DropEntry,
     *,
     verbose: bool = False,
     discard_rejected: bool = False,
@@ -307,7 +307,7 @@ def deliver_now(
 
     async def run() -> tuple[str, dict[str, Reply]]:
         async with client_for(config, transcript if verbose else None) as client:
-            if isinstance(locked, spool.DropEntry):
+            if isinstance(locked, spoolentry.DropEntry):
                 return await deliver_drop(
                     config, client, locked, interactive=True, discard_rejected=discard_rejected
                 )
@@ -319,7 +319,7 @@ def deliver_now(
         result = asyncio.run(run())
     finally:
         locked.release()
-    if result[0] == SENT and isinstance(locked, spool.LockedEntry):
+    if result[0] == SENT and isinstance(locked, spoolentry.LockedEntry):
         locked.spool.clear_relay_down()
     return result
 

@@ -39,7 +39,7 @@ from mailshim import paths
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from mailshim import spool
+    from mailshim import spool, spoolentry
     from mailshim.config import Config
     from mailshim.relay import RelayClient
 
@@ -103,7 +103,7 @@ def slot(root: str) -> int | None:
     return fd
 
 
-def claim(root: str, entry: spool.DropEntry) -> int | None:
+def claim(root: str, entry: spoolentry.DropEntry) -> int | None:
     """For the user's new drop entry: the slot's fd when no agent of theirs runs (the caller
     starts one with it and the entry), else None, the entry released and their lingering
     agent poked to adopt it (with no state folder of their own, the runner delivers it)."""
@@ -236,9 +236,9 @@ def schedule(config: Config) -> tuple[int, ...]:
     return config_mod.Config().retry
 
 
-def _take(target: spool.Spool, qid: str) -> spool.DropEntry | str:
+def _take(target: spool.Spool, qid: str) -> spoolentry.DropEntry | str:
     """The entry, locked, or GONE / BUSY."""
-    from mailshim import spool as spool_mod
+    from mailshim import spoolentry
 
     try:
         fd = os.open(os.path.join(target.incoming, qid), _OPEN)
@@ -256,7 +256,7 @@ def _take(target: spool.Spool, qid: str) -> spool.DropEntry | str:
     except OSError:
         os.close(fd)
         return GONE
-    entry = spool_mod.DropEntry(target, qid, fd)
+    entry = spoolentry.DropEntry(target, qid, fd)
     if not entry.still_here():
         entry.release()
         return GONE

@@ -45,21 +45,10 @@ import time
 
 from mailshim import spoolfmt
 from mailshim.errors import DataError, MailshimError, printable
-from mailshim.spool import (
-    _READ,
-    COPY_CHUNK,
-    EntryWriter,
-    LockedEntry,
-    Spool,
-    _close,
-    _fsync_dir,
-    _remove_if_abandoned,
-    _same,
-    _unlink,
-    move_no_replace,
-    new_queue_id,
-)
+from mailshim.spool import Spool
+from mailshim.spoolentry import COPY_CHUNK, EntryWriter, LockedEntry, move_no_replace, new_queue_id
 from mailshim.spoolfmt import Envelope
+from mailshim.spoolfs import _READ, _close, _fsync_dir, _remove_if_abandoned, _same, _unlink
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

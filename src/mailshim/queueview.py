@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from mailshim import spool
+from mailshim import spool, spoolchoice
 from mailshim.errors import DataError, one_line
 from mailshim.paint import painter
 
@@ -111,7 +111,7 @@ class Item:
 
 def collect(config: Config) -> list[Item]:
     items: list[Item] = []
-    for target in spool.known_spools(config):
+    for target in spoolchoice.known_spools(config):
         for qid in target.ids():
             try:
                 env = target.read_envelope(qid)

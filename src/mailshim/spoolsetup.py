@@ -17,7 +17,8 @@ import os
 import stat
 
 from mailshim.errors import CantCreateError, from_oserror
-from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool, _listdir
+from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool
+from mailshim.spoolfs import _listdir
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)

@@ -26,7 +26,7 @@ import os
 import pwd
 import time
 
-from mailshim import address, aliases, maillog, message, paths, spool
+from mailshim import address, aliases, maillog, message, paths, spool, spoolchoice, spoolentry
 from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUE, QUEUED
 from mailshim.errors import DataError, MailshimError, UsageError, printable
 
@@ -222,7 +222,7 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
     mode = sub.mode or config.delivery_mode
     if sub.verbose and mode == BACKGROUND:
         mode = INTERACTIVE
-    target = spool.choose(config)
+    target = spoolchoice.choose(config)
     if target.drop:
         from mailshim import sealed  # only a drop-folder submission asks
 
@@ -262,9 +262,9 @@ def _hand_on(
     sender: str,
     recipients: list[str],
     target: spool.Spool,
-    writer: spool.EntryWriter,
+    writer: spoolentry.EntryWriter,
     mode: str,
-    locked: spool.LockedEntry | spool.DropEntry | None,
+    locked: spoolentry.LockedEntry | spoolentry.DropEntry | None,
 ) -> Outcome:
     """The entry is durable: log it, then deliver now, start the agent, or leave it."""
     qid = writer.queue_id
@@ -280,13 +280,13 @@ def _hand_on(
             config, locked, verbose=sub.verbose, discard_rejected=sub.discard_rejected
         )
     elif mode == BACKGROUND:
-        _to_agent(config, target, locked if isinstance(locked, spool.DropEntry) else None)
+        _to_agent(config, target, locked if isinstance(locked, spoolentry.DropEntry) else None)
     elif locked is not None:
         locked.release()
     return outcome
 
 
-def _to_agent(config: Config, target: spool.Spool, entry: spool.DropEntry | None) -> None:
+def _to_agent(config: Config, target: spool.Spool, entry: spoolentry.DropEntry | None) -> None:
     """Start the delivery agent, or leave the entry to the one serving the spool.
 
     The agent's module (and what it imports) is loaded only to start one: while an agent
@@ -342,7 +342,7 @@ def _write_message(
     sender: str,
     reader: message.Reader,
     block: message.HeaderBlock,
-    writer: spool.EntryWriter,
+    writer: spoolentry.EntryWriter,
 ) -> None:
     own = f"{user.login}@{config.domain}"
     from_addr = sender or own

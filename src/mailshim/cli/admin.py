@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from mailshim import maillog, paths, queueview, spool
+from mailshim import maillog, paths, queueview, spool, spoolchoice, spoolentry
 from mailshim.cli import queuerun, standard_fds
 from mailshim.cli.group import _config, cli
 from mailshim.errors import (
@@ -153,7 +153,7 @@ def queue_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
     cfg = _config(ctx)
     wanted = {i.rstrip("!*").upper() for i in ids}
     done = 0
-    for target in spool.known_spools(cfg):
+    for target in spoolchoice.known_spools(cfg):
         for qid in deadletters.ids(target):
             if all_ or qid in wanted:
                 deadletters.requeue(target, qid)
@@ -165,7 +165,7 @@ def queue_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
     if done and cfg.delivery_mode != "queue":
         from mailshim import agent
 
-        for target in spool.known_spools(cfg):
+        for target in spoolchoice.known_spools(cfg):
             if target.writable():
                 agent.start(target, cfg)  # or wake the one serving it
 
@@ -188,7 +188,7 @@ def _targets(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> list[tuple
         raise UsageError("name one or more queue ids, or --all")
     # "!" is how mailq marks a held entry: accept ids pasted from its listing.
     wanted = {i.rstrip("!*").upper() for i in ids}
-    for target in spool.known_spools(cfg):
+    for target in spoolchoice.known_spools(cfg):
         for qid in target.ids():
             if all_ or qid in wanted:
                 found.append((target, qid))
@@ -198,7 +198,7 @@ def _targets(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> list[tuple
     return found
 
 
-def _locked(target: spool.Spool, qid: str) -> spool.LockedEntry:
+def _locked(target: spool.Spool, qid: str) -> spoolentry.LockedEntry:
     locked = target.lock(qid)
     if locked is None:
         raise TempFailError(f"{qid} is being delivered right now; try again in a moment")

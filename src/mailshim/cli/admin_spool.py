@@ -18,7 +18,7 @@ import pwd
 
 import click
 
-from mailshim import maillog, paths, spool, spoolsetup
+from mailshim import maillog, paths, spool, spoolchoice, spoolsetup
 from mailshim.cli.group import _config, cli
 from mailshim.errors import NoPermError, NoUserError
 
@@ -84,7 +84,7 @@ def daemon_cmd(ctx: click.Context) -> None:
     cfg = _config(ctx)
     # Readable is enough to be chosen: a read-only spool is then refused with the reason.
     # With none yet, the one this user's sendmail would create (root: the configured one).
-    spools = spool.known_spools(cfg) or [spool.choose(cfg)]
+    spools = spoolchoice.known_spools(cfg) or [spoolchoice.choose(cfg)]
     if not any(s.writable() for s in spools):
         raise NoPermError(
             "no spool this user can run: the system spool needs root or the mailshim user"

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import NoReturn
 
-from mailshim import maillog, spool
+from mailshim import maillog, spoolchoice
 from mailshim.errors import (
     EX_IOERR,
     EX_OK,
@@ -121,7 +121,7 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
     then the summary line. Raises ``SpoolIOError`` (74) when the output cannot be written."""
     from mailshim import queueview, runner
 
-    spools = [s for s in spool.known_spools(cfg) if s.writable()]
+    spools = [s for s in spoolchoice.known_spools(cfg) if s.writable()]
     if not spools:
         _say("nothing to deliver: no spool this user can write")
         return

@@ -152,9 +152,9 @@ def _submit(prog: str, config: Config, inv: Invocation) -> int:
 
 
 def _flush(prog: str, config: Config, inv: Invocation) -> int:
-    from mailshim import runner, spool
+    from mailshim import runner, spoolchoice
 
-    spools = [s for s in spool.known_spools(config) if s.writable()]
+    spools = [s for s in spoolchoice.known_spools(config) if s.writable()]
     only = {inv.queue_filter} if inv.queue_filter else None
 
     def transcript(line: str) -> None:

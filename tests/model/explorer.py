@@ -63,8 +63,8 @@ MARGIN = 8.0  # seconds on top of the longest step before a missing message is a
 LINGER = 6.0  # seconds an agent may stay once nothing is left to retry
 BOUNDS = {  # the longest each program may run
     "sendmail": 25.0,
-    "run": 30.0,
-    "flush": 30.0,
+    "run": 20.0,
+    "flush": 20.0,
     "admin": 20.0,
     "mailq": 20.0,
     "check": 30.0,
@@ -197,8 +197,8 @@ class Message:
         self.held_since: float | None = None  # held now, since then (observed in its state)
         self.held_spans: list[tuple[float, float]] = []  # (held, released) times
         self.prompt_by: float | None = None  # item 4: must arrive by then
-        # -odq where only agents run: queued until a run or flush (or a later submission's
-        # agent) takes it; due to arrive only once a run or flush has ended after it
+        # -odq where only agents run: left queued for `sendmail -q`, which nothing runs on
+        # its own; it may arrive (a later agent or flush takes it), once at most
         self.needs_runner = False
 
     def __repr__(self) -> str:
@@ -217,7 +217,6 @@ class Proc:
         self.bound = BOUNDS.get(role)
         self.termed: float | None = None
         self.out = b""
-        self.covers: list[Message] = []  # -odq entries a run or flush ending 0 has seen
 
 
 # --- the world of one seed ----------------------------------------------------------------
@@ -289,7 +288,8 @@ class World:
             relays = f'[relay]\nhost = "127.0.0.1"\nport = {self.ports[0]}\n{proto}{common}'
         limits = ""
         if s.limits:
-            limits = f'[limits]\nuser_messages = 3\nuser_recipients = 6\nuser_window = "{LIMIT_WINDOW}s"\n'
+            limits = "[limits]\nuser_messages = 3\nuser_recipients = 6\n"
+            limits += f'user_window = "{LIMIT_WINDOW}s"\n'
         retry = ", ".join(f'"{r}"' for r in s.retry)
         self.config.write_text(
             f'{relays}\n[addresses]\ndomain = "example.org"\n\n'
@@ -474,9 +474,6 @@ class World:
                     self.restart_daemon_at = now + RESTART  # Restart=on-failure
             if proc.msg is not None:
                 self._settle_submission(proc, rc)
-            if rc == 0:
-                for msg in proc.covers:
-                    msg.needs_runner = False
         for pid, since in list(self.termed_agents.items()):
             if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
                 del self.termed_agents[pid]
@@ -638,14 +635,7 @@ class World:
 
     def _runner(self, k: int, what: str) -> None:
         who = self._runner_user(k)
-        proc = self.spawn(who, [tool("mailshim"), what], what)
-        # the -odq entries it will have seen: those whose sendmail has exited (in a per-user
-        # spool, only that user's)
-        proc.covers = [
-            m
-            for m in self.messages.values()
-            if m.needs_runner and m.accepted is not None and (self.setup.system or m.who == who)
-        ]
+        self.spawn(who, [tool("mailshim"), what], what)
 
     def do_check(self, k: int = 0) -> None:
         who = "root" if self.setup.system else (ALICE, BOB)[k % 2]
@@ -798,6 +788,16 @@ class World:
         # without a token) leaves no trace; only an id never seen in queue/ or dead/ counts
         return (root / "dead" / qid).exists() or (root / "state" / qid).exists()
 
+    def do_await(self) -> None:
+        """Until every submission started so far has ended (explicit sequences)."""
+        deadline = time.monotonic() + BOUNDS["sendmail"] + 5
+        while time.monotonic() < deadline and any(p.msg is not None for p in self.procs):
+            self.wait(0.05)
+
+    def do_slowness(self, seconds: float) -> None:
+        """How long the "slow" behaviour waits before each reply."""
+        self.listener.slow_reply = seconds
+
     def do_sleep(self, seconds: float) -> None:
         self.wait(seconds)
 
@@ -808,7 +808,8 @@ class World:
         install runs) until every message that must arrive has, or the bound has passed."""
         deadline = time.monotonic() + max(BOUNDS.values()) + 5
         while time.monotonic() < deadline and any(
-            p.msg is not None or p.role in ("admin", "mailq", "check") for p in self.procs
+            p.msg is not None or (p.role in ("run", "flush", "check") and p.step != -1)
+            for p in self.procs
         ):
             self.wait(0.1)
         for port in self.ports:
@@ -889,7 +890,9 @@ class World:
         # what is left in queue/: only held entries (and those of refused submissions)
         for token, (_who, _root, qid, held) in self.entries("queue").items():
             msg = self.messages.get(token)
-            if msg is not None and msg.accepted and not held and msg.deleted_at is None:
+            if msg is None or msg.needs_runner or msg.held_since is not None:
+                continue
+            if msg.accepted and not held and msg.deleted_at is None:
                 known = self.stranded(msg) if msg in self.missing() else None
                 self.fail(f"{msg} is still queued as {qid} after settling, not held", known)
         self._check_lingering()
@@ -1023,6 +1026,7 @@ class Outcome:
         self.setup = setup
         self.steps = steps
         self.violations = list(world.violations)
+        self.known = list(world.known)
         self.messages = len(world.messages)
         self.accepted = sum(1 for m in world.messages.values() if m.accepted)
         self.arrived = len(world.listener.mail())

@@ -83,6 +83,7 @@ class ScriptedListener:
         # client may not have learnt that it was taken (docs/spool.md section 5, windows 1, 2)
         self.cut_short: set[str] = set()
         self.lock = threading.Lock()
+        self.slow_reply = SLOW_REPLY
         self._next_conn = 0
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -155,7 +156,7 @@ class ScriptedListener:
 
     async def _reply(self, p: Port, w: asyncio.StreamWriter, line: str) -> None:
         if p.behaviour == "slow":
-            await asyncio.sleep(SLOW_REPLY)
+            await asyncio.sleep(self.slow_reply)
         w.write(line.encode() + b"\r\n")
         await w.drain()
 

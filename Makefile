@@ -5,7 +5,7 @@ BIN = $(VENV)/bin
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 .PHONY: venv demo test tools lint typecheck unit compat fuzz bench bench-postfix bench-spooling dist \
-	pypi-check clean \
+	pypi-check clean soak \
 	real-listeners
 
 # One venv, filled in steps: each stamp says what is installed, so `make demo` needs only
@@ -108,6 +108,14 @@ bench-postfix: venv
 # mode, and the bare interpreter), interleaved; bench/spooling.py --help for the options.
 bench-spooling: venv
 	$(BIN)/python bench/spooling.py --installs debian,wheel-venv --cases up,down,queue,pass
+
+# The model-based test (tests/model, issue 22) with fresh seeds for SOAK_SECONDS (default 600),
+# or one seed again: make soak SEED=123 (a failing seed is printed as exactly that command).
+# As root: it creates users. SOAK_STEPS: steps per seed (default 20).
+SOAK_SECONDS ?= 600
+soak: venv
+	SOAK_SECONDS=$(SOAK_SECONDS) SEED=$(SEED) $(BIN)/pytest -q -s -p no:cacheprovider \
+	    tests/model/test_model.py::test_soak
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -4,7 +4,10 @@ behaviour a rule switches at any time, recording every message it stores by its 
 Raw asyncio rather than aiosmtpd so that every misbehaviour is one line: a greeting that never
 comes (mute), a 421 instead of the greeting, a 4xx at MAIL, RCPT or after the final dot, a
 421 in the middle of a session, slow replies, a rate limit that refuses MAIL on all but one
-open session (Stalwart's ``452 4.4.5``), and a 5xx at RCPT (dead letters to requeue).
+open session (Stalwart's ``452 4.4.5``), a 5xx at RCPT (dead letters to requeue), a 421
+after storing the message (Dovecot's LMTP stopped mid-message: docs/spool.md window 7), and,
+to show that the model sees a duplicate outside the windows, a listener that stores every
+message twice.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ BEHAVIOURS = (
     "mute",
     "slow",
     "rcpt5xx",
+    "stored4xx",
+    "twice",
 )
 # behaviours under which a client cannot even get a session going: the only ones after
 # which a failover client may go to the next relay (issue 22 item 9)
@@ -82,6 +87,8 @@ class ScriptedListener:
         # the last message stored on each connection that then ended without QUIT: its
         # client may not have learnt that it was taken (docs/spool.md section 5, windows 1, 2)
         self.cut_short: set[str] = set()
+        # messages stored and then answered 421 (window 7)
+        self.stored_refused: set[str] = set()
         self.lock = threading.Lock()
         self.slow_reply = SLOW_REPLY
         self._next_conn = 0
@@ -217,7 +224,14 @@ class ScriptedListener:
                 body = await r.readuntil(b"\r\n.\r\n")
                 if p.behaviour == "dot4xx":
                     replies = ["451 4.3.0 Not taken after all, try later"]
+                elif p.behaviour == "stored4xx":
+                    token = self._store(p, c.number, sender, rcpts, body)
+                    with self.lock:
+                        self.stored_refused.add(token)
+                    replies = ["421 4.3.2 Shutting down"]
                 else:
+                    if p.behaviour == "twice":
+                        self._store(p, c.number, sender, rcpts, body)
                     c.last = self._store(p, c.number, sender, rcpts, body)
                     stored += 1
                     replies = ["250 2.0.0 Queued"]

@@ -66,6 +66,35 @@ def test_seed(users, seed):
         print(f"known ({known}): {line}")
 
 
+def test_the_model_sees_a_duplicate_outside_the_windows(users):
+    """The checker itself: a listener that stores every message twice (no client fault, no
+    window of docs/spool.md) must be reported."""
+    steps = [("listen", 0, "twice"), ("submit", "root", "odb"), ("sleep", 1)]
+    out = explorer.run("twice", users, steps, Setup("agents"))
+    assert any("arrived 2 times, in no window" in v for v in out.violations), out.violations
+
+
+def test_held_mail_waits_for_its_release(users):
+    """Held mail does not arrive through a flush, `mailq` marks it held, and after release a
+    flush delivers it once (the hold and release bookkeeping the random seeds rely on)."""
+    steps = [
+        ("listen", 0, "down"),
+        ("submit", "root", "odq"),
+        ("await",),
+        ("admin", "hold", 0),
+        ("listen", 0, "up"),
+        ("flush", 0),
+        ("sleep", 1.5),
+        ("mailq", 0),
+        ("admin", "release", 0),
+        ("flush", 0),
+        ("sleep", 1),
+    ]
+    out = explorer.run("held", users, steps, Setup("agents"))
+    check(out)
+    assert out.arrived == 1
+
+
 # --- the issue's items as explicit sequences --------------------------------------------------
 
 ROOT_ODQ = ("submit", "root", "odq")

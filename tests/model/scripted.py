@@ -104,8 +104,15 @@ class ScriptedListener:
     def close(self) -> None:
         for p in self.ports:
             self.set(p.port, "down")
+        self._call(self._cancel_all())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+    async def _cancel_all(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- the switch -------------------------------------------------------------------------
 
@@ -162,6 +169,7 @@ class ScriptedListener:
             w.transport.abort()
 
     async def _reply(self, p: Port, w: asyncio.StreamWriter, line: str) -> None:
+        """One reply (its lines in one write), late when the port is slow."""
         if p.behaviour == "slow":
             await asyncio.sleep(self.slow_reply)
         w.write(line.encode() + b"\r\n")
@@ -187,10 +195,9 @@ class ScriptedListener:
             cmd = raw.decode("utf-8", "replace").strip()
             verb = cmd[:4].upper()
             if verb in ("EHLO", "LHLO"):
-                await self._reply(p, w, "250-model.example")
-                await self._reply(p, w, "250-PIPELINING")
-                await self._reply(p, w, "250-8BITMIME")
-                await self._reply(p, w, "250 SMTPUTF8")
+                await self._reply(
+                    p, w, "250-model.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8"
+                )
             elif verb == "HELO":
                 await self._reply(p, w, "250 model.example")
             elif verb == "MAIL":

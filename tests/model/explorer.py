@@ -856,7 +856,13 @@ class World:
         """The issue item a missing message is an instance of, when it is one already filed:
         on an install whose only retrier is the agent, an agent killed (item 7), held mail
         released with no agent to wake (item 3), an interactive deferral handed to nobody
-        (item 2)."""
+        (item 2); with a failover pair, a pass that never ends (item 1: its agent or runner is
+        still there, holding a connection to the backup and its slot)."""
+        if self.setup.relays == "failover" and any(
+            self.role_of(cmd) in ("agent", "drop-agent", "run", "flush", "daemon")
+            for _pid, cmd in self.ours()
+        ):
+            return "item 1"
         if self.setup.kind not in ("agents", "peruser"):
             return None
         if self.since(msg.submitted, "reboot", "kill-agent", "kill-drop-agent"):
@@ -903,8 +909,9 @@ class World:
             if msg is None or msg.needs_runner or msg.held_since is not None:
                 continue
             if msg.accepted and not held and msg.deleted_at is None:
-                known = self.stranded(msg) if msg in self.missing() else None
-                self.fail(f"{msg} is still queued as {qid} after settling, not held", known)
+                self.fail(
+                    f"{msg} is still queued as {qid} after settling, not held", self.stranded(msg)
+                )
         self._check_lingering()
         for who, _root in self.spools():
             self.do_mailq([w for w, _ in self.spools()].index(who))

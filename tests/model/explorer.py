@@ -414,6 +414,18 @@ class World:
                 out[found.group(0).decode()] = (who, root, name, held)
         return out
 
+    def overdue(self, token: str) -> float:
+        """Seconds since the queued entry of ``token`` fell due (0: not queued, or not due)."""
+        entry = self.entries("queue").get(token)
+        if entry is None:
+            return 0.0
+        _who, root, qid, _held = entry
+        try:
+            due = float(json.loads((root / "state" / qid).read_text()).get("next_attempt") or 0)
+        except (OSError, ValueError):
+            return 0.0
+        return max(0.0, time.time() - due) if due else 0.0
+
     def incoming_tokens(self) -> set[str]:
         if not self.setup.system:
             return set()
@@ -858,10 +870,12 @@ class World:
         released with no agent to wake (item 3), an interactive deferral handed to nobody
         (item 2); with a failover pair, a pass that never ends (item 1: its agent or runner is
         still there, holding a connection to the backup and its slot)."""
-        if self.setup.relays == "failover" and any(
+        runs = any(
             self.role_of(cmd) in ("agent", "drop-agent", "run", "flush", "daemon")
             for _pid, cmd in self.ours()
-        ):
+        )
+        if runs and (self.setup.relays == "failover" or self.overdue(msg.token) > MARGIN):
+            # alive, yet its entry is long overdue: a pass waiting for a session slot
             return "item 1"
         if self.setup.kind not in ("agents", "peruser"):
             return None

@@ -246,6 +246,8 @@ class ScriptedListener:
                     replies = replies * len(rcpts)
                 for line in replies:
                     await self._reply(p, w, line)
+                if replies[0].startswith("421"):
+                    return  # a 421 closes the connection (RFC 5321 3.8)
                 sender, rcpts = None, []
             elif verb == "RSET":
                 sender, rcpts = None, []

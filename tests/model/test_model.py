@@ -205,7 +205,7 @@ def test_item9_4xx_after_the_dot_does_not_fail_over(users):
     check(out, "item 9")
 
 
-# --- seeds the soak found that meet a filed item (reproduced on every replay so far) ----------
+# --- a seed the soak found that meets a filed item (reproduced on every replay so far) ------
 
 
 @pytest.mark.xfail(strict=True, raises=KnownBug, reason="issue 22 item 1 (liveness-core)")
@@ -215,13 +215,6 @@ def test_seed_720986380_failover_agent_keeps_the_backups_slot(users):
     idle connection to the backup (concurrency 1) and its two new entries wait for the slot
     for ever."""
     check(explorer.run(720986380, users, count=STEPS), "item 1")
-
-
-@pytest.mark.xfail(strict=True, raises=KnownBug, reason="issue 22 item 7 (liveness-retriers)")
-def test_seed_789117810_per_user_spools_after_a_reboot(users):
-    """Found by the soak: per-user spools over LMTP, a listener storing then answering 421
-    (window 7), a reboot: both users' deferred entries stay queued, nothing retries them."""
-    check(explorer.run(789117810, users, count=STEPS), "item 7")
 
 
 # --- the soak: fresh seeds for as long as asked ---------------------------------------------

@@ -6,7 +6,7 @@ VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 .PHONY: venv demo test tools lint typecheck unit compat fuzz bench bench-postfix bench-spooling dist \
 	crash-states \
-	pypi-check clean \
+	pypi-check clean soak \
 	real-listeners
 
 # One venv, filled in steps: each stamp says what is installed, so `make demo` needs only
@@ -126,6 +126,14 @@ mutation: venv
 	$(BIN)/pip install -q '$(MUTMUT)'
 	nice -n 10 $(BIN)/python tests/mutation/run.py $(if $(MODULES),--modules $(MODULES)) \
 	    --max-children $${MUTATION_CHILDREN:-2} $(MUTATION_ARGS)
+
+# The model-based test (tests/model, issue 22) with fresh seeds for SOAK_SECONDS (default 600),
+# or one seed again: make soak SEED=123 (a failing seed is printed as exactly that command).
+# As root: it creates users. SOAK_STEPS: steps per seed (default 20).
+SOAK_SECONDS ?= 600
+soak: venv
+	SOAK_SECONDS=$(SOAK_SECONDS) SEED=$(SEED) $(BIN)/pytest -q -s -p no:cacheprovider \
+	    tests/model/test_model.py::test_soak
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -59,6 +59,7 @@ LAYERS: dict[str, int] = {
     "mailshim.sessions": STORE,
     "mailshim.smtpconnect": STORE,
     "mailshim.smtpsession": STORE,
+    "mailshim.spoolmarks": STORE,
     "mailshim.spool": STORE,
     "mailshim.spoolchoice": STORE,
     "mailshim.spoolentry": STORE,

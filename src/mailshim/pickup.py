@@ -47,10 +47,11 @@ import time
 
 from mailshim import ownview, spoolfmt
 from mailshim.errors import DataError, MailshimError, printable
-from mailshim.spool import HELD_NOTICE, Spool
+from mailshim.spool import Spool
 from mailshim.spoolentry import COPY_CHUNK, EntryWriter, LockedEntry, move_no_replace, new_queue_id
 from mailshim.spoolfmt import Envelope
 from mailshim.spoolfs import _READ, _close, _fsync_dir, _remove_if_abandoned, _same, _unlink
+from mailshim.spoolmarks import HELD_NOTICE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ import stat
 import sys
 import time
 
-from mailshim import paths, spool, spoolchoice, spoolfmt
+from mailshim import paths, spool, spoolchoice, spoolfmt, spoolmarks
 from mailshim.errors import DataError, one_line
 from mailshim.paint import painter
 
@@ -521,9 +521,9 @@ def held_lines(config: Config) -> str:
     target = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
     try:
         uids = sorted(
-            int(n[len(spool.HELD_NOTICE) :])
+            int(n[len(spoolmarks.HELD_NOTICE) :])
             for n in os.listdir(target.incoming)
-            if n.startswith(spool.HELD_NOTICE) and n[len(spool.HELD_NOTICE) :].isdigit()
+            if n.startswith(spoolmarks.HELD_NOTICE) and n[len(spoolmarks.HELD_NOTICE) :].isdigit()
         )
     except OSError:
         uids = [os.geteuid()]

@@ -18,8 +18,9 @@ import stat
 
 from mailshim.errors import CantCreateError, from_oserror
 from mailshim.queuestats import FOLDER as MONITOR_FOLDER
-from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool
+from mailshim.spool import INCOMING_MODE, SUBDIRS, Spool
 from mailshim.spoolfs import _fsync_dir, _make_dirs, open_folder
+from mailshim.spoolmarks import LISTENER_SIZE
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)

@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "mailshim.spoolfmt": TEXT,
     "mailshim.x509": TEXT,
     "mailshim.config": CONFIG,
+    "mailshim.configcache": CONFIG,
     "mailshim.configload": CONFIG,
     "mailshim.sealed": CONFIG,
     "mailshim.bounce": STORE,

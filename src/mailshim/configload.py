@@ -5,11 +5,9 @@ Lookup order: ``-C FILE``, ``$MAILSHIM_CONFIG``, the per-user file (when it exis
 ``/etc/mailshim/config.toml``, built-in defaults. Only the first file found is read: files
 are not merged, so what ``mailshim config`` shows is the whole story.
 
-Parsing TOML costs more than the rest of ``sendmail`` start-up (``tomllib`` pulls in ``re``,
-``typing`` and ``datetime``), so the parsed table is cached with ``marshal`` in the caller's
-cache folder, keyed on the file's identity (device, inode, size, mtime, ctime). The cache is
-only trusted when it and its folder belong to the caller (or root) and nobody else can write
-them; the table read from it is validated again like a freshly parsed one.
+A table that validated is kept in the caller's marshal cache (``configcache``: parsing TOML
+costs more than the rest of ``sendmail`` start-up); a table read back from it is validated
+again like a freshly parsed one, and it is also the file's last good configuration.
 
 Trust: runs as every user. The file named by ``-C`` or ``$MAILSHIM_CONFIG`` is the caller's
 choice and only affects the caller's own submission; the settings that grant trust
@@ -22,20 +20,17 @@ cannot be used.
 
 from __future__ import annotations
 
-import marshal
 import os
 import stat
 import sys
 
-from mailshim import config, paths
+from mailshim import config, configcache, paths
 from mailshim.errors import ConfigError
 
 # typing costs ~8 ms at start-up; mypy treats this name like typing.TYPE_CHECKING.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from mailshim.config import Table
-
-_CACHE_VERSION = 1
 
 
 def find_config_file(explicit: str | None) -> tuple[str | None, str]:
@@ -69,7 +64,7 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> config.Confi
     if pending is not None:
         # Only a table that validated is cached: the cache is also the last good
         # configuration that load_or_fallback returns to when the file breaks.
-        _cache_put(*pending, data)
+        configcache.put(*pending, data)
         if cfg.warnings:
             from mailshim import maillog
 
@@ -312,8 +307,8 @@ def _queue_dir_line(raw: bytes) -> str | None:
 
 
 def _last_good(path: str) -> config.Config | None:
-    cache_file = _cache_path()
-    stored = _cache_get(cache_file, None)
+    cache_file = configcache.cache_path()
+    stored = configcache.get(cache_file, None)
     if stored is None or stored[0][2] != os.path.abspath(path):
         return None
     try:
@@ -445,7 +440,7 @@ def _read_table(path: str, use_cache: bool) -> tuple[Table, tuple[str, tuple[obj
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{path}: the configuration is not a regular file")
         key = (
-            _CACHE_VERSION,
+            configcache.CACHE_VERSION,
             sys.version_info[:2],
             os.path.abspath(path),
             st.st_dev,
@@ -454,9 +449,9 @@ def _read_table(path: str, use_cache: bool) -> tuple[Table, tuple[str, tuple[obj
             st.st_mtime_ns,
             st.st_ctime_ns,
         )
-        cache_file = _cache_path() if use_cache else None
+        cache_file = configcache.cache_path() if use_cache else None
         if cache_file is not None:
-            cached = _cache_get(cache_file, key)
+            cached = configcache.get(cache_file, key)
             if cached is not None:
                 return cached[1], None
         raw = b""
@@ -485,112 +480,3 @@ def _parse_toml(raw: bytes, path: str) -> Table:
         raise ConfigError(f"{path}: the configuration is not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-
-
-def _cache_path() -> str:
-    base = os.environ.get("MAILSHIM_CACHE_DIR") or paths.user_cache_dir()
-    return os.path.join(base, "config.marshal")
-
-
-def _trusted(st: os.stat_result) -> bool:
-    return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
-
-
-def _root_path(folder: str, create: bool) -> bool:
-    """For root: whether no other account can change what ``folder`` names. Every component
-    from ``/`` down is looked at with ``lstat`` (a link anywhere refuses it: ``os.stat`` of the
-    folder would follow one a user planted in a folder of theirs above it) and must be a
-    folder of root's, writable by nobody else (a sticky folder excepted on the way, since what
-    it holds is then root's and cannot be renamed by others). With ``create``, missing folders
-    are made (0700), one at a time: ``mkdir`` never follows a link at its last component.
-
-    Root's cache folder lies under whatever HOME or XDG_CACHE_HOME it was started with, which
-    ``sudo -E``, ``su -m`` or ``su`` (XDG_CACHE_HOME) take from a user (issue 24, item 1)."""
-    parts = [p for p in os.path.abspath(folder).split("/") if p]
-    path = "/"
-    for i in range(len(parts) + 1):
-        if i:
-            path = os.path.join(path, parts[i - 1])
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            if not create:
-                return False
-            try:
-                os.mkdir(path, 0o700)
-                st = os.lstat(path)
-            except OSError:
-                return False
-        except OSError:
-            return False
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-            return False
-        if st.st_mode & 0o022 and (i == len(parts) or not st.st_mode & stat.S_ISVTX):
-            return False
-    return True
-
-
-def _cache_get(
-    cache_file: str, key: tuple[object, ...] | None
-) -> tuple[tuple[object, ...], Table] | None:
-    """The cached (key, table) when it matches ``key`` (any key: None), else None."""
-    if os.geteuid() == 0 and not _root_path(os.path.dirname(cache_file), create=False):
-        return None
-    try:
-        dst = os.stat(os.path.dirname(cache_file))
-        fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) and _trusted(st) and _trusted(dst)):
-            return None
-        if st.st_size > 8 * 1024 * 1024:
-            return None
-        blob = b""
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            blob += chunk
-        stored = marshal.loads(blob)
-    except (OSError, EOFError, ValueError, TypeError):
-        return None
-    finally:
-        os.close(fd)
-    if (
-        isinstance(stored, tuple)
-        and len(stored) == 2
-        and isinstance(stored[0], tuple)
-        and len(stored[0]) == 8
-        and (
-            stored[0] == key
-            if key is not None
-            else stored[0][:2] == (_CACHE_VERSION, sys.version_info[:2])
-        )
-        and isinstance(stored[1], dict)
-    ):
-        return stored[0], stored[1]
-    return None
-
-
-def _cache_put(cache_file: str, key: tuple[object, ...], data: Table) -> None:
-    """Best effort: a cache that cannot be written only costs the next run some milliseconds."""
-    try:
-        # marshal's stub lists concrete types; the table holds only TOML's plain values.
-        blob = marshal.dumps((key, data))  # type: ignore[arg-type]
-    except ValueError:
-        return  # a TOML date or time value: not marshal-able, and rejected by validation anyway
-    folder = os.path.dirname(cache_file)
-    if os.geteuid() == 0 and not _root_path(folder, create=True):
-        return
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        # Root never writes into a cache folder another account controls (the units' is
-        # the runner's): it would not read it back anyway (_cache_get), and writes nothing
-        # there that account could aim elsewhere.
-        if not _trusted(os.stat(folder)):
-            return
-    except OSError:
-        return
-    paths.replace_file(cache_file, blob, 0o600)

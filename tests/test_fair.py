@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mailshim import fair, spool, spoolentry
+from mailshim import fair, spool, spoolentry, spoolindex
 
 
 @pytest.mark.parametrize(
@@ -41,11 +41,11 @@ def test_order_reads_the_uid_record_and_puts_unreadable_entries_first(tmp_path):
         ids.append(w.queue_id)
     broken = spoolentry.new_queue_id()
     (tmp_path / "spool" / "queue" / broken).write_bytes(b"not an entry")
-    order = fair.order(sp, sorted([*ids, broken]), quantum=1024)
+    order = list(fair.order(spoolindex.rows(sp), quantum=1024))
     assert order == [broken, ids[2], ids[0], ids[1]]
 
 
-@pytest.mark.parametrize("body_size", [0, 1000, fair.PEEK_BYTES, 20_000])
+@pytest.mark.parametrize("body_size", [0, 1000, spoolindex.PEEK_BYTES, 20_000])
 def test_an_entry_costs_its_whole_size_read_or_not(tmp_path, body_size):
     """The cost counts every byte of the file, whether one read held it all or not."""
     sp = spool.Spool(str(tmp_path / "spool"))
@@ -54,4 +54,6 @@ def test_an_entry_costs_its_whole_size_read_or_not(tmp_path, body_size):
     w.write(b"x" * body_size)
     w.commit(False)
     path = sp.path(w.queue_id)
-    assert fair._uid_and_size(path) == (7, os.path.getsize(path))
+    assert spoolindex._peek(path) == (7, os.path.getsize(path))
+    (row,) = spoolindex.rows(sp)
+    assert row[2:4] == (7, os.path.getsize(path))

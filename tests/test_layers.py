@@ -58,6 +58,7 @@ LAYERS: dict[str, int] = {
     "mailshim.spoolchoice": STORE,
     "mailshim.spoolentry": STORE,
     "mailshim.spoolfs": STORE,
+    "mailshim.spoolindex": STORE,
     "mailshim.spoolsetup": STORE,
     "mailshim.wire": STORE,
     "mailshim.agent": ORCHESTRATION,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import time
 
-from mailshim import deadletters, delivery, fair, maillog, policy, sendlimits, spool
+from mailshim import deadletters, delivery, fair, maillog, policy, sendlimits, spool, spoolindex
 from mailshim.constants import (
     DEFERRED,
     LIMITED,
@@ -41,7 +41,7 @@ from mailshim.errors import DataError, MailshimError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from mailshim.config import Config
     from mailshim.relay import RelayClient
@@ -149,6 +149,11 @@ def pickup(config: Config, target: spool.Spool) -> tuple[int, int]:
     return picked, sum(1 for p in results if p.status == "busy")
 
 
+def seen_key(qid: str) -> int:
+    """A queue id as a number (its characters are base-36 digits): a set of them is small."""
+    return int(qid, 36)
+
+
 class _Pass:
     """One sweep: the fair order, which entries are taken, and how the sweep ends. Its
     sessions share it (one event loop: no locks are needed)."""
@@ -161,7 +166,7 @@ class _Pass:
         *,
         force: bool,
         only: set[str] | None,
-        seen: set[str] | None,
+        seen: set[int] | None,
         stop: asyncio.Event | None,
     ) -> None:
         self.target = target
@@ -172,12 +177,31 @@ class _Pass:
         self.stop = stop
         self.now = time.time()
         self.limiter = sendlimits.limiter_for(config, target) if target.has_incoming() else None
-        self.order = iter(fair.order(target, target.ids(), config.user_round_bytes))
+        # From the schedule index: the entries due (every one, forced), with their uid and
+        # size; nothing else is opened, so a pass with nothing due costs nothing per entry.
+        self.order = fair.order(self._due_rows(), config.user_round_bytes)
         self.ended = ""  # "down", "busy" or "stopped" once the pass must end early
         self.streak = 0  # consecutive throttled entries, whichever session met them
         self.answered = False  # the listener greeted a session: the others may open
         self.returned: list[str] = []  # taken by a session that could not connect
         self.hold_until = 0.0  # monotonic: no message starts before (a rate limit's pause)
+
+    def _due_rows(self) -> Iterator[spoolindex.Row]:
+        if not self.force and self.only is None:
+            count, _live, soonest = spoolindex.totals(self.target, self.now)
+            if soonest > self.now:  # nothing due: the index's header said so
+                self.counts.skipped += count
+                return
+        for row in spoolindex.rows(self.target, self.now):
+            if spoolindex.is_due(row, self.now, self.force):
+                yield row
+            elif self.only is None or row[0] in self.only:
+                if self.seen is not None:
+                    key = seen_key(row[0])
+                    if key in self.seen:
+                        continue
+                    self.seen.add(key)
+                self.counts.skipped += 1  # held or not due: known without opening it
 
     async def hold(self) -> None:
         """Wait out a rate limit's pause (or until ``stop``)."""
@@ -199,9 +223,10 @@ class _Pass:
         if self.only is not None and qid not in self.only:
             return False
         if self.seen is not None:
-            if qid in self.seen:
+            key = seen_key(qid)
+            if key in self.seen:
                 return False
-            self.seen.add(qid)
+            self.seen.add(key)
         try:
             state = self.target.load_state(qid)
         except DataError:
@@ -225,7 +250,7 @@ async def run_pass(
     *,
     force: bool,
     only: set[str] | None = None,
-    seen: set[str] | None = None,
+    seen: set[int] | None = None,
     progress: Callable[[str, str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> str:
@@ -432,9 +457,9 @@ def flush(
         async with pool_for(config, transcript) as pool:
             for target in spools:
                 target.check_usable()
-                target.clean_tmp()
+                target.clean_tmp(states=spoolindex.sweep_due(target))
                 deadletters.expire(target, config.keep_dead)
-                seen: set[str] = set()
+                seen: set[int] = set()  # ids as numbers: ~60 bytes each, not ~100
                 try:
                     pickup(config, target)
                     while True:
@@ -446,9 +471,10 @@ def flush(
                             break
                         picked, _ = pickup(config, target)
                         # entries outside a -qI filter are never "seen": do not wait for them
-                        left = [q for q in target.ids() if q not in seen]
-                        if only is not None:
-                            left = [q for q in left if q in only]
+                        left = any(
+                            seen_key(row[0]) not in seen and (only is None or row[0] in only)
+                            for row in spoolindex.due(target, time.time(), force)
+                        )
                         if not picked and not left:
                             break
                 finally:

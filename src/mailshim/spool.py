@@ -45,7 +45,7 @@ import os
 import stat
 import time
 
-from mailshim import spoolfmt
+from mailshim import spoolfmt, spoolindex
 from mailshim.errors import CantCreateError, DataError, from_oserror
 from mailshim.spoolentry import EntryWriter, LockedEntry, move_no_replace, new_queue_id
 from mailshim.spoolfmt import Envelope, State
@@ -317,6 +317,7 @@ class Spool:
             if tmp:
                 _unlink(tmp)
             raise from_oserror(exc, "saving the state of an entry") from None
+        spoolindex.note_state(self, qid, state)
 
     # --- the agent lock --------------------------------------------------------
     # It doubles as a "listener unreachable" mark: an agent that could reach no relay writes
@@ -441,13 +442,17 @@ class Spool:
 
     # --- housekeeping ----------------------------------------------------------
 
-    def clean_tmp(self, older_than: float = 60.0) -> int:
-        """Remove temp files whose writer is gone (nobody holds their lock)."""
+    def clean_tmp(self, older_than: float = 60.0, states: bool = True) -> int:
+        """Remove temp files whose writer is gone (nobody holds their lock); with ``states``,
+        also state files whose entry is gone (a look at every name in ``state/``: runners
+        ask for it once per ``spoolindex.SWEEP_EVERY``, not at every pass)."""
         removed = 0
         cutoff = time.time() - older_than
         for name in _listdir(self.tmp):
             if _remove_if_abandoned(os.path.join(self.tmp, name), cutoff):
                 removed += 1
+        if not states:
+            return removed
         for name in _listdir(self.state_dir):
             path = os.path.join(self.state_dir, name)
             if spoolfmt.valid_id(name):
@@ -468,3 +473,4 @@ class Spool:
             move_no_replace(self, self.path(qid), "corrupt", qid, reason)
         except OSError:
             pass
+        spoolindex.note_gone(self, qid)

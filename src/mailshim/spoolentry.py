@@ -30,7 +30,7 @@ import io
 import os
 import time
 
-from mailshim import spoolfmt
+from mailshim import spoolfmt, spoolindex
 from mailshim.errors import CantCreateError, DataError, MailshimError, from_oserror
 from mailshim.spoolfmt import Envelope, State
 from mailshim.spoolfs import (
@@ -213,6 +213,10 @@ class EntryWriter:
                 os.fsync(self.fd)
             elif sync_dir:
                 _fsync_dir(self.spool.queue)
+            if not self.drop:
+                # Due now: the schedule index learns of it before anyone is told it is safe.
+                size = len(self._enc.data) + self.size
+                spoolindex.note_added(self.spool, self.queue_id, self.envelope.uid, size)
         except OSError as exc:
             if not self._done:
                 self.abort()
@@ -350,6 +354,7 @@ class LockedEntry(_Held):
                 raise from_oserror(exc, "removing a delivered entry") from None
         if not self._stateless:
             _unlink(os.path.join(self.spool.state_dir, self.queue_id))
+        spoolindex.note_gone(self.spool, self.queue_id)
         self.release()
 
     def bury(self, folder: str, reason: str) -> str:
@@ -380,6 +385,7 @@ class LockedEntry(_Held):
                 _unlink(state_path)
             _fsync_dir(target_dir)
             _fsync_dir(self.spool.queue)
+            spoolindex.note_gone(self.spool, self.queue_id)
         except OSError as exc:
             raise from_oserror(exc, f"moving entry {self.queue_id} to {folder}/") from None
         finally:

@@ -125,7 +125,9 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
     if not spools:
         _say("nothing to deliver: no spool this user can write")
         return
-    total = sum(len(s.ids()) for s in spools)
+    from mailshim import spoolindex
+
+    total = sum(spoolindex.totals(s)[0] for s in spools)
     # The transcript goes to stderr line by line: a bar redrawn in between would garble it.
     tty = isatty(sys.stdout) and not verbose
     progress = Progress(total, tty, tty and queueview.use_color(sys.stdout))

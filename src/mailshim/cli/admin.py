@@ -19,11 +19,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import click
 
-from mailshim import maillog, paths, queueview, spool, spoolchoice, spoolentry
+from mailshim import maillog, paths, queueview, spool, spoolchoice, spoolentry, spoolfmt
 from mailshim.cli import queuerun, standard_fds
 from mailshim.cli.group import _config, cli
 from mailshim.errors import (
@@ -69,12 +70,25 @@ def config_cmd(ctx: click.Context, as_json: bool) -> None:
 # --- queue ----------------------------------------------------------------------------
 
 
-def _print_items(items: list[queueview.Item], as_json: bool) -> None:
+def _print_items(items: Iterable[queueview.Item], as_json: bool) -> None:
+    """Print as the entries are read (a queue of 100,000 is never held in memory)."""
     if as_json:
-        click.echo(json.dumps([i.as_dict() for i in items], indent=2))
-        return
-    color = queueview.use_color(sys.stdout)
-    click.echo(queueview.format_table(items, time.time(), color), nl=False, color=color)
+        pieces = queueview.json_lines(items)
+        color = False
+    else:
+        color = queueview.use_color(sys.stdout)
+        pieces = queueview.table_lines(items, time.time(), color)
+    for piece in pieces:
+        click.echo(piece, nl=False, color=color)
+
+
+def _queued_ids(cfg: Any) -> Iterator[str]:
+    """Every queued id, from the schedule index: no entry is opened."""
+    from mailshim import spoolindex
+
+    for target in spoolchoice.known_spools(cfg):
+        for row in spoolindex.rows(target):
+            yield row[0]
 
 
 @cli.group("queue", invoke_without_command=True)
@@ -117,12 +131,11 @@ def queue_cmd(ctx: click.Context, as_json: bool, dead: bool, ids: bool) -> None:
             text = queueview.format_dead(buried, time.time(), color)
             click.echo(text, nl=False, color=color)
         return
-    items = queueview.collect(cfg)
     if ids:
-        for item in items:
-            click.echo(item.queue_id)
+        for qid in _queued_ids(cfg):
+            click.echo(qid)
         return
-    _print_items(items, as_json)
+    _print_items(queueview.iter_items(cfg), as_json)
     if not as_json:
         buried = deadletters.collect(cfg)
         if buried:
@@ -178,24 +191,40 @@ def queue_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
 @click.pass_context
 def queue_list(ctx: click.Context, as_json: bool) -> None:
     """List the queue (the same as `mailshim queue`)."""
-    _print_items(queueview.collect(_config(ctx)), as_json)
+    _print_items(queueview.iter_items(_config(ctx)), as_json)
 
 
-def _targets(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> list[tuple[spool.Spool, str]]:
+def _targets(
+    ctx: click.Context, ids: tuple[str, ...], all_: bool
+) -> Iterator[tuple[spool.Spool, str]]:
+    """The entries named (each looked up: the queue is not listed), or every one (--all,
+    streamed from the schedule index). Unknown ids are a usage error before anything is done."""
     cfg = _config(ctx)
-    found: list[tuple[spool.Spool, str]] = []
     if not ids and not all_:
         raise UsageError("name one or more queue ids, or --all")
+    spools = spoolchoice.known_spools(cfg)
+    if all_:
+        return _all_entries(spools)
     # "!" is how mailq marks a held entry: accept ids pasted from its listing.
-    wanted = {i.rstrip("!*").upper() for i in ids}
-    for target in spoolchoice.known_spools(cfg):
-        for qid in target.ids():
-            if all_ or qid in wanted:
-                found.append((target, qid))
-                wanted.discard(qid)
-    if wanted:
-        raise UsageError(f"no such queue id: {', '.join(sorted(wanted))}")
-    return found
+    found: list[tuple[spool.Spool, str]] = []
+    missing = []
+    for qid in dict.fromkeys(i.rstrip("!*").upper() for i in ids):
+        where = [t for t in spools if spoolfmt.valid_id(qid) and t.exists(qid)]
+        if where:
+            found.append((where[0], qid))
+        else:
+            missing.append(qid)
+    if missing:
+        raise UsageError(f"no such queue id: {', '.join(sorted(missing))}")
+    return iter(found)
+
+
+def _all_entries(spools: list[spool.Spool]) -> Iterator[tuple[spool.Spool, str]]:
+    from mailshim import spoolindex
+
+    for target in spools:
+        for row in spoolindex.rows(target):
+            yield target, row[0]
 
 
 def _locked(target: spool.Spool, qid: str) -> spoolentry.LockedEntry:

@@ -57,7 +57,7 @@ COMMANDS = {
     "config", "check", "send-test", "flush", "run", "daemon", "queue", "log", "sink",
     "setup-spool",
 }  # fmt: skip
-ACTIONS = {"list", "show", "delete", "hold", "release", "retry", "requeue"}
+ACTIONS = {"list", "show", "delete", "hold", "release", "retry", "requeue", "shape"}
 
 
 # --- the shells ------------------------------------------------------------------------

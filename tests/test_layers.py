@@ -72,6 +72,7 @@ LAYERS: dict[str, int] = {
     "mailshim.delivery": ORCHESTRATION,
     "mailshim.probe": ORCHESTRATION,
     "mailshim.queueview": ORCHESTRATION,
+    "mailshim.queueselect": ORCHESTRATION,
     "mailshim.runner": ORCHESTRATION,
     "mailshim.serving": ORCHESTRATION,
     "mailshim.sink": ORCHESTRATION,

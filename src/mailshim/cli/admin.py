@@ -24,7 +24,16 @@ from typing import Any
 
 import click
 
-from mailshim import maillog, paths, queueview, spool, spoolchoice, spoolentry, spoolfmt
+from mailshim import (
+    maillog,
+    paths,
+    queueselect,
+    queueview,
+    spool,
+    spoolchoice,
+    spoolentry,
+    spoolfmt,
+)
 from mailshim.cli import queuerun, standard_fds
 from mailshim.cli.group import _config, cli
 from mailshim.errors import (
@@ -145,36 +154,108 @@ def queue_cmd(ctx: click.Context, as_json: bool, dead: bool, ids: bool) -> None:
             click.echo(queueview.format_dead(buried, time.time(), color), nl=False, color=color)
 
 
+def _filter_options(f: Any) -> Any:
+    """--sender, --recipient, --user, --older-than, --newer-than, --dry-run."""
+    for option in reversed([
+        click.option("--sender", "senders", multiple=True, metavar="ADDR",
+                     help="Sender address, @domain, or <> (repeatable: any of them)."),
+        click.option("--recipient", "recipients", multiple=True, metavar="ADDR",
+                     help="A recipient's address or @domain (repeatable)."),
+        click.option("--user", "users", multiple=True, metavar="USER",
+                     help="Submitting user, login or uid (repeatable)."),
+        click.option("--older-than", "older", metavar="AGE", help="Queued at least AGE (2h, 3d)."),
+        click.option("--newer-than", "newer", metavar="AGE", help="Queued less than AGE."),
+        click.option("-n", "--dry-run", is_flag=True,
+                     help="Say how many entries would be touched; change nothing."),
+    ]):  # fmt: skip
+        f = option(f)
+    return f
+
+
+def _selection(
+    ids: tuple[str, ...],
+    all_: bool,
+    senders: tuple[str, ...],
+    recipients: tuple[str, ...],
+    users: tuple[str, ...],
+    older: str | None,
+    newer: str | None,
+) -> queueselect.Selection | None:
+    """The entries named by filters or ids ("-" reads ids from stdin, one per line: what
+    `mailshim queue --ids` prints); None when only ids on the command line are given."""
+    listed: list[str] | None = None
+    if "-" in ids:
+        listed = [i for i in ids if i != "-"] + [
+            line.split()[0] for line in sys.stdin if line.strip()
+        ]
+    sel = queueselect.Selection(
+        ids=listed,
+        senders=senders,
+        recipients=recipients,
+        users=[queueselect.parse_user(u) for u in users],
+        older_than=None if older is None else queueselect.parse_age("--older-than", older),
+        newer_than=None if newer is None else queueselect.parse_age("--newer-than", newer),
+    )
+    if listed is None and not sel.filtered and not all_:
+        if not ids:
+            raise UsageError("name queue ids (or - to read them from stdin), a filter, or --all")
+        return None
+    if listed is None and ids:
+        sel.ids = {i.rstrip("!*").upper() for i in ids}
+    return sel
+
+
 @queue_cmd.command(
     "requeue",
     epilog="\b\nExamples:\n  mailshim queue requeue 18F2C0A1B3D4E5F6G7H8\n"
+    "  mailshim queue requeue --recipient @example.net --dry-run\n"
+    "  mailshim queue --dead --ids | mailshim queue requeue -\n"
     "  mailshim queue requeue --all",
 )
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter.")
+@_filter_options
 @click.pass_context
-def queue_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
+def queue_requeue(
+    ctx: click.Context,
+    ids: tuple[str, ...],
+    all_: bool,
+    senders: tuple[str, ...],
+    recipients: tuple[str, ...],
+    users: tuple[str, ...],
+    older: str | None,
+    newer: str | None,
+    dry_run: bool,
+) -> None:
     """Put dead letters back in the queue with a fresh schedule (each one is logged).
 
-    Recipients that were delivered stay delivered; the others are tried again at once
-    and, if they fail again, retried and bounced as for a new message.
+    Named by id (- reads ids from stdin), chosen by filters (all must hold; the age is
+    since they were queued), or --all. Recipients that were delivered stay delivered; the
+    others are tried again at once and, if they fail again, retried and bounced as for a
+    new message.
     """
     from mailshim import deadletters
 
-    if not ids and not all_:
-        raise UsageError("name one or more dead letters' ids, or --all")
+    if not ids and not all_ and not (senders or recipients or users or older or newer):
+        raise UsageError("name one or more dead letters' ids (- reads stdin), a filter, or --all")
     cfg = _config(ctx)
-    wanted = {i.rstrip("!*").upper() for i in ids}
+    sel = _selection(ids, all_, senders, recipients, users, older, newer)
+    if sel is None:
+        sel = queueselect.Selection(ids=ids)
+    wanted = set(sel.ids or ()) if not ("-" in ids or sel.filtered) else set()
     done = 0
-    for target in spoolchoice.known_spools(cfg):
-        for qid in deadletters.ids(target):
-            if all_ or qid in wanted:
-                deadletters.requeue(target, qid)
-                wanted.discard(qid)
-                done += 1
+    for target, qid in sel.dead(spoolchoice.known_spools(cfg)):
+        wanted.discard(qid)
+        if not dry_run:
+            deadletters.requeue(target, qid)
+        done += 1
     if wanted:
         raise UsageError(f"no such dead letter: {', '.join(sorted(wanted))}")
-    click.echo(f"requeue: {done} entr{'y' if done == 1 else 'ies'}")
+    noun = f"entr{'y' if done == 1 else 'ies'}"
+    if dry_run:
+        click.echo(f"requeue: {done} {noun} would be touched (dry run: nothing changed)")
+        return
+    click.echo(f"requeue: {done} {noun}")
     if done and cfg.delivery_mode != "queue":
         from mailshim import agent
 
@@ -277,10 +358,33 @@ def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bo
         click.echo(json.dumps(shown_items, indent=2))
 
 
-def _queue_action(ctx: click.Context, ids: tuple[str, ...], all_: bool, action: str) -> None:
-    done = 0
-    for target, qid in _targets(ctx, ids, all_):
-        locked = _locked(target, qid)
+def _queue_action(
+    ctx: click.Context,
+    ids: tuple[str, ...],
+    all_: bool,
+    action: str,
+    sel: queueselect.Selection | None = None,
+    dry_run: bool = False,
+) -> None:
+    """Carry out ``action`` on each entry, one at a time (flat memory), logging each change.
+    Named ids that are being delivered stop the command (75); in a selection they are left
+    as they were and counted."""
+    cfg = _config(ctx)
+    pairs = _targets(ctx, ids, all_) if sel is None else sel.queued(spoolchoice.known_spools(cfg))
+    done = busy = 0
+    for target, qid in pairs:
+        if dry_run:
+            done += 1
+            continue
+        if sel is None:
+            locked = _locked(target, qid)
+        else:
+            got = target.lock(qid)
+            if got is None:
+                if target.exists(qid):
+                    busy += 1
+                continue
+            locked = got
         if action == "delete":
             locked.remove()
         else:
@@ -295,7 +399,15 @@ def _queue_action(ctx: click.Context, ids: tuple[str, ...], all_: bool, action: 
             locked.release()
         maillog.log(f"{qid}: {action} by uid {os.getuid()} (mailshim queue {action})")
         done += 1
-    click.echo(f"{action}: {done} entr{'y' if done == 1 else 'ies'}")
+    for target in spoolchoice.known_spools(cfg):
+        target.sync(force=True)
+    noun = f"entr{'y' if done == 1 else 'ies'}"
+    if dry_run:
+        click.echo(f"{action}: {done} {noun} would be touched (dry run: nothing changed)")
+        return
+    click.echo(f"{action}: {done} {noun}")
+    if busy:
+        raise TempFailError(f"{busy} being delivered right now were left as they were; try again")
 
 
 for _name, _help in (
@@ -308,18 +420,59 @@ for _name, _help in (
     def _make(name: str) -> Any:
         @click.argument("ids", nargs=-1)
         @click.option("--all", "all_", is_flag=True, help="Every entry.")
+        @_filter_options
         @click.pass_context
-        def cmd(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
-            _queue_action(ctx, ids, all_, name)
+        def cmd(
+            ctx: click.Context,
+            ids: tuple[str, ...],
+            all_: bool,
+            senders: tuple[str, ...],
+            recipients: tuple[str, ...],
+            users: tuple[str, ...],
+            older: str | None,
+            newer: str | None,
+            dry_run: bool,
+        ) -> None:
+            sel = _selection(ids, all_, senders, recipients, users, older, newer)
+            _queue_action(ctx, ids, all_, name, sel, dry_run)
 
         return cmd
 
     queue_cmd.command(
         _name,
-        help=_help + " Each change is logged.",
+        help=_help
+        + " Entries are named by id (- reads ids from stdin), chosen by filters (all must"
+        " hold), or --all. Each change is logged.",
         epilog=f"\b\nExamples:\n  mailshim queue {_name} 18F2C0A1B3D4E5F6G7H8\n"
+        f"  mailshim queue {_name} --sender cron@example.org --older-than 1h --dry-run\n"
+        f"  mailshim queue --ids | head -100 | mailshim queue {_name} -\n"
         f"  mailshim queue {_name} --all",
     )(_make(_name))
+
+
+@queue_cmd.command(
+    "shape",
+    epilog="\b\nExamples:\n  mailshim queue shape\n  mailshim queue shape --by sender --top 10",
+)
+@click.option(
+    "--by", type=click.Choice(["recipient", "sender"]), default="recipient", show_default=True,
+    help="Count by the recipients' domains or the sender's.",
+)  # fmt: skip
+@click.option("--top", type=int, default=0, metavar="N", help="Only the N biggest domains.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for scripts.")
+@click.pass_context
+def queue_shape(ctx: click.Context, by: str, top: int, as_json: bool) -> None:
+    """How the queue is made: messages per domain and age, like Postfix's qshape.
+
+    The first row is the total; then one row per domain, biggest first. Columns: the
+    total, then how many have waited less than 5, 10, 20 ... 1280 minutes, and longer.
+    A message counts once in each domain among its recipients still to do.
+    """
+    sh = queueselect.shape(spoolchoice.known_spools(_config(ctx)), by)
+    if as_json:
+        click.echo(json.dumps(sh.as_dict(top), indent=2))
+    else:
+        click.echo(queueselect.format_shape(sh, top), nl=False)
 
 
 # --- flush ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ BIN = $(VENV)/bin
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 .PHONY: venv demo test tools lint typecheck unit compat fuzz bench bench-postfix bench-spooling dist \
+	crash-states \
 	pypi-check clean \
 	real-listeners
 
@@ -55,7 +56,7 @@ real-listeners:
 
 # The programs some tests drive (the tests skip without them; README "Tests" says which):
 # installed with apt when we are root and apt-get exists, quietly; otherwise listed.
-TEST_TOOLS = swaks:swaks php:php-cli zsh:zsh fish:fish mandoc:mandoc
+TEST_TOOLS = swaks:swaks php:php-cli zsh:zsh fish:fish mandoc:mandoc strace:strace
 APT_QUIET = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 tools:
 	@missing=""; for t in $(TEST_TOOLS); do \
@@ -80,6 +81,12 @@ fuzz: venv
 	    echo "fuzz: no atheris here: running the fuzz targets under hypothesis instead"; \
 	    $(BIN)/pytest -q -p no:cacheprovider tests/test_fuzz.py; \
 	fi
+
+# Issue 27: every power-cut state of every spool workload, recovered and checked (CI checks a
+# sample of each); as root, with strace. CRASH_REPORT=FILE appends the figures as JSON lines.
+crash-states: venv
+	MAILSHIM_CRASH_STATES=all MAILSHIM_CRASH_REPORT=$${CRASH_REPORT:-} \
+	    $(BIN)/pytest -q -p no:cacheprovider tests/test_crash_states.py
 
 compat: venv
 	bash tests/compat/run-bookworm.sh

@@ -99,3 +99,9 @@ lint-packages:
 man-lint:
 	@command -v mandoc >/dev/null || { echo "man-lint needs mandoc: apt-get install mandoc" >&2; exit 1; }
 	mandoc -Tlint -W all man/*.[1-8]
+
+# The .deb under a real systemd: a debootstrap'd bookworm (built once, cached in
+# /var/cache/mailshim-e2e) booted with systemd-nspawn; about two minutes a run. Needs root.
+.PHONY: e2e-systemd
+e2e-systemd: deb
+	bash .ci/e2e-systemd.sh

@@ -136,3 +136,96 @@ def test_root_controlled_files(tmp_path):
     os.chmod(tmp_path, 0o1777)  # sticky, like /tmp: nobody else can replace root's file
     assert configload.root_controlled(str(path))
     os.chmod(tmp_path, 0o755)
+
+
+# --- a configuration problem never costs a message (issue 23, item 1) -----------------------
+
+CRON_ARGS = ("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "alice")
+CRON_MAIL = b"From: root (Cron Daemon)\nTo: alice\nSubject: Cron <alice@host> date\n\nout\n"
+
+
+def test_unknown_keys_are_warnings_and_the_rest_applies(tmp_path):
+    path = write(
+        tmp_path,
+        '[addresses]\ndomain = "example.org"\ndomian = "typo.example"\n'
+        '[relay]\nhost = "10.0.0.1"\nprot = 1\n[nope]\nx = 1\n',
+    )
+    cfg = configload.load(path)
+    assert cfg.domain == "example.org" and cfg.relays[0].host == "10.0.0.1"
+    assert len(cfg.warnings) == 3, cfg.warnings
+    assert "[addresses] unknown key 'domian' ignored (known: aliases_file," in cfg.warnings[0]
+    assert "[relay] unknown key 'prot' ignored" in cfg.warnings[1]
+    assert "unknown section [nope] ignored" in cfg.warnings[2]
+    assert "addresses.domian" not in cfg.sources and "relay.prot" not in cfg.sources
+
+
+def _misspell(world) -> None:
+    text = world.config.read_text()
+    world.config.write_text(
+        text.replace('domain = "example.org"', 'domian = "typo.example"\ndomain = "example.org"')
+    )
+
+
+def test_cron_mail_with_a_misspelt_key_is_delivered(world):
+    _misspell(world)
+    r = world.sendmail(*CRON_ARGS, input=CRON_MAIL)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    assert world.listener.wait(1)[0].rcpt_tos == ["alice@example.org"]
+    r = world.run("mailshim", ["check"])
+    out = r.stdout.decode()
+    assert "[addresses] unknown key 'domian' ignored" in out, out
+    assert "fix the spelling or remove the key" in out
+
+
+def test_broken_file_spools_and_the_runner_uses_the_last_good_one(world):
+    r = world.sendmail(*CRON_ARGS, input=CRON_MAIL)  # a good file: it becomes the last good
+    assert r.returncode == 0
+    world.listener.wait(1)
+    world.wait_queue_empty()
+    with world.config.open("a") as f:
+        f.write("\n[[[ broken\n")
+    lines = world.config.read_text().count("\n")
+    r = world.sendmail(*CRON_ARGS, input=CRON_MAIL.replace(b"out", b"second"))
+    assert r.returncode == 0 and r.stderr == b"", r.stderr  # cron's stderr is no terminal
+    received = world.listener.wait(2)
+    assert b"second" in received[1].data and received[1].rcpt_tos == ["alice@example.org"]
+    r = world.run("mailshim", ["run"])
+    assert r.returncode == 0, r.stderr
+    assert b"not valid TOML" in r.stderr and b"last configuration from this file" in r.stderr
+    r = world.run("mailshim", ["check"])
+    assert r.returncode == 78, r.stdout
+    assert f"line {lines}".encode() in r.stdout and b"until then: sendmail still spools" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("breakage", "rcpt"),
+    [
+        ("\n[[[ broken\n", None),  # not TOML: only [queue] dir can be taken from it
+        ("\n[limits]\nuser_messages = -1\n", "alice@example.org"),  # one bad value
+    ],
+)
+def test_broken_file_with_no_good_one_keeps_the_mail_until_it_is_fixed(world, breakage, rcpt):
+    good = world.config.read_text()
+    world.config.write_text(good + breakage)
+    r = world.sendmail(*CRON_ARGS, input=CRON_MAIL)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    [qid] = world.queued()
+    r = world.run("mailq", [])
+    assert r.returncode == 0 and qid.encode() in r.stdout, r.stdout
+    r = world.run("mailshim", ["run"])
+    assert r.returncode == 78
+    assert b"1 message(s) wait in " + str(world.spool).encode() in r.stderr, r.stderr
+    assert world.listener.messages == [] and world.queued() == [qid]
+    world.config.write_text(good)
+    r = world.run("mailshim", ["run"])
+    assert r.returncode == 0, r.stderr
+    [got] = world.listener.wait(1)
+    assert rcpt is None or got.rcpt_tos == [rcpt]
+    assert world.queued() == []
+
+
+def test_check_names_the_line_of_a_bad_value(tmp_path):
+    path = write(tmp_path, '[addresses]\ndomain = "example.org"\n\n[queue]\nretry = ["1x"]\n')
+    with pytest.raises(ConfigError) as info:
+        configload.load(path)
+    assert info.value.message.endswith("(line 5)"), info.value.message

@@ -787,8 +787,9 @@ def test_a_users_spool_budget_holds_their_mail_in_the_drop_folder(mu):
         r = mu.flush()
         owners = sorted(e.uid for e in _queued(mu).values())
         assert owners == sorted([alice.uid, alice.uid, bob.uid])
-        left = mu.names("incoming")
+        left = [n for n in mu.names("incoming") if not n.startswith(".held.")]
         assert len(left) == 2 and {(mu.incoming / n).stat().st_uid for n in left} == {alice.uid}
+        assert (mu.incoming / f".held.{alice.uid}").stat().st_uid == mu.users[RUNNER].uid
         assert r.returncode == 0
         # the refusal is logged, once per entry, with the reason and the key to change
         why = [line for line in log.read_text().splitlines() if " waits: " in line]

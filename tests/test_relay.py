@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailshim import smtpsession, wire
+from mailshim import smtpconnect, smtpsession, wire
 from mailshim.errors import ConfigError, NoPermError
 from mailshim.relay import RelayClient, SendResult
 from mailshim.reply import MAX_TEXT, Reply, clean_text
@@ -487,11 +487,41 @@ def test_451_at_mail_fails_over(pair):
     assert result.sent() and len(second.handler.messages) == 1
 
 
-def test_451_after_data_fails_over(pair):
+@pytest.mark.parametrize("said", ["451 4.3.0 queue full", "421 4.3.2 Shutting down"])
+def test_a_4xx_after_the_dot_does_not_fail_over(pair, said):
+    # The listener may have stored the message before it said so (Dovecot's 421 on
+    # shutdown): a second relay in front of the same store would deliver it twice.
     first, second = pair
-    first.handler.script("DATA", "451 4.3.0 queue full")
+    first.handler.script("DATA", said)
     result, _ = send(two_relays(pair))
-    assert result.sent() and len(second.handler.messages) == 1
+    assert result.deferred() == ["b@example.test"]
+    assert str(result.replies["b@example.test"]) == said
+    assert second.handler.connections == 0
+    assert result.relay_level == frozenset({"b@example.test"})  # the relay's, not bob's
+
+
+def test_a_rate_limit_at_mail_neither_fails_over_nor_marks_the_relay_down(pair):
+    first, second = pair
+    first.handler.script("MAIL", "452 4.4.5 Rate limit exceeded, try again later")
+    relays = two_relays(pair)
+    result, _ = send(relays)
+    assert result.deferred() == ["b@example.test"]
+    assert second.handler.connections == 0
+    assert result.relay_level == frozenset()  # back-pressure: the runner slows down
+    again, _ = send(relays)  # another client of the process still goes to the first relay
+    assert again.sent() and len(first.handler.messages) == 1
+    assert second.handler.connections == 0
+
+
+def test_a_4xx_at_rcpt_is_the_recipients_and_a_refused_relay_the_relays(pair):
+    first, _ = pair
+    first.handler.rcpt_replies = {"grey@example.test": "450 4.2.0 mailbox busy"}
+    result, _ = send([relay_for(first)], recipients=["b@example.test", "grey@example.test"])
+    assert result.deferred() == ["grey@example.test"]
+    assert result.relay_level == frozenset()
+    down = FakeRelay(free_port(), name="down")
+    result, _ = send([down])
+    assert result.relay_level == frozenset({"b@example.test"})
 
 
 def test_550_is_final_no_failover(pair):
@@ -687,7 +717,7 @@ def test_session_open_for_a_check(certs, tmp_path):
 
         greeting, encrypted, ssl_object, reply = run(probe())
         down = FakeRelay(free_port())
-        with pytest.raises(smtpsession.RelayDown) as failed:
+        with pytest.raises(smtpconnect.RelayDown) as failed:
             run(smtpsession.RelaySession.open(down, helo="check.test"))
     assert greeting.startswith("listener.test") and encrypted
     assert ssl_object is not None and ssl_object.version()

@@ -140,8 +140,10 @@ def test_config_keys(tmp_path):
 def test_bad_limits_key_is_exit_78_naming_it(world):
     world.config.write_text(world.config.read_text() + '\n[limits]\nuser_window = "soon"\n')
     r = world.sendmail("bob@example.org", input=b"Subject: x\n\nx\n")
+    assert r.returncode == 0 and len(world.queued()) == 1  # a broken file costs no mail
+    r = world.run("mailshim", ["run"])
     assert r.returncode == 78
-    assert "user_window" in r.stderr.decode() and r.stderr.decode().count("\n") == 1
+    assert "user_window" in r.stderr.decode(), r.stderr
 
 
 # --- the runner holds what is over the limit -------------------------------------------------
@@ -176,7 +178,9 @@ def test_runner_holds_the_rest_until_the_next_window_and_others_go_on(fworld):
     assert "4 held by the sending limits" in counts.summary()
     target = system_spool(fworld)
     held = target.ids()
-    assert sorted(held) == sorted(burst[3:])
+    # which four wait depends on which session reached its entry first (each is counted
+    # under its lock, as its attempt starts); that they are four of the burst does not
+    assert len(held) == 4 and set(held) <= set(burst)
     state = target.load_state(held[0])
     assert state.attempts == 0 and state.first_attempt == 0  # nothing was tried
     assert state.last_error.startswith("held: uid 4242 reached its sending limit (3 messages")
@@ -187,7 +191,7 @@ def test_runner_holds_the_rest_until_the_next_window_and_others_go_on(fworld):
     assert "reached its sending limit" in r.stdout.decode()
     # a forced flush in the same window does not get round the limit
     assert runner.flush(cfg, [system_spool(fworld)]).sent == 0
-    assert sorted(target.ids()) == sorted(burst[3:])
+    assert sorted(target.ids()) == sorted(held)
     # the next window: three more, then the last one
     time.sleep(max(0.0, state.next_attempt - time.time()) + 0.1)
     assert runner.flush(cfg, [system_spool(fworld)]).sent == 3

@@ -161,11 +161,13 @@ def test_header_injection_through_F_is_refused(world):
     assert world.queued() == []
 
 
-def test_bad_config_is_exit_78_naming_key(world):
-    world.config.write_text("[relay]\nport = 'abc'\n")
+def test_bad_config_spools_and_the_runner_says_78_naming_key(world):
+    world.config.write_text(world.config.read_text() + "\n[[relay]]\nport = 'abc'\n")
     r = world.sendmail("root", input=b"x\n")
+    assert r.returncode == 0 and len(world.queued()) == 1
+    r = world.run("mailshim", ["run"])
     assert r.returncode == 78
-    assert b"port" in r.stderr and str(world.config).encode() in r.stderr
+    assert str(world.config).encode() in r.stderr, r.stderr
 
 
 def test_bv_prints_rewritten_recipients(world):

@@ -43,7 +43,7 @@ import sys
 import time
 
 from mailshim import dropagent, maillog, serving, spool, spoolentry
-from mailshim.errors import MailshimError
+from mailshim.errors import EX_CONFIG, MailshimError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -130,7 +130,9 @@ def _next_wake(config: Config, target: spool.Spool) -> float | None:
 
     From the schedule index (spoolindex): nothing changed since it was written, one read of
     its header, whatever the size of the queue. While the listener was found down less
-    than its pause ago, nothing is tried before the pause ends (new entries included)."""
+    than its pause ago (``Config.down_pause``), nothing is tried before the pause ends, and
+    the agent looks again right then, whatever was due: a submission during the pause pokes
+    nobody, and it must not wait for a wake time computed before it existed."""
     from mailshim import spoolindex
 
     soonest = spoolindex.soonest(target)
@@ -138,8 +140,8 @@ def _next_wake(config: Config, target: spool.Spool) -> float | None:
         return None
     down = target.relay_down_since()
     when = float(soonest)
-    if down is not None:
-        when = max(when, down + min(r.retry_after_failure for r in config.relays))
+    if down is not None and time.time() < down + config.down_pause:
+        when = down + config.down_pause
     return max(when, time.time() + MIN_NAP)
 
 
@@ -162,7 +164,7 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
     try:
         while True:
             try:
-                reachable = runner.deliver_due(config, target)
+                reachable = runner.deliver_due(config, target, frozenset(stops))
                 target.mark_relay(lock_fd, reachable)
             except MailshimError as exc:
                 maillog.log(f"agent: {exc.message}", error=True)
@@ -242,10 +244,13 @@ def agent_main(
     from mailshim import configload
 
     try:
-        config = configload.load(config_path)
+        config = configload.load_or_fallback(config_path)
     except MailshimError as exc:
         maillog.log(f"agent: {exc.message}", error=True)
         return exc.code
+    configload.announce(config)
+    if not configload.usable(config):
+        return EX_CONFIG  # the entries wait for a runner (or the next agent) with a good file
     if incoming is not None:
         if lock_fd is None:
             return 64

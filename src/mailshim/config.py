@@ -3,9 +3,11 @@ TOML table in, a plain, read-only ``Config`` out.
 
 Each key's checker converts the value as the file wrote it ("5d", "50M", ``["1m", "5m"]``) or
 raises ``ValueError`` with the reason; ``apply_table`` turns that into an error naming the file,
-the section and the key. A relay's keys are also checked against each other (a unix socket
-and ``tls = "tls"``, ``client_key`` without ``client_cert``, ...). Finding and reading the
-file, its cache and the rules on who may set what live in ``configload``.
+the section and the key. A key or section the schema does not know is ignored with a warning
+(``Config.warnings``): a typo must not stop mail. A relay's keys are also checked against
+each other (a unix socket and ``tls = "tls"``, ``client_key`` without ``client_cert``, ...).
+Finding and reading the file, its cache and the rules on who may set what live in
+``configload``.
 
 Trust: runs as every user, on a table from whatever file the caller chose (``configload``
 has already taken out the settings that grant trust when root does not control the file).
@@ -28,7 +30,7 @@ from mailshim.errors import ConfigError, NoPermError
 # typing costs ~8 ms at start-up; mypy treats this name like typing.TYPE_CHECKING.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     Table = dict[str, object]
 
@@ -117,9 +119,12 @@ class Config:
 
     __slots__ = (
         "_domain",
+        "_trusted_domain",
         "aliases",
         "aliases_file",
+        "broken",
         "delivery_mode",
+        "fallback",
         "from_header",
         "helo",
         "keep_dead",
@@ -142,6 +147,7 @@ class Config:
         "user_spool_entries",
         "user_window",
         "warn_after",
+        "warnings",
         "written",
     )
 
@@ -150,6 +156,14 @@ class Config:
         self.sources: dict[str, str] = {}
         # Each value as the file wrote it ("5d", ["1m", "5m"]), for `mailshim config`.
         self.written: dict[str, object] = {}
+        # Keys and sections the schema does not know: ignored, each with a warning (a typo
+        # must never cost a message; Postfix warns about an unknown parameter the same way).
+        self.warnings: list[str] = []
+        # Set when the file is invalid and a fallback was asked for (configload.load_or_fallback):
+        # why the file was not used, and what is used instead: "last good" (the last table
+        # from this file that validated) or "defaults" (good enough to spool, not to deliver).
+        self.broken: str | None = None
+        self.fallback: str | None = None
         self.relays: tuple[RelayConfig, ...] = (RelayConfig("relay"),)
         self._domain: str | None = None
         self.sender: str | None = None
@@ -180,6 +194,18 @@ class Config:
         self.user_messages = 100
         self.user_recipients = 500
         self.user_window = 3600
+        # The domain of users' own addresses as root's configuration gives it, when the file
+        # read is one the caller chose (configload); None: that file is root's own.
+        self._trusted_domain: str | None = None
+
+    @property
+    def own_domain(self) -> str:
+        """The domain of a user's own address as root's configuration sets it: a file the
+        caller chose may send their mail under another ``domain``, but not make that
+        address theirs (it gets ``X-Authentication-Warning``, as ``-f`` does)."""
+        if self._trusted_domain is None:
+            return self.domain
+        return self._trusted_domain or paths.fqdn()
 
     @property
     def domain(self) -> str:
@@ -194,6 +220,13 @@ class Config:
 
     def source(self, key: str) -> str:
         return self.sources.get(key, "default")
+
+    @property
+    def down_pause(self) -> float:
+        """Seconds after every relay was found unreachable during which nothing more is tried
+        (a burst of submissions costs no connections): the relays' ``retry_after_failure``,
+        never longer than the first retry step. What is submitted meanwhile goes at its end."""
+        return min(min(r.retry_after_failure for r in self.relays), float(self.retry[0]))
 
     def max_size_for(self, listener_size: int | None) -> int:
         """The size limit: ``[submission] max_size`` when set, else the ``SIZE`` the listener
@@ -414,16 +447,21 @@ SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
 }
 
 
-def _build_relay(table: object, name: str, where: str) -> RelayConfig:
+def unknown_key(where: str, section: str, key: str, known: Iterable[str]) -> str:
+    """The warning for a key the schema does not know (tests/test_manpages.py reads the
+    known keys back from it)."""
+    return f"{where}: [{section}] unknown key {key!r} ignored (known: {', '.join(sorted(known))})"
+
+
+def _build_relay(cfg: Config, table: object, name: str, where: str) -> RelayConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: [{name}] must be a table")
     relay = RelayConfig(name)
     for key, value in table.items():
         check = _RELAY_KEYS.get(key)
         if check is None:
-            raise ConfigError(
-                f"{where}: [{name}] unknown key {key!r} (known: {', '.join(sorted(_RELAY_KEYS))})"
-            )
+            cfg.warnings.append(unknown_key(where, name, key, _RELAY_KEYS))
+            continue
         try:
             setattr(relay, key, check(value))
         except ValueError as exc:
@@ -470,10 +508,8 @@ def apply_table(cfg: Config, data: Table, where: str) -> None:
             keys = SECTIONS[section]
             for key, value in body.items():
                 if key not in keys:
-                    raise ConfigError(
-                        f"{where}: [{section}] unknown key {key!r} "
-                        f"(known: {', '.join(sorted(keys))})"
-                    )
+                    cfg.warnings.append(unknown_key(where, section, key, keys))
+                    continue
                 attr, check = keys[key]
                 try:
                     setattr(cfg, attr, check(value))
@@ -483,26 +519,26 @@ def apply_table(cfg: Config, data: Table, where: str) -> None:
                 cfg.written[f"{section}.{key}"] = value
         else:
             known = ", ".join(sorted([*SECTIONS, "relay", "aliases"]))
-            raise ConfigError(f"{where}: unknown section [{section}] (known: {known})")
+            cfg.warnings.append(f"{where}: unknown section [{section}] ignored (known: {known})")
 
 
 def _apply_relays(cfg: Config, body: object, where: str) -> None:
     if isinstance(body, dict):
-        relay = _build_relay(body, "relay", where)
+        relay = _build_relay(cfg, body, "relay", where)
         if "name" not in body:
             relay.name = "relay"
         cfg.relays = (relay,)
-        for key in body:
+        for key in [k for k in body if k in _RELAY_KEYS]:
             cfg.sources[f"relay.{key}"] = f"file {where}"
             cfg.written[f"relay.{key}"] = body[key]
     elif isinstance(body, list) and body:
         relays = []
         for i, item in enumerate(body):
-            relay = _build_relay(item, f"relay {i + 1}", where)
+            relay = _build_relay(cfg, item, f"relay {i + 1}", where)
             if not (isinstance(item, dict) and "name" in item):
                 relay.name = f"relay{i + 1}"
             relays.append(relay)
-            for key in item:
+            for key in [k for k in item if k in _RELAY_KEYS]:
                 cfg.sources[f"relay[{i}].{key}"] = f"file {where}"
                 cfg.written[f"relay[{i}].{key}"] = item[key]
         cfg.relays = tuple(relays)

@@ -54,23 +54,182 @@ def find_config_file(explicit: str | None) -> tuple[str | None, str]:
 
 
 def load(explicit: str | None = None, *, use_cache: bool = True) -> config.Config:
-    """Find and read the configuration. Raises ``ConfigError`` (exit 78) naming the problem."""
+    """Find and read the configuration. Raises ``ConfigError`` (exit 78) naming the problem.
+
+    Keys the schema does not know are ignored, each with a line in ``Config.warnings``; they
+    are logged when the file is parsed afresh (once per change of the file, not per run)."""
     path, _why = find_config_file(explicit)
-    cfg = config.Config()
     if path is None:
-        return cfg
-    data = _read_table(path, use_cache)
+        return config.Config()
+    data, pending = _read_table(path, use_cache)
+    cfg = _validated(path, data, use_cache)
+    _use_log_file(cfg)
+    if pending is not None:
+        # Only a table that validated is cached: the cache is also the last good
+        # configuration that load_or_fallback returns to when the file breaks.
+        _cache_put(*pending, data)
+        if cfg.warnings:
+            from mailshim import maillog
+
+            for warning in cfg.warnings:
+                maillog.log(f"warning: {warning}", error=True)
+    return cfg
+
+
+def _validated(path: str, data: Table, use_cache: bool) -> config.Config:
+    cfg = config.Config()
     cfg.path = path
     if os.geteuid() != 0 and not root_controlled(path):
         data = _without_trust(cfg, data, path)
         _trust_from_system(cfg, path, use_cache)
-    config.apply_table(cfg, data, path)
+        cfg._trusted_domain = _system_domain(use_cache)
+    try:
+        config.apply_table(cfg, data, path)
+    except ConfigError as exc:
+        raise ConfigError(_with_line(exc.message, path), exc.key) from None
     _check_addresses(cfg, path)
+    return cfg
+
+
+def _use_log_file(cfg: config.Config) -> None:
     if cfg.log_file is not None:
         from mailshim import maillog
 
         maillog.use_file(cfg.log_file)
+
+
+def load_or_fallback(explicit: str | None = None) -> config.Config:
+    """``load``, except that an invalid file costs no mail: the caller gets the last
+    configuration that validated from this file (this user's cache), else the built-in
+    defaults, with ``Config.broken`` saying why the file was not used. A caller that sends
+    mail checks ``usable`` first: the defaults are good enough to spool, never to deliver."""
+    try:
+        return load(explicit)
+    except ConfigError as exc:
+        problem = exc.message
+    path, _why = find_config_file(explicit)
+    cfg = _last_good(path) if path is not None else None
+    if cfg is None:
+        cfg = config.Config()
+        cfg.path = path
+        cfg.fallback = "defaults"
+        if path is not None:
+            _salvage(cfg, path)
+    else:
+        cfg.fallback = "last good"
+    cfg.broken = problem
+    _use_log_file(cfg)
     return cfg
+
+
+def usable(cfg: config.Config) -> bool:
+    """Whether mail may be delivered with ``cfg``: a valid file, or the last good one."""
+    return cfg.broken is None or cfg.fallback == "last good"
+
+
+def fallback_note(cfg: config.Config) -> str:
+    """What is used instead of a broken file, for the loud line every user of it logs."""
+    if usable(cfg):
+        return "using the last configuration from this file that was valid until it is fixed"
+    return (
+        "no earlier configuration from this file was valid here: mail is kept in the spool"
+        " and delivered once the file is fixed"
+    )
+
+
+def announce(cfg: config.Config) -> str | None:
+    """Log the broken file and what is done instead (an error line in syslog or the log
+    file); the same line for the caller to show, or None when the file is fine."""
+    if cfg.broken is None:
+        return None
+    from mailshim import maillog
+
+    line = f"{cfg.broken}; {fallback_note(cfg)}"
+    maillog.log(f"error: {line}", error=True)
+    return line
+
+
+def _salvage(cfg: config.Config, path: str) -> None:
+    """Take from a broken file what can be taken, key by key, so that a message spooled
+    meanwhile lands in the spool the runner will read (``[queue] dir``) and is addressed as
+    the file means it (domain, aliases). Never grants trust (``TRUST_KEYS``) and never makes
+    ``cfg`` usable for delivery: that takes a file that validates whole."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4 * 1024 * 1024)
+    except OSError:
+        return
+    try:
+        data = _parse_toml(raw, path)
+    except ConfigError:
+        cfg.queue_dir = _queue_dir_line(raw) or cfg.queue_dir
+        return
+    for name, body in _without_trust(config.Config(), data, path).items():
+        parts = (
+            body.items() if isinstance(body, dict) and name not in ("relay",) else [(None, body)]
+        )
+        for key, value in parts:
+            piece = {name: value if key is None else {key: value}}
+            trial = config.Config()
+            try:
+                config.apply_table(trial, piece, path)
+                _check_addresses(trial, path)
+            except ConfigError:
+                continue
+            config.apply_table(cfg, piece, path)
+
+
+def _queue_dir_line(raw: bytes) -> str | None:
+    """``[queue] dir`` from a file that is not TOML: a plain ``dir = "/path"`` line."""
+    import re
+
+    section, found = "", None
+    for line in raw.decode("utf-8", "replace").splitlines():
+        text = line.strip()
+        if text.startswith("["):
+            section = text.strip("[] ")
+        match = re.fullmatch(r'dir\s*=\s*"(/[^"\\]*)"\s*(#.*)?', text)
+        if section == "queue" and match:
+            found = match.group(1)
+    return found
+
+
+def _last_good(path: str) -> config.Config | None:
+    cache_file = _cache_path()
+    stored = _cache_get(cache_file, None)
+    if stored is None or stored[0][2] != os.path.abspath(path):
+        return None
+    try:
+        cfg = _validated(path, stored[1], True)
+    except ConfigError:
+        return None  # valid under an older mailshim, not this one
+    return cfg
+
+
+def _with_line(message: str, path: str) -> str:
+    """Add the line of the key a message names ("[queue] retry: ..."): ``check`` and the
+    logs then point at the line to fix, as TOML syntax errors already do."""
+    import re
+
+    found = re.search(r"\[([^\]]+)\] (\w+)[:]", message)
+    if found is None:
+        return message
+    section, key = found.group(1), found.group(2)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read(4 * 1024 * 1024).splitlines()
+    except OSError:
+        return message
+    current = ""
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if text.startswith("["):
+            current = text.strip("[] ")
+        elif current in (section, section.split(" ")[0]) and re.match(
+            rf"[\"']?{re.escape(key)}[\"']?\s*=", text
+        ):
+            return f"{message} (line {number})"
+    return message
 
 
 # Settings that grant trust: who may choose any sender without a warning, and one sender for
@@ -112,11 +271,26 @@ def _without_trust(cfg: config.Config, data: Table, where: str) -> Table:
     return out
 
 
+def _system_domain(use_cache: bool) -> str:
+    """``[addresses] domain`` of the system configuration when root controls it, else ""
+    (the built-in default, this host's name): what users' own addresses are, whatever a
+    file they chose says (issue 24, item 3)."""
+    system = paths.SYSTEM_CONFIG
+    if not os.path.exists(system) or not root_controlled(system):
+        return ""
+    try:
+        body = _read_table(system, use_cache)[0].get("addresses")
+    except ConfigError:
+        return ""
+    value = body.get("domain") if isinstance(body, dict) else None
+    return value if isinstance(value, str) and value else ""
+
+
 def _trust_from_system(cfg: config.Config, where: str, use_cache: bool) -> None:
     system = paths.SYSTEM_CONFIG
     if where == system or not os.path.exists(system) or not root_controlled(system):
         return
-    data = _read_table(system, use_cache)
+    data, _pending = _read_table(system, use_cache)
     for section, key in TRUST_KEYS:
         body = data.get(section)
         if isinstance(body, dict) and key in body:
@@ -142,7 +316,9 @@ def _check_addresses(cfg: config.Config, where: str) -> None:
         raise ConfigError(f"{where}: {key}: {why}", key)
 
 
-def _read_table(path: str, use_cache: bool) -> Table:
+def _read_table(path: str, use_cache: bool) -> tuple[Table, tuple[str, tuple[object, ...]] | None]:
+    """The parsed table, and where to cache it once it validates (None: it came from the
+    cache, or there is no cache)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
     except OSError as exc:
@@ -165,7 +341,7 @@ def _read_table(path: str, use_cache: bool) -> Table:
         if cache_file is not None:
             cached = _cache_get(cache_file, key)
             if cached is not None:
-                return cached
+                return cached[1], None
         raw = b""
         while True:
             chunk = os.read(fd, 65536)
@@ -177,9 +353,7 @@ def _read_table(path: str, use_cache: bool) -> Table:
     finally:
         os.close(fd)
     data = _parse_toml(raw, path)
-    if cache_file is not None:
-        _cache_put(cache_file, key, data)
-    return data
+    return data, (None if cache_file is None else (cache_file, key))
 
 
 def _parse_toml(raw: bytes, path: str) -> Table:
@@ -196,7 +370,7 @@ def _parse_toml(raw: bytes, path: str) -> Table:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _cache_path() -> str | None:
+def _cache_path() -> str:
     base = os.environ.get("MAILSHIM_CACHE_DIR") or paths.user_cache_dir()
     return os.path.join(base, "config.marshal")
 
@@ -205,7 +379,10 @@ def _trusted(st: os.stat_result) -> bool:
     return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
 
 
-def _cache_get(cache_file: str, key: tuple[object, ...]) -> Table | None:
+def _cache_get(
+    cache_file: str, key: tuple[object, ...] | None
+) -> tuple[tuple[object, ...], Table] | None:
+    """The cached (key, table) when it matches ``key`` (any key: None), else None."""
     try:
         dst = os.stat(os.path.dirname(cache_file))
         fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
@@ -231,10 +408,16 @@ def _cache_get(cache_file: str, key: tuple[object, ...]) -> Table | None:
     if (
         isinstance(stored, tuple)
         and len(stored) == 2
-        and stored[0] == key
+        and isinstance(stored[0], tuple)
+        and len(stored[0]) == 8
+        and (
+            stored[0] == key
+            if key is not None
+            else stored[0][:2] == (_CACHE_VERSION, sys.version_info[:2])
+        )
         and isinstance(stored[1], dict)
     ):
-        return stored[1]
+        return stored[0], stored[1]
     return None
 
 
@@ -248,6 +431,11 @@ def _cache_put(cache_file: str, key: tuple[object, ...], data: Table) -> None:
     folder = os.path.dirname(cache_file)
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
+        # Root never writes into a cache folder another account controls (the units' is
+        # the runner's): it would not read it back anyway (_cache_get), and writes nothing
+        # there that account could aim elsewhere.
+        if not _trusted(os.stat(folder)):
+            return
     except OSError:
         return
     paths.replace_file(cache_file, blob, 0o600)

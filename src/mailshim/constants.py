@@ -48,7 +48,7 @@ REC_FAILED = b"failed"
 STATE_COUNTERS = (
     "attempts", "throttled", "first_attempt", "last_attempt", "next_attempt", "requeued",
 )  # fmt: skip
-STATE_FLAGS = ("held", "warned", "reported")
+STATE_FLAGS = ("held", "warned", "reported", "relay_wait")
 STATE_REPLIES = ("done", "failed", "pending")  # recipient -> reply, stored as fields
 REPLY_FIELDS = ("code", "enhanced", "text", "kind", "stage")
 

@@ -4,7 +4,9 @@ fall due (containers, ``mailshim-daemon.service``).
 It polls the spool folders' change times every half second and sleeps until the next entry
 falls due; each round picks up the drop folder and runs runner.py's pass (parallel sessions,
 back-pressure, policy) over what is due. While it runs it holds each spool's ``agent.lock``
-(asking a lingering agent to leave, once), so ``sendmail`` starts no agents and pokes none.
+(asking a lingering agent to leave, once), so ``sendmail`` starts no agents and pokes none;
+it never delivers a spool whose lock another process still holds (an agent finishing the
+entry in flight, a second daemon): it looks again every second until it can take it.
 SIGTERM or SIGINT: the messages in flight are finished, then it stops; a second signal
 abandons them (they stay in the spool and are tried again later).
 
@@ -58,6 +60,7 @@ class _Daemon:
         self.hold_until = 0.0  # the listener was down or busy: wait before the next pass
         self.locks: dict[str, int] = {}
         self.took_over: set[str] = set()
+        self.waiting: set[str] = set()  # spools whose agent.lock another process holds
         self.dead_expired: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -75,26 +78,43 @@ class _Daemon:
             for fd in self.locks.values():
                 os.close(fd)
 
+    def _claim(self, target: spool.Spool) -> bool:
+        """Whether the daemon may deliver ``target``: it holds its agent lock, or the lock
+        cannot be opened at all (as before: nothing else can hold it either). While the
+        daemon runs, sendmail starts no agents: the daemon sees its entry. A lingering agent
+        is asked to leave, once; until it has (the entry in flight first), or while another
+        daemon holds the lock, the daemon never delivers beside it."""
+        if target.root in self.locks:
+            return True
+        try:
+            if target.root in self.took_over:
+                fd = target.try_agent_lock()
+            else:
+                self.took_over.add(target.root)
+                fd = serving.stop_lingering(target)
+        except OSError:
+            return True
+        if fd is None:
+            if target.root not in self.waiting:
+                self.waiting.add(target.root)
+                self.say(f"{target.root}: served by another process; waiting for it to leave")
+            return False
+        self.locks[target.root] = fd
+        serving.write_pid(target, serving.DAEMON)
+        if target.root in self.waiting:
+            self.waiting.discard(target.root)
+            self.say(f"{target.root}: the other process left; the daemon delivers it now")
+        return True
+
     async def round(self, stop: asyncio.Event) -> float:
         """Pick up, deliver what is due; returns the time (epoch) to look again at the latest."""
         now = time.time()
         wake = now + 3600.0
         waiting_drops = False
         for target in self.spools:
-            if target.root not in self.locks:
-                # While the daemon runs, sendmail starts no agents: the daemon sees its entry.
-                # A lingering agent is asked to leave, once: the daemon serves the spool now.
-                try:
-                    if target.root in self.took_over:
-                        fd = target.try_agent_lock()
-                    else:
-                        self.took_over.add(target.root)
-                        fd = serving.stop_lingering(target)
-                except OSError:
-                    fd = None
-                if fd is not None:
-                    self.locks[target.root] = fd
-                    serving.write_pid(target, serving.DAEMON)
+            if not self._claim(target):
+                waiting_drops = True  # look again within a second
+                continue
             try:
                 target.clean_tmp(states=spoolindex.sweep_due(target))
                 if now - self.dead_expired.get(target.root, 0.0) > DEAD_EXPIRY_EVERY:
@@ -119,11 +139,7 @@ class _Daemon:
                 else:
                     wake = min(wake, time.time() + LOCKED_RECHECK)  # due, but held by others
                 if status in ("down", "busy"):
-                    delay = (
-                        policy.next_delay(self.config, 1)
-                        if status == "down"
-                        else runner.RATE_PAUSE * 5
-                    )
+                    delay = self.config.down_pause if status == "down" else runner.RATE_PAUSE * 5
                     self.hold_until = time.time() + delay
                     self.say(f"{target.root}: the listener is {status}; next pass in {delay:.0f}s")
                     await self.pool.close()

@@ -221,7 +221,9 @@ async def deliver_entry(
         _log_replies(env.queue_id, env.arrival, result, now)
         # A forced attempt before the entry was due neither counts nor moves its schedule.
         due_at = state.next_attempt if policy.is_early(state, started) else 0
-        pressure = policy.record(state, result.replies, now, counted=not due_at)
+        pressure = policy.record(
+            state, result.replies, now, counted=not due_at, relay_level=result.relay_level
+        )
         action = policy.decide(
             config, env, state, now, pressure=pressure, due_at=due_at,
             interactive=interactive, discard_rejected=discard_rejected,

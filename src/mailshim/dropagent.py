@@ -148,6 +148,18 @@ def note(root: str, qid: str) -> bool:
     return True
 
 
+def noted(root: str) -> list[str]:
+    """The ids this user's ``sendmail`` noted for ``root``'s drop folder (their own view of
+    what they submitted: ``mailq`` as a user, queueview.py)."""
+    folder = _records(root, create=False)
+    if folder is None:
+        return []
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:
+        return []
+
+
 def _pid(path: str) -> int | None:
     try:
         with open(path, "rb") as f:

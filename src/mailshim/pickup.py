@@ -19,8 +19,10 @@ Trust: runs as the runner (root or the ``mailshim`` user); every name and byte i
   so a user's few allocated blocks never become megabytes owned by the runner; an entry is
   not copied when the spool lacks the room for it (it waits).
 - Budget: each submitting uid may hold at most ``[limits] user_spool_entries`` entries and
-  ``user_spool_bytes`` bytes across ``queue/`` and ``dead/``; more waits in the drop folder,
-  on its owner's own disk quota, and the refusal is logged (once per entry and process).
+  ``user_spool_bytes`` bytes in ``queue/`` (dead letters do not count); more waits in the
+  drop folder, on its owner's own disk quota; the refusal is logged (once per entry and
+  process) and written to ``incoming/.held.<uid>``, which the user's next ``sendmail``
+  reports (``Spool.held_notice``).
 - Content: the envelope is decoded strictly (spoolfmt); addresses must be canonical and
   qualified; the ``uid``, ``id`` and ``arrival`` records are never believed: the submitter
   is the file's owner, the id is new (a user cannot aim an entry at another's ``dead/<id>``),
@@ -45,7 +47,7 @@ import time
 
 from mailshim import spoolfmt
 from mailshim.errors import DataError, MailshimError, printable
-from mailshim.spool import Spool
+from mailshim.spool import HELD_NOTICE, Spool
 from mailshim.spoolentry import COPY_CHUNK, EntryWriter, LockedEntry, move_no_replace, new_queue_id
 from mailshim.spoolfmt import Envelope
 from mailshim.spoolfs import _READ, _close, _fsync_dir, _remove_if_abandoned, _same, _unlink
@@ -80,6 +82,7 @@ class Pickup:
     """
 
     __slots__ = (
+        "budget",
         "copy",
         "name",
         "queue_id",
@@ -102,6 +105,7 @@ class Pickup:
         self.uid = -1
         self.warned = False  # the sender was not the owner's: the warning was added
         self.quiet = False  # waiting for a reason this process already logged
+        self.budget = False  # waiting because its owner is over their spool budget
         self.src_fd = -1
         self.src: os.stat_result | None = None
         self.copy: LockedEntry | None = None
@@ -185,6 +189,8 @@ def clean_incoming(target: Spool, now: float | None = None) -> int:
         if spoolfmt.valid_id(name):
             continue
         path = os.path.join(target.incoming, name)
+        if name.startswith(HELD_NOTICE) and _runners(path):
+            continue
         if spoolfmt.is_temp_name(name):
             if _remove_if_abandoned(path, cutoff, hostile=True):
                 removed += 1
@@ -198,6 +204,15 @@ def clean_incoming(target: Spool, now: float | None = None) -> int:
         elif _unlink(path):
             removed += 1
     return removed
+
+
+def _runners(path: str) -> bool:
+    """A plain file of this process's account (the runner's own notice, not a user's)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
 
 
 def _remove_folder(target: Spool, name: str, st: os.stat_result) -> int:
@@ -234,7 +249,9 @@ def _listdir(path: str) -> list[str]:
 
 
 class _Usage:
-    """What each uid holds in ``queue/`` and ``dead/``: entries and bytes (read on first use)."""
+    """What each uid holds in ``queue/``: entries and bytes (read on first use). Dead letters
+    do not count: they wait only for a human or for ``keep_dead``, and counting them locked a
+    user whose mail had bounced out of sending for a month (issue 24, item 5)."""
 
     def __init__(self, target: Spool) -> None:
         self.target = target
@@ -243,10 +260,9 @@ class _Usage:
     def of(self, uid: int) -> list[int]:
         if self._by_uid is None:
             self._by_uid = {}
-            for folder in (self.target.queue, self.target.dead):
-                for name in _listdir(folder):
-                    if spoolfmt.valid_id(name):
-                        self._count(os.path.join(folder, name))
+            for name in _listdir(self.target.queue):
+                if spoolfmt.valid_id(name):
+                    self._count(os.path.join(self.target.queue, name))
         return self._by_uid.setdefault(uid, [0, 0])
 
     def _count(self, path: str) -> None:
@@ -341,7 +357,18 @@ def pickup(
             except OSError:
                 pass
         results += batch
+    _mark_held(target, results)
     return results
+
+
+def _mark_held(target: Spool, results: list[Pickup]) -> None:
+    """Tell users over their budget why their mail waits (``incoming/.held.<uid>``); forget
+    it for users whose mail got in."""
+    held = {p.uid: p.reason for p in results if p.budget}
+    for uid, reason in held.items():
+        target.set_held_notice(uid, reason)
+    for uid in {p.uid for p in results if p.status == "picked"} - set(held):
+        target.set_held_notice(uid, "")
 
 
 def _fair_share(target: Spool, names: list[str], per_user: int) -> list[str]:
@@ -404,10 +431,11 @@ def _take_checked(target: Spool, pick: Pickup, rules: _Rules, usage: _Usage) -> 
     used = [0, 0] if exempt else usage.of(st.st_uid)
     if used[0] + 1 > rules.entries or used[1] + st.st_size > rules.bytes:
         pick.close()
+        pick.budget = True
         return _wait(
             pick,
-            f"uid {st.st_uid} already has {used[0]} entries, {used[1]} bytes in queue/ and"
-            f" dead/ (limits: [limits] user_spool_entries = {rules.entries},"
+            f"uid {st.st_uid} already has {used[0]} entries, {used[1]} bytes in the queue"
+            f" (limits: [limits] user_spool_entries = {rules.entries},"
             f" user_spool_bytes = {rules.bytes}); it waits until some are delivered",
         )
     try:
@@ -575,9 +603,11 @@ def _sender_warning(rules: _Rules, sender: str, uid: int, src: BinaryIO, now: in
     trace = f"Received: by {host} (mailshim pickup, from userid {uid});\r\n\t"
     trace += message.format_date(now, 0) + "\r\n"
     head = warning.encode("utf-8", "surrogateescape")
-    # sendmail under the user's own configuration may have written the same warning: once.
-    start = src.read(len(head))
-    return trace.encode() + (b"" if start == head else head)
+    # sendmail under the user's own configuration may have written the same warning (or one
+    # saying its configuration set the sender): once.
+    same = head[: -len(b" -f\r\n")]
+    start = src.read(len(same))
+    return trace.encode() + (b"" if start == same else head)
 
 
 def _refusals(failed: dict[str, str]) -> dict[str, Reply]:

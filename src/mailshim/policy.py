@@ -64,11 +64,19 @@ def is_early(state: State, now: float) -> bool:
 
 
 def record(
-    state: State, replies: dict[str, Reply], now: float, *, counted: bool = True
+    state: State,
+    replies: dict[str, Reply],
+    now: float,
+    *,
+    counted: bool = True,
+    relay_level: frozenset[str] = frozenset(),
 ) -> str | None:
     """Fold one attempt's replies into ``state``; returns the back-pressure kind when that is
     all the attempt met. A temporary failure that is not back-pressure counts toward the
-    schedule, unless ``counted`` is False (a forced attempt before the entry was due)."""
+    schedule, unless ``counted`` is False (a forced attempt before the entry was due).
+    ``relay_level``: the recipients deferred for the relay's sake, not their own (see
+    ``relay.SendResult``); when every deferral is such, ``state.relay_wait`` says so, and the
+    entry is due again as soon as a relay takes mail (``due_after_recovery``)."""
     if state.first_attempt == 0:
         state.first_attempt = int(now)
     state.last_attempt = int(now)
@@ -89,6 +97,9 @@ def record(
                 failure = True
             elif pressure != RATE:
                 pressure = kind
+    state.relay_wait = failure and all(
+        rcpt in relay_level for rcpt, reply in replies.items() if reply.temporary
+    )
     if failure:
         if counted:
             state.attempts += 1
@@ -97,6 +108,13 @@ def record(
     if pressure is not None:
         state.throttled += 1
     return pressure
+
+
+def due_after_recovery(state: State) -> bool:
+    """Whether an entry not yet due may go now that a relay has taken mail again: it waits
+    only for the relay (refused, timed out, 421, no reply...), not for a recipient's own 4xx
+    (greylisting, a full mailbox), which keeps its schedule. Held entries never go."""
+    return state.relay_wait and not state.held
 
 
 class Action:

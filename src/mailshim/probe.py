@@ -1,6 +1,6 @@
 """Probe each listener the way delivery would reach it, and say in plain words what it answered.
 
-``probe_relays`` opens each relay with ``smtpsession.RelaySession.open`` (TCP or socket, TLS, EHLO,
+``probe_relays`` opens each relay with ``smtpconnect.Link.open`` (TCP or socket, TLS, EHLO,
 AUTH), then tries ``MAIL FROM`` with the default sender and ``RCPT TO`` for root's alias and
 any extra recipients, then ``RSET`` and ``QUIT``: no message is sent. A relay with AUTH is
 probed a second time without it (MAIL and one RCPT) to say whether it is sealed: whether a
@@ -18,6 +18,8 @@ has the relay's timeout. Raises nothing: failures are findings (exit codes 67, 6
 
 from __future__ import annotations
 
+import os
+
 from mailshim import reply as kinds
 from mailshim.checkreport import ERROR, OK, WARNING, Finding, RelayProbe, Report
 from mailshim.errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE
@@ -31,13 +33,28 @@ if TYPE_CHECKING:
 
     from mailshim.config import Config, RelayConfig
     from mailshim.reply import Reply
-    from mailshim.smtpsession import RelayDown, RelaySession
+    from mailshim.smtpconnect import Link, RelayDown
 
 __all__ = ["classify_failure", "classify_mail", "classify_rcpt", "probe_relays"]
 
 MAX_RCPT_FAILURES = 3
 CERT_EXPIRY_WARNING = 14 * 86400
-STALWART_DOC = "docs/stalwart.md"
+
+
+def _stalwart_doc() -> str:
+    """Where the Stalwart set-up is to be read on this host: the Debian package installs
+    docs/*.md compressed under /usr/share/doc/mailshim, the rpm uncompressed."""
+    for installed in (
+        "/usr/share/doc/mailshim/stalwart.md.gz",
+        "/usr/share/doc/mailshim/stalwart.md",
+        "/usr/share/doc/mailshim/docs/stalwart.md",
+    ):
+        if os.path.exists(installed):
+            return installed
+    return "docs/stalwart.md"
+
+
+STALWART_DOC = _stalwart_doc()
 
 
 def _local(relay: RelayConfig) -> bool:
@@ -91,7 +108,7 @@ async def _probe(
     sender: str,
     rcpts: list[tuple[str, str]],
 ) -> None:
-    from mailshim import smtpsession
+    from mailshim import smtpconnect
 
     name = relay.name
 
@@ -121,8 +138,8 @@ async def _probe(
         return
     probe.transcript.append(f"*** probing {probe.label}")
     try:
-        session = await smtpsession.RelaySession.open(relay, helo=helo, say=probe.transcript.append)
-    except smtpsession.RelayDown as down:
+        session = await smtpconnect.Link.open(relay, helo=helo, say=probe.transcript.append)
+    except smtpconnect.RelayDown as down:
         text, fix, code = classify_failure(relay, down)
         add(ERROR, "listener", text, fix, code)
         return
@@ -183,14 +200,14 @@ async def _probe_sealed(
 ) -> None:
     """Try MAIL and one RCPT without AUTH (then RSET: nothing is sent) and say whether the
     listener refused. One refused RCPT at most, so Stalwart's auto-ban is not approached."""
-    from mailshim import smtpsession
+    from mailshim import smtpconnect
 
     say = probe.transcript.append
     say(f"*** probing {probe.label} without authentication")
     bare = _without_secret(relay)
     try:
-        session = await smtpsession.RelaySession.open(bare, helo=helo, say=say)
-    except smtpsession.RelayDown as down:
+        session = await smtpconnect.Link.open(bare, helo=helo, say=say)
+    except smtpconnect.RelayDown as down:
         text, fix, code = classify_failure(bare, down)
         # Without its certificate the client fails in the handshake, or (TLS 1.3, where the
         # server checks it after the client's side is done) on the first read.
@@ -241,7 +258,7 @@ def _sealed(probe: RelayProbe, add: Callable[..., None], alone: bool, why: str) 
 def _describe_session(
     cfg: Config,
     relay: RelayConfig,
-    session: RelaySession,
+    session: Link,
     probe: RelayProbe,
     add: Callable[..., None],
 ) -> None:
@@ -298,7 +315,7 @@ def _describe_session(
 
 
 def _describe_tls(
-    relay: RelayConfig, session: RelaySession, probe: RelayProbe, add: Callable[..., None]
+    relay: RelayConfig, session: Link, probe: RelayProbe, add: Callable[..., None]
 ) -> None:
     ssl_object = session.ssl_object
     info: dict[str, object] = {"mode": relay.tls, "verified": relay.verify}
@@ -348,7 +365,7 @@ def _describe_tls(
             )
 
 
-async def _command(session: RelaySession, *args: bytes) -> Reply:
+async def _command(session: Link, *args: bytes) -> Reply:
     # the transaction's own error handling: 421, timeouts, garbage become code-0 replies
     return await session.command(*args, ok=(250, 251))
 
@@ -358,7 +375,7 @@ def _wire(addr: str) -> bytes:
 
 
 async def _transaction(
-    session: RelaySession,
+    session: Link,
     sender: str,
     rcpts: list[tuple[str, str]],
     probe: RelayProbe,

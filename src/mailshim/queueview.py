@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 import sys
 import time
 
-from mailshim import spool, spoolchoice
+from mailshim import paths, spool, spoolchoice, spoolfmt
 from mailshim.errors import DataError, one_line
 from mailshim.paint import painter
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from mailshim.deadletters import DeadItem
     from mailshim.reply import Reply
     from mailshim.spoolfmt import Envelope, State
+
+_OPEN = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOCTTY", 0) | os.O_NONBLOCK
 
 STYLES = {
     "id": "1",
@@ -114,11 +117,19 @@ WINDOW = 1000  # entries a listing holds to size its columns; the rest stream by
 
 
 def iter_items(config: Config) -> Iterator[Item]:
-    """The queued messages, one spool after another, each in arrival order (the schedule
-    index's order: spoolindex), read one at a time: memory does not grow with the queue."""
+    """The queued messages: what waits in drop folders, then one spool after another, each
+    in arrival order (the schedule index's order: spoolindex), read one at a time: memory
+    does not grow with the queue."""
     from mailshim import spoolindex
 
-    for target in spoolchoice.known_spools(config):
+    known = spoolchoice.known_spools(config)
+    # The drop folders' entries first (few: the runner takes them within seconds).
+    for target in known:
+        yield from _drop_items(target, mine=False)
+    system = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
+    if all(t.root != system.root for t in known) and system.droppable():
+        yield from _drop_items(system, mine=True)
+    for target in known:
         for row in spoolindex.rows(target):
             item = read_item(target, row[0])
             if item is not None:
@@ -161,6 +172,51 @@ def json_lines(items: Iterable[Item]) -> Iterator[str]:
         yield ("[\n  " if first else ",\n  ") + body
         first = False
     yield "[]\n" if first else "\n]\n"
+
+
+def unseen(config: Config) -> list[str]:
+    """Queue folders that exist but this user may not read (the system spool's private
+    queue/, for a user): a listing says so rather than "empty" (issue 23)."""
+    root = config.queue_dir or paths.SYSTEM_SPOOL
+    queue = os.path.join(root, "queue")
+    if os.path.isdir(queue) and not os.access(queue, os.R_OK | os.X_OK):
+        return [queue]
+    return []
+
+
+def _drop_items(target: spool.Spool, mine: bool) -> list[Item]:
+    """Entries still in ``target``'s drop folder: every one for whoever may list it (root,
+    the runner), else (``mine``) the caller's own, by the ids their ``sendmail`` noted
+    (dropagent.noted): the folder cannot be listed and other users' ids stay private."""
+    if mine:
+        from mailshim import dropagent
+
+        ids = dropagent.noted(target.root)
+    else:
+        try:
+            ids = sorted(os.listdir(target.incoming))
+        except OSError:
+            return []
+    out = []
+    for qid in ids:
+        if not spoolfmt.valid_id(qid):
+            continue
+        try:
+            fd = os.open(os.path.join(target.incoming, qid), _OPEN)
+        except OSError:
+            continue  # picked up, delivered, or never there
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (mine and st.st_uid != os.geteuid()):
+                continue
+            try:
+                env, _ = spoolfmt.decode_envelope(f)
+            except DataError as exc:
+                out.append(Item(target, qid, None, None, f"in the drop folder: {exc.message}"))
+                continue
+        env.uid = st.st_uid  # the owner as the kernel knows it, as pickup takes it
+        out.append(Item(target, qid, env, None))
+    return out
 
 
 def age(seconds: float) -> str:
@@ -385,15 +441,48 @@ def print_queue(config: Config) -> int:
     from mailshim import deadletters
 
     out = sys.stdout
-    for piece in listing_lines(iter_items(config), time.time(), use_color(out)):
-        out.write(piece)
+    items = iter_items(config)
+    first = list(itertools.islice(items, 1))
+    hidden = unseen(config)
+    # Never "Mail queue is empty" about a queue this user could not read.
+    if first or not hidden:
+        for piece in listing_lines(itertools.chain(first, items), time.time(), use_color(out)):
+            out.write(piece)
+    for queue in hidden:
+        out.write(
+            f"-- {queue} is private to the mailshim user: your messages there are not listed;"
+            " mailshim log ID follows one, root's mailq lists them all\n"
+        )
     dead = deadletters.count(config)
     if dead:
         out.write(
             f"-- {dead} dead letter{'s' if dead != 1 else ''} (failed for good):"
             " mailshim queue --dead lists them\n"
         )
+    out.write(held_lines(config))
     return 0
+
+
+def held_lines(config: Config) -> str:
+    """Why mail waits in the system spool's drop folder (its owners over their budget, as
+    the runner last wrote): every user's for those who may list it, else the caller's own."""
+    from mailshim import paths, spool
+
+    target = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
+    try:
+        uids = sorted(
+            int(n[len(spool.HELD_NOTICE) :])
+            for n in os.listdir(target.incoming)
+            if n.startswith(spool.HELD_NOTICE) and n[len(spool.HELD_NOTICE) :].isdigit()
+        )
+    except OSError:
+        uids = [os.geteuid()]
+    out = ""
+    for uid in uids:
+        why = target.held_notice(uid)
+        if why:
+            out += f"-- uid {uid}: mail waits in the drop folder: {one_line(why)}\n"
+    return out
 
 
 def format_dead(items: list[DeadItem], now: float, color: bool = False) -> str:

@@ -9,8 +9,11 @@ for its ``retry_after_failure`` seconds by every client in the process (the rela
 (EHLO/LHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, pipelining) is ``smtpsession``'s.
 
 Failover: recipients with a temporary reply move on to the next relay, except after a final
-dot that got no reply (kind ``unanswered``): the first listener may have stored the message, so
-it waits for the next attempt instead of going to a second listener in front of the same store.
+dot that got no reply (kind ``unanswered``) or a 4xx/421 reply: the first listener may have
+stored the message, so it waits for the next attempt instead of going to a second listener in
+front of the same store. Back-pressure (a rate limit's ``4.4.5``, greylisting's ``4.2.2``) is
+one session's: it neither marks the relay down nor fails over (the runner opens fewer
+sessions and tries again later).
 
 Trust: called by the delivery agent and the runner (as the submitting user or the ``mailshim``
 user) and by ``sendmail -odi``/``-v``. Addresses come from the spool's envelope: one with a
@@ -30,27 +33,36 @@ from typing import TYPE_CHECKING, BinaryIO, ClassVar
 from mailshim import reply as kinds
 from mailshim.errors import ConfigError
 from mailshim.hostnames import valid_helo
+from mailshim.policy import pressure_kind
 from mailshim.reply import Reply
-from mailshim.smtpsession import RelayDown, RelaySession, silent
+from mailshim.smtpconnect import RelayDown, silent
+from mailshim.smtpsession import RelaySession
 from mailshim.tlsctx import ContextCache
 from mailshim.wire import LocalFailure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from mailshim.smtpsession import Outcome, RelaySettings
+    from mailshim.smtpconnect import RelaySettings
+    from mailshim.smtpsession import Outcome
 
-__all__ = ["RelayClient", "SendResult", "Slots"]
+__all__ = ["RelayClient", "SendResult", "SlotBusy", "Slots"]
 
 
 class SendResult:
     """The outcome of one message: a reply per envelope recipient, and the relay that decided."""
 
-    __slots__ = ("relay", "replies")
+    __slots__ = ("relay", "relay_level", "replies")
 
-    def __init__(self, replies: dict[str, Reply], relay: str) -> None:
+    def __init__(
+        self, replies: dict[str, Reply], relay: str, relay_level: frozenset[str] = frozenset()
+    ) -> None:
         self.replies = replies
         self.relay = relay
+        # The deferred recipients whose reply concerns the relay as a whole (unreachable,
+        # 421, no reply, 4xx at MAIL or DATA or after the dot), not the recipient (a 4xx at
+        # RCPT, greylisting): they may go as soon as the relay takes mail again.
+        self.relay_level = relay_level
 
     def sent(self) -> list[str]:
         return [rcpt for rcpt, reply in self.replies.items() if reply.accepted]
@@ -71,10 +83,29 @@ def _bad_address(addr: str) -> bool:
     return any(ord(ch) < 32 or ord(ch) == 127 for ch in addr)
 
 
+class SlotBusy(RelayDown):
+    """No connection slot of a relay came free within its ``timeout`` (the sessions holding
+    them are busy): not a failure of the relay, so it is not marked down."""
+
+
+def _maybe_taken(reply: Reply, outcome: Outcome) -> bool:
+    """The listener may have stored the message: no reply to the final dot, or any reply
+    to it (a 4xx or 421 there may come from a listener that stored it first)."""
+    return reply.kind == kinds.UNANSWERED or (outcome.dotted and reply.code != 0)
+
+
+def _relay_wide(reply: Reply, outcome: Outcome) -> bool:
+    """A temporary reply that concerns the relay, not the recipient (see SendResult)."""
+    if not reply.temporary or pressure_kind(reply) is not None:
+        return False
+    return reply.code in (0, 421) or outcome.relay_failed
+
+
 class Slots:
     """How many connections each relay may have open at once, shared by the clients of one
     pool (a relay's ``concurrency``; 1 when it names none). A client waits for a free slot
-    rather than skip a healthy relay for one further down the list."""
+    rather than skip a healthy relay for one further down the list, but never longer than the
+    relay's ``timeout``: a pass must always end, whatever holds the slots."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[str, str | None, int, str | None], asyncio.Semaphore] = {}
@@ -83,11 +114,21 @@ class Slots:
         key = RelayClient._key(relay)
         sem = self._free.get(key)
         if sem is None:
-            sem = self._free[key] = asyncio.Semaphore(max(1, getattr(relay, "concurrency", 1)))
+            sem = self._free[key] = asyncio.Semaphore(self.room(relay))
         return sem
 
     async def take(self, relay: RelaySettings) -> None:
-        await self._semaphore(relay).acquire()
+        """A slot of ``relay``; ``SlotBusy`` when none came free within its ``timeout``."""
+        try:
+            await asyncio.wait_for(self._semaphore(relay).acquire(), max(0.1, relay.timeout))
+        except asyncio.TimeoutError:
+            raise SlotBusy(
+                Reply(0, f"no free connection to {relay.name} (all busy)", kind=kinds.NOT_TRIED)
+            ) from None
+
+    def room(self, relay: RelaySettings) -> int:
+        """How many connections ``relay`` may have open at once."""
+        return max(1, getattr(relay, "concurrency", 1))
 
     def give(self, relay: RelaySettings) -> None:
         self._semaphore(relay).release()
@@ -142,6 +183,13 @@ class RelayClient:
         """A connection is open and may carry the next message."""
         return self._session is not None and self._session.alive
 
+    def in_play(self) -> RelaySettings:
+        """The relay this client's next message goes to first: the one its open connection
+        is to, else the first relay not marked down."""
+        if self._session is not None and self._session.alive:
+            return self._session.relay
+        return self._candidates()[0]
+
     async def connect(self) -> Reply | None:
         """Open a connection to the first relay that greets, before any message is at stake
         (a pool's extra sessions): None once connected, else the last relay's failure."""
@@ -151,6 +199,8 @@ class RelayClient:
         for relay in self._candidates():
             try:
                 await self._session_for(relay)
+            except SlotBusy as busy:
+                return busy.reply  # that relay is healthy, only busy: not one further down
             except RelayDown as down:
                 # Not marked as failed: a listener refusing one more session still serves
                 # the ones it has, and the pool only opens fewer.
@@ -281,6 +331,7 @@ class RelayClient:
                 replies[rcpt] = Reply(501, "5.1.3 control character in address")
         pending = [r for r in wanted if r not in replies]
         used = "none"
+        wide: set[str] = set()
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
@@ -293,9 +344,11 @@ class RelayClient:
                         relay, sender, pending, message, start, size, eightbit
                     )
                 except RelayDown as down:
-                    self._mark(relay, True)
+                    if not isinstance(down, SlotBusy):
+                        self._mark(relay, True)
                     for rcpt in pending:
                         replies[rcpt] = down.reply
+                    wide.update(pending)
                     continue
                 except LocalFailure as local:
                     await self._drop()
@@ -305,11 +358,21 @@ class RelayClient:
                 used = session.label
                 self._mark(relay, outcome.relay_failed)
                 replies.update(outcome.replies)
-                # An unanswered final dot never fails over: that listener may have the
-                # message, and a second one in front of the same store would deliver it twice.
+                for rcpt, got in outcome.replies.items():
+                    if _relay_wide(got, outcome):
+                        wide.add(rcpt)
+                    else:
+                        wide.discard(rcpt)
+                # An unanswered final dot, or a 4xx after it, never fails over: that listener
+                # may have the message, and a second one in front of the same store would
+                # deliver it twice. Back-pressure is this session's: no failover either.
                 pending = [
                     r
                     for r in pending
-                    if replies[r].temporary and replies[r].kind != kinds.UNANSWERED
+                    if replies[r].temporary
+                    and not _maybe_taken(replies[r], outcome)
+                    and pressure_kind(replies[r]) is None
                 ]
-        return SendResult({rcpt: replies[rcpt] for rcpt in wanted}, used)
+        final = {rcpt: replies[rcpt] for rcpt in wanted}
+        level = frozenset(r for r in wide if r in final and final[r].temporary)
+        return SendResult(final, used, level)

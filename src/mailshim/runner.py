@@ -185,6 +185,10 @@ class _Pass:
         self.answered = False  # the listener greeted a session: the others may open
         self.returned: list[str] = []  # taken by a session that could not connect
         self.hold_until = 0.0  # monotonic: no message starts before (a rate limit's pause)
+        self.working = 0  # sessions past their start, not yet ended
+        self.recovered = False  # a relay took mail in this pass (see relay_recovered)
+        self.relay_waiting: list[str] = []  # not due, but waiting only for the relay
+        self.recovering: list[str] = []  # such entries, due since a relay took mail
 
     def _due_rows(self) -> Iterator[spoolindex.Row]:
         if not self.force and self.only is None:
@@ -207,10 +211,23 @@ class _Pass:
         """Wait out a rate limit's pause (or until ``stop``)."""
         await sleep(self.hold_until - time.monotonic(), self.stop)
 
+    def relay_recovered(self) -> None:
+        """A relay took mail: entries deferred only for the relay's sake are due at once (those
+        this pass passed over join it now, the rest are taken as the pass reaches them), while
+        a recipient's own 4xx keeps its schedule (policy.due_after_recovery). The one place
+        that acts on a recovery: it costs no extra reads, since the pass reads every state."""
+        if self.recovered:
+            return
+        self.recovered = True
+        waiting, self.relay_waiting = self.relay_waiting, []
+        self.recovering.extend(waiting)
+
     def next_entry(self) -> str | None:
         """The next entry to try, taken for good (no other session gets it); None at the end."""
         if self.returned:
             return self.returned.pop(0)  # already vetted: an extra session gave it back
+        if self.recovering:
+            return self.recovering.pop(0)
         for qid in self.order:
             if self.stop is not None and self.stop.is_set():
                 self.ended = self.ended or "stopped"
@@ -232,12 +249,12 @@ class _Pass:
         except DataError:
             state = None  # deliver_entry quarantines the entry
         if state is not None and (state.held or (not self.force and state.next_attempt > self.now)):
+            if policy.due_after_recovery(state):
+                if self.recovered:
+                    return True
+                self.relay_waiting.append(qid)
+                return False
             self.counts.skipped += 1
-            return False
-        if self.limiter is not None and not sendlimits.gate(
-            self.limiter, self.target, qid, self.now
-        ):
-            self.counts.add(LIMITED)
             return False
         return True
 
@@ -283,8 +300,9 @@ async def run_pass(
         client = pool.client(index)
         if index > 0:
             await opened.wait()
+        run.working += 1
         try:
-            while not run.ended and index < pool.limit and (index == 0 or run.answered):
+            while not run.ended and index < pool.width() and (index == 0 or run.answered):
                 await run.hold()
                 qid = run.next_entry()
                 if qid is None:
@@ -305,7 +323,12 @@ async def run_pass(
             raise
         finally:
             opened.set()  # the first session is done: the others find out why, or nothing left
-            if index >= pool.limit or run.ended:
+            run.working -= 1
+            # Nothing left to carry: the slot goes back (QUIT) whenever another session may
+            # want it. An extra session always gives it back (the next pass starts with the
+            # first session alone); the first keeps its connection for the next pass (the
+            # agent, the daemon) only when it is the last one at work.
+            if index > 0 or run.working > 0 or run.ended:
                 await client.close()
 
     try:
@@ -317,8 +340,9 @@ async def run_pass(
     for outcome in done:
         if isinstance(outcome, BaseException):
             raise outcome
-    while run.returned and not run.ended:
-        await session(0)  # what refused extra sessions gave back
+    while (run.returned or run.recovering) and not run.ended:
+        await session(0)  # what refused extra sessions gave back, or a late recovery made due
+    counts.skipped += len(run.relay_waiting) + len(run.recovering)
     return run.ended or "done"
 
 
@@ -362,6 +386,7 @@ async def _deliver_one(
     run.answered = True
     if status == SENT:
         target.clear_relay_down()  # new submissions may start agents again
+        run.relay_recovered()
     if any(r.code == 421 for r in replies.values()):
         _lower(pool, f"421 from the listener: {next(iter(replies.values()))}")
     run.streak = run.streak + 1 if status == THROTTLED else 0
@@ -400,6 +425,12 @@ async def _attempt_with_pauses(
             return QUARANTINED, {}
         if locked is None:
             counts.skipped += 1
+            return "", {}
+        # Counted against its owner's sending limit under the lock this attempt keeps.
+        limiter = run.limiter if tries == 0 else None
+        if limiter is not None and not sendlimits.gate(limiter, locked, run.now):
+            locked.release()
+            counts.add(LIMITED)
             return "", {}
         status, replies = await delivery.deliver_entry(config, client, locked)
         if status != THROTTLED:
@@ -495,31 +526,62 @@ def queue_stamp(target: spool.Spool) -> tuple[int, ...]:
     return tuple(out)
 
 
-async def _agent_session(config: Config, target: spool.Spool) -> bool:
+STOP_POLL = 0.1  # seconds between the agent's looks for a blocked SIGTERM while it delivers
+
+
+async def _watch_signals(stops: frozenset[int], stop: asyncio.Event) -> None:
+    """Set ``stop`` once one of ``stops`` is pending. The agent keeps them blocked (so none
+    can cut a delivery short); they stay pending for its ``sigtimedwait`` after the pass."""
+    import asyncio
+    import signal
+
+    while not stop.is_set():
+        if stops & signal.sigpending():
+            stop.set()
+            return
+        await asyncio.sleep(STOP_POLL)
+
+
+async def _agent_session(
+    config: Config, target: spool.Spool, stops: frozenset[int] = frozenset()
+) -> bool:
     """Deliver due entries until the queue stays quiet; False if the listener was unreachable
-    or kept asking to slow down (the agent then sleeps until the next entry is due)."""
+    or kept asking to slow down (the agent then sleeps until the next entry is due). With
+    ``stops`` (blocked signals), one of them pending ends it after the entries in flight."""
     import asyncio
 
     counts = Counts()
     deadletters.expire(target, config.keep_dead)
-    async with pool_for(config) as pool:
-        while True:
-            stamp = queue_stamp(target)
-            pickup(config, target)
-            status = await run_pass(config, pool, target, counts, force=False)
-            target.sync(force=True)
-            if status in ("down", "busy"):
-                return False
-            deadline = time.monotonic() + AGENT_LINGER
-            while queue_stamp(target) == stamp and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if queue_stamp(target) == stamp:
-                return True
+    stop = asyncio.Event()
+    watch = asyncio.ensure_future(_watch_signals(stops, stop)) if stops else None
+    try:
+        async with pool_for(config) as pool:
+            while not stop.is_set():
+                stamp = queue_stamp(target)
+                pickup(config, target)
+                status = await run_pass(config, pool, target, counts, force=False, stop=stop)
+                target.sync(force=True)
+                if status in ("down", "busy"):
+                    return False
+                deadline = time.monotonic() + AGENT_LINGER
+                while (
+                    queue_stamp(target) == stamp
+                    and time.monotonic() < deadline
+                    and not stop.is_set()
+                ):
+                    await asyncio.sleep(0.05)
+                if queue_stamp(target) == stamp:
+                    return True
+            return True
+    finally:
+        if watch is not None:
+            watch.cancel()
 
 
-def deliver_due(config: Config, target: spool.Spool) -> bool:
+def deliver_due(config: Config, target: spool.Spool, stops: frozenset[int] = frozenset()) -> bool:
     """The agent's pass (agent.py): deliver due entries until the queue stays quiet; False
-    when the listener was unreachable or kept asking to slow down."""
+    when the listener was unreachable or kept asking to slow down. One of ``stops`` (signals
+    the caller blocks) pending ends it after the entries in flight, leaving it pending."""
     import asyncio
 
-    return asyncio.run(_agent_session(config, target))
+    return asyncio.run(_agent_session(config, target, stops))

@@ -24,12 +24,17 @@ message goes on (a limit must never lose or strand mail).
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+
+from mailshim.spoolfs import open_folder
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from mailshim.config import Config
     from mailshim.spool import Spool
+    from mailshim.spoolentry import LockedEntry
     from mailshim.spoolfmt import State
 
 __all__ = ["Limiter", "Usage", "Verdict", "decide", "limiter_for"]
@@ -37,6 +42,8 @@ __all__ = ["Limiter", "Usage", "Verdict", "decide", "limiter_for"]
 FOLDER = "limits"
 _RECORD = 64  # bytes: "v1 START MESSAGES RECIPIENTS LOGGED", padded, newline-terminated
 _MAGIC = b"v1"
+_OPEN = os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+LOCK_WAIT = 5.0  # seconds a counter's flock is waited for before the message goes uncounted
 
 
 class Usage:
@@ -137,9 +144,15 @@ class Limiter:
 
     def usage(self, uid: int) -> Usage:
         try:
-            fd = os.open(self._path(uid), os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+            folder = self._folder(create=False)
         except OSError:
             return Usage()
+        try:
+            fd = self._counter(folder, uid, os.O_RDONLY)
+        except OSError:
+            return Usage()
+        finally:
+            os.close(folder)
         try:
             return Usage.decode(os.pread(fd, _RECORD, 0))
         except OSError:
@@ -148,24 +161,49 @@ class Limiter:
             os.close(fd)
 
     def admit(self, uid: int, rcpts: int, now: float) -> Verdict:
-        """Count one message of ``rcpts`` recipients for ``uid``, or say how long it waits."""
+        """Count one message of ``rcpts`` recipients for ``uid``, or say how long it waits.
+
+        The counter is read and rewritten under its flock: runners working at the same time
+        (the daemon and a flush) never lose a count."""
         if not self.applies(uid):
             return Verdict(True)
-        before = self.usage(uid)
-        verdict, after = decide(
-            before, rcpts, int(now), self.messages, self.recipients, self.window
-        )
-        if after != before:
-            self._write(uid, after)
-        return verdict
+        from mailshim import maillog
+
+        try:
+            fd = self._open_for_update(uid)
+        except OSError as exc:
+            maillog.log(f"limits: {self._path(uid)}: {exc.strerror}; not counted", error=True)
+            return Verdict(True)
+        try:
+            if not _lock(fd):
+                maillog.log(f"limits: {self._path(uid)} stays locked; not counted", error=True)
+                return Verdict(True)
+            before = Usage.decode(os.pread(fd, _RECORD, 0))
+            verdict, after = decide(
+                before, rcpts, int(now), self.messages, self.recipients, self.window
+            )
+            if after != before:
+                os.pwrite(fd, after.encode(), 0)
+            return verdict
+        except OSError as exc:
+            maillog.log(f"limits: {self._path(uid)}: {exc.strerror}; not counted", error=True)
+            return Verdict(True)
+        finally:
+            os.close(fd)
 
     def at_limit(self, now: float) -> list[tuple[int, Usage]]:
         """Uids whose current window is used up (for ``mailshim check``)."""
         found = []
         try:
-            names = os.listdir(self.folder)
+            folder = self._folder(create=False)
         except OSError:
             return []
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return []
+        finally:
+            os.close(folder)
         for name in names:
             if not name.isdigit():
                 continue
@@ -199,33 +237,74 @@ class Limiter:
     def _path(self, uid: int) -> str:
         return os.path.join(self.folder, str(uid))
 
-    def _write(self, uid: int, usage: Usage) -> None:
-        from mailshim import maillog
+    def _owners(self) -> set[int]:
+        return {0} if self.owner is None else {0, self.owner[0]}
 
+    def _folder(self, create: bool) -> int:
+        """``state/limits`` as a descriptor: ``state/`` and ``limits/`` each opened without
+        following a link and owned by the spool's owner or root (the runner account owns
+        them: as root, nothing it planted is followed; see docs/security.md)."""
+        parent, name = os.path.split(self.folder)
+        state = open_folder(parent, self._owners())
         try:
-            self._ensure_folder()
-            fd = os.open(
-                self._path(uid), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY, 0o600
-            )
-        except OSError as exc:
-            maillog.log(f"limits: {self._path(uid)}: {exc.strerror}; not counted", error=True)
-            return
-        try:
-            if self.owner is not None and os.geteuid() == 0:
-                os.fchown(fd, *self.owner)
-            os.pwrite(fd, usage.encode(), 0)
-        except OSError as exc:
-            maillog.log(f"limits: {self._path(uid)}: {exc.strerror}; not counted", error=True)
+            return open_folder(
+                name, self._owners(), dir_fd=state, create=0o700 if create else None,
+                give=self.owner,
+            )  # fmt: skip
         finally:
-            os.close(fd)
+            os.close(state)
 
-    def _ensure_folder(self) -> None:
+    def _counter(self, folder: int, uid: int, flags: int) -> int:
+        """Open the counter of ``uid`` in ``folder`` (a descriptor): a plain file with one
+        link, of the spool's owner or root; never a link, a FIFO or a device."""
+        fd = os.open(str(uid), flags | _OPEN, dir_fd=folder)
         try:
-            os.mkdir(self.folder, 0o700)
-        except FileExistsError:
-            return
-        if self.owner is not None and os.geteuid() == 0:
-            os.chown(self.folder, *self.owner)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise OSError(errno.EINVAL, "not a plain file with one link")
+            if st.st_uid not in self._owners() | {os.geteuid()}:
+                raise PermissionError(errno.EPERM, "a file another account owns")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_for_update(self, uid: int) -> int:
+        """The counter of ``uid`` open for reading and writing, created (and, by root, given
+        to the spool's owner) when missing. Only a file created here is ever chowned."""
+        folder = self._folder(create=True)
+        try:
+            try:
+                fd = os.open(str(uid), os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN, 0o600,
+                             dir_fd=folder)  # fmt: skip
+            except FileExistsError:
+                return self._counter(folder, uid, os.O_RDWR)
+            try:
+                if self.owner is not None and os.geteuid() == 0:
+                    os.fchown(fd, *self.owner)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        finally:
+            os.close(folder)
+
+
+def _lock(fd: int) -> bool:
+    """Take the counter's flock, waiting a little (another runner holds it for a read and a
+    write); False when it stays taken (the runner account would be blocking root's pass)."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
 
 
 def limiter_for(config: Config, target: Spool) -> Limiter | None:
@@ -253,19 +332,17 @@ def limiter_for(config: Config, target: Spool) -> Limiter | None:
     )
 
 
-def gate(limiter: Limiter, target: Spool, qid: str, now: float) -> bool:
-    """Before an entry's first attempt: count it (True: go on), or hold it until its
-    owner's next window (False), saying why in its state. Entries already tried were
-    counted then and always go on."""
+def gate(limiter: Limiter, locked: LockedEntry, now: float) -> bool:
+    """Before an entry's first attempt, with its lock held: count it (True: go on), or hold
+    it until its owner's next window (False), saying why in its state. Entries already tried
+    were counted then and always go on.
+
+    Counting only under the entry's lock, just before the attempt the lock is kept for, means
+    an entry another runner holds is not counted, and none is counted twice: the next look
+    at it finds its first attempt recorded."""
     from mailshim import maillog
     from mailshim.errors import MailshimError
 
-    try:
-        locked = target.lock(qid)
-    except MailshimError:
-        return True  # the attempt quarantines it
-    if locked is None:
-        return True  # busy: the attempt skips it too
     try:
         env = locked.envelope
         state: State = locked.state()
@@ -279,12 +356,10 @@ def gate(limiter: Limiter, target: Spool, qid: str, now: float) -> bool:
         state.last_error = limiter.why(env.uid, usage, verdict.until)
         locked.save_state(state)
         if verdict.first:
-            maillog.log(f"{qid}: {state.last_error}; more of its mail waits", error=True)
+            maillog.log(f"{env.queue_id}: {state.last_error}; more of its mail waits", error=True)
         return False
     except MailshimError:
-        return True
-    finally:
-        locked.release()
+        return True  # the attempt finds the same trouble and deals with it
 
 
 def login(uid: int) -> str:

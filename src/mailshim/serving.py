@@ -7,16 +7,20 @@ The agent lock (``agent.lock`` in the spool root) is held by the one delivery ag
 (``claim_or_poke``): a submission that finds the lock taken needs nothing more, and imports
 the agent's module only when it must start one.
 
-Trust: runs as the submitting user, the runner or root. The pid file is only a hint: it is
-believed only while the agent lock is held, a poke is SIGURG (whose default action is to be
-ignored, so a stale pid harms nothing), and SIGTERM goes only to a pid named as an agent
-while the lock is held. Raises nothing but what ``spool.Spool.try_agent_lock`` raises
-(``OSError``), which callers treat as "unknown".
+Trust: runs as the submitting user, the runner or root. The pid file is only a hint, in a
+folder the runner account owns: it is read without following a link or opening a FIFO,
+believed only while the agent lock is held, and a signal (SIGURG to poke, SIGTERM for the
+daemon's takeover) goes only to a process proven to have the agent lock open, through a
+pidfd taken before the proof (``_signal``).
+
+Raises nothing but what ``spool.Spool.try_agent_lock`` raises (``OSError``), which callers
+treat as "unknown".
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import time
 
 from mailshim import maillog, paths
@@ -56,8 +60,17 @@ def holder(target: spool.Spool, *, locked: bool = False) -> tuple[int, str] | No
     """(pid, role) from the pid file; with ``locked`` False, only if the agent lock is held
     by someone (a free lock means nobody serves the spool, whatever the file says)."""
     try:
-        with open(os.path.join(target.state_dir, PID_FILE), "rb") as f:
-            words = f.read(64).split()
+        # state/ is the runner account's: the name may be a link or a FIFO it planted.
+        fd = os.open(
+            os.path.join(target.state_dir, PID_FILE),
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+        )
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            words = os.read(fd, 64).split()
+        finally:
+            os.close(fd)
         pid, role = int(words[0]), words[1].decode("ascii")
     except (OSError, ValueError, IndexError, UnicodeDecodeError):
         return None
@@ -89,30 +102,71 @@ def who_retries(target: spool.Spool) -> str | None:
     return f"a lingering delivery agent (pid {pid})"
 
 
-def _signal(pid: int, name: str) -> bool:
+def _signal(target: spool.Spool, pid: int, name: str) -> bool:
+    """Send ``name`` to ``pid`` only if that process is proven to hold ``target``'s agent
+    lock: it has the lock file open (its descriptors, in /proc, name the lock's inode). The
+    pid file is only a claim, written in a folder the runner account owns, and a pid left by
+    an agent killed with SIGKILL may since belong to anyone. The process is pinned by a
+    pidfd before it is looked at, and signalled through it, so a pid reused in between gets
+    nothing."""
     import signal
 
     if pid <= 1 or pid == os.getpid():
         return False
     try:
-        os.kill(pid, getattr(signal, name))
+        lock = os.stat(os.path.join(target.root, "agent.lock"), follow_symlinks=False)
     except OSError:
         return False
+    pidfd_open = getattr(os, "pidfd_open", None)
+    try:
+        pidfd = pidfd_open(pid) if pidfd_open is not None else -1
+    except OSError:
+        return False
+    try:
+        if not _holds_open(pid, lock):
+            return False
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, getattr(signal, name))
+        else:  # a kernel before 5.3: the check and the kill are a moment apart
+            os.kill(pid, getattr(signal, name))
+    except OSError:
+        return False
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
     return True
+
+
+def _holds_open(pid: int, lock: os.stat_result) -> bool:
+    """Whether process ``pid`` has the file ``lock`` open (read from /proc/<pid>/fd, which
+    only its own user and root may read: the users who may signal it anyway)."""
+    folder = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            st = os.stat(os.path.join(folder, name))
+        except OSError:
+            continue
+        if (st.st_ino, st.st_dev) == (lock.st_ino, lock.st_dev):
+            return True
+    return False
 
 
 def claim_or_poke(target: spool.Spool, config: Config) -> int | None:
     """For a new entry in ``target``: the agent lock's fd when nobody serves the spool (the
     caller starts an agent with it), else None once the server knows of the entry.
 
-    The holder is poked (SIGURG), unless the listener was found down less than its
-    ``retry_after_failure`` ago: then the entry waits with the others for the next attempt
+    The holder is poked (SIGURG), unless the listener was found down less than its pause
+    (``Config.down_pause``) ago: then the entry waits with the others for the next attempt
     and a burst of submissions costs no connections. Raises ``OSError`` when the lock cannot
     be opened (the entry is safe in the spool for the runner)."""
     fd = target.try_agent_lock()
     if fd is None:
         down = target.relay_down_since()
-        pause = min(r.retry_after_failure for r in config.relays)
+        pause = config.down_pause
         if down is None or not 0 <= time.time() - down < pause:
             poke(target)
     return fd
@@ -126,18 +180,18 @@ def poke(target: spool.Spool) -> bool:
     found = holder(target, locked=True)
     if found is None or found[1] != AGENT:
         return False  # nobody, or the daemon (it watches the folders itself)
-    return _signal(found[0], "SIGURG")
+    return _signal(target, found[0], "SIGURG")
 
 
 def stop_lingering(target: spool.Spool) -> int | None:
     """The daemon's start: ask a lingering agent to leave, then take the agent lock. Returns
     the lock fd, or None when the lock is still held (another daemon, or an agent that did
-    not leave in time: the daemon goes on without it, as before)."""
+    not leave in time: the daemon does not deliver beside it, and looks again)."""
     fd = target.try_agent_lock()
     if fd is not None:
         return fd
     found = holder(target)
-    if found is None or found[1] != AGENT or not _signal(found[0], "SIGTERM"):
+    if found is None or found[1] != AGENT or not _signal(target, found[0], "SIGTERM"):
         return None
     deadline = time.monotonic() + DAEMON_TAKEOVER
     while time.monotonic() < deadline:

@@ -4,11 +4,15 @@ A flush, ``mailshim run``, the delivery agent and the daemon deliver through a `
 to ``size`` clients (the largest ``concurrency`` of the configured relays), each holding its
 own connection and carrying one entry at a time, so the listener works on one message while
 the runner reads and records the next. Each relay's own ``concurrency`` caps the connections
-open to it (``relay.Slots``). Back-pressure is met by opening fewer sessions, not by pausing
-the run: a rate-limit reply that a fresh connection did not clear, a ``421`` (the listener
-closing), or a refused extra connection lowers ``limit`` by one for the rest of the run, never
-below one. A per-session message limit (Stalwart's ``452 4.4.5`` after 10 messages in one
-session) is not back-pressure: the client opens a new session and the entry goes on it.
+open to it (``relay.Slots``), and no more sessions work at once than the relay in play can
+take (``width``: a primary that is down and a backup with ``concurrency = 1`` means one).
+Back-pressure is met by opening fewer sessions, not by pausing the run: a rate-limit reply
+that a fresh connection did not clear, a ``421`` (the listener closing), or a refused extra
+connection lowers ``limit`` by one for the rest of the run, never below one. A per-session
+message limit (Stalwart's ``452 4.4.5`` after 10 messages in one session) is not
+back-pressure: the client opens a new session and the entry goes on it. A session with
+nothing left to carry gives its slot back (QUIT) whenever another may want it (runner.py),
+and waiting for a slot is bounded by the relay's ``timeout`` (``relay.Slots``).
 
 Trust: runs as the runner or the submitting user, like relay.py; it holds connections and
 counts, never message data or secrets.
@@ -25,7 +29,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from mailshim.smtpsession import RelaySettings
+    from mailshim.smtpconnect import RelaySettings
     from mailshim.tlsctx import ContextCache
 
 DEFAULT_CONCURRENCY = 4
@@ -83,6 +87,13 @@ class Pool:
         self.limit -= 1
         self.lowered.append(why)
         return True
+
+    def width(self) -> int:
+        """How many sessions may work at once now: ``limit``, and no more than the relay in
+        play can take (the first relay not marked down, or the one the first session is
+        connected to; a backup with ``concurrency = 1`` behind a primary that is down takes
+        one): a session that could only wait for a slot is not opened."""
+        return min(self.limit, self._slots.room(self.client(0).in_play()))
 
     def connected(self) -> int:
         return sum(1 for made in self._clients if made.connected)

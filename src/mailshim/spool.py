@@ -57,6 +57,7 @@ from mailshim.spoolfs import (
     _create_temp,
     _fsync_dir,
     _listdir,
+    _make_dirs,
     _may_write,
     _remove_if_abandoned,
     _same,
@@ -65,6 +66,7 @@ from mailshim.spoolfs import (
 
 SUBDIRS = ("tmp", "queue", "state", "dead", "corrupt")
 LISTENER_SIZE = "listener-size"
+HELD_NOTICE = ".held."  # incoming/.held.<uid>: why that user's mail waits there
 INCOMING_MODE = 0o3733  # setgid + sticky; owner rwx, group and others may only create
 SYNC_INTERVAL = 0.2  # seconds: removals of delivered entries are made durable in batches
 MARK_RECHECK = 1.0  # seconds: how long a cleared "listener unreachable" mark is trusted
@@ -94,17 +96,23 @@ class Spool:
     # --- creation and choice -------------------------------------------------
 
     def ensure(self) -> None:
-        """Create missing folders (mode 0700: entries are private to the spool's owner)."""
+        """Create missing folders (mode 0700: entries are private to the spool's owner), each
+        made durable in its parent before any entry is written into it."""
         try:
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            _make_dirs(self.root, 0o700)
+            made = False
             for name in SUBDIRS:
                 path = os.path.join(self.root, name)
                 try:
                     os.mkdir(path, 0o700)
+                    made = True
                 except FileExistsError:
                     st = os.lstat(path)
                     if not stat.S_ISDIR(st.st_mode):
                         raise CantCreateError(f"spool folder {path} is not a folder") from None
+            if made:
+                # their names, or the first entry fsynced into queue/ could vanish with it
+                _fsync_dir(self.root)
         except OSError as exc:
             raise from_oserror(exc, "creating the spool folder") from None
 
@@ -150,8 +158,15 @@ class Spool:
             os.fchown(fd, own[0], own[1])
 
     def check_usable(self) -> None:
-        """Raise the right error when entries cannot be recorded here (read-only, denied)."""
-        for folder in (self.queue, self.state_dir, self.tmp):
+        """Raise the right error when entries cannot be recorded here (read-only, denied).
+
+        A spool whose creation a crash cut short (``queue/`` made, ``state/`` not: a
+        submission fills such a spool without looking) is completed when this process may
+        write its root, rather than refusing every run until someone notices (issue 27)."""
+        folders = (self.queue, self.state_dir, self.tmp)
+        if not all(map(os.path.lexists, folders)) and os.access(self.root, os.W_OK | os.X_OK):
+            self.ensure()
+        for folder in folders:
             if not os.access(folder, os.W_OK | os.X_OK):
                 try:
                     os.utime(folder)  # the kernel says why: EROFS, EACCES, ENOENT ...
@@ -420,6 +435,61 @@ class Spool:
         finally:
             os.close(fd)
 
+    # --- a user held out of the queue ---------------------------------------------------
+    # Pickup leaves a user's entries in incoming/ while they are over their spool budget;
+    # it says why in ``incoming/.held.<uid>`` (the runner's, 0644: the user may open the
+    # name, not list the folder), and the user's next ``sendmail`` tells them.
+
+    def held_notice(self, uid: int) -> str:
+        """Why ``uid``'s mail waits in the drop folder, as the runner last wrote; "" when
+        it does not (a file of another owner than the drop folder's is not believed)."""
+        path = os.path.join(self.incoming, f"{HELD_NOTICE}{uid}")
+        try:
+            fd = os.open(path, _READ)
+        except OSError:
+            return ""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.lstat(self.incoming).st_uid:
+                return ""
+            raw = os.read(fd, 1024)
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
+        return raw.decode("utf-8", "replace").strip().splitlines()[0] if raw.strip() else ""
+
+    def set_held_notice(self, uid: int, reason: str) -> None:
+        """Record (``reason``) or clear ("") why ``uid``'s mail cannot enter the queue (the
+        runner; best effort). A name a user planted there is removed first."""
+        path = os.path.join(self.incoming, f"{HELD_NOTICE}{uid}")
+        data = reason.encode("utf-8", "replace") + b"\n"
+        try:
+            st = os.lstat(path)
+            if not reason or st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+                _unlink(path)
+            elif self.held_notice(uid) == reason:
+                return
+        except OSError:
+            pass
+        if not reason:
+            return
+        try:
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, 0o644
+            )
+        except OSError:
+            return
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, 0o644)
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def try_agent_lock(self) -> int | None:
         """An fd holding the spool's agent lock, or None when an agent already runs."""
         path = os.path.join(self.root, "agent.lock")
@@ -453,9 +523,18 @@ class Spool:
                 removed += 1
         if not states:
             return removed
-        for name in _listdir(self.state_dir):
+        # A state whose entry is gone is a crash's leftover, but pickup writes the state of
+        # its copy before linking it into queue/ (a crash then leaves no copy without its
+        # refusals): a state whose entry is still in tmp/ is being written. States are listed
+        # first, tmp/ then, queue/ last: a writer's temp file exists from before its state
+        # until after its link, so each state is found in one or the other.
+        names = _listdir(self.state_dir)
+        writing = {name.split(".", 1)[0] for name in _listdir(self.tmp)}
+        for name in names:
             path = os.path.join(self.state_dir, name)
             if spoolfmt.valid_id(name):
+                if name in writing:
+                    continue
                 if not os.path.lexists(os.path.join(self.queue, name)):
                     _unlink(path)
             elif name.endswith(".tmp"):

@@ -41,6 +41,7 @@ from mailshim.spoolfs import (
     _create_temp,
     _fsync_dir,
     _link_no_replace,
+    _make_dirs,
     _same,
     _unlink,
 )
@@ -105,7 +106,7 @@ def move_no_replace(target: EntrySpool, src: str, folder: str, name: str, reason
     (``fs.protected_hardlinks``) and is atomic if the process stops."""
     target_dir = target.dead if folder == "dead" else target.corrupt
     if not os.path.isdir(target_dir):
-        os.makedirs(target_dir, mode=0o700, exist_ok=True)
+        _make_dirs(target_dir, 0o700)
     dst = os.path.join(target_dir, name)
     for _ in range(TEMP_TRIES):
         if not (os.path.lexists(dst) or os.path.lexists(dst + ".reason")):
@@ -369,7 +370,7 @@ class LockedEntry(_Held):
         state_path = os.path.join(self.spool.state_dir, self.queue_id)
         try:
             if not os.path.isdir(target_dir):
-                os.makedirs(target_dir, mode=0o700, exist_ok=True)
+                _make_dirs(target_dir, 0o700)
             name = self._free_name(target_dir, state_path)
             target = os.path.join(target_dir, name)
             has_state = os.path.lexists(state_path)
@@ -379,12 +380,15 @@ class LockedEntry(_Held):
                 except FileExistsError:
                     pass  # ours, from a bury a crash interrupted (_free_name checked)
             target = move_no_replace(self.spool, src, folder, name, reason)
-            if has_state:
-                if not target.endswith(name):
-                    os.link(state_path, target + ".state")
-                _unlink(state_path)
+            if has_state and not target.endswith(name):
+                os.link(state_path, target + ".state")
             _fsync_dir(target_dir)
             _fsync_dir(self.spool.queue)
+            # Only once the move is durable: a power cut could otherwise keep the state's
+            # removal and lose the move, and the entry, back in queue/ without the state
+            # naming its delivered recipients, would go to them again (issue 27).
+            if has_state:
+                _unlink(state_path)
             spoolindex.note_gone(self.spool, self.queue_id)
         except OSError as exc:
             raise from_oserror(exc, f"moving entry {self.queue_id} to {folder}/") from None

@@ -234,6 +234,7 @@ class State:
         "last_error",
         "next_attempt",
         "pending",
+        "relay_wait",
         "reported",
         "requeued",
         "throttled",
@@ -249,6 +250,9 @@ class State:
         self.held = False
         self.warned = False
         self.reported = False  # the failure report (bounce_id) is written: never again
+        # Deferred only for the relay's sake (unreachable, 421, 4xx at MAIL/DATA/after the
+        # dot), not a recipient's: due at once when a relay takes mail again (runner.py).
+        self.relay_wait = False
         self.last_error = ""
         self.bounce_id = ""  # queue id chosen for this entry's failure report, once decided
         self.done: dict[str, Reply] = {}  # recipient -> the listener's reply (accepted)
@@ -275,6 +279,7 @@ def encode_state(state: State) -> bytes:
         "held": state.held,
         "warned": state.warned,
         "reported": state.reported,
+        "relay_wait": state.relay_wait,
         "last_error": state.last_error,
         "bounce_id": state.bounce_id,
         "done": {rcpt: reply.as_fields() for rcpt, reply in state.done.items()},

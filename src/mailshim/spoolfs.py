@@ -1,5 +1,6 @@
 """File-system primitives of the spool: unpredictable names, exclusive creation, link without
-replace, folder fsync, and the quiet listdir/unlink/close helpers; nothing about its layout.
+replace, folder fsync, durable folder creation, and the quiet listdir/unlink/close helpers;
+nothing about its layout.
 
 Every create is O_EXCL under a name with 60 random bits (a fresh name on EEXIST) and never
 O_TRUNC; a final name is linked, never renamed over (a rename would replace it). What the
@@ -27,13 +28,14 @@ from mailshim import spoolfmt
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOCTTY = getattr(os, "O_NOCTTY", 0)
 _READ = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NOCTTY | os.O_NONBLOCK
 _CREATE = os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _O_NOCTTY
+_FOLDER = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW | _O_CLOEXEC
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 TEMP_TRIES = 16  # fresh random names tried before a create gives up (EEXIST each time)
 
@@ -86,6 +88,30 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _make_dirs(path: str, mode: int) -> bool:
+    """``os.makedirs(path, mode, exist_ok=True)`` that makes every new folder durable.
+
+    A new folder's name is on disk only once its parent is fsynced: without that, a power cut
+    after an entry was fsynced into a new spool could take the folder, and the entry with it
+    (issue 27, found by tests/test_crash_states.py). Parents made on the way get 0777 less the
+    umask, as with ``os.makedirs``. A parent this process may not read cannot be fsynced and
+    is left as it is. Returns whether anything was created."""
+    parent = os.path.dirname(path.rstrip("/")) or "."
+    if parent != path and not os.path.isdir(parent):
+        _make_dirs(parent, 0o777)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if os.path.isdir(path):
+            return False
+        raise
+    try:
+        _fsync_dir(parent)
+    except PermissionError:
+        pass
+    return True
+
+
 def _may_write(folder: str) -> bool:
     if os.access(folder, os.W_OK | os.X_OK):
         return True
@@ -102,6 +128,43 @@ def _may_write(folder: str) -> bool:
         groups = {os.getegid(), *os.getgroups()}
         need = stat.S_IWGRP | stat.S_IXGRP if st.st_gid in groups else stat.S_IWOTH | stat.S_IXOTH
     return st.st_mode & need == need
+
+
+def open_folder(
+    name: str,
+    owners: Collection[int],
+    dir_fd: int | None = None,
+    create: int | None = None,
+    give: tuple[int, int] | None = None,
+) -> int:
+    """A folder as a descriptor, reached without following a link: ``name`` (relative to
+    ``dir_fd`` when given) opened O_DIRECTORY|O_NOFOLLOW, owned by one of ``owners`` (this
+    process's euid always counts) and writable by nobody else. ``create``: the mode to make
+    it with when missing; a folder root makes here goes to ``give`` (the spool's owner).
+
+    What root opens under a folder the runner account owns goes through such descriptors,
+    one component at a time: the runner account could otherwise swap a folder for a link
+    between root's look and root's use (docs/security.md). Raises ``OSError`` (ELOOP or
+    ENOTDIR for a link or a file, EPERM for a folder of another account)."""
+    made = False
+    if create is not None:
+        try:
+            os.mkdir(name, create, dir_fd=dir_fd)
+            made = True
+        except FileExistsError:
+            pass
+    fd = os.open(name, _FOLDER, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if made and give is not None and os.geteuid() == 0 and st.st_uid != give[0]:
+            os.fchown(fd, give[0], give[1])
+            st = os.fstat(fd)
+        if st.st_uid not in {*owners, os.geteuid()} or st.st_mode & 0o022:
+            raise PermissionError(errno.EPERM, "a folder another account controls", name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _listdir(path: str) -> list[str]:

@@ -18,10 +18,11 @@ import stat
 
 from mailshim.errors import CantCreateError, from_oserror
 from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool
-from mailshim.spoolfs import _listdir
+from mailshim.spoolfs import _fsync_dir, _make_dirs, open_folder
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_FILE = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 
 def setup(target: Spool, uid: int, gid: int) -> list[str]:
@@ -33,7 +34,7 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
     """
     changes: list[str] = []
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(target.root)), mode=0o755, exist_ok=True)
+        _make_dirs(os.path.dirname(os.path.abspath(target.root)), 0o755)
         changes += _make_dir(target.root, 0, 0, 0o711)
         for name in SUBDIRS:
             changes += _make_dir(os.path.join(target.root, name), uid, gid, 0o700)
@@ -54,6 +55,9 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
         # Entries a root process left behind before the runner user existed.
         for name in SUBDIRS:
             changes += _give_files(os.path.join(target.root, name), uid, gid)
+        # The names made here (folders, agent.lock, listener-size) are on disk only once
+        # the root is fsynced: "done" must survive a power cut (issue 27).
+        _fsync_dir(target.root)
     except OSError as exc:
         raise from_oserror(exc, "setting up the spool") from None
     target.forget_owner()
@@ -80,6 +84,7 @@ def _make_dir(path: str, uid: int, gid: int, mode: int) -> list[str]:
     try:
         os.mkdir(path, mode & 0o777)
         made = [f"{path}: created"]
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     except FileExistsError:
         made = []
     try:
@@ -99,22 +104,43 @@ def _make_dir(path: str, uid: int, gid: int, mode: int) -> list[str]:
         os.fchmod(fd, mode)
         if stat.S_IMODE(st.st_mode) != mode:
             made.append(f"{path}: mode {mode:04o}")
+        if made:
+            os.fsync(fd)  # its owner and mode, which nobody else would make durable
     finally:
         os.close(fd)
     return made
 
 
 def _give_files(folder: str, uid: int, gid: int) -> list[str]:
-    """Give root-owned plain files in ``folder`` to the runner user. Files with more than one
-    link are left alone: chowning a planted hard link would hand over its other name too."""
-    changed = []
-    for name in _listdir(folder):
-        path = os.path.join(folder, name)
-        try:
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == 0 and uid != 0:
-                os.lchown(path, uid, gid)
-                changed.append(f"{path}: owner {uid}:{gid}")
-        except OSError:
-            continue
+    """Give root-owned plain files in ``folder`` to the runner user. Each is looked at and
+    changed through descriptors (the folder's, then the file's: O_NOFOLLOW, O_NONBLOCK), so
+    a name the runner account swaps for a link in between is never followed; files with
+    more than one link are left alone: chowning a hard link would hand over its other name."""
+    changed: list[str] = []
+    if uid == 0:
+        return changed
+    try:
+        dir_fd = open_folder(folder, {uid})
+    except OSError:
+        return changed
+    try:
+        for name in os.listdir(dir_fd):
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+                if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == 0):
+                    continue
+                fd = os.open(name, _FILE, dir_fd=dir_fd)
+            except OSError:
+                continue
+            try:
+                now = os.fstat(fd)
+                if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev) and now.st_nlink == 1:
+                    os.fchown(fd, uid, gid)
+                    changed.append(f"{os.path.join(folder, name)}: owner {uid}:{gid}")
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)
     return changed

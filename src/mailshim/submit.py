@@ -249,10 +249,23 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
         writer.abort()
         _restore_signals(previous)
         raise
+    if target.drop:
+        _tell_if_held(target, user.uid)
     try:
         return _hand_on(config, sub, user, sender, recipients, target, writer, mode, locked)
     finally:
         _restore_signals(previous)
+
+
+def _tell_if_held(target: spool.Spool, uid: int) -> None:
+    """The runner marks a user whose mail cannot enter its queue (``Spool.held_notice``):
+    say so on stderr, after the entry is safe in the drop folder (exit status 0 stands)."""
+    why = target.held_notice(uid)
+    if why:
+        import sys
+
+        sys.stderr.write(f"sendmail: note: your mail waits in the drop folder: {why}\n")
+        sys.stderr.flush()
 
 
 def _hand_on(
@@ -362,7 +375,7 @@ def _write_message(
         resent_message_id=message.make_message_id(writer.queue_id + ".resent", config.domain),
     )
     limit = config.max_size_for(writer.spool.listener_size())
-    writer.write(_forgery_warning(config, sub, user, sender, own))
+    writer.write(_forgery_warning(config, sub, user, sender))
     writer.write(message.edit_headers(block.fields, edits))
     if block.body_prefix:
         writer.write(block.body_prefix)
@@ -383,20 +396,31 @@ def _too_large(config: Config, limit: int) -> str:
     return f"message larger than {where} ({limit} bytes): nothing was kept"
 
 
-def _forgery_warning(config: Config, sub: Submission, user: User, sender: str, own: str) -> bytes:
+def _forgery_warning(config: Config, sub: Submission, user: User, sender: str) -> bytes:
     """``X-Authentication-Warning`` when a user outside ``trusted_users`` chose the sender.
 
-    Anyone may pass ``-f`` (cron, PHP and fail2ban do); recipients then see who really
-    sent it, as classic sendmail shows. The user's own address needs no warning.
+    Anyone may pass ``-f`` (cron, PHP and fail2ban do), or name their own configuration
+    with another ``domain``; recipients then see who really sent it, as classic sendmail
+    shows. The user's own address (under root's configuration) needs no warning.
     """
-    if sub.sender is None or user.login in config.trusted_users:
+    if user.login in config.trusted_users:
         return b""
+    if sub.sender is None and config.own_domain == config.domain:
+        return b""
+    # Compared with the address root's configuration gives this user: a configuration file
+    # the user chose (its own ``domain``) must not make another address theirs.
+    if config.sender:
+        own = address.qualify(address.check_envelope_address(config.sender), config.own_domain)
+    else:
+        own = f"{user.login}@{config.own_domain}"
     if sender.lower() == own.lower():
         return b""
     from mailshim import paths
 
     shown = sender or "<>"
-    text = f"X-Authentication-Warning: {paths.fqdn()}: {user.login} set sender to {shown} using -f"
+    how = "-f" if sub.sender is not None else "its own configuration"
+    text = f"X-Authentication-Warning: {paths.fqdn()}: {user.login} set sender to {shown}"
+    text += f" using {how}"
     return text.encode("utf-8", "surrogateescape") + b"\r\n"
 
 

@@ -19,6 +19,7 @@ import pwd
 import click
 
 from mailshim import maillog, paths, spool, spoolchoice, spoolsetup
+from mailshim.cli import queuerun
 from mailshim.cli.group import _config, cli
 from mailshim.errors import NoPermError, NoUserError
 
@@ -89,6 +90,7 @@ def daemon_cmd(ctx: click.Context) -> None:
         raise NoPermError(
             "no spool this user can run: the system spool needs root or the mailshim user"
         )
+    queuerun.refuse_defaults(cfg, [s for s in spools if s.writable()])
 
     def say(line: str) -> None:
         click.echo(f"mailshim: {line}", err=True)

@@ -23,7 +23,11 @@ def _straight(force: bool) -> int:
     from mailshim import configload
 
     try:
-        queuerun.run_queue(configload.load(None), verbose=False, force=force)
+        cfg = configload.load_or_fallback(None)
+        line = configload.announce(cfg)
+        if line is not None:
+            sys.stderr.write(f"mailshim: error: {line}\n")
+        queuerun.run_queue(cfg, verbose=False, force=force)
     except (Exception, KeyboardInterrupt) as exc:
         return queuerun.failed(exc)
     return EX_OK

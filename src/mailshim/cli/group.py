@@ -16,9 +16,16 @@ from mailshim import config as config_mod
 
 
 def _config(ctx: click.Context) -> config_mod.Config:
+    """The configuration; an invalid file is said on stderr and in the log, and the last good
+    one (or the defaults) is used: the queue can still be listed and run (issue 23). The
+    commands that deliver refuse the defaults (``queuerun.refuse_defaults``)."""
     obj = ctx.ensure_object(dict)
     if "config" not in obj:
-        obj["config"] = configload.load(obj.get("config_path"))
+        loaded = configload.load_or_fallback(obj.get("config_path"))
+        line = configload.announce(loaded)
+        if line is not None:
+            click.echo(f"mailshim: error: {line}", err=True)
+        obj["config"] = loaded
     cfg: config_mod.Config = obj["config"]
     return cfg
 

@@ -24,6 +24,7 @@ from mailshim.errors import (
     EX_OK,
     EX_SOFTWARE,
     EX_TEMPFAIL,
+    ConfigError,
     MailshimError,
     SpoolIOError,
     one_line,
@@ -31,6 +32,7 @@ from mailshim.errors import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from mailshim import spool
     from mailshim.config import Config
 
 _SHOWN_STATUS = {
@@ -125,6 +127,7 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
     if not spools:
         _say("nothing to deliver: no spool this user can write")
         return
+    refuse_defaults(cfg, spools)
     from mailshim import spoolindex
 
     total = sum(spoolindex.totals(s)[0] for s in spools)
@@ -154,6 +157,35 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
         raise SpoolIOError(f"cannot write the output: {progress.failed.strerror}")
     untried = total - counts.total() - counts.skipped
     _say(counts.summary(untried if untried > 0 and counts.deferred else 0))
+
+
+def refuse_defaults(cfg: Config, spools: list[spool.Spool]) -> None:
+    """Deliver nothing with the built-in defaults standing in for a broken file: they may
+    name the wrong listener. Raises ``ConfigError`` (78) saying what waits, and where; the
+    mail is delivered by the first run after the file is fixed."""
+    from mailshim import configload
+
+    if configload.usable(cfg):
+        return
+    waiting = sum(len(s.ids()) + _dropped(s) for s in spools)
+    where = ", ".join(s.root for s in spools)
+    text = (
+        f"{cfg.path or 'the configuration'} is invalid and no earlier configuration from it"
+        f" was valid here: nothing is delivered; {waiting} message(s) wait in {where}"
+        " (sendmail still spools); fix the file and they are delivered at the next run"
+    )
+    maillog.log(f"error: {text}", error=True)
+    raise ConfigError(text)
+
+
+def _dropped(target: spool.Spool) -> int:
+    """Entries users left in the drop folder (listable by the runner and root only)."""
+    from mailshim import spoolfmt
+
+    try:
+        return sum(1 for n in os.listdir(target.incoming) if spoolfmt.valid_id(n))
+    except OSError:
+        return 0
 
 
 def _say(line: str) -> None:

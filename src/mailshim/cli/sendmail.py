@@ -99,24 +99,35 @@ def _dispatch(prog: str, inv: Invocation) -> int:
         return 0  # aliases are read at each submission: there is nothing to rebuild
     from mailshim import configload
 
-    config = configload.load(inv.config_path)
+    if inv.action == "verify":
+        return _verify(configload.load(inv.config_path), inv)
+    # A broken file must not cost a message (issue 23): spool with the last good
+    # configuration, else with the defaults and leave the delivery to a runner that has one.
+    config = configload.load_or_fallback(inv.config_path)
+    if config.broken is not None:
+        line = configload.announce(config)
+        if line is not None and os.isatty(2):
+            _say(prog, line)
     if inv.action == "list":
         from mailshim import queueview
 
         return queueview.print_queue(config)
     if inv.action == "flush":
+        if not configload.usable(config):
+            from mailshim.errors import ConfigError
+
+            raise ConfigError(f"{config.broken}: nothing is delivered until it is fixed")
         return _flush(prog, config, inv)
-    if inv.action == "verify":
-        return _verify(config, inv)
+    mode = inv.delivery if configload.usable(config) else "queue"
     if inv.action == "smtp":
         from mailshim import bs
 
         _catch_signals()
-        return bs.serve(config, mode=inv.delivery, verbose=inv.verbose)
-    return _submit(prog, config, inv)
+        return bs.serve(config, mode=mode, verbose=inv.verbose)
+    return _submit(prog, config, inv, mode)
 
 
-def _submit(prog: str, config: Config, inv: Invocation) -> int:
+def _submit(prog: str, config: Config, inv: Invocation, mode: str | None) -> int:
     from mailshim import submit
 
     _catch_signals()
@@ -126,7 +137,7 @@ def _submit(prog: str, config: Config, inv: Invocation) -> int:
         extract=inv.extract,
         dot_ends=inv.dot_ends,
         full_name=inv.full_name,
-        mode=inv.delivery,
+        mode=mode,
         verbose=inv.verbose,
     )
     outcome = submit.submit(config, sub, _read_stdin)

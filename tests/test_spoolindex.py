@@ -210,3 +210,18 @@ def test_make_due_turns_waiting_entries_due(world):
 
     assert spoolindex.make_due(target, lambda row: row[0] != ids[1], now_due) == 2
     assert [r[0] for r in spoolindex.due(target, time.time())] == [ids[0], ids[2]]
+
+
+def test_a_journal_too_long_to_merge_makes_a_rebuild(world, monkeypatch):
+    """What a flush or a bulk delete leaves is not held as a table: the index is rebuilt."""
+    monkeypatch.setattr(spoolindex, "JOURNAL_MAX", 200)
+    ids = queue_entries(world, n=8)
+    target = spool.Spool(str(world.spool))
+    assert spoolindex.rebuild(target)
+    for qid in ids[:6]:
+        target.lock(qid).remove()
+    journal = world.spool / "state" / "schedule" / "journal"
+    assert journal.stat().st_size > 200
+    assert [r[0] for r in spoolindex.rows(target)] == ids[6:]
+    assert journal.stat().st_size == 0
+    assert index_file(world).read_text().count("\n") == 2 + 2  # header, 2 rows, trailer

@@ -69,6 +69,9 @@ MAGIC = "MAILSHIM-SCHEDULE 1"
 REBUILD_AFTER = 3600  # seconds: an index older than this is rebuilt from the entries
 SWEEP_EVERY = 3600  # seconds between the runners' looks at every name in state/ (sweep_due)
 COMPACT_LINES = 2048  # journal lines beyond which a reader folds them into the index
+JOURNAL_MAX = 512 * 1024  # bytes (~8,000 lines): a longer journal is not merged, its changes
+# would be held at once; the index is rebuilt from the entries instead (which are fewer then:
+# such a journal is what a flush or a bulk delete leaves)
 PEEK_BYTES = 4096  # the magic, id, arrival and uid records of an entry fit in far less
 NEVER = 2**62  # the due time of a held entry: never by the clock
 
@@ -219,6 +222,7 @@ class _Journal:
         self.changes: dict[str, list[object]] = {}  # qid -> [gone, due, uid, size, flags]
         self.lines = 0
         self.last: tuple[int, int] | None = None  # the folders' times after the last change
+        self.too_long = False  # not read: its table would grow with it (rebuild instead)
 
     def read(self, f: BinaryIO) -> None:
         for raw in f:
@@ -277,13 +281,18 @@ def _read_journal(sp: IndexedSpool) -> _Journal:
     if fd is None:
         return journal
     with open(fd, "rb") as f:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if st.st_size > JOURNAL_MAX:
+            journal.too_long = True  # a flush of 100,000 leaves 100,000 lines
+        elif stat.S_ISREG(st.st_mode):
             journal.read(f)
     return journal
 
 
 def _fresh(sp: IndexedSpool, head: _Header, journal: _Journal, now: float) -> bool:
     """The index and its journal account for every change to the folders."""
+    if journal.too_long:
+        return False
     if not 0 <= now - head.built < REBUILD_AFTER:
         return False
     recorded = journal.last if journal.last is not None else (head.q, head.s)
@@ -619,6 +628,10 @@ def compact(sp: IndexedSpool, now: float | None = None) -> bool:
     if lock is None:
         return False
     try:
+        if os.fstat(lock).st_size > JOURNAL_MAX:
+            os.close(lock)
+            lock = -1
+            return rebuild(sp, now)
         opened = _open_index(sp)
         if opened is None:
             return False
@@ -642,7 +655,8 @@ def compact(sp: IndexedSpool, now: float | None = None) -> bool:
     except OSError:
         return False
     finally:
-        os.close(lock)
+        if lock >= 0:
+            os.close(lock)
 
 
 def _lock_journal(sp: IndexedSpool) -> int | None:

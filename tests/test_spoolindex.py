@@ -225,3 +225,20 @@ def test_a_journal_too_long_to_merge_makes_a_rebuild(world, monkeypatch):
     assert [r[0] for r in spoolindex.rows(target)] == ids[6:]
     assert journal.stat().st_size == 0
     assert index_file(world).read_text().count("\n") == 2 + 2  # header, 2 rows, trailer
+
+
+def test_wake_relay_waiters_touches_only_entries_waiting_for_their_relay(world):
+    ids = queue_entries(world, n=3)
+    later = int(time.time()) + 600
+    defer(world, ids, later)
+    target = spool.Spool(str(world.spool))
+    waiting = hasattr(spoolindex.spoolfmt.State(), "relay_wait")
+    if waiting:  # the state's relay_wait (issue 22): set on one entry
+        locked = target.lock(ids[1])
+        state = locked.state()
+        state.relay_wait = True
+        locked.save_state(state)
+        locked.release()
+    assert target.wake_relay_waiters() == (1 if waiting else 0)
+    due = [r[0] for r in spoolindex.due(target, time.time())]
+    assert due == ([ids[1]] if waiting else [])

@@ -47,7 +47,7 @@ import stat
 import time
 
 from mailshim import spoolfmt, spoolindex
-from mailshim.errors import CantCreateError, DataError, from_oserror
+from mailshim.errors import CantCreateError, DataError, MailshimError, from_oserror
 from mailshim.spoolentry import EntryWriter, LockedEntry, move_no_replace, new_queue_id
 from mailshim.spoolfmt import Envelope, State
 from mailshim.spoolfs import (
@@ -359,6 +359,30 @@ class Spool:
                 _unlink(tmp)
             raise from_oserror(exc, "saving the state of an entry") from None
         spoolindex.note_state(self, qid, state)
+
+    def wake_relay_waiters(self) -> int:
+        """Entries deferred because no relay could be reached (flag ``w`` in the schedule
+        index: the state's ``relay_wait``) become due now; returns how many. The one call
+        for "a relay takes mail again": only those entries' files are opened."""
+
+        def now_due(qid: str) -> bool:
+            try:
+                locked = self.lock(qid)
+            except MailshimError:
+                return False  # unreadable: the next pass quarantines it
+            if locked is None:
+                return False
+            try:
+                state = locked.state()
+                state.next_attempt = 0
+                if hasattr(state, "relay_wait"):
+                    setattr(state, "relay_wait", False)  # noqa: B010 - a newer State's field
+                locked.save_state(state)
+            finally:
+                locked.release()
+            return True
+
+        return spoolindex.make_due(self, lambda row: "w" in row[4], now_due)
 
     # --- the agent lock --------------------------------------------------------
     # It doubles as a "listener unreachable" mark: an agent that could reach no relay writes

@@ -139,6 +139,9 @@ def mailshim_rows(n: int, work: Path, log) -> list[tuple[str, dict]]:
             [str(bin_ / "mailshim"), "queue", "delete", *sender, "--dry-run"])  # fmt: skip
         one("mailshim queue delete --sender (90 %)",
             [str(bin_ / "mailshim"), "queue", "delete", *sender])  # fmt: skip
+        left = len(os.listdir(spool_root / "queue"))
+        if left != n - (n - (n + 9) // 10):
+            raise BenchError(f"delete --sender left {left} of {n}")
         # The flush: a second spool of n entries (the first lost 90 % to the delete).
         shutil.rmtree(spool_root)
         t0 = time.monotonic()

@@ -36,11 +36,21 @@ def defer(world, ids, until):
         locked.release()
 
 
-def opened_entries(world, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+def opened_entries(
+    world, *args: str, prog: str = "mailshim"
+) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run ``mailshim ARGS`` under strace; the names in queue/ and state/ it opened."""
+    names, r = opened_list(world, *args, prog=prog)
+    return r, set(names)
+
+
+def opened_list(world, *args: str, prog: str = "mailshim") -> tuple[list[str], object]:
+    """Every open of a name in queue/ or state/ by ``PROG ARGS`` (strace), in order."""
+    from conftest import tool
+
     log = world.tmp / "strace.log"
     r = subprocess.run(
-        [STRACE, "-f", "-qq", "-e", "trace=openat", "-o", str(log), tool_path(), *args],
+        [STRACE, "-f", "-qq", "-e", "trace=openat", "-o", str(log), tool(prog), *args],
         capture_output=True,
         env=world.env,
         timeout=120,
@@ -48,8 +58,7 @@ def opened_entries(world, *args: str) -> tuple[subprocess.CompletedProcess, set[
     pattern = re.compile(
         r'openat\([^"]*"' + re.escape(str(world.spool)) + r'/(queue|state)/([0-9A-Z]{20})"'
     )
-    names = {m.group(1) + "/" + m.group(2) for m in pattern.finditer(log.read_text())}
-    return r, names
+    return [m.group(1) + "/" + m.group(2) for m in pattern.finditer(log.read_text())], r
 
 
 def tool_path() -> str:
@@ -242,3 +251,19 @@ def test_wake_relay_waiters_touches_only_entries_waiting_for_their_relay(world):
     assert target.wake_relay_waiters() == (1 if waiting else 0)
     due = [r[0] for r in spoolindex.due(target, time.time())]
     assert due == ([ids[1]] if waiting else [])
+
+
+@needs_strace
+def test_listings_open_each_entry_and_state_once_and_ids_open_none(world):
+    ids = queue_entries(world, n=30)
+    defer(world, ids[:20], time.time() + 3600)
+    assert spoolindex.rebuild(spool.Spool(str(world.spool)))
+    for prog, args in (("mailq", ()), ("mailshim", ("queue",)), ("mailshim", ("queue", "--json"))):
+        names, r = opened_list(world, *args, prog=prog)
+        assert r.returncode == 0, r.stderr
+        assert sorted(names) == sorted(
+            [f"queue/{q}" for q in ids] + [f"state/{q}" for q in ids[:20]]
+        ), (prog, args)
+    names, r = opened_list(world, "queue", "--ids")
+    assert r.returncode == 0 and r.stdout.decode().split() == ids
+    assert names == []

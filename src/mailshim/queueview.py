@@ -131,16 +131,17 @@ def iter_items(config: Config) -> Iterator[Item]:
         yield from _drop_items(system, mine=True)
     for target in known:
         for row in spoolindex.rows(target):
-            item = read_item(target, row[0])
+            # "-": no state file when the index was read: none is looked for.
+            item = read_item(target, row[0], stateless=row[4] == "-")
             if item is not None:
                 yield item
 
 
-def read_item(target: spool.Spool, qid: str) -> Item | None:
+def read_item(target: spool.Spool, qid: str, stateless: bool = False) -> Item | None:
     """One entry with its state; None when it left meanwhile (delivered while we looked)."""
     try:
         env = target.read_envelope(qid)
-        state = target.load_state(qid)
+        state = spoolfmt.State() if stateless else target.load_state(qid)
     except FileNotFoundError:
         return None
     except (DataError, OSError) as exc:

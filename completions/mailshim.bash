@@ -92,8 +92,11 @@ run
 daemon
 queue
 log
+metrics
+check-queue
 sink
-setup-spool"
+setup-spool
+retrier"
             fi
             ;;
         config) _mailshim_compgen "$cur" "--json
@@ -112,6 +115,20 @@ setup-spool"
                 COMPREPLY=($(compgen -u -- "$cur"))
             fi
             ;;
+        check-queue) _mailshim_compgen "$cur" "--warning-waiting
+--critical-waiting
+--warning-age
+--critical-age
+--warning-held
+--critical-held
+--warning-dead
+--critical-dead
+--warning-stall
+--critical-stall
+--spool
+--probe
+--config
+--help" ;;
         sink) _mailshim_compgen "$cur" "--host
 --port
 --dir
@@ -119,7 +136,9 @@ setup-spool"
 --help" ;;
         log)
             if [[ $cur == -* ]]; then
-                _mailshim_compgen "$cur" "--help"
+                _mailshim_compgen "$cur" "--summary
+--day
+--help"
             elif [[ -z $action ]]; then
                 _mailshim_queue_ids "$cur"
             fi
@@ -189,6 +208,22 @@ shape"
             ;;
         setup-spool) _mailshim_compgen "$cur" "--user
 --help" ;;
+        retrier)
+            case $action in
+                '')
+                    if [[ $cur == -* ]]; then
+                        _mailshim_compgen "$cur" "--help"
+                    else
+                        _mailshim_compgen "$cur" "install
+remove"
+                    fi
+                    ;;
+                install) _mailshim_compgen "$cur" "--systemd
+--cron
+--help" ;;
+                *) _mailshim_compgen "$cur" "--help" ;;
+            esac
+            ;;
         *) _mailshim_compgen "$cur" "--help" ;;
     esac
     return 0

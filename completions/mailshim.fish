@@ -9,7 +9,7 @@ function __mailshim_dead_ids
     command mailshim queue --dead --ids 2>/dev/null
 end
 
-set -l __mailshim_commands config check send-test flush run daemon queue log sink setup-spool
+set -l __mailshim_commands config check send-test flush run daemon queue log metrics check-queue sink setup-spool retrier
 set -l __mailshim_actions list show delete hold release retry requeue shape
 
 complete -c mailshim -f
@@ -24,9 +24,12 @@ complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a run -d 'Deliver what is due (the retry schedule), once'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a daemon -d 'Run the spool in the foreground'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a queue -d 'List, show, delete, hold, release, retry or requeue entries'
-complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a log -d 'Show the syslog lines of one message'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a log -d 'Show the log lines of one message, or the day in figures'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a metrics -d 'Print the queue and delivery figures for Prometheus'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a check-queue -d 'Check the queue as a Nagios/Icinga plugin'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a sink -d 'A debugging listener'
 complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a setup-spool -d 'Create the system spool with its owners and modes'
+complete -c mailshim -n "not __fish_seen_subcommand_from $__mailshim_commands" -a retrier -d 'Set up what retries your mail where no runner runs'
 
 complete -c mailshim -n '__fish_seen_subcommand_from config' -l json -d 'Print JSON for scripts'
 complete -c mailshim -n '__fish_seen_subcommand_from flush run' -s v -l verbose -d 'Show the SMTP dialogue'
@@ -43,6 +46,22 @@ complete -c mailshim -n '__fish_seen_subcommand_from sink' -l dir -x -a '(__fish
 complete -c mailshim -n '__fish_seen_subcommand_from sink' -s q -l quiet -d 'Do not print messages'
 
 complete -c mailshim -n '__fish_seen_subcommand_from log' -a '(__mailshim_queue_ids)' -d 'Queue id'
+complete -c mailshim -n '__fish_seen_subcommand_from log' -l summary -d 'Count delivered, deferred, bounced, expired'
+complete -c mailshim -n '__fish_seen_subcommand_from log' -l day -x -d 'With --summary: only this day (YYYY-MM-DD)'
+
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l warning-waiting -x -d 'Warning threshold (a range)'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l critical-waiting -x -d 'Critical threshold (a range)'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l warning-age -x -d 'Warning threshold (a range)'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l critical-age -x -d 'Critical threshold (a range)'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l warning-held -x -d 'Warning threshold (a range)'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l critical-held -x -d 'Critical threshold (a range)'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l warning-dead -x -d 'Warning threshold (a range)'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l critical-dead -x -d 'Critical threshold (a range)'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l warning-stall -x -d 'Warning threshold (a range)'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l critical-stall -x -d 'Critical threshold (a range)'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l spool -x -a '(__fish_complete_directories)' -d 'The spool to check'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l probe -d 'Also connect to each listener'
+complete -c mailshim -n '__fish_seen_subcommand_from check-queue' -l config -r -F -d 'The configuration file'
 
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a list -d 'List the spool (the default)'
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a show -d 'Print the envelope, state and message of entries'
@@ -68,3 +87,8 @@ complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subc
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from shape' -l top -x -d 'Only the N biggest domains'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from shape' -l json -d 'Print JSON for scripts'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show' -l json -d 'Print JSON with the raw values'
+
+complete -c mailshim -n "__fish_seen_subcommand_from retrier; and not __fish_seen_subcommand_from install remove" -a install -d 'Run mailshim run at boot and every minute'
+complete -c mailshim -n "__fish_seen_subcommand_from retrier; and not __fish_seen_subcommand_from install remove" -a remove -d 'Remove the retrier install set up'
+complete -c mailshim -n '__fish_seen_subcommand_from retrier; and __fish_seen_subcommand_from install' -l systemd -d 'A systemd user timer'
+complete -c mailshim -n '__fish_seen_subcommand_from retrier; and __fish_seen_subcommand_from install' -l cron -d 'Your crontab'

@@ -103,7 +103,7 @@ def test_top_level_help_and_no_arguments(world):
     ("args", "start"),
     [
         (["check", "--bogus"], "mailshim check: No such option"),
-        (["log"], "mailshim log: Missing argument"),
+        (["log"], "mailshim: name a queue id, or give --summary"),
         (["nosuch"], "mailshim: No such command"),
         (["queue", "show"], "mailshim: name one or more queue ids, or --all"),
         (["queue", "hold", "NOTANID0000000000000"], "mailshim: no such queue id: NOTANID"),
@@ -256,7 +256,7 @@ def test_queue_table_json_hold_release_show(world):
     ]
 
     assert mailshim(world, "queue", "hold", ids[0]).stdout == b"hold: 1 entry\n"
-    listed = json.loads(mailshim(world, "queue", "--json").stdout)
+    listed = json.loads(mailshim(world, "queue", "--json").stdout)["entries"]
     assert [(e["id"], e["status"], e["held"]) for e in listed] == [
         (ids[0], "held", True),
         (ids[1], "new", False),
@@ -297,7 +297,7 @@ def test_queue_show_reads_like_a_person_wrote_it(tmp_path):
         assert absent not in fields, absent
     assert "Subject: m0" in text  # the headers follow
     # --json keeps the raw values.
-    (raw,) = json.loads(mailshim(world, "queue", "show", "--json", qid).stdout)
+    (raw,) = json.loads(mailshim(world, "queue", "show", "--json", qid).stdout)["entries"]
     assert raw["id"] == qid and isinstance(raw["arrival"], int) and raw["held"] is False
     assert raw["next_attempt"] > raw["arrival"] and raw["last_error"] == fields["last error"]
 
@@ -350,13 +350,34 @@ def _fake_journalctl(tmp_path: Path, body: str) -> dict[str, str]:
 
 
 def test_log_from_the_journal(world, tmp_path):
-    (tmp_path / "journal.txt").write_text("-- Journal begins --\n" + LOG)
+    # journalctl -o json's shape: one object per line; a repeated field is a list, the last
+    # value is the one shown (the real journald: tests/test_journal.py)
+    entries = []
+    for n, line in enumerate(LOG.splitlines()):
+        _stamp, host, tag, message = line.split(" ", 3)
+        ident, _, pid = tag.rstrip(":").rstrip("]").partition("[")
+        idents = ["mailshim", ident] if ident.startswith("mailshim/") else ident
+        entries.append(
+            {
+                "__REALTIME_TIMESTAMP": str(1796000000000000 + n),
+                "_HOSTNAME": host,
+                "SYSLOG_IDENTIFIER": idents,
+                "SYSLOG_PID": pid,
+                "MESSAGE": message,
+            }
+        )
+    (tmp_path / "journal.txt").write_text("".join(json.dumps(e) + "\n" for e in entries))
     calls = tmp_path / "calls"
     env = _fake_journalctl(tmp_path, f'echo "$*" > {calls}\ncat {tmp_path / "journal.txt"}\n')
     r = mailshim(world, "log", QID, env=env)
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.decode().splitlines()) == 5
-    assert calls.read_text().split() == ["-t", "mailshim", "--no-pager", "-o", "short-iso"]
+    lines = r.stdout.decode().splitlines()
+    assert len(lines) == 5
+    assert lines[-1].endswith(f"{BOUNCE}: to=<root@example.org>, relay=relay[127.0.0.1]:10025,"
+                              " delay=1, status=sent (250 ok)")  # fmt: skip
+    assert calls.read_text().split() == [
+        "-t", "mailshim", "-t", "mailshim/smtp", "--no-pager", "-o", "json"
+    ]  # fmt: skip
 
 
 def test_log_when_the_journal_fails(world, tmp_path):

@@ -55,8 +55,9 @@ FLAG_ARGS = {
 }
 COMMANDS = {
     "config", "check", "send-test", "flush", "run", "daemon", "queue", "log", "sink",
-    "setup-spool",
+    "setup-spool", "metrics", "check-queue", "retrier",
 }  # fmt: skip
+RETRIER_ACTIONS = {"install", "remove"}
 ACTIONS = {"list", "show", "delete", "hold", "release", "retry", "requeue", "shape"}
 
 
@@ -290,6 +291,8 @@ CASES = [
     ("mailshim log ", set(QUEUE_IDS), True),
     ("mailshim check --", {"--rcpt", "--json"}, False),
     ("mailshim sink --", {"--host", "--port", "--dir"}, False),
+    ("mailshim retrier ", RETRIER_ACTIONS, True),
+    ("mailshim retrier install --", {"--systemd", "--cron"}, False),
 ]
 
 
@@ -374,6 +377,7 @@ def test_commands_match_the_admin_cli() -> None:
     group = _admin_cli()
     assert _visible(group) == COMMANDS
     assert _visible(group.commands["queue"]) == ACTIONS
+    assert _visible(group.commands["retrier"]) == RETRIER_ACTIONS
 
 
 def test_options_match_the_admin_cli(workdir: Path) -> None:
@@ -387,13 +391,18 @@ def test_options_match_the_admin_cli(workdir: Path) -> None:
         paths.append((name, command))
         if isinstance(command, click.Group):
             for sub, subcommand in command.commands.items():
-                if not subcommand.hidden and sub in ACTIONS:
+                if not subcommand.hidden and sub in ACTIONS | RETRIER_ACTIONS:
                     paths.append((f"{name} {sub}", subcommand))
     wrong = {}
     for path, command in paths:
         line = f"mailshim {path} --".replace("  ", " ")
         got = {w for w in bash_complete(workdir, line) if w.startswith("--")}
         want = _long_options(command)
+        if path == "check-queue":  # click hands its words to its own parser (exit codes 0-3)
+            from mailshim.cli import checkqueue
+
+            want = {o for a in checkqueue.parser()._actions for o in a.option_strings}
+            want = {o for o in want if o.startswith("--")}
         if got != want:
             wrong[path or "(global)"] = {"completed": sorted(got), "click": sorted(want)}
     assert not wrong

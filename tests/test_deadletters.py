@@ -43,7 +43,7 @@ def test_queue_lists_dead_letters_with_their_reason(fworld):
     assert qid in out and "550 5.1.1 no such user" in out
     only = fworld.run("mailshim", ["queue", "--dead"]).stdout.decode()
     assert qid in only and "Mail queue is empty" not in only
-    [item] = json.loads(fworld.run("mailshim", ["queue", "--dead", "--json"]).stdout)
+    [item] = json.loads(fworld.run("mailshim", ["queue", "--dead", "--json"]).stdout)["dead"]
     assert item["id"] == qid and item["sender"] == "alice@example.org"
     assert "no such user" in item["reason"]
     assert fworld.run("mailshim", ["queue", "--dead", "--ids"]).stdout.decode().split() == [qid]

@@ -36,8 +36,10 @@ def test_log_file_gets_the_story_and_mailshim_log_reads_it(world):
     qid = text.split("]: ", 1)[1].split(":", 1)[0]
     assert f"{qid}: uid={os.getuid()} from=<" in text
     assert f"{qid}: to=<admin@example.org>" in text and "status=sent" in text
-    # syslog's layout: time, host, tag[pid]
-    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \S+ mailshim\[\d+\]: ", text)
+    # syslog's layout: time (RFC 3339, "+HH:MM" as pflogsumm reads it), host, tag[pid]; a
+    # delivery line's tag is mailshim/smtp
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d \S+ mailshim\[\d+\]: ", text)
+    assert re.search(r" mailshim/smtp\[\d+\]: \S+: to=<admin@example.org>", text)
     r = mailshim(world, "log", qid)
     assert r.returncode == 0, r.stderr
     assert [line for line in r.stdout.splitlines() if qid in line] == [

@@ -37,6 +37,7 @@ CONFIG_KEYS = {
     "submission": ["max_size", "max_recipients", "trusted_users", "helo"],
     "limits": ["user_spool_entries", "user_spool_bytes", "user_round_bytes"],
     "log": ["file"],
+    "monitoring": ["textfile_dir"],
 }  # fmt: skip
 EXIT_CODES = [0, 64, 65, 66, 67, 69, 70, 71, 73, 74, 75, 77, 78]
 REQUIRED_SECTIONS = [
@@ -45,6 +46,7 @@ REQUIRED_SECTIONS = [
 ]  # fmt: skip
 ADMIN_COMMANDS = [
     "config", "check", "send-test", "flush", "daemon", "queue", "log", "sink", "setup-spool",
+    "metrics", "check-queue",
 ]  # fmt: skip
 QUEUE_ACTIONS = ["list", "show", "delete", "hold", "release", "retry"]
 

@@ -72,7 +72,8 @@ def start(
     adopt the entry; with no state folder of their own, the runner delivers it.
     ``lock_fd`` (the spool's agent lock, from ``serving.claim_or_poke``) and ``slot_fd``
     (the user's slot, from ``dropagent.claim``) are what the caller already holds: the
-    agent is started with them.
+    agent is started with them. ``slot_fd`` alone (from ``dropagent.hand_over``): the user's
+    drop agent for the entries noted in their state folder (one ``sendmail -odi`` tried).
     Root starts the spool's agent as the spool's owner (the ``mailshim`` user).
     """
     args = [sys.executable, "-m", "mailshim.agent", "--spool", target.root]
@@ -84,6 +85,10 @@ def start(
         keep = [entry.fd, slot]
         # "-": the agent reads the id from the locked entry; argv is public in /proc
         args += ["--incoming", "-", "--lock-fd", str(entry.fd), "--slot-fd", str(slot)]
+    elif slot_fd is not None:
+        # The user's drop agent for entries already noted (sendmail -odi tried its own)
+        keep = [slot_fd]
+        args += ["--slot-fd", str(slot_fd)]
     else:
         if lock_fd is None:
             try:
@@ -96,7 +101,7 @@ def start(
         args += ["--lock-fd", str(lock_fd)]
     if config.path:
         args += ["--config", os.path.abspath(config.path)]
-    owner = target.owner() if os.geteuid() == 0 and entry is None else None
+    owner = target.owner() if os.geteuid() == 0 and entry is None and slot_fd is None else None
     try:
         pid = os.fork()
     except OSError:
@@ -255,6 +260,9 @@ def agent_main(
         if lock_fd is None:
             return 64
         return _drop_agent(config, root, lock_fd, incoming, slot_fd)
+    if slot_fd is not None:
+        # A user's drop agent for what they noted as tried (sendmail -odi, -v): it lingers.
+        return dropagent.linger(config, spool.Spool(root, drop=True), slot_fd, None)
     target = spool.Spool(root)
     fd = lock_fd if lock_fd is not None else target.try_agent_lock()
     while fd is not None:

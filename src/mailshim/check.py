@@ -563,17 +563,18 @@ def systemd_running() -> bool:
     return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
 
 
-def unit_states() -> dict[str, str]:
-    """``systemctl is-enabled`` for each unit; empty when systemd is not running."""
+def unit_states(verb: str = "is-enabled", units: Sequence[str] = SYSTEMD_UNITS) -> dict[str, str]:
+    """``systemctl is-enabled`` (or ``verb``: ``is-active``) for each unit; empty when
+    systemd is not running."""
     if not systemd_running():
         return {}
     import subprocess
 
     states = {}
-    for unit in SYSTEMD_UNITS:
+    for unit in units:
         try:
             proc = subprocess.run(
-                ["systemctl", "is-enabled", unit],
+                ["systemctl", verb, unit],
                 capture_output=True, text=True, timeout=10, check=False,
             )  # fmt: skip
             states[unit] = (proc.stdout.strip() or proc.stderr.strip() or "unknown").split()[0]
@@ -632,6 +633,25 @@ def _own_drop_agent(root: str, report: Report) -> None:
 
 
 _ENABLED = ("enabled", "enabled-runtime", "static", "alias", "indirect", "generated")
+# A unit retries only while it runs: an enabled timer that was stopped or failed does not
+# until the next boot (issue 22, item 8). "activating": the daemon restarting.
+_RUNNING = ("active", "reloading", "activating")
+
+
+def _stopped_units(report: Report, states: dict[str, str], active: dict[str, str]) -> None:
+    """Enabled units that do not run: a warning each, with the command that starts them."""
+    for unit, state in active.items():
+        if state in _RUNNING:
+            continue
+        start = f"systemctl start {unit}"
+        if state == "failed":
+            start = f"systemctl reset-failed {unit} && {start} (journalctl -u {unit} says why)"
+        report.add(
+            WARNING, "runner",
+            f"{unit} is {states[unit]} but {state}: it retries nothing until it is started"
+            " again (or the next boot)",
+            start,
+        )  # fmt: skip
 
 
 def check_runner(cfg: Config, report: Report) -> None:
@@ -640,12 +660,23 @@ def check_runner(cfg: Config, report: Report) -> None:
     from mailshim import serving, spool, spoolchoice
 
     states = unit_states()
-    enabled = [u for u, s in states.items() if s in _ENABLED]
+    active = unit_states("is-active", [u for u, s in states.items() if s in _ENABLED])
+    _stopped_units(report, states, active)
+    running = [u for u, s in active.items() if s in _RUNNING]
     pids = daemon_pids()
-    units = [f"{u} ({states[u]})" for u in enabled if u in RETRYING_UNITS]
+    units = [f"{u} ({states[u]}, {active[u]})" for u in running if u in RETRYING_UNITS]
     system_root = cfg.queue_dir or paths.SYSTEM_SPOOL
     roots = [t.root for t in spoolchoice.known_spools(cfg)] or [system_root]
     uncovered: list[str] = []
+    mine: list[str | None] = []  # this user's own retrier, looked up once, when needed
+
+    def own_retrier() -> str | None:
+        if not mine:
+            from mailshim import retrier
+
+            mine.append(retrier.installed())
+        return mine[0]
+
     for root in roots:
         if os.path.isdir(os.path.join(root, "incoming")):
             _own_drop_agent(root, report)
@@ -659,23 +690,39 @@ def check_runner(cfg: Config, report: Report) -> None:
             who.append(now)
         elif pids and root == system_root:
             who += [f"mailshim daemon (pid {p})" for p in pids]
+        if not who and target.writable():
+            found = own_retrier()
+            if found:
+                who.append(f"{found} (mailshim retrier)")
         if who:
             report.add(OK, "runner", f"{root}: deferred mail is retried by " + ", ".join(who))
-            if root == system_root and states and "mailshim-flush.path" not in enabled and not pids:
+            if root == system_root and states and "mailshim-flush.path" not in running and not pids:
                 report.add(
                     OK, "runner",
-                    "mailshim-flush.path is not enabled: mail other users drop in the spool"
+                    "mailshim-flush.path is not running: mail other users drop in the spool"
                     " waits for the delivery agent or the next timer run",
                 )  # fmt: skip
             continue
         uncovered.append(root)
-    if not uncovered:
-        return
+    if uncovered:
+        _uncovered(cfg, report, uncovered, system_root, states, active)
+
+
+def _uncovered(
+    cfg: Config,
+    report: Report,
+    uncovered: list[str],
+    system_root: str,
+    states: dict[str, str],
+    active: dict[str, str],
+) -> None:
+    """The spools nothing retries now: what that means for each, and the fix."""
     how = "systemctl enable --now mailshim-flush.timer mailshim-flush.path"
     if not states:
         how = (
             "run mailshim daemon (containers, hosts without systemd), or enable"
-            " mailshim-flush.timer where systemd runs"
+            " mailshim-flush.timer where systemd runs; for your own spool: mailshim"
+            " retrier install"
         )
     if cfg.delivery_mode == "queue":
         report.add(
@@ -692,7 +739,13 @@ def check_runner(cfg: Config, report: Report) -> None:
             how, EX_UNAVAILABLE,
         )  # fmt: skip
         return
-    why = ", ".join(f"{u} is {s}" for u, s in states.items()) or "systemd is not running"
+    why = (
+        ", ".join(
+            f"{u} is {s}" + (f" but {active[u]}" if active.get(u, "active") not in _RUNNING else "")
+            for u, s in states.items()
+        )
+        or "systemd is not running"
+    )
     for root in uncovered:
         drop = os.path.isdir(os.path.join(root, "incoming"))
         if drop:
@@ -705,9 +758,37 @@ def check_runner(cfg: Config, report: Report) -> None:
                 " runs",
                 how,
             )  # fmt: skip
+        elif waiting := _waiting(root):
+            report.add(
+                WARNING, "runner",
+                f"{root}: {waiting} deferred message(s) and nothing retries them (no"
+                " delivery agent, daemon, timer or retrier: the agent died or the host"
+                " restarted); they go out only with the next submission",
+                "mailshim flush sends them now; mailshim retrier install retries them from"
+                " now on, after a reboot too",
+            )  # fmt: skip
         else:
             report.add(
                 OK, "runner",
                 f"{root}: no delivery agent is waiting now; the agent each sendmail starts"
                 " lingers while mail is deferred and retries it on the [queue] retry schedule",
+                "if that agent dies or the host restarts, nothing retries until the next"
+                " submission: mailshim retrier install",
             )  # fmt: skip
+
+
+def _waiting(root: str) -> int:
+    """Entries in ``root``'s queue that a retrier would try (not held); 0 if unreadable."""
+    from mailshim import spool
+
+    target = spool.Spool(root)
+    count = 0
+    try:
+        for qid in target.ids():
+            try:
+                count += not target.load_state(qid).held
+            except (MailshimError, OSError):
+                count += 1
+    except (MailshimError, OSError):
+        return 0
+    return count

@@ -132,6 +132,7 @@ class Config:
         "log_file",
         "max_recipients",
         "max_size",
+        "metrics_textfile_dir",
         "path",
         "qualify_headers",
         "queue_dir",
@@ -189,6 +190,7 @@ class Config:
         # pass before the next uid's turn (fair.py).
         self.user_round_bytes = 256 * 1024
         self.log_file: str | None = None
+        self.metrics_textfile_dir: str | None = None  # node_exporter's textfile folder
         # What one submitting uid (not root, the runner or trusted_users) gets delivered per
         # window; more waits for the next window (sendlimits.py). 0: no limit.
         self.user_messages = 100
@@ -438,6 +440,7 @@ SECTIONS: dict[str, dict[str, tuple[str, Callable[[object], object]]]] = {
         "user_window": ("user_window", _positive_duration),
     },
     "log": {"file": ("log_file", _abs_path)},
+    "monitoring": {"textfile_dir": ("metrics_textfile_dir", _abs_path)},
     "submission": {
         "max_size": ("max_size", parse_size),
         "max_recipients": ("max_recipients", _positive_int),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 
-from mailshim import deadletters, maillog, policy, runner, serving, spool, spoolindex
+from mailshim import deadletters, maillog, metrics, policy, runner, serving, spool, spoolindex
 from mailshim.errors import MailshimError
 
 TYPE_CHECKING = False
@@ -62,6 +62,7 @@ class _Daemon:
         self.took_over: set[str] = set()
         self.waiting: set[str] = set()  # spools whose agent.lock another process holds
         self.dead_expired: dict[str, float] = {}
+        self.marked: dict[str, float] = {}  # when the "served" mark was last refreshed
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -75,6 +76,7 @@ class _Daemon:
                 target.sync(force=True)
                 if target.root in self.locks:
                     serving.clear_pid(target)
+                    serving.mark_served(target, None)  # sendmail starts agents again
             for fd in self.locks.values():
                 os.close(fd)
 
@@ -133,6 +135,7 @@ class _Daemon:
                     self.config, self.pool, target, counts, force=False, stop=stop
                 )
                 target.sync(force=True)
+                metrics.after_pass(self.config, target, time.time())
                 if counts.total():
                     self.say(f"{target.root}: {counts.summary()}")
                     wake = time.time()  # look again at once: new entries (bounces) may be due
@@ -152,7 +155,18 @@ class _Daemon:
             wake = max(wake, self.hold_until)
         if waiting_drops:
             wake = min(wake, time.time() + LOCKED_RECHECK)
+        self.keep_marks()
         return wake
+
+    def keep_marks(self) -> None:
+        """Keep the "served" mark of each spool this daemon holds fresh: users' sendmail
+        then leaves their mail to the daemon instead of starting their own agents."""
+        now = time.monotonic()
+        for target in self.spools:
+            last = self.marked.get(target.root, -serving.SERVED_REFRESH)
+            if target.root in self.locks and now - last >= serving.SERVED_REFRESH:
+                self.marked[target.root] = now
+                serving.mark_served(target, serving.DAEMON)
 
     async def wait(self, stop: asyncio.Event, wake: float) -> None:
         """Sleep until ``wake``, a change in a spool folder, or ``stop``."""
@@ -164,6 +178,7 @@ class _Daemon:
                 runner.queue_stamp(t) for t in self.spools
             ] != stamps and time.time() >= self.hold_until:
                 return
+            self.keep_marks()
             if self.pool is not None and time.monotonic() - idle_since > 5.0:
                 await self.pool.close()  # do not hold the listener's connections while idle
                 self.pool = None

@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, policy, spoolentry
+from mailshim import bounce, maillog, mailstats, policy, spoolentry
 from mailshim.constants import (
     BOUNCED,
     DEFERRED,
@@ -65,7 +65,10 @@ def _fmt_delay(seconds: float) -> str:
 
 
 def _log_replies(queue_id: str, arrival: int, result: SendResult, now: float) -> None:
-    delay = _fmt_delay(max(0.0, now - arrival))
+    """One line per recipient, tagged ``mailshim/smtp`` for pflogsumm, with journal fields;
+    each outcome also counts for the metrics (mailstats)."""
+    seconds = max(0.0, now - arrival)
+    delay = _fmt_delay(seconds)
     for rcpt, reply in result.replies.items():
         if 200 <= reply.code < 300:
             status = SENT
@@ -77,7 +80,10 @@ def _log_replies(queue_id: str, arrival: int, result: SendResult, now: float) ->
             f"{queue_id}: to=<{rcpt}>, relay={result.relay}, delay={delay},"
             f" status={status} ({reply})",
             error=status != SENT,
+            program="smtp",
+            fields={"status": status, "relay": result.relay, "recipient": rcpt, "delay": delay},
         )
+        mailstats.delivery(result.relay, status, reply.code, seconds, now)
 
 
 def _write_report(
@@ -162,6 +168,7 @@ def _carry_out(
     locked.save_state(state)
     where = locked.bury("dead", action.reason)
     maillog.log(f"{env.queue_id}: moved to {where}: {action.reason}", error=True)
+    mailstats.expired(len(set(state.expired)), max(0.0, now - env.arrival))
     return action.status
 
 
@@ -321,8 +328,11 @@ def deliver_now(
         result = asyncio.run(run())
     finally:
         locked.release()
-    if result[0] == SENT and isinstance(locked, spoolentry.LockedEntry):
-        locked.spool.clear_relay_down()
+    if isinstance(locked, spoolentry.LockedEntry):
+        if result[0] == SENT:
+            locked.spool.clear_relay_down()
+        # Counted at once (cheap); the queue's figures wait for the next pass.
+        mailstats.merge(locked.spool.state_dir, mailstats.take_notes(), time.time())
     return result
 
 

@@ -117,6 +117,18 @@ def claim(root: str, entry: spoolentry.DropEntry) -> int | None:
     return fd
 
 
+def hand_over(root: str, qid: str) -> int | None:
+    """For the user's drop entry that ``sendmail -odi``/``-v`` tried just now and left
+    deferred: noted as tried (its first retry is one step from now), then the slot's fd when
+    no agent of theirs runs (the caller starts one with it), else None, their lingering agent
+    poked to adopt it (with no state folder of their own, the runner delivers it)."""
+    noted = note(root, qid, tried=True)
+    fd = slot(root)
+    if fd is None and noted:
+        poke(root)
+    return fd
+
+
 def _records(root: str, create: bool) -> str | None:
     path = _name(root, ".d")
     if path is None:
@@ -135,17 +147,46 @@ def _records(root: str, create: bool) -> str | None:
     return path
 
 
-def note(root: str, qid: str) -> bool:
+TRIED = b"tried\n"  # a note's content when the entry was tried at the note's mtime
+
+
+def note(root: str, qid: str, tried: bool = False) -> bool:
     """Remember ``qid`` as this user's entry for their agent; done before the slot is tried,
-    so that an agent leaving at that moment sees it (``linger`` looks once more)."""
+    so that an agent leaving at that moment sees it (``linger`` looks once more). ``tried``:
+    the submitter has just tried it (``-odi``), so the agent's first try is one step on."""
     folder = _records(root, create=True)
     if folder is None:
         return False
     try:
-        os.close(os.open(os.path.join(folder, qid), os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW, 0o600))
+        fd = os.open(os.path.join(folder, qid), os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW, 0o600)
+        try:
+            if tried:
+                os.write(fd, TRIED)
+        finally:
+            os.close(fd)
     except OSError:
         return False
     return True
+
+
+def _tried_at(root: str, qid: str) -> float | None:
+    """When the submitter tried the noted entry (the note's mtime), or None if it did not."""
+    folder = _records(root, create=False)
+    if folder is None:
+        return None
+    try:
+        fd = os.open(os.path.join(folder, qid), os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or os.read(fd, 16) != TRIED:
+            return None
+        return st.st_mtime
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def noted(root: str) -> list[str]:
@@ -360,6 +401,14 @@ def _round(
     return down_until
 
 
+def _adopt(root: str, qid: str, steps: tuple[int, ...], earliest: float) -> _Track:
+    """A newly noted entry's track: due at once, or one step after the submitter's try."""
+    tried = _tried_at(root, qid)
+    if tried is None:
+        return _Track(earliest)
+    return _Track(max(earliest, min(tried, time.time()) + steps[0]), attempts=1)
+
+
 def _clear_pid(root: str) -> None:
     path = _name(root, ".pid")
     try:
@@ -406,8 +455,8 @@ def linger(config: Config, target: spool.Spool, slot_fd: int, first: str | None)
             while True:
                 now = time.time()
                 for qid in _noted(target.root):
-                    if qid not in gone:
-                        tracks.setdefault(qid, _Track(max(now, down_until)))
+                    if qid not in gone and qid not in tracks:
+                        tracks[qid] = _adopt(target.root, qid, steps, max(now, down_until))
                 if not tracks or not os.path.isdir(target.incoming):
                     break
                 try:

@@ -1,17 +1,25 @@
-"""One log line per event, Postfix style: to syslog (mail facility, tag ``mailshim``), to the
-``[log] file`` when one is configured, and to stderr for ``mailshim daemon`` when neither is
-there (containers, minimal hosts).
+"""One log line per event, Postfix style: to the journal (native protocol, with fields) where
+journald runs, else to syslog (mail facility, tag ``mailshim``), to the ``[log] file`` when one
+is configured, and to stderr for ``mailshim daemon`` when none of these is there (containers,
+minimal hosts).
 
-``journalctl -t mailshim``, ``grep QUEUEID /var/log/mail.log`` or the ``[log] file`` then tell
-a message's whole story; ``story()`` reads it back for ``mailshim log ID``. A line that cannot
-be written (no syslog socket, a log file this user may not append to) is dropped: logging
-never makes a submission or a delivery fail.
+A delivery attempt's line is tagged ``mailshim/smtp`` (as Postfix's ``postfix/smtp``), so
+that pflogsumm's parser (``pflogsumm --syslog-name=mailshim``) counts its ``status=sent``,
+``deferred`` and ``bounced``; every other line is tagged ``mailshim``. The file's lines carry
+an RFC 3339 time with a ``+HH:MM`` offset, which pflogsumm reads too. In the journal each line
+also carries ``MAILSHIM_QUEUE_ID`` and, for a delivery attempt, ``MAILSHIM_STATUS``,
+``MAILSHIM_RELAY``, ``MAILSHIM_RECIPIENT`` and ``MAILSHIM_DELAY`` (journal.py).
+
+``journalctl MAILSHIM_QUEUE_ID=ID``, ``grep QUEUEID /var/log/mail.log`` or the ``[log] file``
+then tell a message's whole story; ``story()`` reads it back for ``mailshim log ID``. A line
+that cannot be written (no journal or syslog socket, a log file this user may not append to)
+is dropped: logging never makes a submission or a delivery fail.
 
 Trust: any process. Text is reduced to one printable line before it is logged, so addresses
-and replies from other users or the listener cannot forge extra log lines. The log file is
-opened append-only without following a link, and only a regular file is written. ``story()``
-runs as the administrator and only reads what that user may read. Raises nothing; ``story``
-raises OSError for an unreadable file named with ``--file``.
+and replies from other users or the listener cannot forge extra log lines or journal fields.
+The log file is opened append-only without following a link, and only a regular file is
+written. ``story()`` runs as the administrator and only reads what that user may read. Raises
+nothing; ``story`` raises OSError for an unreadable file named with ``--file``.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import os
 import sys
 
+from mailshim import journal
 from mailshim.errors import one_line
 
 TYPE_CHECKING = False
@@ -26,7 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
 _SOCKETS = ("/dev/log", "/var/run/syslog")
-_opened = False
+_opened: str | None = None  # the tag syslog was opened with
 _available: bool | None = None
 _file: str | None = None  # [log] file
 _stderr = False  # mailshim daemon: log to stderr when there is no syslog and no file
@@ -44,11 +53,12 @@ def use_stderr(on: bool) -> None:
     _stderr = on
 
 
-def _append(path: str, line: str) -> bool:
+def _append(path: str, line: str, tag: str) -> bool:
     import time
 
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    data = f"{stamp} {os.uname().nodename} mailshim[{os.getpid()}]: {line}\n"
+    now = time.time()
+    stamp = journal.rfc3339(now, time.localtime(now).tm_gmtoff)
+    data = f"{stamp} {os.uname().nodename} {tag}[{os.getpid()}]: {line}\n"
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY
     flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -76,14 +86,30 @@ def available() -> bool:
     return _available
 
 
-def log(text: str, *, error: bool = False) -> None:
-    """Log ``text`` (already "QUEUEID: key=value, ..." shaped): syslog, the log file, or
-    the daemon's stderr (see the module docstring)."""
+def log(
+    text: str,
+    *,
+    error: bool = False,
+    program: str | None = None,
+    fields: dict[str, str] | None = None,
+) -> None:
+    """Log ``text`` (already "QUEUEID: key=value, ..." shaped): the journal or syslog, the log
+    file, or the daemon's stderr (see the module docstring).
+
+    ``program`` ("smtp" for a delivery attempt) makes the tag ``mailshim/PROGRAM``;
+    ``fields`` (status, relay, recipient, delay) become ``MAILSHIM_*`` journal fields.
+    """
     global _opened
     line = one_line(text)
+    tag = f"mailshim/{program}" if program else "mailshim"
     if _file is not None:
-        _append(_file, line)
-    if os.environ.get("MAILSHIM_NO_SYSLOG") or not available():
+        _append(_file, line, tag)
+    quiet = bool(os.environ.get("MAILSHIM_NO_SYSLOG"))
+    if not quiet and journal.available():
+        clean = {k: one_line(v) for k, v in fields.items()} if fields else None
+        if journal.send(journal.line_fields(line, error=error, program=program, extra=clean)):
+            return
+    if quiet or not available():
         if _stderr and _file is None:
             try:
                 sys.stderr.write(f"mailshim: {line}\n")
@@ -93,16 +119,18 @@ def log(text: str, *, error: bool = False) -> None:
         return
     import syslog
 
-    if not _opened:
-        syslog.openlog("mailshim", syslog.LOG_PID, syslog.LOG_MAIL)
-        _opened = True
-    syslog.syslog(syslog.LOG_WARNING if error else syslog.LOG_INFO, line)
+    if _opened != tag:
+        syslog.openlog(tag, syslog.LOG_PID, syslog.LOG_MAIL)
+        _opened = tag
+    # notice, not info: the units drop systemd's own per-run lines (info) with
+    # LogLevelMax=notice, which would drop info lines of ours with them.
+    syslog.syslog(syslog.LOG_WARNING if error else syslog.LOG_NOTICE, line)
 
 
 # --- reading the story back (``mailshim log ID``) -----------------------------------------
 
 LOG_FILES = ("/var/log/mail.log", "/var/log/maillog")
-JOURNAL = ("journalctl", "-t", "mailshim", "--no-pager", "-o", "short-iso")
+JOURNAL = ("journalctl", "-t", "mailshim", "-t", "mailshim/smtp", "--no-pager", "-o", "json")
 _ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -131,7 +159,8 @@ def follow(lines: Iterable[str], queue_id: str) -> Iterator[str]:
 
 
 def journal_story(queue_id: str) -> list[str] | None:
-    """The journal's lines for ``queue_id`` (streamed); None when journalctl does not work."""
+    """The journal's lines for ``queue_id`` (``journalctl -o json``, streamed, each entry
+    shown as a syslog line); None when journalctl does not work."""
     import shutil
     import subprocess
 
@@ -145,9 +174,7 @@ def journal_story(queue_id: str) -> list[str] | None:
         return None
     assert proc.stdout is not None
     try:
-        lines = (
-            raw.decode("utf-8", "replace") for raw in proc.stdout if not raw.startswith(b"-- ")
-        )
+        lines = (line for line in map(journal.parse_json_line, proc.stdout) if line is not None)
         found = list(follow(lines, queue_id))
     finally:
         proc.stdout.close()

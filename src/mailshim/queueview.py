@@ -51,6 +51,14 @@ STYLES = {
 }
 
 
+JSON_SCHEMA = 1  # the shape of `queue --json` (docs/monitoring.md); a new shape, a new number
+
+
+def json_doc(key: str, items: list[dict[str, object]]) -> dict[str, object]:
+    """``mailshim queue --json``'s document: ``{"schema": 1, KEY: [item, ...]}``."""
+    return {"schema": JSON_SCHEMA, key: items}
+
+
 class Item:
     """One queued message as shown to a person or a script."""
 
@@ -162,17 +170,18 @@ def _window(items: Iterable[Item]) -> tuple[list[Item], Iterator[Item]]:
     return list(itertools.islice(it, WINDOW)), it
 
 
-def json_lines(items: Iterable[Item]) -> Iterator[str]:
-    """A JSON array of ``Item.as_dict``, one item at a time: the same text as
-    ``json.dumps(list, indent=2)``, without holding the list."""
+def json_lines(key: str, items: Iterable[Item]) -> Iterator[str]:
+    """``json_doc(key, [item.as_dict(), ...])`` as text, one item at a time: the same text
+    as ``json.dumps(doc, indent=2)`` and a newline, without holding the list."""
     import json
 
+    yield f'{{\n  "schema": {JSON_SCHEMA},\n  {json.dumps(key)}: ['
     first = True
     for item in items:
-        body = json.dumps(item.as_dict(), indent=2).replace("\n", "\n  ")
-        yield ("[\n  " if first else ",\n  ") + body
+        body = json.dumps(item.as_dict(), indent=2).replace("\n", "\n    ")
+        yield ("\n    " if first else ",\n    ") + body
         first = False
-    yield "[]\n" if first else "\n]\n"
+    yield "]\n}\n" if first else "\n  ]\n}\n"
 
 
 def unseen(config: Config) -> list[str]:

@@ -30,6 +30,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
+from mailshim import mailstats
 from mailshim import reply as kinds
 from mailshim.errors import ConfigError
 from mailshim.hostnames import valid_helo
@@ -231,6 +232,7 @@ class RelayClient:
         return usable or list(self._relays)
 
     def _mark(self, relay: RelaySettings, failed: bool) -> None:
+        mailstats.relay_state(relay.name, not failed, time.time())  # mailshim_relay_up
         if failed:
             until = time.monotonic() + max(0.0, relay.retry_after_failure)
             self._down_until[self._key(relay)] = until

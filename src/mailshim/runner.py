@@ -28,7 +28,18 @@ from __future__ import annotations
 import os
 import time
 
-from mailshim import deadletters, delivery, fair, maillog, policy, sendlimits, spool, spoolindex
+from mailshim import (
+    deadletters,
+    delivery,
+    fair,
+    maillog,
+    mailstats,
+    metrics,
+    policy,
+    sendlimits,
+    spool,
+    spoolindex,
+)
 from mailshim.constants import (
     DEFERRED,
     LIMITED,
@@ -189,6 +200,11 @@ class _Pass:
         self.recovered = False  # a relay took mail in this pass (see relay_recovered)
         self.relay_waiting: list[str] = []  # not due, but waiting only for the relay
         self.recovering: list[str] = []  # such entries, due since a relay took mail
+        # Rows the index flags as waiting only for their relay (not due, not held): packed
+        # ids, not opened unless a relay takes mail in this pass (then each is vetted by
+        # _wanted, which reads its state). A listener outage flags every deferred entry so.
+        self.relay_index = bytearray()
+        self.relay_at = 0
 
     def _due_rows(self) -> Iterator[spoolindex.Row]:
         if not self.force and self.only is None:
@@ -199,6 +215,9 @@ class _Pass:
         for row in spoolindex.rows(self.target, self.now):
             if spoolindex.is_due(row, self.now, self.force):
                 yield row
+            elif "w" in row[4] and "h" not in row[4] and len(row[0]) == fair.ID_BYTES:
+                if self.only is None or row[0] in self.only:
+                    self.relay_index += row[0].encode("ascii")
             elif self.only is None or row[0] in self.only:
                 if self.seen is not None:
                     key = seen_key(row[0])
@@ -215,12 +234,18 @@ class _Pass:
         """A relay took mail: entries deferred only for the relay's sake are due at once (those
         this pass passed over join it now, the rest are taken as the pass reaches them), while
         a recipient's own 4xx keeps its schedule (policy.due_after_recovery). The one place
-        that acts on a recovery: it costs no extra reads, since the pass reads every state."""
+        that acts on a recovery: the entries the index flags as waiting for their relay are
+        read only now (``relay_index``)."""
         if self.recovered:
             return
         self.recovered = True
         waiting, self.relay_waiting = self.relay_waiting, []
         self.recovering.extend(waiting)
+
+    def relay_left(self) -> int:
+        """Entries flagged as waiting for their relay and not looked at (once a relay took
+        mail in this pass, each is vetted as it is taken)."""
+        return (len(self.relay_index) - self.relay_at) // fair.ID_BYTES
 
     def next_entry(self) -> str | None:
         """The next entry to try, taken for good (no other session gets it); None at the end."""
@@ -228,6 +253,12 @@ class _Pass:
             return self.returned.pop(0)  # already vetted: an extra session gave it back
         if self.recovering:
             return self.recovering.pop(0)
+        if self.recovered:
+            while self.relay_at < len(self.relay_index):
+                at, self.relay_at = self.relay_at, self.relay_at + fair.ID_BYTES
+                qid = self.relay_index[at : self.relay_at].decode("ascii")
+                if self._wanted(qid):
+                    return qid
         for qid in self.order:
             if self.stop is not None and self.stop.is_set():
                 self.ended = self.ended or "stopped"
@@ -340,9 +371,11 @@ async def run_pass(
     for outcome in done:
         if isinstance(outcome, BaseException):
             raise outcome
-    while (run.returned or run.recovering) and not run.ended:
+    while (
+        run.returned or run.recovering or (run.recovered and run.relay_left())
+    ) and not run.ended:
         await session(0)  # what refused extra sessions gave back, or a late recovery made due
-    counts.skipped += len(run.relay_waiting) + len(run.recovering)
+    counts.skipped += len(run.relay_waiting) + len(run.recovering) + run.relay_left()
     return run.ended or "done"
 
 
@@ -431,6 +464,7 @@ async def _attempt_with_pauses(
         if limiter is not None and not sendlimits.gate(limiter, locked, run.now):
             locked.release()
             counts.add(LIMITED)
+            mailstats.limited()
             return "", {}
         status, replies = await delivery.deliver_entry(config, client, locked)
         if status != THROTTLED:
@@ -510,6 +544,7 @@ def flush(
                             break
                 finally:
                     target.sync(force=True)
+                    metrics.after_pass(config, target, time.time())
 
     asyncio.run(run())
     return counts
@@ -561,6 +596,7 @@ async def _agent_session(
                 pickup(config, target)
                 status = await run_pass(config, pool, target, counts, force=False, stop=stop)
                 target.sync(force=True)
+                metrics.after_pass(config, target, time.time())
                 if status in ("down", "busy"):
                     return False
                 deadline = time.monotonic() + AGENT_LINGER

@@ -11,7 +11,9 @@ Trust: runs as the submitting user, the runner or root. The pid file is only a h
 folder the runner account owns: it is read without following a link or opening a FIFO,
 believed only while the agent lock is held, and a signal (SIGURG to poke, SIGTERM for the
 daemon's takeover) goes only to a process proven to have the agent lock open, through a
-pidfd taken before the proof (``_signal``).
+pidfd taken before the proof (``_signal``). Whether the lock is held is read from
+``/proc/locks``, never by taking it. The ``served`` mark counts only when it belongs to the
+spool's owner or root.
 
 Raises nothing but what ``spool.Spool.try_agent_lock`` raises (``OSError``), which callers
 treat as "unknown".
@@ -33,7 +35,12 @@ if TYPE_CHECKING:
 PID_FILE = "agent.pid"  # in state/: "<pid> <role>"
 AGENT = "agent"
 DAEMON = "daemon"
+UNITS = "units"
+SERVED = "served"  # at the spool's root, readable by all: "<role>\n", mtime = last refresh
+SERVED_REFRESH = 60.0  # the daemon refreshes the mark this often (the timer runs each minute)
+SERVED_FRESH = 150.0  # a mark older than this is stale: its server stopped (or hung)
 DAEMON_TAKEOVER = 10.0  # seconds the daemon waits for a lingering agent to leave
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def write_pid(target: spool.Spool, role: str) -> None:
@@ -80,14 +87,34 @@ def holder(target: spool.Spool, *, locked: bool = False) -> tuple[int, str] | No
 
 
 def lock_busy(target: spool.Spool) -> bool:
-    """Whether someone holds the agent lock (it is taken and released at once otherwise)."""
+    """Whether someone holds the agent lock, found without taking it: a ``sendmail`` that
+    found it taken even for a moment (``mailshim check`` looking) would start no agent and
+    trust the holder to see its entry. Read from ``/proc/locks``; where that cannot be read,
+    a live process named in the pid file counts as the holder."""
     try:
-        fd = target.try_agent_lock()
+        st = os.stat(os.path.join(target.root, "agent.lock"))
     except OSError:
         return False
-    if fd is None:
-        return True
-    os.close(fd)
+    held = _flocked(st.st_dev, st.st_ino)
+    if held is not None:
+        return held
+    found = holder(target, locked=True)
+    return found is not None and os.path.isdir(f"/proc/{found[0]}")
+
+
+def _flocked(dev: int, ino: int) -> bool | None:
+    """Whether ``/proc/locks`` lists an flock on the file (dev, ino); None if unreadable."""
+    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    try:
+        with open("/proc/locks", "rb") as f:
+            text = f.read(4 * 1024 * 1024).decode("ascii", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        words = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:4244243 0 EOF"; "1: -> FLOCK ..." waits
+        if len(words) >= 6 and words[1] == "FLOCK" and words[5] == want:
+            return True
     return False
 
 
@@ -100,6 +127,56 @@ def who_retries(target: spool.Spool) -> str | None:
     if role == DAEMON:
         return f"mailshim daemon (pid {pid})"
     return f"a lingering delivery agent (pid {pid})"
+
+
+def served(target: spool.Spool) -> str | None:
+    """``units`` or ``daemon`` while the packaged units or ``mailshim daemon`` serve
+    ``target`` (a fresh mark), else None: then ``sendmail`` leaves new and deferred entries
+    to them and starts no agent of its own (issue 23, item 5). One ``open``; every user may
+    read the mark, and only one of the spool's owner (or root) counts."""
+    try:
+        fd = os.open(os.path.join(target.root, SERVED), os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        own = target.owner()
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, own[0] if own else 0):
+            return None
+        if not 0 <= time.time() - st.st_mtime < SERVED_FRESH:
+            return None
+        role = os.read(fd, 16)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return {b"units\n": UNITS, b"daemon\n": DAEMON}.get(role)
+
+
+def mark_served(target: spool.Spool, role: str | None) -> None:
+    """Say that ``role`` (``units``, ``daemon``) serves ``target`` from now on, refreshing
+    the mark's time; None clears it (a daemon stopping). Best effort: without the mark,
+    ``sendmail`` starts agents as where nothing serves the spool."""
+    data = b"" if role is None else role.encode() + b"\n"
+    try:
+        # O_CREAT without O_TRUNC: the system spool's root is root's, where setup-spool made
+        # this file for the runner; a per-user spool's owner may create it.
+        fd = os.open(
+            os.path.join(target.root, SERVED),
+            os.O_WRONLY | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+            0o644,
+        )
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+            os.utime(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _signal(target: spool.Spool, pid: int, name: str) -> bool:

@@ -1,33 +1,37 @@
 """The schedule index: when each queued entry is next due, so a pass reads only what is due.
 
-``state/schedule`` holds one line per entry in ``queue/``, sorted by queue id (= arrival):
-its id, next attempt, the submitter's uid, the file's size and flags (held, waiting for its
-relay, has a state, unreadable). A header says when it was built, the soonest due time, and
-the change times of ``queue/`` and ``state/`` it accounts for; a trailer ``end N`` shows it is
-whole. ``state/schedule.log`` is the journal: one line appended (``O_APPEND``) by every
-change made through the spool API since (an entry added, a state saved, an entry gone), each
-with the folders' change times seen just after the change. A reader folds the journal into a
-new index (written beside it, renamed over it) once it has grown.
+``state/schedule/index`` holds one line per entry in ``queue/``, sorted by queue id (=
+arrival): its id, next attempt, the submitter's uid, the file's size and flags (held, waiting
+for its relay, has a state, unreadable). A header says when it was built, the soonest due
+time, the figures per class (new, deferred, held) and the change time of ``queue/`` it
+accounts for; a trailer ``end N`` shows it is whole. ``state/schedule/journal`` gets one line
+appended (``O_APPEND``) by every change made through the spool API since (an entry added, a
+state saved, an entry gone), each with the folders' change times seen just after it. A
+reader folds the journal into a new index (written beside it, renamed over it) once it has
+grown, or rebuilds the index when it has grown too long to merge in flat memory.
 
 The index is never the only copy of anything: the entries and their state files are the
 truth, the pass still reads an entry's state before it tries it, and the index is rebuilt
 from them (``rebuild``) whenever it is missing, truncated or unparsable, older than
-``REBUILD_AFTER``, or the folders changed in a way no journal line accounts for (an entry
-added or removed, or a state file deleted, by hand or by a release without the index). A
-change behind the API's back in the same clock tick as a journalled one is seen at the
-latest by the next rebuild (``REBUILD_AFTER``).
+``REBUILD_AFTER``, or ``queue/`` changed in a way no journal line accounts for (an entry
+added or removed by hand, or by a release without the index). ``state/``'s own time is not
+compared: other files live there (the monitoring counters, the agent's pid), rewritten at
+each pass; a state file changed by hand is seen at the next rebuild, and a pass reads the
+state of every entry it tries. A change to ``queue/`` behind the API's back in the same clock
+tick as a journalled one is also seen at the latest by the next rebuild.
 
 Trust: runs as the runner (root or the spool's owner) and as root's or the owner's
-``sendmail`` (the journal); the system spool's ``state/`` is the runner's, 0700. The journal
-is opened with ``O_NOFOLLOW``, never truncated except by the holder of its exclusive lock,
-and appended to only when it is a plain file with one link (root must not append to a file
-the runner linked elsewhere); the index is replaced by a temp name (O_EXCL, random) renamed
-over it. What the files say decides only the order and timing of attempts: a false "due"
-costs one state read, a false "not due" lasts until the next rebuild at most.
+``sendmail`` (the journal); the system spool's ``state/`` is the runner's, 0700, and the
+index's folder is opened without following a link, every name in it relative to that fd.
+The journal is never truncated except by the holder of its exclusive lock, and appended to
+only when it is a plain file with one link (root must not append to a file the runner
+linked elsewhere); the index is replaced by a temp name (O_EXCL, random) renamed over it.
+What the files say decides only the order and timing of attempts: a false "due" costs one
+state read, a false "not due" lasts until the next rebuild at most.
 
 Raises nothing: an index that cannot be read is rebuilt, one that cannot be written is done
 without (the rows come from the entries themselves), a journal line that cannot be written
-is skipped (the folders' change times then differ and the next reader rebuilds).
+is skipped (the folder's change time then differs and the next reader rebuilds).
 """
 
 from __future__ import annotations
@@ -184,8 +188,42 @@ def _append(sp: IndexedSpool, line: str) -> None:
 # --- reading ----------------------------------------------------------------------------
 
 
+CLASSES = ("new", "deferred", "held")  # figures kept in the header, for monitoring
+HEADER_BYTES = 320
+
+
+def row_class(flags: str) -> str:
+    """new (no state file), held, or deferred (tried; or its state cannot be read)."""
+    if "h" in flags:
+        return "held"
+    return "new" if flags == "-" else "deferred"
+
+
+class Figures:
+    """Entries, bytes and the oldest id time (microseconds, 0: none) per class of row."""
+
+    __slots__ = ("table",)
+
+    def __init__(self) -> None:
+        self.table = {name: [0, 0, 0] for name in CLASSES}
+
+    def add(self, row: Row) -> None:
+        cell = self.table[row_class(row[4])]
+        cell[0] += 1
+        cell[1] += row[3]
+        try:
+            usec = int(row[0][:13], 16)
+        except ValueError:
+            usec = 0
+        if usec and (not cell[2] or usec < cell[2]):
+            cell[2] = usec
+
+    def words(self) -> str:
+        return " ".join(f"{c[0]} {c[1]} {c[2]}" for c in self.table.values())
+
+
 class _Header:
-    __slots__ = ("built", "count", "live", "q", "s", "soonest")
+    __slots__ = ("built", "count", "figures", "live", "q", "s", "soonest")
 
     def __init__(self) -> None:
         self.built = 0
@@ -194,17 +232,21 @@ class _Header:
         self.q = 0
         self.s = 0
         self.soonest = 0  # the soonest due time of a row that is not held; NEVER when none
+        self.figures = Figures()
 
 
 def _parse_header(line: bytes) -> _Header | None:
     words = line.decode("ascii", "replace").split()
-    if len(words) != 8 or " ".join(words[:2]) != MAGIC:
+    if len(words) != 8 + 3 * len(CLASSES) or " ".join(words[:2]) != MAGIC:
         return None
     head = _Header()
     try:
-        head.built, head.count, head.live, head.q, head.s, head.soonest = map(int, words[2:])
+        numbers = [int(w) for w in words[2:]]
     except ValueError:
         return None
+    head.built, head.count, head.live, head.q, head.s, head.soonest = numbers[:6]
+    for i, name in enumerate(CLASSES):
+        head.figures.table[name] = numbers[6 + 3 * i : 9 + 3 * i]
     return head
 
 
@@ -262,7 +304,7 @@ def _open_index(sp: IndexedSpool) -> tuple[BinaryIO, _Header] | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _Broken
-        head = _parse_header(f.readline(200))
+        head = _parse_header(f.readline(HEADER_BYTES + 1))
         if head is None:
             raise _Broken
         # Whole: the trailer names the count of the header (a truncated file has none).
@@ -296,7 +338,7 @@ def _fresh(sp: IndexedSpool, head: _Header, journal: _Journal, now: float) -> bo
     if not 0 <= now - head.built < REBUILD_AFTER:
         return False
     recorded = journal.last if journal.last is not None else (head.q, head.s)
-    return recorded == stamps(sp)
+    return recorded[0] == stamps(sp)[0]
 
 
 def _merged(f: BinaryIO, head: _Header, journal: _Journal, sp: IndexedSpool) -> Iterator[Row]:
@@ -416,24 +458,33 @@ def rows(sp: IndexedSpool, now: float | None = None) -> Iterator[Row]:
     yield from _scan(sp)
 
 
-def totals(sp: IndexedSpool, now: float | None = None) -> tuple[int, int, int]:
-    """(entries, entries not held, the soonest due time of those: ``NEVER`` when none).
-    Nothing changed since the index: one header read; else the journal is folded in first."""
-    now = time.time() if now is None else now
+def _current_header(sp: IndexedSpool, now: float) -> _Header | None:
+    """The header of an index that accounts for every change, the journal folded in first
+    (or the index rebuilt); None when that cannot be written here."""
     for _ in range(2):
         opened = _open_index(sp)
         journal = _read_journal(sp)
         if opened is None:
             if rebuild(sp, now):
                 continue
-            break
+            return None
         opened[0].close()
         head = opened[1]
         fresh = _fresh(sp, head, journal, now)
         if fresh and journal.lines == 0:
-            return head.count, head.live, head.soonest
+            return head
         if not (compact(sp, now) if fresh else rebuild(sp, now)):
-            break
+            return None
+    return None
+
+
+def totals(sp: IndexedSpool, now: float | None = None) -> tuple[int, int, int]:
+    """(entries, entries not held, the soonest due time of those: ``NEVER`` when none).
+    Nothing changed since the index: one header read; else the journal is folded in first."""
+    now = time.time() if now is None else now
+    head = _current_header(sp, now)
+    if head is not None:
+        return head.count, head.live, head.soonest
     count, live, best = 0, 0, NEVER
     for row in rows(sp, now):
         count += 1
@@ -441,6 +492,20 @@ def totals(sp: IndexedSpool, now: float | None = None) -> tuple[int, int, int]:
             live += 1
             best = min(best, row[1])
     return count, live, best
+
+
+def figures(sp: IndexedSpool, now: float | None = None) -> dict[str, tuple[int, int, float]]:
+    """Per class (``CLASSES``): entries, bytes, and the oldest one's id time (epoch seconds,
+    0.0 when none), for monitoring: from the header when nothing changed since the index."""
+    now = time.time() if now is None else now
+    head = _current_header(sp, now)
+    if head is not None:
+        got = head.figures
+    else:
+        got = Figures()
+        for row in rows(sp, now):
+            got.add(row)
+    return {name: (c[0], c[1], c[2] / 1e6) for name, c in got.table.items()}
 
 
 def soonest(sp: IndexedSpool, now: float | None = None) -> int | None:
@@ -573,18 +638,21 @@ def _write(
             return False
         with open(fd, "wb", buffering=256 * 1024) as out:
             sp.give(fd)
-            out.write(b" " * 160 + b"\n")  # the header, once the soonest is known
+            out.write(b" " * HEADER_BYTES + b"\n")  # the header, once the figures are known
             count, live, best = 0, 0, NEVER
-            for qid, when, uid, size, flags in lines():
+            figures = Figures()
+            for row in lines():
+                qid, when, uid, size, flags = row
                 out.write(f"{qid} {when} {uid} {size} {flags}\n".encode("ascii", "replace"))
                 count += 1
+                figures.add(row)
                 if "h" not in flags:
                     live += 1
                     best = min(best, when)
             out.write(f"end {count}\n".encode())
             out.flush()
-            head = f"{MAGIC} {int(now)} {count} {live} {q} {s} {best}"
-            os.pwrite(fd, head.encode().ljust(160) + b"\n", 0)
+            head = f"{MAGIC} {int(now)} {count} {live} {q} {s} {best} {figures.words()}"
+            os.pwrite(fd, head.encode().ljust(HEADER_BYTES) + b"\n", 0)
             os.fsync(fd)
         os.rename(tmp, INDEX, src_dir_fd=folder, dst_dir_fd=folder)
         return True

@@ -17,6 +17,7 @@ import os
 import stat
 
 from mailshim.errors import CantCreateError, from_oserror
+from mailshim.queuestats import FOLDER as MONITOR_FOLDER
 from mailshim.spool import INCOMING_MODE, LISTENER_SIZE, SUBDIRS, Spool
 from mailshim.spoolfs import _fsync_dir, _make_dirs, open_folder
 
@@ -30,7 +31,8 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
 
     The root folder belongs to root (so the runner user cannot swap a subfolder for a
     link that root would then write through); the subfolders and the agent lock belong
-    to the runner user; ``incoming/`` is the drop folder. Returns what was changed.
+    to the runner user; ``incoming/`` is the drop folder; ``monitor/`` (0755) holds the
+    runner's public summary. Returns what was changed.
     """
     changes: list[str] = []
     try:
@@ -39,6 +41,8 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
         for name in SUBDIRS:
             changes += _make_dir(os.path.join(target.root, name), uid, gid, 0o700)
         changes += _make_dir(target.incoming, uid, gid, INCOMING_MODE)
+        # The runner's public figures (queuestats.publish): counts and ages, for monitoring.
+        changes += _make_dir(os.path.join(target.root, MONITOR_FOLDER), uid, gid, 0o755)
         lock = os.path.join(target.root, "agent.lock")
         fd = os.open(lock, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
         try:
@@ -52,6 +56,8 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
         finally:
             os.close(fd)
         changes += _make_public_file(os.path.join(target.root, LISTENER_SIZE), uid, gid)
+        # serving.SERVED: the runner's "the units or the daemon serve this spool" mark
+        changes += _make_public_file(os.path.join(target.root, "served"), uid, gid)
         # Entries a root process left behind before the runner user existed.
         for name in SUBDIRS:
             changes += _give_files(os.path.join(target.root, name), uid, gid)

@@ -27,7 +27,7 @@ import pwd
 import time
 
 from mailshim import address, aliases, maillog, message, paths, spool, spoolchoice, spoolentry
-from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUE, QUEUED
+from mailshim.constants import BACKGROUND, INTERACTIVE, QUEUE, QUEUED, REJECTED, SENT
 from mailshim.errors import DataError, MailshimError, UsageError, printable
 
 TYPE_CHECKING = False
@@ -231,6 +231,14 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
             # agent (or an interactive attempt) could only fail. The drop folder wakes the
             # runner.
             mode = QUEUE
+    if mode == BACKGROUND:
+        from mailshim import serving
+
+        if serving.served(target):
+            # The units or the daemon serve this spool: they deliver it (the path unit or
+            # the daemon sees it arrive) and retry it; an agent beside them would only be a
+            # second retrier, in the user's session (issue 23, item 5).
+            mode = QUEUE
     writer = target.new_entry(sender, recipients, user.uid)
     # In the drop folder the submitter's agent needs the entry's lock from the start: the
     # runner skips locked entries, so the two never send it both.
@@ -292,11 +300,37 @@ def _hand_on(
         outcome.status, outcome.replies = delivery.deliver_now(
             config, locked, verbose=sub.verbose, discard_rejected=sub.discard_rejected
         )
+        if outcome.status not in (SENT, REJECTED) and config.delivery_mode != QUEUE:
+            _retry_later(config, target, qid)
     elif mode == BACKGROUND:
         _to_agent(config, target, locked if isinstance(locked, spoolentry.DropEntry) else None)
     elif locked is not None:
         locked.release()
     return outcome
+
+
+def _retry_later(config: Config, target: spool.Spool, qid: str) -> None:
+    """After ``-odi``, ``-v`` or ``-bs -odi`` left something of the entry to retry: hand it
+    to a retrier as a background submission would (the spool's agent, started or woken; for
+    a drop-folder entry the user's own drop agent, told that it was tried just now), so
+    that it goes out on the schedule and not only at the next background submission."""
+    folder = target.incoming if target.drop else target.queue
+    if not os.path.exists(os.path.join(folder, qid)):
+        return  # delivered or refused after all, or already taken by a runner
+    from mailshim import serving
+
+    if serving.served(target):
+        return  # the units or the daemon retry it
+    if not target.drop:
+        _to_agent(config, target, None)
+        return
+    from mailshim import dropagent
+
+    slot = dropagent.hand_over(target.root, qid)
+    if slot is not None:
+        from mailshim import agent
+
+        agent.start(target, config, slot_fd=slot)
 
 
 def _to_agent(config: Config, target: spool.Spool, entry: spoolentry.DropEntry | None) -> None:

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -47,6 +47,9 @@ from mailshim.errors import (
     one_line,
     printable,
 )
+
+if TYPE_CHECKING:
+    from mailshim.config import Config
 
 # --- config ---------------------------------------------------------------------------
 
@@ -82,7 +85,7 @@ def config_cmd(ctx: click.Context, as_json: bool) -> None:
 def _print_items(items: Iterable[queueview.Item], as_json: bool) -> None:
     """Print as the entries are read (a queue of 100,000 is never held in memory)."""
     if as_json:
-        pieces = queueview.json_lines(items)
+        pieces = queueview.json_lines("entries", items)
         color = False
     else:
         color = queueview.use_color(sys.stdout)
@@ -101,7 +104,7 @@ def _queued_ids(cfg: Any) -> Iterator[str]:
 
 
 @cli.group("queue", invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True, help="A JSON array for scripts.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON document for scripts (schema 1).")
 @click.option("--dead", is_flag=True, help="Only the dead letters (failed for good), with why.")
 @click.option("--ids", is_flag=True, hidden=True, help="One queue id per line (completions).")
 @click.pass_context
@@ -119,7 +122,7 @@ def queue_cmd(ctx: click.Context, as_json: bool, dead: bool, ids: bool) -> None:
     Examples:
       mailshim queue
       mailshim queue --dead
-      mailshim queue --json | jq -r '.[] | select(.held) | .id'
+      mailshim queue --json | jq -r '.entries[] | select(.held) | .id'
       mailshim queue show 18F2C0A1B3D4E5F6G7H8
       mailshim queue hold --all
     """
@@ -134,7 +137,8 @@ def queue_cmd(ctx: click.Context, as_json: bool, dead: bool, ids: bool) -> None:
             for d in buried:
                 click.echo(d.queue_id)
         elif as_json:
-            click.echo(json.dumps([d.as_dict() for d in buried], indent=2))
+            doc = queueview.json_doc("dead", [d.as_dict() for d in buried])
+            click.echo(json.dumps(doc, indent=2))
         else:
             color = queueview.use_color(sys.stdout)
             text = queueview.format_dead(buried, time.time(), color)
@@ -256,19 +260,28 @@ def queue_requeue(
         click.echo(f"requeue: {done} {noun} would be touched (dry run: nothing changed)")
         return
     click.echo(f"requeue: {done} {noun}")
-    if done and cfg.delivery_mode != "queue":
-        from mailshim import agent
+    if done:
+        _wake_agents(cfg)
 
-        for target in spoolchoice.known_spools(cfg):
-            if target.writable():
-                agent.start(target, cfg)  # or wake the one serving it
+
+def _wake_agents(cfg: Config) -> None:
+    """Entries became due (requeue, release, retry): start the agent of each spool this
+    user may write, or wake the one serving it, as a new submission would; else the mail
+    would wait for the next submission where no runner runs."""
+    if cfg.delivery_mode == "queue":
+        return
+    from mailshim import agent, serving
+
+    for target in spoolchoice.known_spools(cfg):
+        if target.writable() and not serving.served(target):
+            agent.start(target, cfg)  # the daemon sees the change; the timer's next run
 
 
 @queue_cmd.command(
     "list",
     epilog="\b\nExamples:\n  mailshim queue list\n  mailshim queue list --json",
 )
-@click.option("--json", "as_json", is_flag=True, help="A JSON array for scripts.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON document for scripts (schema 1).")
 @click.pass_context
 def queue_list(ctx: click.Context, as_json: bool) -> None:
     """List the queue (the same as `mailshim queue`)."""
@@ -321,7 +334,7 @@ def _locked(target: spool.Spool, qid: str) -> spoolentry.LockedEntry:
 )
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every entry.")
-@click.option("--json", "as_json", is_flag=True, help="A JSON array with the raw values.")
+@click.option("--json", "as_json", is_flag=True, help="JSON with the raw values (schema 1).")
 @click.pass_context
 def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bool) -> None:
     """Print the envelope, state and headers of entries.
@@ -355,7 +368,7 @@ def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bo
                 click.echo(("    " if folded else "") + printable(line))
         click.echo("")
     if as_json:
-        click.echo(json.dumps(shown_items, indent=2))
+        click.echo(json.dumps(queueview.json_doc("entries", shown_items), indent=2))
 
 
 def _queue_action(
@@ -371,7 +384,7 @@ def _queue_action(
     as they were and counted."""
     cfg = _config(ctx)
     pairs = _targets(ctx, ids, all_) if sel is None else sel.queued(spoolchoice.known_spools(cfg))
-    done = busy = 0
+    done = busy = woken = 0
     for target, qid in pairs:
         if dry_run:
             done += 1
@@ -392,8 +405,10 @@ def _queue_action(
             if action == "hold":
                 state.held = True
             elif action == "release":
+                woken += state.held
                 state.held = False
             elif action == "retry":
+                woken += not state.held
                 state.next_attempt = 0
             locked.save_state(state)
             locked.release()
@@ -406,6 +421,8 @@ def _queue_action(
         click.echo(f"{action}: {done} {noun} would be touched (dry run: nothing changed)")
         return
     click.echo(f"{action}: {done} {noun}")
+    if woken:
+        _wake_agents(cfg)
     if busy:
         raise TempFailError(f"{busy} being delivered right now were left as they were; try again")
 
@@ -523,6 +540,8 @@ def _run_queue(ctx: click.Context, verbose: bool, force: bool) -> None:
 
 # --- check ----------------------------------------------------------------------------
 
+CHECK_SCHEMA = 1  # `check --json`'s shape (docs/monitoring.md); a new shape is a new number
+
 
 @cli.command("check")
 @click.option(
@@ -558,7 +577,7 @@ def check_cmd(ctx: click.Context, rcpts: tuple[str, ...], as_json: bool) -> None
             address.check_envelope_address(addr)
     report = check.run(ctx.obj.get("config_path"), list(rcpts))
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        click.echo(json.dumps({"schema": CHECK_SCHEMA, **report.as_dict()}, indent=2))
     else:
         color = queueview.use_color(sys.stdout)
         click.echo(check.format_report(report, color), nl=False, color=color)
@@ -642,28 +661,44 @@ def send_test_cmd(ctx: click.Context, address: str) -> None:
 
 
 @cli.command("log")
-@click.argument("queue_id", metavar="QUEUE_ID")
+@click.argument("queue_id", metavar="QUEUE_ID", required=False)
 @click.option(
     "--file", "path", metavar="PATH", hidden=True,
     help="Read this log file instead of the journal and /var/log/mail.log.",
 )  # fmt: skip
+@click.option(
+    "--summary", is_flag=True,
+    help="Count delivered, deferred, bounced and expired recipients (as pflogsumm does).",
+)  # fmt: skip
+@click.option("--day", metavar="YYYY-MM-DD", help="With --summary: only this day's lines.")
 @click.pass_context
-def log_cmd(ctx: click.Context, queue_id: str, path: str | None) -> None:
-    """Show one message's whole story from the logs.
+def log_cmd(
+    ctx: click.Context, queue_id: str | None, path: str | None, summary: bool, day: str | None
+) -> None:
+    """Show one message's whole story from the logs, or (--summary) the day's figures.
 
-    Every submission, attempt, deferral, delivery, bounce and expiry is one syslog line
-    with the queue id. This prints them from the journal (journalctl -t mailshim) when it
-    has them, else from the [log] file when one is configured, else from /var/log/mail.log
-    (or /var/log/maillog); `--file PATH` reads that file instead. A bounce's own queue id
-    is followed too. Exit 66 when no line is found.
+    Every submission, attempt, deferral, delivery, bounce and expiry is one log line with
+    the queue id. This prints them from the journal (journalctl -o json, every mailshim
+    line) when it has them, else from the [log] file when one is configured, else from
+    /var/log/mail.log (or /var/log/maillog); `--file PATH` reads that file instead. A
+    bounce's own queue id is followed too. Exit 66 when no line is found.
+
+    --summary counts what pflogsumm counts from the same lines (delivered, deferred,
+    bounced) plus expired recipients, from --file or the [log] file or the mail log.
 
     \b
     Examples:
       mailshim log 18F2C0A1B3D4E5F6G7H8
       mailshim log 18F2C0A1B3D4E5F6G --file /var/log/mail.log.1
+      mailshim log --summary --day 2026-12-01 --file /var/log/mail.log
     """
     from mailshim.errors import NoInputError
 
+    if summary:
+        _log_summary(ctx, path, day)
+        return
+    if queue_id is None:
+        raise UsageError("name a queue id, or give --summary")
     wanted = queue_id.strip().rstrip("!*").upper()
     if not maillog.looks_like_id(wanted):
         raise UsageError(f"{queue_id!r} is not a queue id (20 letters and digits, or a prefix)")
@@ -679,6 +714,87 @@ def log_cmd(ctx: click.Context, queue_id: str, path: str | None) -> None:
         raise NoInputError(f"no log line mentions {wanted} in {'; '.join(searched)}")
     for line in lines:
         click.echo(line)
+
+
+def _log_summary(ctx: click.Context, path: str | None, day: str | None) -> None:
+    from mailshim import logsummary
+    from mailshim.errors import NoInputError
+
+    if day is not None and not (len(day) == 10 and day[4] == day[7] == "-"):
+        raise UsageError(f"--day {day!r}: write the day as YYYY-MM-DD")
+    if path is None:
+        try:
+            path = _config(ctx).log_file
+        except MailshimError:
+            path = None
+    files = [path] if path is not None else maillog.default_files()
+    if not files:
+        raise NoInputError(
+            f"no log file to read ({' or '.join(maillog.LOG_FILES)} missing); name one with --file"
+        )
+    counts = dict.fromkeys(logsummary.FIELDS, 0)
+    for name in files:
+        try:
+            found = logsummary.summarize(maillog.file_lines(name), day)
+        except OSError as exc:
+            raise NoInputError(f"{name}: {exc.strerror}") from None
+        for key, n in found.items():
+            counts[key] += n
+    click.echo(logsummary.format_summary(counts), nl=False)
+
+
+# --- metrics and the monitoring check -------------------------------------------------
+
+
+@cli.command("metrics")
+@click.pass_context
+def metrics_cmd(ctx: click.Context) -> None:
+    """Print the queue's figures and the delivery counters in Prometheus' text format.
+
+    Per spool: entries, bytes and the oldest entry's age per queue (new, deferred, held,
+    dead, incoming), recipients delivered, deferred, bounced and expired by relay and reply
+    class, the delivery delay histogram, the last delivery, whether each listener answered
+    at its last attempt, sending-limit holds. The runner writes the same text after each
+    pass when [monitoring] textfile_dir is set (node_exporter's textfile collector). A user
+    who may not read the spool gets the figures of its public summary (queues, last
+    delivery, listeners). docs/monitoring.md lists the metrics (schema 1).
+
+    \b
+    Examples:
+      mailshim metrics
+      mailshim metrics | promtool check metrics
+    """
+    from mailshim import metrics, queuestats
+
+    cfg = _config(ctx)
+    now = time.time()
+    snaps = [metrics.collect(target, now) for target in spoolchoice.known_spools(cfg)]
+    if not snaps:
+        root = cfg.queue_dir or paths.SYSTEM_SPOOL
+        summary = queuestats.read_summary(root)  # NoInputError (66) says what is missing
+        snap = queuestats.Snapshot(summary.spool or root, summary.written)
+        snap.queues.update(summary.queues)
+        snaps = [snap]
+    click.echo(metrics.render(snaps), nl=False)
+
+
+@cli.command(
+    "check-queue",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def check_queue_cmd(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """A Nagios/Icinga check of the queue: one status line with perfdata; exit 0-3.
+
+    Thresholds for waiting entries, the oldest one's age, held and dead entries, and the
+    stall (mail waiting, nothing delivered); no network unless --probe. Runs as any user
+    (counts and ages only). `mailshim check-queue --help` lists the options.
+    """
+    from mailshim.cli import checkqueue
+
+    ctx.exit(checkqueue.main(list(args), ctx.obj.get("config_path")))
 
 
 # --- sink -----------------------------------------------------------------------------

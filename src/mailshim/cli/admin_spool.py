@@ -1,14 +1,16 @@
-"""``mailshim`` commands that set up and run the spool: ``setup-spool`` and ``daemon``.
+"""``mailshim`` commands that set up and run the spool: ``setup-spool``, ``daemon`` and
+``retrier`` (what retries a user's mail where no runner serves the spool).
 
 Trust: ``setup-spool`` runs as root (packages call it from postinst); it creates folders with
 fixed owners and modes, opens each without following links, and gives root-owned entries to
 the runner user only when they have a single link. ``daemon`` runs as root or the
 ``mailshim`` user (mailshim-daemon.service), or as any user on their own per-user spool; it
-treats every entry as hostile (runner.py, spool.py).
+treats every entry as hostile (runner.py, spool.py). ``retrier`` runs as any user on their
+own crontab or systemd user units (retrier.py).
 
 Raises ``NoPermError`` (77) when ``setup-spool`` is not run by root or ``daemon`` finds no spool
 the caller can run, ``NoUserError`` (67) when the runner user does not exist; ``admin.main``
-prints them and exits with the code.
+prints them and exits with the code; ``retrier`` raises what retrier.py raises (69, 73, 75).
 """
 
 from __future__ import annotations
@@ -102,3 +104,57 @@ def daemon_cmd(ctx: click.Context) -> None:
     code = daemon.run(cfg, spools, say)
     if code:
         ctx.exit(code)
+
+
+@cli.group("retrier")
+def retrier_cmd() -> None:
+    """Set up what retries your deferred mail where no runner serves the spool.
+
+    \b
+    pip, pipx, a venv or the per-user spool have no timer or daemon: the delivery agent
+    sendmail starts retries deferred mail while it lives, and once it is gone (OOM killer,
+    SIGKILL, a reboot) nothing does until the next submission. `install` sets up a retrier
+    that survives reboots; `mailshim check` names it. Containers: run `mailshim daemon`.
+    """
+
+
+@retrier_cmd.command("install")
+@click.option("--systemd", "kind", flag_value="systemd", help="A systemd user timer.")
+@click.option("--cron", "kind", flag_value="cron", help="Your crontab (@reboot, every minute).")
+@click.pass_context
+def retrier_install_cmd(ctx: click.Context, kind: str | None) -> None:
+    """Run `mailshim run` at boot and every minute, as you.
+
+    \b
+    A systemd user timer (mailshim-retry.timer in ~/.config/systemd/user) where your
+    systemd user manager runs, else two lines in your crontab between marker comments.
+    `mailshim run` tries only what is due, so the [queue] retry schedule holds. Running it
+    again replaces what it installed.
+
+    \b
+    Examples:
+      mailshim retrier install
+      mailshim retrier install --cron
+      mailshim -C ~/mail.toml retrier install
+    """
+    from mailshim import retrier
+
+    _config(ctx)  # a configuration that cannot be read is refused now, not every minute
+    obj = ctx.ensure_object(dict)
+    config_path = obj.get("config_path") or os.environ.get("MAILSHIM_CONFIG")
+    for line in retrier.install(retrier.choose(kind), config_path):
+        click.echo(line)
+
+
+@retrier_cmd.command("remove")
+def retrier_remove_cmd() -> None:
+    """Remove the retrier `install` set up (timer or crontab lines).
+
+    \b
+    Examples:
+      mailshim retrier remove
+    """
+    from mailshim import retrier
+
+    for line in retrier.remove():
+        click.echo(line)

@@ -127,6 +127,8 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
     if not spools:
         _say("nothing to deliver: no spool this user can write")
         return
+    if not force and os.environ.get("MAILSHIM_SERVED") == "units":
+        _mark_units(spools)
     refuse_defaults(cfg, spools)
     from mailshim import spoolindex
 
@@ -156,7 +158,24 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
     if progress.failed is not None:
         raise SpoolIOError(f"cannot write the output: {progress.failed.strerror}")
     untried = total - counts.total() - counts.skipped
-    _say(counts.summary(untried if untried > 0 and counts.deferred else 0))
+    untried = untried if untried > 0 and counts.deferred else 0
+    if force or tty or verbose or counts.total() or counts.errors or counts.limited or untried:
+        _say(counts.summary(untried))
+    # else: a scheduled run that tried nothing says nothing (the timer starts one a minute;
+    # "Nothing to deliver." each time was most of an idle host's journal)
+
+
+def _mark_units(spools: list[spool.Spool]) -> None:
+    """Started by mailshim-flush.service (``MAILSHIM_SERVED=units``): the units serve these
+    spools, so ``sendmail`` leaves delivery to them (serving.served). Only the timer's runs
+    refresh the mark: with the timer stopped it goes stale and agents start again, even
+    while the path unit still runs on new mail."""
+    if os.environ.get("TRIGGER_UNIT", "").endswith(".path"):
+        return
+    from mailshim import serving
+
+    for target in spools:
+        serving.mark_served(target, serving.UNITS)
 
 
 def refuse_defaults(cfg: Config, spools: list[spool.Spool]) -> None:

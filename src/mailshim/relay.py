@@ -21,7 +21,9 @@ control character never reaches a session (a 501 reply for it instead). A sessio
 ends as temporary replies within the relay's ``timeout``, never a hang or a traceback.
 
 Raises ``ConfigError`` (exit 78) for an invalid HELO name or no relay at all; a session's
-``RelayDown`` or ``wire.LocalFailure`` becomes replies, never an exception of ``send``.
+``RelayDown`` or ``wire.LocalFailure`` becomes replies, never an exception of ``send``, except
+``SlotBusy`` for a pool's client whose message went nowhere (the pass gives it to another
+session: runner.py).
 """
 
 from __future__ import annotations
@@ -185,32 +187,29 @@ class RelayClient:
         return self._session is not None and self._session.alive
 
     def in_play(self) -> RelaySettings:
-        """The relay this client's next message goes to first: the one its open connection
-        is to, else the first relay not marked down."""
-        if self._session is not None and self._session.alive:
-            return self._session.relay
+        """The relay this client's next message goes to first: the first relay not marked
+        down (``send`` tries them in that order, whatever its open connection is to: a
+        connection to a relay marked down since it opened carries nothing more)."""
         return self._candidates()[0]
 
     async def connect(self) -> Reply | None:
-        """Open a connection to the first relay that greets, before any message is at stake
-        (a pool's extra sessions): None once connected, else the last relay's failure."""
+        """Open a connection to the relay in play, before any message is at stake (a pool's
+        extra sessions): None once connected, else its failure. Never one further down the
+        list: an extra session that relay will not take (at its connection limit, or just
+        gone) means one session fewer, not mail to the backup while the primary serves the
+        sessions it has (the first session's messages decide a failover)."""
         if self.connected:
             return None
-        failed = Reply(0, "no relay configured", kind=kinds.NOT_TRIED)
-        for relay in self._candidates():
-            try:
-                await self._session_for(relay)
-            except SlotBusy as busy:
-                return busy.reply  # that relay is healthy, only busy: not one further down
-            except RelayDown as down:
-                # Not marked as failed: a listener refusing one more session still serves
-                # the ones it has, and the pool only opens fewer.
-                failed = down.reply
-                continue
-            except LocalFailure as local:
-                return local.reply
-            return None
-        return failed
+        relay = self.in_play()
+        try:
+            await self._session_for(relay)
+        except RelayDown as down:
+            # Not marked as failed (SlotBusy included): a listener refusing one more
+            # session still serves the ones it has, and the pool only opens fewer.
+            return down.reply
+        except LocalFailure as local:
+            return local.reply
+        return None
 
     @classmethod
     def forget_failures(cls) -> None:
@@ -324,7 +323,8 @@ class RelayClient:
         ``message`` is positioned at the start of CRLF-normalised, unstuffed bytes ending
         with CRLF. Recipients with a temporary reply move on to the next relay (not after an
         unanswered final dot); a relay that failed as a whole is skipped for
-        ``retry_after_failure`` seconds.
+        ``retry_after_failure`` seconds. Raises ``SlotBusy`` (a pool's client only) when no
+        slot of a relay came free in time and nothing of the message was accepted yet.
         """
         wanted = list(dict.fromkeys(recipients))
         replies: dict[str, Reply] = {}
@@ -345,9 +345,18 @@ class RelayClient:
                     session, outcome = await self._attempt(
                         relay, sender, pending, message, start, size, eightbit
                     )
+                except SlotBusy as busy:
+                    if not any(reply.accepted for reply in replies.values()):
+                        # Nothing of this message went anywhere: the caller (a pass whose
+                        # other sessions hold every slot) gives the entry to a session that
+                        # has one; an attempt that never reached a listener is no attempt.
+                        raise
+                    for rcpt in pending:
+                        replies[rcpt] = busy.reply
+                    wide.update(pending)
+                    continue
                 except RelayDown as down:
-                    if not isinstance(down, SlotBusy):
-                        self._mark(relay, True)
+                    self._mark(relay, True)
                     for rcpt in pending:
                         replies[rcpt] = down.reply
                     wide.update(pending)

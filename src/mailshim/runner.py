@@ -205,6 +205,7 @@ class _Pass:
         # _wanted, which reads its state). A listener outage flags every deferred entry so.
         self.relay_index = bytearray()
         self.relay_at = 0
+        self.gated: set[str] = set()  # counted by the sending limits, then given back
 
     def _due_rows(self) -> Iterator[spoolindex.Row]:
         if not self.force and self.only is None:
@@ -248,7 +249,11 @@ class _Pass:
         return (len(self.relay_index) - self.relay_at) // fair.ID_BYTES
 
     def next_entry(self) -> str | None:
-        """The next entry to try, taken for good (no other session gets it); None at the end."""
+        """The next entry to try, taken for good (no other session gets it); None at the end.
+        A stop is looked at first: what was given back or recovered waits like the rest."""
+        if self.stop is not None and self.stop.is_set():
+            self.ended = self.ended or "stopped"
+            return None
         if self.returned:
             return self.returned.pop(0)  # already vetted: an extra session gave it back
         if self.recovering:
@@ -338,15 +343,10 @@ async def run_pass(
                 qid = run.next_entry()
                 if qid is None:
                     return
-                if index > 0 and not client.connected:
-                    failed = await client.connect()
-                    if failed is not None:
-                        # An extra session the listener will not take (421, too many
-                        # connections): one session fewer, and the entry waits for another.
-                        run.returned.append(qid)
-                        _lower(pool, f"session {index + 1} refused: {failed}")
-                        return
-                await _deliver_one(config, pool, client, run, qid, progress, index)
+                if index > 0 and not await _open_extra(pool, client, run, qid, index):
+                    return
+                if not await _deliver_one(config, pool, client, run, qid, progress, index):
+                    return  # other sessions hold the relay's slots: it makes way for them
                 if run.answered:
                     opened.set()
         except BaseException:
@@ -379,6 +379,20 @@ async def run_pass(
     return run.ended or "done"
 
 
+async def _open_extra(pool: Pool, client: RelayClient, run: _Pass, qid: str, index: int) -> bool:
+    """Connect extra session ``index`` before it carries ``qid``; False when the listener
+    will not take it (421, too many connections): one session fewer, and the entry waits
+    for another."""
+    if client.connected:
+        return True
+    failed = await client.connect()
+    if failed is None:
+        return True
+    run.returned.append(qid)
+    _lower(pool, f"session {index + 1} refused: {failed}")
+    return False
+
+
 def _lower(pool: Pool, why: str) -> None:
     if pool.lower(why):
         maillog.log(f"the listener is pushing back ({why}): {pool.limit} session(s) from now on")
@@ -392,8 +406,9 @@ async def _deliver_one(
     qid: str,
     progress: Callable[[str, str], None] | None,
     index: int,
-) -> None:
-    """One entry on session ``index``, and what its outcome means for the whole pass."""
+) -> bool:
+    """One entry on session ``index``, and what its outcome means for the whole pass;
+    False when the session should end (the entry went back to the pass)."""
     target, counts = run.target, run.counts
     try:
         status, replies = await _attempt_with_pauses(config, pool, client, run, qid, index)
@@ -404,18 +419,20 @@ async def _deliver_one(
         _spool_wide(target)
         counts.errors += 1
         maillog.log(f"{qid}: {exc.message}; left in the queue for its next attempt", error=True)
-        return
+        return True
+    if status == _MADE_WAY:
+        return False
     if status == "":
-        return
+        return True
     counts.add(status)
     if progress is not None:
         progress(qid, status)
     if status == QUARANTINED:
         run.streak = 0
-        return
+        return True
     if status == DEFERRED and delivery.is_connection_failure(replies):
         run.ended = run.ended or "down"
-        return
+        return True
     run.answered = True
     if status == SENT:
         target.clear_relay_down()  # new submissions may start agents again
@@ -425,6 +442,7 @@ async def _deliver_one(
     run.streak = run.streak + 1 if status == THROTTLED else 0
     if run.streak >= PRESSURE_STREAK:
         run.ended = run.ended or "busy"
+    return True
 
 
 def _spool_wide(target: spool.Spool) -> None:
@@ -441,12 +459,17 @@ def _spool_wide(target: spool.Spool) -> None:
         raise TempFailError(f"the spool {target.root} is full (nothing more can be recorded)")
 
 
+_MADE_WAY = "made-way"  # _attempt_with_pauses: the entry went back to the pass (SlotBusy)
+
+
 async def _attempt_with_pauses(
     config: Config, pool: Pool, client: RelayClient, run: _Pass, qid: str, index: int = 0
 ) -> tuple[str, dict[str, Reply]]:
     """Deliver one entry; on a rate limit, one session fewer for the run, then reconnect,
     pause (no session starts a message meanwhile) and try it again a few times. A session
     the lowering leaves out gives the entry back to the ones left, first in line."""
+    from mailshim.relay import SlotBusy
+
     target, counts, stop = run.target, run.counts, run.stop
     tries = 0
     while True:
@@ -460,13 +483,26 @@ async def _attempt_with_pauses(
             counts.skipped += 1
             return "", {}
         # Counted against its owner's sending limit under the lock this attempt keeps.
-        limiter = run.limiter if tries == 0 else None
+        limiter = run.limiter if tries == 0 and qid not in run.gated else None
         if limiter is not None and not sendlimits.gate(limiter, locked, run.now):
             locked.release()
             counts.add(LIMITED)
             mailstats.limited()
             return "", {}
-        status, replies = await delivery.deliver_entry(config, client, locked)
+        try:
+            status, replies = await delivery.deliver_entry(config, client, locked)
+        except SlotBusy:
+            # Other sessions of this pass hold every slot of the relay in play (a failover
+            # in the middle of the pass onto a backup with fewer): nothing was sent or
+            # recorded; the entry goes back to the pass, first in line, and this session
+            # ends (the pass's last session takes what is left). Deferring it "all busy"
+            # would cost it a whole retry step with both relays healthy.
+            if limiter is not None:
+                run.gated.add(qid)  # counted once: the next try of it in this pass is not
+            if run.working <= 1:
+                run.ended = run.ended or "busy"  # nobody else holds a slot: not waiting on
+            run.returned.insert(0, qid)
+            return _MADE_WAY, {}
         if status != THROTTLED:
             return status, replies
         kinds = {policy.pressure_kind(r) for r in replies.values()}

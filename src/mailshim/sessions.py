@@ -90,9 +90,10 @@ class Pool:
 
     def width(self) -> int:
         """How many sessions may work at once now: ``limit``, and no more than the relay in
-        play can take (the first relay not marked down, or the one the first session is
-        connected to; a backup with ``concurrency = 1`` behind a primary that is down takes
-        one): a session that could only wait for a slot is not opened."""
+        play can take (the first relay not marked down; a backup with ``concurrency = 1``
+        behind a primary that is down takes one, also when the primary was marked down in
+        the middle of the pass): a session that could only wait for a slot is not opened,
+        and one already at work ends after its entry."""
         return min(self.limit, self._slots.room(self.client(0).in_play()))
 
     def connected(self) -> int:

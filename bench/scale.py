@@ -27,6 +27,7 @@ import argparse
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -186,15 +187,17 @@ class PostfixQueue:
             )
         self.pf.wait_queued(self.SEED, 120)
         deferred = self.pf.queue / "deferred"
-        self.seeds = [p for p in deferred.rglob("*") if p.is_file()]
-        self.count = len(self.seeds)
+        found = [p for p in deferred.rglob("*") if p.is_file()]
+        # Kept in memory: postsuper -d ALL removes the files themselves.
+        self.seeds = [(p.read_bytes(), p.stat(), p.parent.stat()) for p in found]
+        self.count = len(found)
 
     def fill(self, n: int) -> None:
         deferred = self.pf.queue / "deferred"
         later = time.time() + 3600  # a deferred file's mtime is its next attempt
         made = set()
         while self.count < n:
-            seed = random.choice(self.seeds)
+            data, st, parent = random.choice(self.seeds)
             # A short queue id: 5 hex digits of microseconds and the inode's, here unique.
             qid = f"{random.randrange(16**5):05X}{random.randrange(16**7):07X}"
             if qid in made:
@@ -202,12 +205,11 @@ class PostfixQueue:
             made.add(qid)
             folder = deferred / qid[0]
             if not folder.exists():
-                folder.mkdir(mode=0o700)
-                parent = seed.parent.stat()
+                folder.mkdir(mode=stat.S_IMODE(parent.st_mode))
                 os.chown(folder, parent.st_uid, parent.st_gid)
             dest = folder / qid
-            shutil.copy2(seed, dest)
-            st = seed.stat()
+            dest.write_bytes(data)
+            os.chmod(dest, stat.S_IMODE(st.st_mode))
             os.chown(dest, st.st_uid, st.st_gid)
             os.utime(dest, (later, later))
             self.count += 1
@@ -227,7 +229,6 @@ class PostfixQueue:
         out.append(("postsuper -d ALL deferred", got))
         log(f"  postsuper -d ALL deferred: {got['wall']:.2f}s {got['rss_mb']:.1f} MB")
         self.count = sum(1 for p in (self.pf.queue / "deferred").rglob("*") if p.is_file())
-        self.seeds = [p for p in self.seeds if p.exists()]
         return out
 
     def close(self) -> None:

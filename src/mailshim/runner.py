@@ -185,6 +185,7 @@ class _Pass:
         self.force = force
         self.only = only
         self.seen = seen
+        self.first = not seen  # the first sweep of a run (``seen`` still empty)
         self.stop = stop
         self.now = time.time()
         self.limiter = sendlimits.limiter_for(config, target) if target.has_incoming() else None
@@ -211,7 +212,7 @@ class _Pass:
         if not self.force and self.only is None:
             count, _live, soonest = spoolindex.totals(self.target, self.now)
             if soonest > self.now:  # nothing due: the index's header said so
-                self.counts.skipped += count
+                self.counts.skipped += count if self.first else 0
                 return
         for row in spoolindex.rows(self.target, self.now):
             if spoolindex.is_due(row, self.now, self.force):
@@ -219,13 +220,11 @@ class _Pass:
             elif "w" in row[4] and "h" not in row[4] and len(row[0]) == fair.ID_BYTES:
                 if self.only is None or row[0] in self.only:
                     self.relay_index += row[0].encode("ascii")
-            elif self.only is None or row[0] in self.only:
-                if self.seen is not None:
-                    key = seen_key(row[0])
-                    if key in self.seen:
-                        continue
-                    self.seen.add(key)
-                self.counts.skipped += 1  # held or not due: known without opening it
+            elif self.first and (self.only is None or row[0] in self.only):
+                # Held or not due: known without opening it, and not remembered in ``seen``
+                # (at 100,000 deferred that set would be most of the memory); counted by the
+                # first sweep of a run only.
+                self.counts.skipped += 1
 
     async def hold(self) -> None:
         """Wait out a rate limit's pause (or until ``stop``)."""

@@ -8,10 +8,14 @@ from hypothesis import strategies as st
 
 from mailshim.address import (
     check_envelope_address,
+    dedupe_key,
+    domain_problem,
     find_unqualified,
     is_8bit_address,
     parse_address_list,
     qualify,
+    split_address,
+    unquote_local,
 )
 from mailshim.aliases import Aliases, parse_aliases_file
 from mailshim.errors import EX_DATAERR, DataError
@@ -616,3 +620,294 @@ def _reaches(graph, start, goal):
             seen.add(n)
             todo.extend(graph.get(n, []))
     return False
+
+
+# --------------------------------------------------------------------------------------------
+# Examples pinned by mutation testing (issue 28): each tells two behaviours apart
+# --------------------------------------------------------------------------------------------
+
+
+def test_dedupe_key_keeps_domains_apart():
+    """root@a.org and root@b.org are two recipients: dropping one loses mail."""
+    assert dedupe_key("root@a.org") != dedupe_key("root@b.org")
+    assert dedupe_key("root@A.org") == dedupe_key("root@a.ORG") == ("root", "a.org")
+    assert dedupe_key("Root@a.org") != dedupe_key("root@a.org")
+    assert dedupe_key("root") == ("root", "")
+    assert dedupe_key('"a@b"@C.example') == ('"a@b"', "c.example")
+
+
+@pytest.mark.parametrize(
+    ("addr", "parts"),
+    [
+        ("a@b", ("a", "b")),
+        ("a", ("a", None)),
+        ("a@", ("a", "")),
+        ('"a@b"@c', ('"a@b"', "c")),
+        ('"a\\"@b"@c', ('"a\\"@b"', "c")),
+        ('"a\\\\"@c', ('"a\\\\"', "c")),
+        ('"a b"', ('"a b"', None)),
+        ('"a"x', ('"a"x', None)),
+    ],
+)
+def test_split_address(addr, parts):
+    assert split_address(addr) == parts
+
+
+@pytest.mark.parametrize(
+    ("local", "plain"),
+    [
+        ('"a\\"b"', 'a"b'),
+        ('"a\\\\b"', "a\\b"),
+        ('"john doe"', "john doe"),
+        ('""', ""),
+        ('"', '"'),
+        ("abc", "abc"),
+        ('"a\\"', "a\\"),  # a backslash just before the closing quote is kept
+    ],
+)
+def test_unquote_local(local, plain):
+    assert unquote_local(local) == plain
+
+
+@pytest.mark.parametrize(
+    ("addr", "ok"),
+    [
+        ('"a\\x1f"@b.example', False),
+        ('"a "@b.example', True),
+        ('"a ~"@b.example', True),
+        ('"a\\x7f"@b.example', False),
+        ('"a\\x9f"@b.example', False),
+        ('"a \\xa0"@b.example', True),
+        ('"a \\u2027"@b.example', True),
+        ('"a\\u2028"@b.example', False),
+        ('"a\\u2029"@b.example', False),
+        ('"a \\ud7ff"@b.example', True),
+        ('"a\\ud800"@b.example', False),
+        ('"a\\udfff"@b.example', False),
+        ('"a \\ue000"@b.example', True),
+        ("\\u00e9.b@c.example", True),
+        ("a\\u0085@c.example", False),  # a C1 control (NEL) is not text
+        ("a\\u2028@c.example", False),
+    ],
+)
+def test_which_characters_an_address_may_hold(addr, ok):
+    addr = addr.encode().decode("unicode_escape", "surrogatepass")
+    if ok:
+        assert check_envelope_address(addr) == addr
+    else:
+        with pytest.raises(DataError):
+            check_envelope_address(addr)
+
+
+@pytest.mark.parametrize(
+    ("literal", "ok"),
+    [
+        ("0.0.0.0", True),
+        ("255.255.255.255", True),
+        ("256.1.1.1", False),
+        ("1.2.3.04", False),
+        ("1.2.3.0", True),
+        ("1.2.3.4.5", False),
+        ("1..3.4", False),
+        ("1.2.3.1234", False),
+        ("1.2.3.\\u0661", False),
+        ("IPv6:1:2:3:4:5:6:7:8", True),
+        ("IPv6:1:2:3:4:5:6:7", False),
+        ("IPv6:1:2:3:4:5:6:7:8:9", False),
+        ("ipv6:1::8", True),
+        ("IPv6:1:2:3:4:5:6:7::", True),
+        ("IPv6:1:2:3:4:5:6:7:8::", False),
+        ("IPv6:::", True),
+        ("IPv6:1:2:3:4:5:6:1.2.3.4", True),
+        ("IPv6:1:2:3:4:5:6:7:1.2.3.4", False),
+        ("IPv6:::ffff:1.2.3.256", False),
+        ("IPv6:::ffff:1.2.3", False),
+        ("IPv6:1:::2", False),
+        ("IPv6:abcd::ABCD", True),
+        ("IPv6:abcg::1", False),
+        ("IPv6:12345::1", False),
+        ("IPv6:1234::1", True),
+        ("IPv6:1:2", False),
+        ("x-tag:content", True),
+        ("x:~!", True),
+        ("tag-:content", False),
+        (":content", False),
+        ("tag:", False),
+        ("t_g:content", False),
+        ("tag:a b", False),
+        ("tag:a]", False),
+        ("tag:a[", False),
+        ("tag:a\\\\", False),
+        ("tag:a\\x7f", False),
+        ("tag", False),
+    ],
+)
+def test_address_literals(literal, ok):
+    literal = literal.encode().decode("unicode_escape")
+    problem = domain_problem(f"[{literal}]")
+    assert (problem is None) is ok, problem
+    if not ok:
+        assert problem == "bad address literal"
+
+
+@pytest.mark.parametrize(
+    ("domain", "problem"),
+    [
+        ("", "empty domain"),
+        ("[1.2.3.4", "bad address literal"),
+        ("[]", "bad address literal"),
+        ("a" * 63, None),
+        ("a" * 64, "bad domain label"),
+        ("\u00e9" * 31 + "a", None),  # 63 octets in UTF-8
+        ("\u00e9" * 32, "bad domain label"),  # 64 octets
+        ("a_b.example", None),
+        ("-a.example", "bad domain label"),
+        ("a-.example", "bad domain label"),
+        ("a-b.example", None),
+        ("a\u0085b.example", "bad domain label"),
+        ("a..b", "bad domain label"),
+        ("a!b.example", "bad domain label"),
+    ],
+)
+def test_domain_problems(domain, problem):
+    assert domain_problem(domain) == problem
+
+
+@pytest.mark.parametrize(
+    ("addr", "message"),
+    [
+        ("a\tb@c.example", "invalid address: a b@c.example (space outside quotes)"),
+        ("<a@b.example", "invalid address: <a@b.example (unterminated '<')"),
+        ("a@b.example>", "invalid address: a@b.example> (unmatched '>')"),
+        ("<@r.example>", "invalid address: <@r.example> (source route without ':')"),
+        ('"a"@', 'invalid address: "a"@ (empty domain)'),
+        ('"a', 'invalid address: "a (unterminated quote)'),
+        ('"a\\', 'invalid address: "a\\ (unterminated quote)'),
+        ("a@b@c", "invalid address: a@b@c (more than one '@')"),
+        ("", None),
+    ],
+)
+def test_envelope_messages_in_full(addr, message):
+    if message is None:
+        assert check_envelope_address(addr) == ""
+        return
+    with pytest.raises(DataError) as info:
+        check_envelope_address(addr)
+    assert info.value.message == message
+
+
+def test_envelope_length_limits_count_octets():
+    local64 = "\u00e9" * 32  # 64 octets
+    assert check_envelope_address(f"{local64}@x.example") == f"{local64}@x.example"
+    with pytest.raises(DataError, match="local part longer than 64 octets"):
+        check_envelope_address(f"{local64}a@x.example")
+    quoted = '"' + "a b" * 20 + '"'  # 62 octets with its quotes
+    assert check_envelope_address(quoted + "@x.example") == quoted + "@x.example"
+    with pytest.raises(DataError, match="local part longer than 64 octets"):
+        check_envelope_address('"' + "a b" * 21 + '"@x.example')
+    domain = ".".join(["b" * 63] * 3) + "." + "c" * 60  # 252 octets
+    assert check_envelope_address("a@" + domain[1:]) == "a@" + domain[1:]  # 253: fits
+    assert check_envelope_address("ab@" + domain[1:]) == "ab@" + domain[1:]  # 254: fits
+    with pytest.raises(DataError, match="longer than 254 octets"):
+        check_envelope_address("abc@" + domain[1:])  # 255
+
+
+def test_envelope_quoted_local_forms():
+    assert check_envelope_address('"john"') == "john"
+    assert check_envelope_address('"a@b"') == '"a@b"'
+    assert check_envelope_address('"a\\\\b"@x.example') == '"a\\\\b"@x.example'
+    assert check_envelope_address("\t<a@b.example>\t") == "a@b.example"
+    assert check_envelope_address("<@a.example:b@c.example>") == "b@c.example"
+
+
+def test_qualify_quoted_and_bare():
+    assert qualify('"a b"', "example.org") == '"a b"@example.org'
+    assert qualify("a@", "example.org") == "a@"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a@b.example (x\\) y), c@d.example", ["a@b.example", "c@d.example"]),
+        ("a@b.example (x (y) z) (w)", ["a@b.example"]),
+        ('"a\\"b" <c@d.example>', ["c@d.example"]),
+        ('"a\r\n b"@x.example', ['"a b"@x.example']),
+        ('"a\\\\"@x.example', ['"a\\\\"@x.example']),
+        ("a@[x\\]y]", ["a@[x\\]y]"]),
+        ('"a".b@x.example', ["a.b@x.example"]),
+        ("a.b.c@x.example", ["a.b.c@x.example"]),
+        ("<a@x.example> b@y.example", ["a@x.example", "b@y.example"]),
+        ("<a@x.example> Bob", ["a@x.example"]),
+        ("g: a@x.example; b@y.example", ["a@x.example", "b@y.example"]),
+        ("g1: a@x.example;, g2: ;, c@z.example", ["a@x.example", "c@z.example"]),
+        ("a@x.example;;b@y.example", ["a@x.example", "b@y.example"]),
+        ("<>, a@x.example", ["a@x.example"]),
+        ("\t a@x.example \t", ["a@x.example"]),
+        ("a!#$%&'*+-/=?^_`{|}~@x.example", ["a!#$%&'*+-/=?^_`{|}~@x.example"]),
+    ],
+)
+def test_parse_more_examples(text, expected):
+    assert parse_address_list(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("a@[x[y]", "unterminated domain literal"),
+        ("a@b..c", "unexpected '.' in a domain"),
+        ("a@.b", "unexpected '.' in a domain"),
+        ("a@b c", "unexpected 'c' in a domain"),
+        ("a@b,c d", "words without '@' or '<>'"),
+        ("a@[1.2.3.4].b", "unexpected '[1.2.3.4]' in a domain"),
+        ("a@b.[1.2.3.4]", "unexpected '[1.2.3.4]' in a domain"),
+        ('a@"b"', "unexpected 'b' in a domain"),
+        (".@x.example", "empty local part"),
+        ("a] b", "unexpected ']'"),
+        ("a\\b", "unexpected '\\\\'"),
+        ("<@a.example b@c.example>", "source route without ':'"),
+        ("<@a.example", "source route without ':'"),
+        ("<a,b@c.example>", "unexpected ',' inside '<>'"),
+        ("<a;b@c.example>", "unexpected ';' inside '<>'"),
+        ("<a:b@c.example>", "unexpected ':' inside '<>'"),
+        ("a@b.example: c", "unexpected ':'"),
+        ("a@b.example>", "unexpected '>'"),
+        ('"a" <b@c.example> x: d', "unexpected ':'"),
+        ('"a\\', "unterminated quoted string"),
+    ],
+)
+def test_parse_error_messages_in_full(text, why):
+    with pytest.raises(DataError) as info:
+        parse_address_list(text)
+    message = info.value.message
+    assert (
+        message.startswith("cannot parse address list (")
+        or message.startswith("unterminated")
+        or message.startswith("unexpected")
+    )
+    assert f"{why}" in message and message.endswith(text.replace("\r", "?").replace("\n", "?"))
+
+
+def test_parse_errors_have_one_shape():
+    with pytest.raises(DataError) as info:
+        parse_address_list("a@b@c.example")
+    assert info.value.message == "cannot parse address list (two '@' in one address): a@b@c.example"
+    with pytest.raises(DataError) as info:
+        parse_address_list('x "open')
+    assert info.value.message == 'unterminated quoted string in address list: x "open'
+    with pytest.raises(DataError) as info:
+        parse_address_list("a (open")
+    assert info.value.message == "unterminated comment in address list: a (open"
+    with pytest.raises(DataError) as info:
+        parse_address_list("a@[1.2")
+    assert info.value.message == "unterminated domain literal in address list: a@[1.2"
+    with pytest.raises(DataError) as info:
+        parse_address_list("a ] b")
+    assert info.value.message == "unexpected ']' in address list: a ] b"
+
+
+def test_find_unqualified_points_at_the_end_of_each_bare_name():
+    assert find_unqualified("root") == [4]
+    assert find_unqualified("a.b, c@d") == [3]
+    assert find_unqualified('"x y"') == [5]
+    assert find_unqualified("<root>, bin") == [5, 11]
+    assert find_unqualified("a@b") == []

@@ -941,3 +941,28 @@ def test_replay_a_half_made_spool_does_not_stop_the_runner(plain_root):
     assert sorted(os.listdir(root / "spool")) == [
         "corrupt", "dead", "monitor", "queue", "state", "tmp"
     ]  # fmt: skip
+
+
+def test_replay_an_interrupted_requeue_neither_loses_nor_quarantines(plain_root):
+    """Finding 5 (review): ``mailshim queue requeue`` removed the names in dead/ before its link
+    into queue/ was durable: a power cut could keep the removals and lose the link, and the
+    dead letter was gone from both. Stopped after its link (a kill, or the cut keeping it),
+    the entry had two links, and the runner sent it to corrupt/."""
+    root, listener = plain_root
+    wl = Workload("requeue", root, listener)
+    w_requeue(wl)
+    trace = wl.finish()
+    link = next(i for i, op in enumerate(trace.ops) if op.kind == "link")
+    qid, pid = trace.ops[link].name, trace.ops[link].pid
+    end = max(i for i, op in enumerate(trace.ops) if op.pid == pid) + 1
+    checked = 0
+    for st in cs.states(trace, "conservative", limit=4096):
+        if st.cut <= end:
+            files = cs.build(trace, st).files()
+            where = [p for p in files if p in (f"spool/dead/{qid}", f"spool/queue/{qid}")]
+            assert where, (st.cut, sorted(st.kept), sorted(files))
+            checked += 1
+    assert checked > end
+    # killed (or cut with everything kept) right after the link: the runner finishes it
+    everything = cs.State(link + 1, "conservative", frozenset(range(link + 1)))
+    assert _replay(wl, trace, everything) == []

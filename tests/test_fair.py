@@ -57,3 +57,62 @@ def test_an_entry_costs_its_whole_size_read_or_not(tmp_path, body_size):
     assert spoolindex._peek(path) == (7, os.path.getsize(path))
     (row,) = spoolindex.rows(sp)
     assert row[2:4] == (7, os.path.getsize(path))
+
+
+def queue(sp: spool.Spool, uid: int, size: int) -> str:
+    w = sp.new_entry("a@example.org", ["b@example.org"], uid)
+    w.write(b"x" * size)
+    w.commit(False)
+    return w.queue_id
+
+
+def test_turns_go_by_uid_not_by_entry_size(tmp_path):
+    """Two users whose entries have the same size are still two users; one user's entries
+    of different sizes are still one user's (a quantum that covers them all: one round)."""
+    sp = spool.Spool(str(tmp_path / "spool"))
+    sp.ensure()
+    a_small, a_big, b_small = queue(sp, 1, 10), queue(sp, 1, 3000), queue(sp, 2, 10)
+    rows = list(spoolindex.rows(sp))
+    assert list(fair.order(rows, quantum=10**6)) == [a_small, a_big, b_small]
+    # and with a quantum smaller than one entry, the uids alternate
+    assert list(fair.order(rows, quantum=1)) == [a_small, b_small, a_big]
+
+
+def test_each_entrys_uid_and_size_come_from_the_index_and_leave_with_it(tmp_path):
+    """What fair.py once cached per process is the schedule index's: read once per entry
+    (when it is committed, or at a rebuild), dropped when the entry leaves."""
+    one, two = spool.Spool(str(tmp_path / "one")), spool.Spool(str(tmp_path / "two"))
+    for sp in (one, two):
+        sp.ensure()
+    ids_one = [queue(one, 1, 10), queue(one, 2, 10)]
+    ids_two = [queue(two, 3, 10)]
+    size = os.path.getsize(one.path(ids_one[0]))
+    assert [r[:1] + r[2:4] for r in spoolindex.rows(one)] == [
+        (ids_one[0], 1, size), (ids_one[1], 2, size),
+    ]  # fmt: skip
+    one.lock(ids_one[0]).remove()
+    assert [r[0] for r in spoolindex.rows(one)] == ids_one[1:]
+    assert [r[0] for r in spoolindex.rows(two)] == ids_two
+
+
+def test_a_symlink_or_a_fifo_in_the_queue_is_unreadable_and_never_blocks(tmp_path):
+    import signal
+
+    sp = spool.Spool(str(tmp_path / "spool"))
+    sp.ensure()
+    good = queue(sp, 1, 10)
+    link, fifo = spool.new_queue_id(), spool.new_queue_id()
+    os.symlink(sp.path(good), sp.path(link))
+    os.mkfifo(sp.path(fifo))
+
+    def hung(*_args):
+        raise TimeoutError("opening a FIFO in queue/ blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        got = list(fair.order(spoolindex.rows(sp)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert got == [link, fifo, good]

@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -200,3 +201,38 @@ def test_without_the_journal_the_log_file_has_the_tags(world: Env, tmp_path):
     # RFC 3339 with a colon in the offset: pflogsumm reads nothing else of that form
     stamp = sent[0].split(" ", 1)[0]
     assert stamp[-6] in "+-" and stamp[-3] == ":", stamp
+
+
+def test_a_long_line_is_cut_on_a_character_not_inside_one(world: Env, journald):
+    """A line over MAX_VALUE is cut; cut inside a UTF-8 sequence it was no longer text, and
+    journald keeps such a value as a blob ("[blob data]" in journalctl's output). And
+    ``mailshim log`` shows it: journalctl -o json gives a field over 4096 bytes as null
+    unless --all."""
+    path, pid = journald
+    qid = "0123456789ABCDEFGHJK"
+    line = f"{qid}: x" + "\u20ac" * 20000  # 3 bytes each: MAX_VALUE falls inside one
+    env = {**os.environ, "MAILSHIM_JOURNAL_SOCKET": path}
+    boot = "import sys; from mailshim import maillog; maillog.log(sys.argv[1])"
+    r = subprocess.run([sys.executable, "-c", boot, line], env=env, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 20
+    while True:
+        out = subprocess.run(
+            ["nsenter", "-t", str(pid), "-m", "--", "journalctl", f"MAILSHIM_QUEUE_ID={qid}",
+             "-o", "json", "--all", "--no-pager"], capture_output=True, timeout=60,
+        )  # fmt: skip
+        if out.stdout.strip():
+            break
+        assert time.monotonic() < deadline, out.stderr
+        time.sleep(0.1)
+    (entry,) = [json.loads(x) for x in out.stdout.splitlines()]
+    message = entry["MESSAGE"]
+    assert isinstance(message, str), "stored as a blob"
+    assert message.startswith(f"{qid}: x\u20ac") and len(message.encode()) <= journal.MAX_VALUE
+    log = subprocess.run(
+        ["nsenter", "-t", str(pid), "-m", "--", tool("mailshim"), "log", qid],
+        capture_output=True, env={**world.env, "MAILSHIM_JOURNAL_SOCKET": path}, timeout=60,
+    )  # fmt: skip
+    assert log.returncode == 0, log.stderr
+    (shown,) = log.stdout.decode().splitlines()
+    assert shown.endswith(message), shown[:200]

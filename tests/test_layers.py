@@ -65,6 +65,7 @@ LAYERS: dict[str, int] = {
     "mailshim.spoolfs": STORE,
     "mailshim.spoolindex": STORE,
     "mailshim.spoolsetup": STORE,
+    "mailshim.ownview": STORE,
     "mailshim.wire": STORE,
     "mailshim.agent": ORCHESTRATION,
     "mailshim.removal": ORCHESTRATION,

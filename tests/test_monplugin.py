@@ -123,6 +123,24 @@ def test_bad_arguments_are_unknown(world: Env):
         assert code == 3 and out.startswith("MAILSHIM UNKNOWN: ") and not perf, out
 
 
+def test_a_range_that_is_not_a_number_is_unknown(world: Env):
+    """float() takes "nan" and "inf": nan compares false with every value, so "-w nan" was a
+    WARNING for good on an empty queue."""
+    queue_config(world, mode="queue")
+    queue_entries(world, n=0)
+    assert check(world)[0] == 0
+    for args in (["-w", "nan"], ["-c", "5:inf"], ["--warning-age", "@~:NaN"]):
+        code, out, perf = check(world, *args)
+        assert code == 3 and "is not a range" in out and not perf, out
+
+
+def test_no_bar_in_the_text(world: Env, tmp_path):
+    """A "|" in the text would start perfdata for Nagios: a path holding one is shown
+    without it (the status line's text comes from paths and listeners' replies)."""
+    code, out, perf = check(world, "--spool", str(tmp_path / "a|b"))
+    assert code == 3 and out.count("|") == 0 and "a/b" in out and not perf, out
+
+
 def test_a_broken_config_is_unknown(world: Env):
     world.config.write_text("[queue\n")
     code, out, _ = check(world)
@@ -209,7 +227,8 @@ def test_an_unprivileged_user_reads_the_summary_only(world: Env):
         summary.write_text(json.dumps(doc))
         queue_entries(world)  # queue/ changes now, hours after the summary
         code, out = as_nobody(world, spool, config, "-w", "0")
-        assert code == 1 and "'waiting'=1;0;;0;" in out, out
+        # waiting, and since the summary at most: a runner silent for hours is a stall
+        assert code == 2 and "'waiting'=1;0;;0;" in out and "nothing delivered for 3h" in out, out
     finally:
         shutil.rmtree(base)
 
@@ -330,3 +349,39 @@ precached_object_file={here}/objects.precache
     assert ";mailshim queue;WARNING;HARD;1;MAILSHIM WARNING: waiting 3 - 3 waiting" in alert
     assert "\tcurrent_state=1\n" in block
     assert "\tperformance_data='waiting'=3;1;5;0; 'oldest'=" in block
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the check as another user")
+def test_a_stopped_runner_on_a_busy_host_is_a_stall(world: Env):
+    """The runner's last pass was three hours ago and mail kept coming: the first unseen entry
+    two hours ago, the latest just now. The reader cannot list queue/, so it only knows that
+    queue/ changed after the summary; that mail has waited since the summary at most, and
+    nothing can have been delivered since (a pass would have written a new one). Counting
+    the unseen mail from the latest change said OK for as long as mail kept arriving."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="mailshim-mon-"))
+    try:
+        os.chmod(base, 0o755)
+        spool = base / "spool"
+        config = base / "mailshim.toml"
+        config.write_text(world.config.read_text().replace(str(world.spool), str(spool)))
+        os.chmod(config, 0o644)
+        world.env["MAILSHIM_CONFIG"] = str(config)
+        world.spool = spool
+        assert world.run("mailshim", ["setup-spool", "--user", "root"]).returncode == 0
+        queue_entries(world)
+        assert world.run("mailshim", ["run"]).returncode == 0  # delivered, figures published
+        code, out = as_nobody(world, spool, config)
+        assert code == 0 and "'waiting'=0;" in out, out
+        # the runner stops; its last summary (and last delivery) are three hours old
+        summary = spool / "monitor" / "summary.json"
+        doc = json.loads(summary.read_text())
+        doc["written"] = doc["last_delivery"] = time.time() - 3 * 3600
+        summary.write_text(json.dumps(doc))
+        old_entries(world, 2 * 3600)  # unseen since two hours
+        queue_entries(world)  # and more mail now: queue/ changed a moment ago
+        code, out = as_nobody(world, spool, config)
+        assert code == 2 and "nothing delivered for 3h while mail waits" in out, out
+    finally:
+        shutil.rmtree(base)

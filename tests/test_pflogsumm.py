@@ -114,3 +114,28 @@ def test_summary_of_one_day_in_either_time_format():
     day = logsummary.summarize(lines, "2026-12-06")
     assert day == {"delivered": 2, "deferred": 0, "deferrals": 0, "bounced": 0, "expired": 2}
     assert logsummary.summarize(lines)["delivered"] == 3
+
+
+def test_an_echoed_address_cannot_turn_a_bounce_into_a_delivery(world: Env, tmp_path):
+    """A user may name any quoted local part, and listeners echo the address in a refusal
+    (Postfix: ``550 5.1.1 <ADDR>: Recipient address rejected``): ``log --summary`` must read
+    the status from the line's own field, as pflogsumm does, not from the reply's text."""
+    log = tmp_path / "mail.log"
+    queue_config(world, mode="queue", extra=f'[log]\nfile = "{log}"\n')
+    rcpt = '"x, status=sent (250 ok)"@example.org'
+    world.listener.handler.rcpt_replies = {rcpt: f"550 5.1.1 <{rcpt}>: no such user"}
+    r = world.sendmail("-f", "alice@example.org", "--", rcpt, input=b"Subject: t\n\nhi\n")
+    assert r.returncode == 0, r.stderr
+    world.run("mailshim", ["flush"])
+    lines = log.read_text()
+    assert "status=bounced" in lines, lines
+    s = world.run("mailshim", ["log", "--summary", "--file", str(log)])
+    assert s.returncode == 0, s.stderr
+    text = s.stdout.decode()
+    assert re.search(r"^\s*1\s+bounced$", text, re.M), text
+    pflogsumm = shutil.which("pflogsumm")
+    if pflogsumm is not None:  # the reference reader agrees
+        r = subprocess.run([pflogsumm, "--syslog-name=mailshim", str(log)], capture_output=True)
+        assert grand_totals(r.stdout.decode())["bounced"] == 1
+    delivered = sum(len(m.rcpt_tos) for m in world.listener.messages)  # the bounce to alice
+    assert re.search(rf"^\s*{delivered}\s+delivered$", text, re.M), text

@@ -4,6 +4,7 @@ colour only on a terminal and never with NO_COLOR; `mailq` itself run on a pseud
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -261,3 +262,42 @@ def test_mailq_through_a_pipe_is_plain(queued_world):
         assert qid in text
     assert text.splitlines()[-1] == "-- 1 Kbytes in 2 Requests."
     assert text.count("admin@example.org") == 2
+
+
+def test_mail_that_waits_for_an_unreachable_listener_is_not_listed_as_new(tmp_path, listener):
+    """Issue 23 item 6: entries that arrived while the listener was down were listed as
+    "0 new" until a pass tried them. A pass that finds it unreachable marks the spool (the
+    agent's mark, now also a run's and a flush's); what was never tried meanwhile is
+    "waiting" for the listener, with its next try, and "new" again once it answers."""
+    world = Env(tmp_path, listener)
+    world.reconfigure(mode="queue", port=free_port())
+    first = world.sendmail("-i", "a@example.org", input=b"Subject: 1\n\nbody\n")
+    assert first.returncode == 0, first.stderr
+    r = world.run("mailshim", ["run"])
+    assert r.returncode == 0, r.stderr.decode()
+    r = world.sendmail("-i", "b@example.org", input=b"Subject: 2\n\nbody\n")
+    assert r.returncode == 0, r.stderr
+    tried, fresh = world.queued()
+
+    r = world.run("mailshim", ["queue", "--json"])
+    rows = {row["id"]: row for row in json.loads(r.stdout)["entries"]}
+    assert rows[tried]["status"] == "deferred"
+    assert rows[fresh]["status"] == "waiting" and rows[fresh]["next_attempt"] > 0
+    text = world.run("mailshim", ["queue"]).stdout.decode()
+    assert "waiting, next" in text and "the listener was unreachable" in text
+    assert "1 deferred, 1 waiting" in text
+    mailq = world.run("mailq", []).stdout.decode()
+    block = mailq[mailq.index(fresh) :]
+    assert "(not tried yet: the listener was unreachable" in block.splitlines()[1]
+    assert "[next try" in block.splitlines()[1]
+    show = world.run("mailshim", ["queue", "show", fresh]).stdout.decode()
+    assert "status:" in show and "waiting" in show and "next attempt:" in show
+
+    # The listener answers: a delivery clears the mark, nothing is "waiting" any more.
+    world.reconfigure(mode="queue")
+    r = world.run("mailshim", ["flush"])
+    assert r.returncode == 0, r.stderr.decode()
+    assert world.queued() == [] and len(listener.messages) == 2
+    r = world.sendmail("-i", "c@example.org", input=b"Subject: 3\n\nbody\n")
+    rows = json.loads(world.run("mailshim", ["queue", "--json"]).stdout)["entries"]
+    assert [row["status"] for row in rows] == ["new"]

@@ -565,6 +565,51 @@ def test_cron_retrier_as_a_real_user_delivers_what_the_dead_agent_left():
             subprocess.run(["crontab", "-r", "-u", user.name], capture_output=True)
 
 
+@pytest.mark.root
+def test_retrier_keeps_a_real_users_lines_after_a_lone_begin_marker():
+    """The user edited the block by hand (crontab -e): the END marker deleted, her own job
+    added below it. A second `install` and then `remove`, as that real user through
+    crontab(1), keep every line of hers and leave exactly one block after install, none
+    after remove (before: every line after a BEGIN with no END was taken for the block's
+    and dropped)."""
+    from conftest import others_can_run
+
+    if os.geteuid() != 0 or not others_can_run():
+        pytest.skip("needs root, and an interpreter other users can run")
+    import shutil as sh
+
+    if sh.which("crontab") is None:
+        pytest.skip("crontab is not installed (apt-get install cron)")
+    from test_multiuser import users_in_tmp
+
+    with users_in_tmp("mailshim-cronedit-", ("mshra-cron",)) as (_base, users):
+        user = users["mshra-cron"]
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(user.home), "LOGNAME": user.name}
+        try:
+            mine = "# the user's own job\n0 3 * * * true\n"
+            assert _as(user, ["crontab", "-"], env, mine.encode()).returncode == 0
+            done = _as(user, [tool("mailshim"), "retrier", "install", "--cron"], env)
+            assert done.returncode == 0, done.stderr
+            text = _as(user, ["crontab", "-l"], env).stdout.decode()
+            text = text.replace("# mailshim retrier: end\n", "")
+            text += "0 4 * * * /usr/local/bin/backup\n"
+            own = ["# the user's own job", "0 3 * * * true", "0 4 * * * /usr/local/bin/backup"]
+            assert _as(user, ["crontab", "-"], env, text.encode()).returncode == 0
+
+            done = _as(user, [tool("mailshim"), "retrier", "install", "--cron"], env)
+            assert done.returncode == 0, done.stderr
+            lines = _cron_lines(user, env)
+            assert [ln for ln in lines if "mailshim" not in ln] == own, lines
+            assert sum(ln.startswith("# mailshim retrier: begin") for ln in lines) == 1, lines
+            assert sum(ln.startswith("@reboot ") for ln in lines) == 1, lines
+
+            gone = _as(user, [tool("mailshim"), "retrier", "remove"], env)
+            assert gone.returncode == 0, gone.stderr
+            assert _cron_lines(user, env) == own
+        finally:
+            subprocess.run(["crontab", "-r", "-u", user.name], capture_output=True)
+
+
 def _mailshim(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([tool("mailshim"), *args], env=env, capture_output=True, timeout=60)
 
@@ -828,3 +873,57 @@ def test_a_users_mail_goes_to_the_daemon_not_to_an_agent_of_theirs(dropbox):
     mu.listener.stop()
     assert mu.sendmail(alice, "-i", "carol@example.org", input=MESSAGE % 2).returncode == 0
     wait_for(lambda: len(_agents(alice.uid)) == 1, what="the user's own agent again")
+
+
+# --- a long-lived retrier reads a changed configuration ---------------------------------------
+
+
+def _relay_config(world: Env, port: int) -> None:
+    world.config.write_text(
+        f"""
+[relay]
+host = "127.0.0.1"
+port = {port}
+timeout = 5
+retry_after_failure = 1
+
+[addresses]
+domain = "example.org"
+
+[queue]
+dir = "{world.spool}"
+retry = ["2s"]
+"""
+    )
+
+
+@pytest.mark.parametrize("who", ["agent", "daemon"])
+def test_a_fixed_relay_is_used_by_the_retrier_already_running(world, who):
+    """The relay was wrong (nothing listens there); the mail is deferred and the lingering
+    agent (or `mailshim daemon`) retries it. The administrator fixes `[relay] port`: the
+    next retry goes to the fixed relay. Before, the process kept the file it read at start
+    and retried the old relay until it left, which it never did while that relay refused."""
+    _relay_config(world, free_port())  # the old relay: nothing listens there
+    daemon = None
+    if who == "daemon":
+        daemon = subprocess.Popen(
+            [tool("mailshim"), "daemon"], env=world.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        sent = world.sendmail("-i", "bob@example.org", input=b"Subject: fixed\n\nbody\n")
+        assert sent.returncode == 0, sent.stderr
+        if who == "agent":
+            wait_for(lambda: agents(world.spool), what="the lingering agent")
+        wait_for(
+            lambda: b"Connection refused" in world.run("mailshim", ["queue"]).stdout,
+            what="the first attempt at the old relay",
+        )
+        _relay_config(world, world.listener.port)
+        (msg,) = world.listener.wait(1, timeout=30)
+        assert msg.rcpt_tos == ["bob@example.org"]
+        world.wait_queue_empty()
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(timeout=60)

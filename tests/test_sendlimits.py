@@ -56,6 +56,8 @@ TABLE = [
     # a limit of 0 is no limit
     (Usage(1000, M, M), 5, 1500, 0, 0, H, (True, 0, False, Usage(1000, M + 1, M + 5))),
     (Usage(1000, M, 3), 5, 1500, 0, 500, H, (True, 0, False, Usage(1000, M + 1, 8))),
+    # a message that fits after a held one keeps the window's "logged" mark: one log line
+    (Usage(1000, 1, 1, True), 1, 1500, 100, 500, H, (True, 0, False, Usage(1000, 2, 2, True))),
     # a clock set back starts a fresh window rather than holding mail for hours
     (Usage(5000, 100, 11, True), 1, 1000, 100, 500, H, (True, 0, False, Usage(1000, 1, 1))),
     # a short window (the tests' own)
@@ -218,3 +220,233 @@ def test_check_names_users_at_their_limit(fworld):
     (line,) = [x for x in r.stdout.splitlines() if " limits " in x]
     assert line.startswith("warning") and "uid 4242 is at its sending limit" in line
     assert "1 messages" in line or "1 message" in line
+
+
+# --- only one of the two limits set -----------------------------------------------------------
+
+
+def test_a_recipient_limit_alone_is_enforced(tmp_path):
+    """user_messages = 0 and user_recipients = 5: the limiter exists, applies to a user, and
+    holds the message that would pass five recipients."""
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    cfg = config_mod.Config()
+    cfg.user_messages, cfg.user_recipients, cfg.user_window = 0, 5, 600
+    lim = sendlimits.limiter_for(cfg, target)
+    assert lim is not None and (lim.messages, lim.recipients, lim.window) == (0, 5, 600)
+    assert lim.folder == os.path.join(target.state_dir, "limits")
+    assert lim.applies(4242)
+    now = 1_800_000_000
+    assert lim.admit(4242, 3, now).ok and lim.admit(4242, 2, now + 1).ok
+    held = lim.admit(4242, 1, now + 2)
+    assert (held.ok, held.until, held.first) == (False, now + 600, True)
+    assert lim.rule() == "5 recipients per 10m"
+
+
+def test_a_message_limit_alone_is_enforced(tmp_path):
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    cfg = config_mod.Config()
+    cfg.user_messages, cfg.user_recipients = 1, 0
+    lim = sendlimits.limiter_for(cfg, target)
+    assert lim is not None and lim.applies(4242) and lim.rule() == "1 messages per 1h"
+    assert lim.admit(4242, 1000, 1_800_000_000).ok
+    assert not lim.admit(4242, 1, 1_800_000_001).ok
+
+
+def test_no_limits_no_limiter(tmp_path):
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    cfg = config_mod.Config()
+    cfg.user_messages = cfg.user_recipients = 0
+    assert sendlimits.limiter_for(cfg, target) is None
+    assert not limiter(tmp_path, messages=0, recipients=0).applies(4242)
+
+
+def test_who_is_exempt(tmp_path):
+    import pwd
+
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    owner = os.lstat(target.queue).st_uid
+    cfg = config_mod.Config()
+    nobody = pwd.getpwnam("nobody").pw_uid
+    cfg.trusted_users = ("no-such-user-here", "nobody")
+    lim = sendlimits.limiter_for(cfg, target)
+    assert lim is not None
+    assert lim.exempt == {0, os.geteuid(), owner, nobody}
+    assert not lim.applies(nobody) and not lim.applies(0) and lim.applies(4242)
+    assert lim.owner == (owner, os.lstat(target.queue).st_gid)
+    cfg.trusted_users = ()
+    assert sendlimits.limiter_for(cfg, target).applies(nobody)  # type: ignore[union-attr]
+
+
+# --- what check and mailq say ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "span"),
+    [(86400, "1d"), (2 * 86400, "2d"), (3600, "1h"), (7200, "2h"), (90000, "25h"),
+     (60, "1m"), (120, "2m"), (90, "90s"), (59, "59s"), (3, "3s")],
+)  # fmt: skip
+def test_window_in_words(seconds, span):
+    assert limiter("/x", window=seconds).rule() == f"2 messages / 500 recipients per {span}"
+
+
+def test_why_names_the_user_the_rule_the_usage_and_the_time():
+    lim = limiter("/x")
+    until = time.mktime((2030, 1, 2, 13, 14, 15, 0, 0, -1))
+    text = lim.why(0, Usage(1, 2, 7), until)
+    assert text == (
+        "held: root (uid 0) reached its sending limit (2 messages / 500 recipients per 1h;"
+        " sent 2 messages to 7 recipients); goes on at 13:14:15"
+    )
+
+
+def test_login_names_unknown_uids_by_number():
+    assert sendlimits.login(0) == "root (uid 0)"
+    assert sendlimits.login(4_000_000_000) == "uid 4000000000"
+
+
+def test_at_limit_lists_who_is_held_or_used_up(tmp_path):
+    now = 1_800_000_000
+    folder = tmp_path / "limits"
+    lim = limiter(folder, messages=3, recipients=10)
+    lim._write(101, Usage(now, 3, 3))  # used up its messages
+    lim._write(102, Usage(now, 2, 3))  # one message left
+    lim._write(103, Usage(now, 1, 9, True))  # held for its recipients
+    lim._write(104, Usage(now - H, 3, 3, True))  # that window is over
+    lim._write(0, Usage(now, 3, 3, True))  # exempt
+    (folder / "notes").write_text("x")
+    assert lim.at_limit(now + 1) == [(101, Usage(now, 3, 3)), (103, Usage(now, 1, 9, True))]
+    assert limiter(tmp_path / "none").at_limit(now) == []
+
+
+def test_usage_record_words():
+    assert Usage.decode(b"v1 5 6 7 1") == Usage(5, 6, 7, True)
+    assert Usage.decode(b"v1 5 6 7 2").logged is False
+    assert Usage.decode(b"v1 5 6 7 0 9") == Usage()
+    assert Usage(1, 2, 3, True) != "v1 1 2 3 1" and Usage(1, 2, 3) != Usage(1, 2, 4)
+    assert repr(Usage(1, 2, 3, True)) == "Usage(1, 2, 3, True)"
+    assert Usage(1, 2, 3).encode() == b"v1 1 2 3 0".ljust(63) + b"\n"
+    verdict = sendlimits.Verdict(False, 5, True)
+    assert repr(verdict) == "Verdict(ok=False, until=5, first=True)"
+    assert repr(sendlimits.Verdict(True)) == "Verdict(ok=True, until=0, first=False)"
+
+
+def test_a_recipient_limit_counts_only_once_a_window_has_recipients():
+    # 0 recipients so far: a message of any size goes (or it could never go)
+    verdict, after = decide(Usage(1000, 0, 0), 900, 1001, 100, 500, H)
+    assert verdict.ok and after == Usage(1000, 1, 900)
+    # exactly up to the limit goes; one more is held
+    assert decide(Usage(1000, 1, 400), 100, 1001, 100, 500, H)[0].ok
+    assert not decide(Usage(1000, 1, 400), 101, 1001, 100, 500, H)[0].ok
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
+def test_root_gives_the_counters_to_the_runner_user(tmp_path):
+    folder = tmp_path / "limits"
+    lim = sendlimits.Limiter(str(folder), 1, 0, H, frozenset({0}), owner=(4343, 4444))
+    assert lim.admit(4242, 1, 1_800_000_000).ok
+    st, fst = (folder / "4242").stat(), folder.stat()
+    assert (st.st_uid, st.st_gid, fst.st_uid, fst.st_gid) == (4343, 4444, 4343, 4444)
+    # a second counter in the existing folder is given away too
+    assert lim.admit(4243, 1, 1_800_000_000).ok
+    assert (folder / "4243").stat().st_uid == 4343
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the spool away")
+def test_the_spool_owner_is_exempt_not_its_group(tmp_path):
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    os.chown(target.queue, 4343, 4444)
+    target = spool.Spool(str(tmp_path / "spool"))
+    cfg = config_mod.Config()
+    cfg.trusted_users = ()
+    lim = sendlimits.limiter_for(cfg, target)
+    assert lim is not None and lim.exempt == {0, os.geteuid(), 4343}
+    assert lim.owner == (4343, 4444) and lim.applies(4444)
+
+
+def test_a_counter_that_is_a_symlink_is_not_followed(tmp_path):
+    folder = tmp_path / "limits"
+    folder.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(Usage(1_800_000_000, 2, 2, True).encode())
+    (folder / "4242").symlink_to(elsewhere)
+    lim = limiter(folder, messages=2)
+    assert lim.usage(4242) == Usage()  # not the planted record
+    assert lim.admit(4242, 1, 1_800_000_000).ok
+    assert elsewhere.read_bytes() == Usage(1_800_000_000, 2, 2, True).encode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a device node")
+def test_a_counter_that_cannot_be_written_is_logged_and_the_message_goes(tmp_path, capsys):
+    from mailshim import maillog
+
+    folder = tmp_path / "limits"
+    folder.mkdir()
+    os.mknod(folder / "4242", 0o600 | 0o020000, os.makedev(1, 7))  # /dev/full: pwrite fails
+    lim = limiter(folder, messages=1)
+    old = maillog._stderr
+    maillog._stderr = True
+    try:
+        assert lim.admit(4242, 1, 1_800_000_000).ok
+    finally:
+        maillog._stderr = old
+    err = capsys.readouterr().err
+    assert f"limits: {folder / '4242'}: " in err and "; not counted" in err
+
+
+# --- the gate before a first attempt --------------------------------------------------------
+
+
+def queued(target: spool.Spool, uid: int) -> str:
+    w = target.new_entry("a@example.org", ["b@example.org"], uid)
+    w.write(b"Subject: x\r\n\r\nx\r\n")
+    w.commit(False)
+    return w.queue_id
+
+
+def test_gate_counts_first_attempts_and_holds_what_is_over(tmp_path):
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    lim = limiter(tmp_path / "limits", messages=1, window=600)
+    now = 1_800_000_000
+    first, second = queued(target, 4242), queued(target, 4242)
+    assert sendlimits.gate(lim, target, first, now)
+    assert not sendlimits.gate(lim, target, second, now + 1)
+    state = target.load_state(second)
+    assert state.next_attempt == now + 600
+    assert state.last_error == lim.why(4242, Usage(now, 1, 1, True), now + 600)
+    assert "sent 1 messages to 1 recipients" in state.last_error
+    # an entry already tried was counted then: it always goes on
+    tried = queued(target, 4242)
+    locked = target.lock(tried)
+    assert locked is not None
+    st = locked.state()
+    st.first_attempt = now - 5
+    locked.save_state(st)
+    locked.release()
+    assert sendlimits.gate(lim, target, tried, now + 2)
+
+
+def test_gate_lets_the_attempt_deal_with_a_busy_or_damaged_entry(tmp_path):
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    lim = limiter(tmp_path / "limits", messages=1)
+    now = 1_800_000_000
+    assert sendlimits.gate(lim, target, queued(target, 4242), now)  # uses the one message
+    busy = queued(target, 4242)
+    holder = target.lock(busy)
+    assert holder is not None
+    try:
+        assert sendlimits.gate(lim, target, busy, now)  # busy: skipped by the attempt too
+    finally:
+        holder.release()
+    broken = spool.new_queue_id()
+    (tmp_path / "spool" / "queue" / broken).write_bytes(b"not an entry")
+    assert sendlimits.gate(lim, target, broken, now)  # the attempt quarantines it
+    bad_state = queued(target, 4242)
+    (tmp_path / "spool" / "state" / bad_state).write_bytes(b"not json")
+    assert sendlimits.gate(lim, target, bad_state, now)

@@ -48,6 +48,7 @@ from mailshim.errors import EX_CONFIG, MailshimError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from mailshim.config import Config
+    from mailshim.reply import Reply
 
 MIN_NAP = 1.0  # never wake more often than this (an entry held by an interactive sendmail)
 RETAKE_TRIES = 10  # a leaving agent's tries at the lock when something fell due meanwhile
@@ -157,7 +158,7 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
     Returns False when asked to stop (SIGTERM, SIGHUP, SIGINT) or the spool is gone."""
     import signal
 
-    from mailshim import runner
+    from mailshim import configload, policy, runner
 
     stops = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
     wanted = stops | {signal.SIGURG}
@@ -168,9 +169,16 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
     serving.write_pid(target, serving.AGENT)
     try:
         while True:
+            rest_until = 0.0
+            config = configload.refresh(config, "agent")
             try:
-                reachable = runner.deliver_due(config, target, frozenset(stops))
-                target.mark_relay(lock_fd, reachable)
+                status = runner.deliver_due(config, target, frozenset(stops))
+                # Only an unreachable listener is "down" (no pokes for a while). One that
+                # answered with rate limits is up: pokes still wake the agent, which
+                # otherwise rests a moment before the entries the busy pass left untried.
+                target.mark_relay(lock_fd, status != "down")
+                if status == "busy":
+                    rest_until = time.time() + policy.pressure_delay(config, policy.RATE)
             except MailshimError as exc:
                 maillog.log(f"agent: {exc.message}", error=True)
             if not os.path.isdir(target.queue):
@@ -183,6 +191,7 @@ def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:
                 wake = time.time() + config.retry[0]
             if wake is None:
                 return True
+            wake = max(wake, rest_until)
             got = signal.sigtimedwait(wanted, max(0.0, wake - time.time()))
             if got is not None and got.si_signo in stops:
                 return False
@@ -213,17 +222,19 @@ def _drop_agent(
     except (DataError, OSError):
         entry = None  # unreadable: the runner's pickup sends it to corrupt/ with the reason
 
-    async def one(entry: spoolentry.DropEntry) -> str:
+    async def one(entry: spoolentry.DropEntry) -> tuple[str, dict[str, Reply]]:
         async with delivery.client_for(config) as client:
-            return (await delivery.deliver_drop(config, client, entry))[0]
+            return await delivery.deliver_drop(config, client, entry)
 
+    first_down = False
     if entry is not None:
         try:
-            status = asyncio.run(one(entry))
+            status, replies = asyncio.run(one(entry))
             if status in (SENT, REJECTED, QUEUED):
                 dropagent.forget(root, entry.queue_id)
             else:
                 first = entry.queue_id
+                first_down = delivery.is_connection_failure(replies)
         except MailshimError as exc:
             maillog.log(f"agent: {exc.message}", error=True)
             first = entry.queue_id
@@ -231,7 +242,7 @@ def _drop_agent(
             entry.release()
     if slot_fd is None:
         return 0
-    return dropagent.linger(config, target, slot_fd, first)
+    return dropagent.linger(config, target, slot_fd, first, first_down)
 
 
 def agent_main(

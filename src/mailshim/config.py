@@ -140,6 +140,7 @@ class Config:
         "retry",
         "sender",
         "sources",
+        "stamp",
         "trusted_users",
         "user_messages",
         "user_recipients",
@@ -165,6 +166,9 @@ class Config:
         # from this file that validated) or "defaults" (good enough to spool, not to deliver).
         self.broken: str | None = None
         self.fallback: str | None = None
+        # The file's identity when it was read (configload.stamp): a process that lives on
+        # reads the file again when it changes (configload.refresh).
+        self.stamp: tuple[int, ...] | None = None
         self.relays: tuple[RelayConfig, ...] = (RelayConfig("relay"),)
         self._domain: str | None = None
         self.sender: str | None = None

@@ -61,8 +61,10 @@ def load(explicit: str | None = None, *, use_cache: bool = True) -> config.Confi
     path, _why = find_config_file(explicit)
     if path is None:
         return config.Config()
+    seen = stamp(path)  # before the read: a change after it is seen by the next refresh
     data, pending = _read_table(path, use_cache)
     cfg = _validated(path, data, use_cache)
+    cfg.stamp = seen
     _use_log_file(cfg)
     if pending is not None:
         # Only a table that validated is cached: the cache is also the last good
@@ -103,6 +105,7 @@ def load_or_fallback(explicit: str | None = None) -> config.Config:
     configuration that validated from this file (this user's cache), else the built-in
     defaults, with ``Config.broken`` saying why the file was not used. A caller that sends
     mail checks ``usable`` first: the defaults are good enough to spool, never to deliver."""
+    seen = stamp(find_config_file(explicit)[0])
     try:
         return load(explicit)
     except ConfigError as exc:
@@ -114,12 +117,58 @@ def load_or_fallback(explicit: str | None = None) -> config.Config:
         cfg.path = path
         cfg.fallback = "defaults"
         if path is not None:
-            _salvage(cfg, path)
+            if os.path.abspath(path) == paths.SYSTEM_CONFIG:
+                probe = config.Config()
+                _salvage(probe, path)
+                _published(cfg, probe.queue_dir or paths.SYSTEM_SPOOL)
+            _salvage(cfg, path)  # what the broken file still says wins over the copy
     else:
         cfg.fallback = "last good"
     cfg.broken = problem
+    cfg.stamp = seen
     _use_log_file(cfg)
     return cfg
+
+
+def stamp(path: str | None) -> tuple[int, ...] | None:
+    """The identity of the file at ``path`` now (device, inode, size, mtime, ctime; ``()``
+    when it cannot be looked at), for ``refresh``; None without a file."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def refresh(cfg: config.Config, who: str) -> config.Config:
+    """For a process that lives on (the delivery agent, a user's drop agent, the daemon):
+    ``cfg`` while its file is unchanged, else the file read again. An administrator who
+    fixes the relay must not wait for such a process to leave, which it never does while
+    the old relay refuses the mail it retries. A changed file that is invalid leaves ``cfg``
+    in use (the last good configuration, in memory), said once in the log."""
+    if cfg.path is None or stamp(cfg.path) == cfg.stamp:
+        return cfg
+    from mailshim import maillog
+    from mailshim.errors import MailshimError
+
+    seen = stamp(cfg.path)
+    try:
+        new = load_or_fallback(cfg.path)
+    except MailshimError as exc:  # never the end of a process that is retrying mail
+        new = config.Config()
+        new.broken, new.stamp = exc.message, seen
+    if new.broken is not None:
+        maillog.log(
+            f"error: {new.broken}; {who} keeps the configuration it read before until the"
+            " file is fixed",
+            error=True,
+        )
+        cfg.stamp = new.stamp  # said once per change of the file
+        return cfg
+    maillog.log(f"{who}: {cfg.path} changed: read again")
+    return new
 
 
 def usable(cfg: config.Config) -> bool:
@@ -131,6 +180,11 @@ def fallback_note(cfg: config.Config) -> str:
     """What is used instead of a broken file, for the loud line every user of it logs."""
     if usable(cfg):
         return "using the last configuration from this file that was valid until it is fixed"
+    if cfg.fallback == "published":
+        return (
+            "addresses as the runner's copy of its last valid version says; mail is kept in"
+            " the spool and the runner delivers it"
+        )
     return (
         "no earlier configuration from this file was valid here: mail is kept in the spool"
         " and delivered once the file is fixed"
@@ -177,6 +231,69 @@ def _salvage(cfg: config.Config, path: str) -> None:
             except ConfigError:
                 continue
             config.apply_table(cfg, piece, path)
+
+
+# What a user's sendmail takes from the runner's copy of the last valid system file: how
+# her message is addressed and sized. Never the spool, the log file, the relays or trust: a
+# copy the runner account wrote may not aim root's sendmail at a path, and a configuration
+# taken from it is never used to deliver (``usable`` stays false: the runner delivers).
+_PUBLISHED = {
+    "addresses": ("domain", "from_header", "qualify_headers"),
+    "aliases": None,
+    "submission": ("max_size", "max_recipients", "helo"),
+}
+
+
+def _published(cfg: config.Config, spool_root: str) -> None:
+    """The system file is broken and this user has no last good table of it: take the
+    addressing from the runner's copy of the last valid one (``status/config.toml``,
+    ownview.publish_config), so that ``bob`` does not become ``bob@<this host>``."""
+    copy = os.path.join(spool_root, "status", "config.toml")
+    try:
+        owners = {0, os.lstat(os.path.join(spool_root, "queue")).st_uid}
+        fd = os.open(copy, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in owners:
+            return
+        if st.st_mode & 0o022:
+            return
+        raw = os.read(fd, 1024 * 1024 + 1)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    if len(raw) > 1024 * 1024:
+        return
+    try:
+        data = _parse_toml(raw, copy)
+    except ConfigError:
+        return
+    table: Table = {}
+    for section, keys in _PUBLISHED.items():
+        body = data.get(section)
+        if isinstance(body, dict):
+            table[section] = body if keys is None else {k: v for k, v in body.items() if k in keys}
+    where = f"{copy} (the runner's copy of the last valid {paths.SYSTEM_CONFIG})"
+    trial = config.Config()
+    try:
+        config.apply_table(trial, table, where)
+        _check_addresses(trial, where)
+    except ConfigError:
+        return
+    config.apply_table(cfg, table, where)
+    cfg.fallback = "published"
+
+
+def check_bytes(raw: bytes, path: str) -> None:
+    """Raise ``ConfigError`` unless ``raw`` is a configuration that validates (the runner,
+    before it publishes a copy of the system file: ownview.publish_config)."""
+    data = _parse_toml(raw, path)
+    trial = config.Config()
+    config.apply_table(trial, data, path)
+    _check_addresses(trial, path)
 
 
 def _queue_dir_line(raw: bytes) -> str | None:
@@ -379,10 +496,46 @@ def _trusted(st: os.stat_result) -> bool:
     return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
 
 
+def _root_path(folder: str, create: bool) -> bool:
+    """For root: whether no other account can change what ``folder`` names. Every component
+    from ``/`` down is looked at with ``lstat`` (a link anywhere refuses it: ``os.stat`` of the
+    folder would follow one a user planted in a folder of theirs above it) and must be a
+    folder of root's, writable by nobody else (a sticky folder excepted on the way, since what
+    it holds is then root's and cannot be renamed by others). With ``create``, missing folders
+    are made (0700), one at a time: ``mkdir`` never follows a link at its last component.
+
+    Root's cache folder lies under whatever HOME or XDG_CACHE_HOME it was started with, which
+    ``sudo -E``, ``su -m`` or ``su`` (XDG_CACHE_HOME) take from a user (issue 24, item 1)."""
+    parts = [p for p in os.path.abspath(folder).split("/") if p]
+    path = "/"
+    for i in range(len(parts) + 1):
+        if i:
+            path = os.path.join(path, parts[i - 1])
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not create:
+                return False
+            try:
+                os.mkdir(path, 0o700)
+                st = os.lstat(path)
+            except OSError:
+                return False
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            return False
+        if st.st_mode & 0o022 and (i == len(parts) or not st.st_mode & stat.S_ISVTX):
+            return False
+    return True
+
+
 def _cache_get(
     cache_file: str, key: tuple[object, ...] | None
 ) -> tuple[tuple[object, ...], Table] | None:
     """The cached (key, table) when it matches ``key`` (any key: None), else None."""
+    if os.geteuid() == 0 and not _root_path(os.path.dirname(cache_file), create=False):
+        return None
     try:
         dst = os.stat(os.path.dirname(cache_file))
         fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
@@ -429,6 +582,8 @@ def _cache_put(cache_file: str, key: tuple[object, ...], data: Table) -> None:
     except ValueError:
         return  # a TOML date or time value: not marshal-able, and rejected by validation anyway
     folder = os.path.dirname(cache_file)
+    if os.geteuid() == 0 and not _root_path(folder, create=True):
+        return
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         # Root never writes into a cache folder another account controls (the units' is

@@ -22,7 +22,17 @@ from __future__ import annotations
 import os
 import time
 
-from mailshim import deadletters, maillog, metrics, policy, runner, serving, spool, spoolindex
+from mailshim import (
+    configload,
+    deadletters,
+    maillog,
+    metrics,
+    policy,
+    runner,
+    serving,
+    spool,
+    spoolindex,
+)
 from mailshim.errors import MailshimError
 
 TYPE_CHECKING = False
@@ -110,6 +120,12 @@ class _Daemon:
 
     async def round(self, stop: asyncio.Event) -> float:
         """Pick up, deliver what is due; returns the time (epoch) to look again at the latest."""
+        fresh = configload.refresh(self.config, "daemon")
+        if fresh is not self.config:
+            self.config = fresh
+            if self.pool is not None:
+                await self.pool.close()  # its sessions are to the relays of the old file
+                self.pool = None
         now = time.time()
         wake = now + 3600.0
         waiting_drops = False

@@ -150,7 +150,14 @@ def _fsync_dir(path: str) -> None:
 
 
 def requeue(target: spool.Spool, qid: str, now: float | None = None) -> None:
-    """Put ``dead/<qid>`` back into the queue, due now, with a fresh schedule."""
+    """Put ``dead/<qid>`` back into the queue, due now, with a fresh schedule.
+
+    dead/ is the runner account's: the entry is opened without following a link or blocking
+    on a FIFO, and its kept state is read the same way (``Spool.dead_state``). Order, for a
+    power cut or a kill at any point (issue 27): the link into queue/ is made durable before
+    anything leaves dead/, the state before the names in dead/ go, and the entry's own name
+    there last; a runner that finds the entry under both names finishes the requeue
+    (``Spool.lock``)."""
     now = time.time() if now is None else now
     path = os.path.join(target.dead, qid)
     try:
@@ -160,26 +167,24 @@ def requeue(target: spool.Spool, qid: str, now: float | None = None) -> None:
     except OSError as exc:
         raise from_oserror(exc, f"opening dead letter {qid}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{path} is not a plain file: look at it, then remove it")
         # The queue entry will be this same inode: its flock keeps runners away until the
         # state is in place and the dead/ name is gone.
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        state = spoolfmt.State()
         try:
-            with open(path + ".state", "rb") as f:
-                old = spoolfmt.decode_state(f.read(1024 * 1024))
-            state.done = old.done  # delivered stays delivered
-        except (OSError, DataError):
-            pass
-        state.requeued = int(now)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{qid} is being requeued by another process") from None
+        state = spool.requeued_state(target.dead_state(qid), now)
         try:
             os.link(path, target.path(qid))
         except FileExistsError:
             raise UsageError(f"{qid} is in the queue already") from None
+        _fsync_dir(target.queue)
         target.save_state(qid, state)
-        _unlink(path)
         _unlink(path + ".reason")
         _unlink(path + ".state")
-        _fsync_dir(target.queue)
+        _unlink(path)
         _fsync_dir(target.dead)
     except OSError as exc:
         raise from_oserror(exc, f"requeueing {qid}") from None

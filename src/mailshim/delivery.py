@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-from mailshim import bounce, maillog, mailstats, policy, spoolentry
+from mailshim import bounce, maillog, mailstats, ownview, policy, spoolentry
 from mailshim.constants import (
     BOUNCED,
     DEFERRED,
@@ -140,15 +140,19 @@ def _carry_out(
         if action.warn is not None:
             _write_report(config, locked, state, bounce.DELAYED, action.warn, now)
         locked.save_state(state)
+        if state.view:
+            ownview.publish(locked.spool, env, state)  # her mailq: status and next try
         locked.release()
         return action.status
     if action.status == SENT:
         locked.remove()
         maillog.log(f"{env.queue_id}: removed")
+        _withdraw(locked, state)
         return SENT
     if not action.bury:
         locked.remove()
         maillog.log(f"{env.queue_id}: rejected by the listener; the client was told")
+        _withdraw(locked, state)
         return action.status
     if action.report is not None and not state.reported:
         # The report's id is recorded first: after a crash between writing the report and
@@ -169,7 +173,14 @@ def _carry_out(
     where = locked.bury("dead", action.reason)
     maillog.log(f"{env.queue_id}: moved to {where}: {action.reason}", error=True)
     mailstats.expired(len(set(state.expired)), max(0.0, now - env.arrival))
+    _withdraw(locked, state)
     return action.status
+
+
+def _withdraw(locked: spoolentry.LockedEntry, state: State) -> None:
+    """The entry has left the queue: its submitter's view goes too (a bounce tells her)."""
+    if state.view:
+        ownview.withdraw(locked.spool, state)
 
 
 def _sendable(addr: str) -> bool:

@@ -49,7 +49,8 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _OPEN = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NOCTTY", 0) | os.O_NONBLOCK
 
 # An attempt's outcome, for the schedule.
-GONE = "gone"  # delivered, refused for good, or taken by a runner: nothing left to do here
+GONE = "gone"  # taken by a runner, or not this user's: nothing left to do here
+DONE = "done"  # delivered or refused for good: the listener took a transaction
 BUSY = "busy"  # someone else holds the entry now (a runner moving it, an interactive sendmail)
 LATER = "later"  # tried; something is left to retry
 DOWN = "down"  # the listener could not be reached
@@ -242,12 +243,15 @@ def running(root: str) -> int | None:
 
 
 class _Track:
-    __slots__ = ("attempts", "late", "next_at")
+    __slots__ = ("attempts", "late", "next_at", "relay_wait")
 
-    def __init__(self, next_at: float, attempts: int = 0) -> None:
+    def __init__(self, next_at: float, attempts: int = 0, relay_wait: bool = False) -> None:
         self.next_at = next_at
         self.attempts = attempts
         self.late = False  # its lifetime has passed and that was logged
+        # Waiting only for the listener (it was unreachable): due at once when it takes
+        # mail again, as in the runner's pass (policy.due_after_recovery).
+        self.relay_wait = relay_wait
 
 
 def _noted(root: str) -> list[str]:
@@ -341,7 +345,7 @@ async def _attempt(
         )
     status, replies = await delivery.deliver_drop(config, client, entry)
     if status in (SENT, REJECTED, QUEUED):
-        return GONE  # QUEUED: only refusals are left, the runner's to bounce
+        return DONE  # QUEUED: only refusals are left, the runner's to bounce
     if delivery.is_connection_failure(replies):
         return DOWN
     return LATER
@@ -354,10 +358,14 @@ def _round(
     steps: tuple[int, ...],
     gone: set[str],
     down_until: float,
+    stops: frozenset[int] = frozenset(),
 ) -> float:
     """Try every due entry once (one connection for them all). Returns until when the
-    listener is taken to be down: 0 once reached, ``down_until`` when nothing was tried."""
+    listener is taken to be down: 0 once reached, ``down_until`` when nothing was tried.
+    One of ``stops`` (blocked signals) pending ends the round after the entry in flight.
+    Once the listener takes mail, the entries that waited only for it join the round."""
     import asyncio
+    import signal
 
     from mailshim import delivery, maillog
     from mailshim.errors import MailshimError
@@ -371,28 +379,40 @@ def _round(
     async def run() -> None:
         async with delivery.client_for(config) as client:
             nonlocal down_until
-            for i, qid in enumerate(due):
+            i = 0
+            while i < len(due):
+                if i and stops & signal.sigpending():
+                    return  # the rest stay due, safe in the drop folder
+                qid = due[i]
+                i += 1
                 tr = tracks[qid]
                 try:
                     got = await _attempt(config, client, target, qid, tr)
                 except MailshimError as exc:
                     maillog.log(f"{qid}: agent: {exc.message}", error=True)
                     got = LATER
-                if got == GONE:
+                if got in (GONE, DONE):
                     del tracks[qid]
                     gone.add(qid)
                     forget(target.root, qid)
+                    if got == DONE:
+                        for other, waiting in tracks.items():
+                            if waiting.relay_wait and other not in due[i:]:
+                                due.append(other)
+                            waiting.relay_wait = False
                     continue
                 if got == BUSY:
                     tr.next_at = time.time() + steps[0]
                     continue
                 tr.attempts += 1
                 tr.next_at = time.time() + steps[min(tr.attempts, len(steps)) - 1]
+                tr.relay_wait = got == DOWN
                 if got == DOWN:
                     # The listener is down: the others wait with this one, no connection
                     # each, and so do entries noted during the pause (a burst costs nothing).
-                    for rest in due[i + 1 :]:
+                    for rest in due[i:]:
                         tracks[rest].next_at = tr.next_at
+                        tracks[rest].relay_wait = True
                     pause = min(r.retry_after_failure for r in config.relays)
                     down_until = time.time() + min(pause, steps[0])
                     return
@@ -427,14 +447,21 @@ def write_pid(root: str) -> None:
         serving.write_pid_file(path, "drop", 0o600)
 
 
-def linger(config: Config, target: spool.Spool, slot_fd: int, first: str | None) -> int:
-    """Retry this user's noted drop entries until none is left; ``first`` was tried just now.
+def linger(
+    config: Config,
+    target: spool.Spool,
+    slot_fd: int,
+    first: str | None,
+    first_down: bool = False,
+) -> int:
+    """Retry this user's noted drop entries until none is left; ``first`` was tried just now
+    (``first_down``: and found the listener unreachable).
 
     Holds ``slot_fd`` throughout; after letting it go, looks once more for entries noted
     meanwhile and carries on when it can take the slot again."""
     import signal
 
-    from mailshim import maillog
+    from mailshim import configload, maillog
     from mailshim.errors import MailshimError
 
     stops = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
@@ -445,7 +472,7 @@ def linger(config: Config, target: spool.Spool, slot_fd: int, first: str | None)
     steps = schedule(config)
     tracks: dict[str, _Track] = {}
     if first is not None:
-        tracks[first] = _Track(time.time() + steps[0], attempts=1)
+        tracks[first] = _Track(time.time() + steps[0], attempts=1, relay_wait=first_down)
     gone: set[str] = set()  # ids finished with: never adopted again (ids are not reused)
     down_until = 0.0
     fd: int | None = slot_fd
@@ -459,8 +486,11 @@ def linger(config: Config, target: spool.Spool, slot_fd: int, first: str | None)
                         tracks[qid] = _adopt(target.root, qid, steps, max(now, down_until))
                 if not tracks or not os.path.isdir(target.incoming):
                     break
+                config = configload.refresh(config, "drop agent")
                 try:
-                    down_until = _round(config, target, tracks, steps, gone, down_until)
+                    down_until = _round(
+                        config, target, tracks, steps, gone, down_until, frozenset(stops)
+                    )
                 except MailshimError as exc:
                     maillog.log(f"agent: {exc.message}", error=True)
                     for tr in tracks.values():

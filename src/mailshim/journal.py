@@ -69,7 +69,11 @@ def encode(fields: list[tuple[str, str]]) -> bytes:
     """
     out = bytearray()
     for name, value in fields:
-        data = value.encode("utf-8", "replace")[:MAX_VALUE]
+        data = value.encode("utf-8", "replace")
+        if len(data) > MAX_VALUE:
+            # on a character: a value cut inside one is no longer UTF-8, and journald keeps
+            # it as a blob that journalctl shows as "[blob data]"
+            data = data[:MAX_VALUE].decode("utf-8", "ignore").encode()
         if b"\n" in data:
             out += name.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
         else:

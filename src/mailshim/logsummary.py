@@ -16,11 +16,16 @@ Raises nothing (a line it does not know is skipped).
 
 from __future__ import annotations
 
+import re
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
 FIELDS = ("delivered", "deferred", "deferrals", "bounced", "expired")
+# A delivery line after its queue id (delivery.py): the address up to its first ">", as
+# pflogsumm reads it, then the relay, the delay and the status word.
+_DELIVERY = re.compile(r"to=<[^>]*>, relay=[^,]+, delay=[^,]+, status=(\S+)")
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 
@@ -68,8 +73,12 @@ def summarize(lines: Iterable[str], day: str | None = None) -> dict[str, int]:
             continue
         qid, _, rest = text.partition(": ")
         if rest.startswith("to=<"):
-            _, _, status = rest.rpartition(", status=")
-            word = status.partition(" ")[0]
+            # The status field's own place, read from the left as pflogsumm reads it: the
+            # reply at the end is the listener's text and often echoes the address, which a
+            # user chose ("x, status=sent (250 ok)"@example.org), so the last ", status="
+            # may be theirs.
+            m = _DELIVERY.match(rest)
+            word = m.group(1) if m else ""
             if word == "sent":
                 counts["delivered"] += 1
             elif word == "deferred":

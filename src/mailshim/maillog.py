@@ -130,7 +130,10 @@ def log(
 # --- reading the story back (``mailshim log ID``) -----------------------------------------
 
 LOG_FILES = ("/var/log/mail.log", "/var/log/maillog")
-JOURNAL = ("journalctl", "-t", "mailshim", "-t", "mailshim/smtp", "--no-pager", "-o", "json")
+# --all: without it, -o json gives a field over 4096 bytes as null (the line would vanish)
+JOURNAL = (
+    "journalctl", "-t", "mailshim", "-t", "mailshim/smtp", "--no-pager", "-o", "json", "--all",
+)  # fmt: skip
 _ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 

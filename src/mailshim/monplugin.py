@@ -16,7 +16,8 @@ minutes and is critical at an hour; the other thresholds are off until given.
 No network: the figures come from the spool when the caller may read it (root, the runner
 user), else from the summary the runner publishes after each pass (queuestats), which holds
 counts and ages only. ``queue/`` and ``incoming/`` changing after that summary was written
-means mail arrived that no pass has seen: it counts as waiting since then. ``--probe``
+means mail arrived that no pass has seen: it counts as waiting since that summary (the
+latest change says only when the last of it came). ``--probe``
 also runs ``mailshim check``'s connection to each listener.
 
 Trust: any user, typically an unprivileged monitoring account, every minute. It reads what
@@ -60,8 +61,8 @@ class Range:
         if not sep:
             start, end = "0", body
         try:
-            self.start = float("-inf") if start == "~" else float(start or "0")
-            self.end = float("inf") if end == "" else float(end)
+            self.start = float("-inf") if start == "~" else _finite(start or "0")
+            self.end = float("inf") if end == "" else _finite(end)
         except ValueError:
             raise PluginError(
                 f"threshold {text!r} is not a range (10, 10:, ~:10, @10:20)"
@@ -79,6 +80,17 @@ class Range:
         """
         within = self.start <= value <= self.end
         return within if self.inside else not within
+
+
+def _finite(text: str) -> float:
+    """A range's end: a number (float() also takes "nan" and "inf", which no range means:
+    nan compares false with every value, so it would alert for good)."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 class Metric:
@@ -146,8 +158,13 @@ def from_summary(summary: queuestats.Summary, changed: float) -> Figures:
     out.last_delivery = summary.last_delivery
     if changed > summary.written + 1:
         # Something arrived (or left) after the last pass, and no pass has seen it since.
+        # This reader cannot list queue/: the latest change is all it sees, and counting from
+        # it would restart the wait at each arrival (a stopped runner on a busy host would
+        # stay OK for good). The unseen mail may have waited since the summary, and nothing
+        # can have been delivered since (a pass would have written a new one); the timer
+        # writes one every minute, so a running spool's summary is never that old.
         out.waiting = max(out.waiting, 1)
-        out.oldest = min(out.oldest, changed) if out.oldest else changed
+        out.oldest = min(out.oldest, summary.written) if out.oldest else summary.written
     return out
 
 
@@ -232,11 +249,17 @@ def _why(metric: Metric) -> str:
     return f"{metric.label} {value}"
 
 
-def unknown(message: str) -> str:
-    """The status line for a check that could not be made."""
+def _plain(text: str) -> str:
+    """``text`` as one line without "|": Nagios and Icinga read whatever follows a "|" as
+    perfdata, and this text holds paths and listeners' replies."""
     from mailshim.errors import one_line
 
-    return f"{SERVICE} UNKNOWN: {one_line(message)}"
+    return one_line(text).replace("|", "/")
+
+
+def unknown(message: str) -> str:
+    """The status line for a check that could not be made."""
+    return f"{SERVICE} UNKNOWN: {_plain(message)}"
 
 
 def probe(config_path: str | None) -> tuple[int, str]:
@@ -247,7 +270,8 @@ def probe(config_path: str | None) -> tuple[int, str]:
     if report.exit_code == 0:
         return OK, "listener answers"
     first = next((f for f in report.findings if f.level == "error"), None)
-    return CRITICAL, first.text if first is not None else f"mailshim check exit {report.exit_code}"
+    words = first.text if first is not None else f"mailshim check exit {report.exit_code}"
+    return CRITICAL, _plain(words)
 
 
 def run(

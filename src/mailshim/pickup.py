@@ -45,7 +45,7 @@ import os
 import stat
 import time
 
-from mailshim import spoolfmt
+from mailshim import ownview, spoolfmt
 from mailshim.errors import DataError, MailshimError, printable
 from mailshim.spool import HELD_NOTICE, Spool
 from mailshim.spoolentry import COPY_CHUNK, EntryWriter, LockedEntry, move_no_replace, new_queue_id
@@ -189,7 +189,7 @@ def clean_incoming(target: Spool, now: float | None = None) -> int:
         if spoolfmt.valid_id(name):
             continue
         path = os.path.join(target.incoming, name)
-        if name.startswith(HELD_NOTICE) and _runners(path):
+        if name.startswith(HELD_NOTICE) and _runners(target, path):
             continue
         if spoolfmt.is_temp_name(name):
             if _remove_if_abandoned(path, cutoff, hostile=True):
@@ -206,13 +206,14 @@ def clean_incoming(target: Spool, now: float | None = None) -> int:
     return removed
 
 
-def _runners(path: str) -> bool:
-    """A plain file of this process's account (the runner's own notice, not a user's)."""
+def _runners(target: Spool, path: str) -> bool:
+    """A plain file of the drop folder's owner (the runner's own notice, also when root
+    wrote it: see ``Spool.set_held_notice``; not a user's)."""
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+    return stat.S_ISREG(st.st_mode) and st.st_uid == target.notice_owner()
 
 
 def _remove_folder(target: Spool, name: str, st: os.stat_result) -> int:
@@ -298,6 +299,7 @@ class _Rules:
         self.exempt = {0, os.geteuid()}
         self.logins: dict[int, str] = {}  # uid -> login, looked up once per pickup
         self.states = False  # a copy got a state (failed records): state/ needs an fsync
+        self.views = False  # status/ is kept: each copy gets its submitter's view (ownview)
 
     def login(self, uid: int) -> str:
         login = self.logins.get(uid)
@@ -334,6 +336,7 @@ def pickup(
     for gone in {k for k in _told if spoolfmt.valid_id(k)} - set(names):
         del _told[gone]  # taken, or removed by its owner: a daemon's memory stays bounded
     rules = _Rules(config, per_user, max_size)
+    rules.views = ownview.enabled(target)
     usage = _Usage(target)
     results: list[Pickup] = []
     names = _fair_share(target, names, per_user)
@@ -568,12 +571,18 @@ def _copy(target: Spool, pick: Pickup, fd: int, st: os.stat_result, rules: _Rule
             if copied != env.size:
                 raise DataError("the entry changed while it was being copied")
             writer.write(ends.end())
-            if env.failed:
+            state = None
+            if env.failed or rules.views:
                 state = spoolfmt.State()
                 state.failed = _refusals(env.failed)
+                if rules.views:
+                    state.view = pick.name  # the submitter's secret name for her view
                 target.save_state(qid, state, sync=False)
                 rules.states = True
             copy = writer.commit(eightbit, keep_lock=True, sync_dir=False)
+            if state is not None and state.view:
+                # Before the original leaves incoming/: her mailq always finds one of them.
+                ownview.publish(target, writer.envelope, state)
         except BaseException:
             writer.abort()
             _unlink(os.path.join(target.state_dir, qid))

@@ -45,6 +45,7 @@ STYLES = {
     "error": "31",
     "delivered": "32",
     "new": "36",
+    "waiting": "33",
     "dim": "2",
     "partial": "33",
     "unreadable": "31;1",
@@ -62,7 +63,16 @@ def json_doc(key: str, items: list[dict[str, object]]) -> dict[str, object]:
 class Item:
     """One queued message as shown to a person or a script."""
 
-    __slots__ = ("envelope", "error", "queue_id", "spool", "state")
+    __slots__ = (
+        "down_since",
+        "down_until",
+        "drop_id",
+        "envelope",
+        "error",
+        "queue_id",
+        "spool",
+        "state",
+    )
 
     def __init__(
         self,
@@ -71,32 +81,47 @@ class Item:
         envelope: Envelope | None,
         state: State | None,
         error: str = "",
+        drop_id: str = "",
     ) -> None:
         self.spool = spool_
         self.queue_id = queue_id
         self.envelope = envelope
         self.state = state
         self.error = error
+        self.drop_id = drop_id  # a user's own entry seen through its view: her drop id
+        # The spool's listener-down mark (Spool.relay_down_since) and when the pause after
+        # it ends: an entry never tried meanwhile waits for the listener, it is not "new".
+        self.down_since = 0.0
+        self.down_until = 0.0
 
     @property
     def status(self) -> str:
-        """held | new | deferred | partial | unreadable."""
+        """held | new | waiting | deferred | partial | unreadable.
+
+        waiting: never tried, and the listener was found unreachable (the spool's mark):
+        it goes when the listener answers again, not at once as "new" would say."""
         st = self.state
         if self.envelope is None:
             return "unreadable"
-        if st is None:
-            return "new"
+        if st is None or (st.attempts == 0 and not st.held and not st.done and not st.failed):
+            return "waiting" if self.down_since else "new"
         if st.held:
             return "held"
         if st.done or st.failed:
             return "partial"
-        if st.attempts == 0:
-            return "new"
         return "deferred"
+
+    def next_try(self, now: float) -> str:
+        """ "due now", "in 4m", or "" (held, or nothing scheduled)."""
+        if self.status == "waiting":
+            return "due now" if self.down_until <= now else f"in {age(self.down_until - now)}"
+        return _next_try(self.state, now)
 
     def as_dict(self) -> dict[str, object]:
         env, st = self.envelope, self.state
         out: dict[str, object] = {"id": self.queue_id, "spool": self.spool.root}
+        if self.drop_id:
+            out["submitted_as"] = self.drop_id
         out["status"] = self.status
         if env is None:
             out["error"] = self.error
@@ -118,6 +143,8 @@ class Item:
                 failed={rcpt: str(reply) for rcpt, reply in st.failed.items()},
                 pending={rcpt: str(reply) for rcpt, reply in st.pending.items()},
             )
+        if self.status == "waiting":
+            out.update(listener_down_since=self.down_since, next_attempt=self.down_until)
         return out
 
 
@@ -125,24 +152,23 @@ WINDOW = 1000  # entries a listing holds to size its columns; the rest stream by
 
 
 def iter_items(config: Config) -> Iterator[Item]:
-    """The queued messages: what waits in drop folders, then one spool after another, each
-    in arrival order (the schedule index's order: spoolindex), read one at a time: memory
-    does not grow with the queue."""
+    """The queued messages: what waits in drop folders and the user's own, then one spool
+    after another, each in arrival order (the schedule index's order: spoolindex), read one
+    at a time: memory does not grow with the queue."""
     from mailshim import spoolindex
 
     known = spoolchoice.known_spools(config)
+    marks: dict[str, float | None] = {}
     # The drop folders' entries first (few: the runner takes them within seconds).
     for target in known:
-        yield from _drop_items(target, mine=False)
-    system = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
-    if all(t.root != system.root for t in known) and system.droppable():
-        yield from _drop_items(system, mine=True)
+        yield from _marked(config, _drop_items(target, mine=False), marks)
+    yield from _marked(config, own_items(config, known), marks)
     for target in known:
         for row in spoolindex.rows(target):
             # "-": no state file when the index was read: none is looked for.
             item = read_item(target, row[0], stateless=row[4] == "-")
             if item is not None:
-                yield item
+                yield from _marked(config, [item], marks)
 
 
 def read_item(target: spool.Spool, qid: str, stateless: bool = False) -> Item | None:
@@ -162,6 +188,21 @@ def collect(config: Config) -> list[Item]:
     """Every queued message (all held at once: for small queues and tests; listings stream
     with ``iter_items``)."""
     return list(iter_items(config))
+
+
+def _marked(
+    config: Config, items: Iterable[Item], marks: dict[str, float | None]
+) -> Iterator[Item]:
+    """``items`` with the spool's listener-down mark (``mark_waiting``), looked up once."""
+    for item in items:
+        root = item.spool.root
+        if root not in marks:
+            marks[root] = item.spool.relay_down_since()
+        since = marks[root]
+        if since:
+            item.down_since = since
+            item.down_until = since + config.down_pause
+        yield item
 
 
 def _window(items: Iterable[Item]) -> tuple[list[Item], Iterator[Item]]:
@@ -184,6 +225,46 @@ def json_lines(key: str, items: Iterable[Item]) -> Iterator[str]:
     yield "]\n}\n" if first else "\n  ]\n}\n"
 
 
+def mark_waiting(config: Config, items: list[Item]) -> None:
+    """Entries never tried while their spool's listener-down mark stands wait for it."""
+    for _ in _marked(config, items, {}):
+        pass
+
+
+def own_items(config: Config, known: list[spool.Spool] | None = None) -> list[Item]:
+    """A user's own entries in the system spool she may not list: those still in its drop
+    folder, and (through their views, ownview.py) those the runner has taken into its
+    private queue, with their state. Empty for whoever may list that spool."""
+    from mailshim import dropagent, ownview
+
+    system = spool.Spool(config.queue_dir or paths.SYSTEM_SPOOL)
+    if known is None:
+        known = spoolchoice.known_spools(config)
+    if any(t.root == system.root for t in known) or not system.droppable():
+        return []
+    notes = dict(ownview.noted(system.root))
+    views = ownview.exists(system.root)
+    now = time.time()
+    out = []
+    for qid in sorted(set(notes) | set(dropagent.noted(system.root))):
+        if not spoolfmt.valid_id(qid):
+            continue
+        there = _drop_item(system, qid, mine=True)
+        if isinstance(there, Item):
+            out.append(there)
+        if there is not None:
+            continue
+        # Not in the drop folder: pickup writes the view before it removes the original,
+        # and delivery removes the view after the entry, so one of the two is found.
+        seen = ownview.read(system.root, qid)
+        if seen is not None:
+            env, state = seen
+            out.append(Item(system, env.queue_id, env, state, drop_id=qid))
+        elif qid in notes and (views or now - notes[qid] > ownview.NOTES_KEPT):
+            ownview.forget(system.root, qid)  # delivered, refused or bounced: done
+    return out
+
+
 def unseen(config: Config) -> list[str]:
     """Queue folders that exist but this user may not read (the system spool's private
     queue/, for a user): a listing says so rather than "empty" (issue 23)."""
@@ -195,38 +276,37 @@ def unseen(config: Config) -> list[str]:
 
 
 def _drop_items(target: spool.Spool, mine: bool) -> list[Item]:
-    """Entries still in ``target``'s drop folder: every one for whoever may list it (root,
-    the runner), else (``mine``) the caller's own, by the ids their ``sendmail`` noted
-    (dropagent.noted): the folder cannot be listed and other users' ids stay private."""
-    if mine:
-        from mailshim import dropagent
-
-        ids = dropagent.noted(target.root)
-    else:
-        try:
-            ids = sorted(os.listdir(target.incoming))
-        except OSError:
-            return []
+    """Every entry in ``target``'s drop folder, for whoever may list it (root, the runner)."""
+    try:
+        ids = sorted(os.listdir(target.incoming))
+    except OSError:
+        return []
     out = []
     for qid in ids:
-        if not spoolfmt.valid_id(qid):
-            continue
-        try:
-            fd = os.open(os.path.join(target.incoming, qid), _OPEN)
-        except OSError:
-            continue  # picked up, delivered, or never there
-        with open(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or (mine and st.st_uid != os.geteuid()):
-                continue
-            try:
-                env, _ = spoolfmt.decode_envelope(f)
-            except DataError as exc:
-                out.append(Item(target, qid, None, None, f"in the drop folder: {exc.message}"))
-                continue
-        env.uid = st.st_uid  # the owner as the kernel knows it, as pickup takes it
-        out.append(Item(target, qid, env, None))
+        if spoolfmt.valid_id(qid):
+            item = _drop_item(target, qid, mine)
+            if isinstance(item, Item):
+                out.append(item)
     return out
+
+
+def _drop_item(target: spool.Spool, qid: str, mine: bool) -> Item | bool | None:
+    """``incoming/<qid>`` as an item; None when there is none, False when it is not the
+    caller's (``mine``) or not a plain file."""
+    try:
+        fd = os.open(os.path.join(target.incoming, qid), _OPEN)
+    except OSError:
+        return None  # picked up, delivered, or never there
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (mine and st.st_uid != os.geteuid()):
+            return False
+        try:
+            env, _ = spoolfmt.decode_envelope(f)
+        except DataError as exc:
+            return Item(target, qid, None, None, f"in the drop folder: {exc.message}")
+    env.uid = st.st_uid  # the owner as the kernel knows it, as pickup takes it
+    return Item(target, qid, env, None)
 
 
 def age(seconds: float) -> str:
@@ -275,6 +355,10 @@ def use_color(stream: object = None) -> bool:
         return False
 
 
+def _waiting_note(item: Item, now: float) -> str:
+    return f"not tried yet: the listener was unreachable {age(now - item.down_since)} ago"
+
+
 def _next_try(st: State | None, now: float) -> str:
     if st is None or st.held or not st.next_attempt:
         return ""
@@ -303,6 +387,11 @@ def show_fields(item: Item, now: float) -> list[tuple[str, list[str]]]:
     out. ``Item.as_dict`` keeps the raw values (``--json``)."""
     env, st = item.envelope, item.state
     out: list[tuple[str, list[str]]] = [("id", [item.queue_id]), ("status", [item.status])]
+    if item.drop_id:
+        out.append(("submitted as", [item.drop_id]))
+    if item.status == "waiting":
+        out.append(("waiting", [_waiting_note(item, now)]))
+        out.append(("next attempt", [when(max(item.down_until, now), now)]))
     if env is None:
         return [*out, ("error", [one_line(item.error)]), ("spool", [item.spool.root])]
     size = human_size(env.size)
@@ -400,7 +489,10 @@ def listing_lines(items: Iterable[Item], now: float, color: bool = False) -> Ite
         lines.append(
             f"{paint('id', cell)} {env.size:>{size_width}} {age(now - env.arrival):>7}  {sender}"
         )
-        if st is not None and st.last_error:
+        if item.status == "waiting":
+            note = f"({_waiting_note(item, now)})"
+            lines.append(indent + paint("waiting", note) + f" [next try {item.next_try(now)}]")
+        elif st is not None and st.last_error:
             note = f"({one_line(st.last_error)})"
             when = _next_try(st, now)
             lines.append(indent + paint("error", note) + (f" [next try {when}]" if when else ""))
@@ -447,8 +539,9 @@ def _recipient(rcpt: str, st: State | None, paint: Callable[[str, str], str]) ->
 
 
 def print_queue(config: Config) -> int:
-    """``mailq``: Postfix's listing, then one line about dead letters when there are any."""
-    from mailshim import deadletters
+    """``mailq``: Postfix's listing, then one line about dead letters when there are any;
+    printed as the entries are read."""
+    from mailshim import deadletters, ownview
 
     out = sys.stdout
     items = iter_items(config)
@@ -459,10 +552,17 @@ def print_queue(config: Config) -> int:
         for piece in listing_lines(itertools.chain(first, items), time.time(), use_color(out)):
             out.write(piece)
     for queue in hidden:
-        out.write(
-            f"-- {queue} is private to the mailshim user: your messages there are not listed;"
-            " mailshim log ID follows one, root's mailq lists them all\n"
-        )
+        if ownview.exists(os.path.dirname(queue)):
+            if not first:
+                out.write("No message of yours is queued (by your sendmail's notes)\n")
+            out.write(
+                f"-- other users' messages in {queue} are private; root's mailq lists them all\n"
+            )
+        else:
+            out.write(
+                f"-- {queue} is private to the mailshim user: your messages there are not"
+                " listed; mailshim log ID follows one, root's mailq lists them all\n"
+            )
     dead = deadletters.count(config)
     if dead:
         out.write(
@@ -548,9 +648,9 @@ def _table_cells(item: Item, now: float) -> tuple[str, ...]:
     if env is None:
         return (item.queue_id, "?", "?", "?", "unreadable", "", "")
     status = item.status
-    when = _next_try(st, now)
-    if status == "deferred" and when:
-        status = f"deferred, next {when}"
+    when = item.next_try(now)
+    if status in ("deferred", "waiting") and when:
+        status = f"{status}, next {when}"
     rcpts = env.recipients
     shown = one_line(rcpts[0]) + (f" +{len(rcpts) - 1}" if len(rcpts) > 1 else "") if rcpts else ""
     return (
@@ -590,9 +690,10 @@ def table_lines(items: Iterable[Item], now: float, color: bool = False) -> Itera
     yield line(header, ("dim",) * len(header)) + "\n"
     counts: dict[str, int] = {}
     total = count = 0
+    window = len(sized)
     for n, item in enumerate(itertools.chain(head, rest)):
-        cells = sized[n] if n < len(sized) else _table_cells(item, now)
-        if n == len(sized) - 1:
+        cells = sized[n] if n < window else _table_cells(item, now)
+        if n == window - 1:
             sized = []  # the window is printed: let it go
         count += 1
         status = item.status
@@ -602,6 +703,8 @@ def table_lines(items: Iterable[Item], now: float, color: bool = False) -> Itera
         note = ""
         if item.envelope is None:
             note = f"unreadable: {one_line(item.error)}"
+        elif status == "waiting":
+            note = _waiting_note(item, now)
         elif item.state is not None and item.state.last_error:
             note = one_line(item.state.last_error)
         if note:

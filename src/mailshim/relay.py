@@ -101,6 +101,8 @@ def _relay_wide(reply: Reply, outcome: Outcome) -> bool:
     """A temporary reply that concerns the relay, not the recipient (see SendResult)."""
     if not reply.temporary or pressure_kind(reply) is not None:
         return False
+    if outcome.own:
+        return reply.code in (0, 421)  # LMTP after the dot: this recipient's own reply
     return reply.code in (0, 421) or outcome.relay_failed
 
 

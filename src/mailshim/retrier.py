@@ -148,17 +148,44 @@ def _crontab() -> str:
     return got.stdout
 
 
+def _bare(line: str) -> str:
+    """A crontab line without its line end."""
+    return line.rstrip("\n")
+
+
+def _ours(line: str) -> bool:
+    """Whether a line is one of the two that ``cron_block`` writes."""
+    text = _bare(line)
+    return text.startswith(("@reboot ", "* * * * * ")) and text.endswith(" run >/dev/null 2>&1")
+
+
 def _without_block(text: str) -> str:
+    """``text`` without the retrier's block. Between a BEGIN and the next END everything is
+    the block; a BEGIN with no END before the next BEGIN (the END deleted by hand, the user's
+    own lines added below) takes only itself and the retrier's own lines right after it:
+    the user's lines further down stay."""
+    lines = text.splitlines(keepends=True)
     out: list[str] = []
-    inside = False
-    for line in text.splitlines(keepends=True):
-        if line.rstrip("\n") == BEGIN:
-            inside = True
-        elif inside and line.rstrip("\n") == END:
-            inside = False
-        elif not inside:
-            out.append(line)
+    i = 0
+    while i < len(lines):
+        if _bare(lines[i]) != BEGIN:
+            out.append(lines[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(lines) and _bare(lines[j]) not in (BEGIN, END):
+            j += 1
+        if j < len(lines) and _bare(lines[j]) == END:
+            i = j + 1
+            continue
+        i += 1
+        while i < len(lines) and _ours(lines[i]):
+            i += 1
     return "".join(out)
+
+
+def _has_block(text: str) -> bool:
+    return any(_bare(line) == BEGIN for line in text.splitlines(keepends=True))
 
 
 def _write_crontab(text: str) -> None:
@@ -239,7 +266,7 @@ def remove() -> list[str]:
         said.append(f"retrier: {TIMER} removed")
     if shutil.which("crontab") is not None:
         now = _crontab()
-        if BEGIN in now.splitlines():
+        if _has_block(now):
             _write_crontab(_without_block(now))
             said.append("retrier: the mailshim lines removed from your crontab")
     return said or ["retrier: none was installed"]
@@ -256,7 +283,7 @@ def installed() -> str | None:
     if shutil.which("crontab") is None:
         return None
     try:
-        if BEGIN in _crontab().splitlines():
+        if _has_block(_crontab()):
             return "your crontab (mailshim retrier)"
     except TempFailError:
         return None

@@ -430,6 +430,10 @@ async def _deliver_one(
         run.streak = 0
         return True
     if status == DEFERRED and delivery.is_connection_failure(replies):
+        if not run.ended:
+            # What waits untried is listed as waiting for the listener, not as new
+            # (queueview.py), whoever runs the pass: the agent, a run, a flush, the daemon.
+            target.mark_relay_down()
         run.ended = run.ended or "down"
         return True
     run.answered = True
@@ -614,9 +618,9 @@ async def _watch_signals(stops: frozenset[int], stop: asyncio.Event) -> None:
 
 async def _agent_session(
     config: Config, target: spool.Spool, stops: frozenset[int] = frozenset()
-) -> bool:
-    """Deliver due entries until the queue stays quiet; False if the listener was unreachable
-    or kept asking to slow down (the agent then sleeps until the next entry is due). With
+) -> str:
+    """Deliver due entries until the queue stays quiet: "done", or "down" (the listener was
+    unreachable) or "busy" (it kept asking to slow down), after which the agent sleeps. With
     ``stops`` (blocked signals), one of them pending ends it after the entries in flight."""
     import asyncio
 
@@ -633,7 +637,7 @@ async def _agent_session(
                 target.sync(force=True)
                 metrics.after_pass(config, target, time.time())
                 if status in ("down", "busy"):
-                    return False
+                    return status
                 deadline = time.monotonic() + AGENT_LINGER
                 while (
                     queue_stamp(target) == stamp
@@ -642,17 +646,18 @@ async def _agent_session(
                 ):
                     await asyncio.sleep(0.05)
                 if queue_stamp(target) == stamp:
-                    return True
-            return True
+                    return "done"
+            return "done"
     finally:
         if watch is not None:
             watch.cancel()
 
 
-def deliver_due(config: Config, target: spool.Spool, stops: frozenset[int] = frozenset()) -> bool:
-    """The agent's pass (agent.py): deliver due entries until the queue stays quiet; False
-    when the listener was unreachable or kept asking to slow down. One of ``stops`` (signals
-    the caller blocks) pending ends it after the entries in flight, leaving it pending."""
+def deliver_due(config: Config, target: spool.Spool, stops: frozenset[int] = frozenset()) -> str:
+    """The agent's pass (agent.py): deliver due entries until the queue stays quiet; "done",
+    "down" (the listener was unreachable) or "busy" (it kept asking to slow down). One of
+    ``stops`` (signals the caller blocks) pending ends it after the entries in flight,
+    leaving it pending."""
     import asyncio
 
     return asyncio.run(_agent_session(config, target, stops))

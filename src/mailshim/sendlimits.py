@@ -138,6 +138,10 @@ class Limiter:
         self.window = window
         self.exempt = exempt
         self.owner = owner  # files root creates are given to the runner user
+        # Uids whose counter stayed locked past LOCK_WAIT: not waited for again by this
+        # limiter (one pass), or the runner account holding one flock would stall the pass
+        # (and every parallel session with it) LOCK_WAIT per message.
+        self._stuck: set[int] = set()
 
     def applies(self, uid: int) -> bool:
         return uid not in self.exempt and bool(self.messages or self.recipients)
@@ -175,9 +179,12 @@ class Limiter:
             maillog.log(f"limits: {self._path(uid)}: {exc.strerror}; not counted", error=True)
             return Verdict(True)
         try:
-            if not _lock(fd):
-                maillog.log(f"limits: {self._path(uid)} stays locked; not counted", error=True)
+            if not _lock(fd, 0.0 if uid in self._stuck else LOCK_WAIT):
+                if uid not in self._stuck:
+                    self._stuck.add(uid)
+                    maillog.log(f"limits: {self._path(uid)} stays locked; not counted", error=True)
                 return Verdict(True)
+            self._stuck.discard(uid)
             before = Usage.decode(os.pread(fd, _RECORD, 0))
             verdict, after = decide(
                 before, rcpts, int(now), self.messages, self.recipients, self.window
@@ -290,13 +297,14 @@ class Limiter:
             os.close(folder)
 
 
-def _lock(fd: int) -> bool:
-    """Take the counter's flock, waiting a little (another runner holds it for a read and a
-    write); False when it stays taken (the runner account would be blocking root's pass)."""
+def _lock(fd: int, wait: float) -> bool:
+    """Take the counter's flock, waiting up to ``wait`` seconds (another runner holds it for
+    a read and a write); False when it stays taken (the runner account would be blocking
+    root's pass)."""
     import fcntl
     import time
 
-    deadline = time.monotonic() + LOCK_WAIT
+    deadline = time.monotonic() + wait
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -44,7 +44,7 @@ def _wire_address(addr: str) -> str:
 class Outcome:
     """What one transaction on one relay decided."""
 
-    __slots__ = ("dotted", "relay_failed", "replies", "retry_fresh")
+    __slots__ = ("dotted", "own", "relay_failed", "replies", "retry_fresh")
 
     def __init__(self) -> None:
         self.replies: dict[str, Reply] = {}
@@ -54,6 +54,9 @@ class Outcome:
         # The replies answer the final dot: the listener may have stored the message even
         # when it said 4xx, so it never goes to another relay in the same attempt.
         self.dotted = False
+        # Each reply is its recipient's own (LMTP's after the dot): one recipient's 421 or
+        # missing reply says nothing of another's 452 (mailbox full), which keeps its schedule.
+        self.own = False
         # Nothing was accepted and nothing refused for good, on a connection that already
         # carried mail: a fresh one may well succeed (idle timeout, Stalwart's limit of
         # 10 messages per session).
@@ -143,9 +146,12 @@ class RelaySession(Link):
             for rcpt, final in zip(accepted, replies, strict=True):
                 out.replies[rcpt] = final
             out.relay_failed = any(r.code in (0, 421) for r in replies)
+            out.own = True
         else:
             out.all(accepted, replies[0])
-            out.relay_failed = replies[0].temporary
+            # A rate limit after the dot is back-pressure on this session, as at MAIL: the
+            # relay is not down for the other sessions (issue 22 item 9).
+            out.relay_failed = replies[0].temporary and pressure_kind(replies[0]) is None
         return out
 
     def size_limit(self) -> int | None:

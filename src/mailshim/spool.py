@@ -48,9 +48,16 @@ import time
 
 from mailshim import spoolfmt, spoolindex
 from mailshim.errors import CantCreateError, DataError, MailshimError, from_oserror
-from mailshim.spoolentry import EntryWriter, LockedEntry, move_no_replace, new_queue_id
+from mailshim.spoolentry import (
+    EntryWriter,
+    LockedEntry,
+    move_no_replace,
+    new_drop_id,
+    new_queue_id,
+)
 from mailshim.spoolfmt import Envelope, State
 from mailshim.spoolfs import (
+    _FOLDER,
     _O_CLOEXEC,
     _O_NOFOLLOW,
     _READ,
@@ -73,6 +80,16 @@ STATE_LIMIT = 16 * 1024 * 1024  # bytes of a state file read at most
 HEAD_READ = 64 * 1024  # bytes of an entry read at once for its envelope
 SYNC_INTERVAL = 0.2  # seconds: removals of delivered entries are made durable in batches
 MARK_RECHECK = 1.0  # seconds: how long a cleared "listener unreachable" mark is trusted
+
+
+def requeued_state(old: State | None, now: float) -> State:
+    """The state of a dead letter put back in the queue: a fresh schedule, the lifetime
+    counted from ``now``, the recipients already delivered still delivered."""
+    state = State()
+    if old is not None:
+        state.done = dict(old.done)
+    state.requeued = int(now)
+    return state
 
 
 class Spool:
@@ -104,6 +121,7 @@ class Spool:
         try:
             _make_dirs(self.root, 0o700)
             made = False
+            own = self._runner_account() if os.geteuid() == 0 else None
             for name in SUBDIRS:
                 path = os.path.join(self.root, name)
                 try:
@@ -113,11 +131,33 @@ class Spool:
                     st = os.lstat(path)
                     if not stat.S_ISDIR(st.st_mode):
                         raise CantCreateError(f"spool folder {path} is not a folder") from None
+                    continue
+                if own is not None:
+                    # Root completing the system spool: the folder is the runner user's, as
+                    # setup-spool makes it, or that user could no longer write it.
+                    fd = os.open(path, _FOLDER)
+                    try:
+                        os.fchown(fd, own[0], own[1])
+                    finally:
+                        os.close(fd)
             if made:
+                self._owner = None
                 # their names, or the first entry fsynced into queue/ could vanish with it
                 _fsync_dir(self.root)
         except OSError as exc:
             raise from_oserror(exc, "creating the spool folder") from None
+
+    def _runner_account(self) -> tuple[int, int] | None:
+        """The (uid, gid) of the account a spool's existing folders belong to, when that is
+        not root (the system spool's runner user); None otherwise."""
+        for name in (*SUBDIRS, "incoming"):
+            try:
+                st = os.lstat(os.path.join(self.root, name))
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid != 0:
+                return st.st_uid, st.st_gid
+        return None
 
     def forget_owner(self) -> None:
         """The spool's owner changed (setup-spool): look it up again when next needed."""
@@ -188,7 +228,8 @@ class Spool:
         queue_id: str | None = None,
         arrival: int | None = None,
     ) -> EntryWriter:
-        qid = queue_id or new_queue_id()
+        # A drop id is also the secret name of its submitter's view (ownview.py).
+        qid = queue_id or (new_drop_id() if self.drop else new_queue_id())
         when = int(time.time()) if arrival is None else arrival
         return EntryWriter(self, Envelope(qid, sender, recipients, when, uid), drop=self.drop)
 
@@ -279,7 +320,9 @@ class Spool:
                 return None
             if not stat.S_ISREG(st.st_mode):
                 raise DataError("spool entry is not a regular file")
-            if st.st_nlink == 2 and self._drop_temp_twin(qid, st):
+            if st.st_nlink == 2 and (
+                self._drop_temp_twin(qid, st) or self._finish_requeue(qid, st)
+            ):
                 st = os.fstat(fd)
             if st.st_nlink != 1:
                 raise DataError("spool entry has more than one link")
@@ -300,6 +343,43 @@ class Spool:
                 except OSError:
                     continue
         return False
+
+    def _finish_requeue(self, qid: str, st: os.stat_result) -> bool:
+        """A requeue (``deadletters.requeue``) stopped between linking ``dead/<id>`` into
+        queue/ and removing it from dead/ (we hold the lock, so it is gone): finish it, rather
+        than send an acknowledged message to corrupt/ for its second link. Its state is made
+        from ``dead/<id>.state`` first when the requeue had not written it, so that delivered
+        recipients stay delivered."""
+        dead = os.path.join(self.dead, qid)
+        try:
+            if not _same(os.lstat(dead), st):
+                return False
+            if not os.path.lexists(os.path.join(self.state_dir, qid)):
+                self.save_state(qid, requeued_state(self.dead_state(qid), time.time()))
+        except (OSError, MailshimError):
+            return False
+        for name in (f"{qid}.reason", f"{qid}.state", qid):  # the entry's own name last
+            _unlink(os.path.join(self.dead, name))
+        try:
+            _fsync_dir(self.dead)
+        except OSError:
+            pass
+        return True
+
+    def dead_state(self, qid: str) -> State | None:
+        """The last state kept beside a dead letter (``dead/<id>.state``), None when there is
+        none or it cannot be read. The runner account owns dead/: never a link or a FIFO."""
+        try:
+            fd = os.open(os.path.join(self.dead, f"{qid}.state"), _READ)
+        except OSError:
+            return None
+        try:
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return None
+                return spoolfmt.decode_state(f.read(1024 * 1024))
+        except (OSError, DataError):
+            return None
 
     # --- state ---------------------------------------------------------------
 
@@ -419,6 +499,30 @@ class Spool:
         finally:
             os.close(fd)
 
+    def mark_relay_down(self) -> None:
+        """A pass found every relay unreachable: leave the mark the agent leaves (without
+        holding the agent lock: a run, a flush, the daemon), so that listings show what
+        waits for the listener and a burst of submissions pokes nobody. Only a plain file
+        of one link is written; best effort."""
+        self._mark_clear_at = -MARK_RECHECK
+        path = os.path.join(self.root, "agent.lock")
+        # Made here only by the spool's owner: one root made in the runner's spool would shut
+        # the runner out of its lock (setup-spool makes the system spool's).
+        own = self.owner()
+        make = os.O_CREAT if own is not None and own[0] == os.geteuid() else 0
+        try:
+            fd = os.open(path, os.O_WRONLY | make | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                os.pwrite(fd, b"relay down\n", 0)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def mark_relay(self, lock_fd: int, reachable: bool) -> None:
         try:
             if reachable:
@@ -509,14 +613,26 @@ class Spool:
             os.close(fd)
         return raw.decode("utf-8", "replace").strip().splitlines()[0] if raw.strip() else ""
 
+    def notice_owner(self) -> int | None:
+        """Whose ``incoming/.held.<uid>`` notices are believed: the drop folder's owner."""
+        try:
+            return os.lstat(self.incoming).st_uid
+        except OSError:
+            return None
+
     def set_held_notice(self, uid: int, reason: str) -> None:
         """Record (``reason``) or clear ("") why ``uid``'s mail cannot enter the queue (the
-        runner; best effort). A name a user planted there is removed first."""
+        runner; best effort). A name a user planted there is removed first. Root's notice
+        goes to the drop folder's owner (only what it creates here), since only a notice of
+        that owner is believed (``held_notice``): a root pickup must tell the user too."""
         path = os.path.join(self.incoming, f"{HELD_NOTICE}{uid}")
         data = reason.encode("utf-8", "replace") + b"\n"
+        owner = self.notice_owner()
+        if owner is None:
+            return
         try:
             st = os.lstat(path)
-            if not reason or st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+            if not reason or st.st_uid != owner or not stat.S_ISREG(st.st_mode):
                 _unlink(path)
             elif self.held_notice(uid) == reason:
                 return
@@ -524,14 +640,22 @@ class Spool:
             pass
         if not reason:
             return
+        flags = os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK, 0o644
-            )
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+                made = True
+            except FileExistsError:
+                fd = os.open(path, flags)
+                made = False
         except OSError:
             return
         try:
-            if os.fstat(fd).st_uid == os.geteuid():
+            st = os.fstat(fd)
+            if made and st.st_uid != owner and os.geteuid() == 0:
+                os.fchown(fd, owner, -1)
+                st = os.fstat(fd)
+            if st.st_uid == owner and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 os.fchmod(fd, 0o644)
                 os.pwrite(fd, data, 0)
                 os.ftruncate(fd, len(data))

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
         A protocol rather than an import: ``spool`` imports this module, and the layer rules
         (tests/test_layers.py) allow no circle, not even a type-only one."""
 
+        root: str
         tmp: str
         queue: str
         state_dir: str
@@ -94,6 +95,19 @@ def new_queue_id(now_ns: int | None = None) -> str:
     rand = int.from_bytes(os.urandom(5), "big")
     tail = "".join(_B32[(rand >> (5 * i)) & 31] for i in range(7))
     return f"{usec:013X}"[-13:] + tail
+
+
+def new_drop_id(now: float | None = None) -> str:
+    """A drop-folder entry's id: 8 hex digits of seconds (sortable by arrival) + 12 random
+    base-36 characters (62 bits). Its submitter's view of it after pickup is found under
+    this name (ownview.py), so it must be unguessable, more than a queue id's 35 bits."""
+    secs = int(time.time() if now is None else now)
+    rand = int.from_bytes(os.urandom(9), "big")
+    tail = ""
+    for _ in range(12):
+        rand, digit = divmod(rand, 36)
+        tail += "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[digit]
+    return f"{secs:08X}"[-8:] + tail
 
 
 def move_no_replace(target: EntrySpool, src: str, folder: str, name: str, reason: str) -> str:

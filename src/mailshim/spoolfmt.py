@@ -238,6 +238,7 @@ class State:
         "reported",
         "requeued",
         "throttled",
+        "view",
         "warned",
     )
 
@@ -260,6 +261,9 @@ class State:
         self.pending: dict[str, Reply] = {}  # recipient -> last temporary failure reply
         self.expired: list[str] = []  # recipients in ``failed`` because the lifetime ran out
         self.requeued = 0  # when put back from dead/: the lifetime counts from then
+        # A drop-folder entry's view for its submitter: the name of status/<drop id>
+        # (ownview.py), "" when there is none.
+        self.view = ""
 
     def open_recipients(self, env: Envelope) -> list[str]:
         return [r for r in env.recipients if r not in self.done and r not in self.failed]
@@ -282,6 +286,7 @@ def encode_state(state: State) -> bytes:
         "relay_wait": state.relay_wait,
         "last_error": state.last_error,
         "bounce_id": state.bounce_id,
+        "view": state.view,
         "done": {rcpt: reply.as_fields() for rcpt, reply in state.done.items()},
         "failed": {rcpt: reply.as_fields() for rcpt, reply in state.failed.items()},
         "pending": {rcpt: reply.as_fields() for rcpt, reply in state.pending.items()},
@@ -319,6 +324,10 @@ def decode_state(raw: bytes) -> State:
     if not isinstance(bounce_id, str) or (bounce_id and not valid_id(bounce_id)):
         raise DataError("state field bounce_id is not a queue id")
     state.bounce_id = bounce_id
+    view = data.get("view", "")
+    if not isinstance(view, str) or (view and not valid_id(view)):
+        raise DataError("state field view is not a queue id")
+    state.view = view
     expired = data.get("expired", [])
     if not isinstance(expired, list) or not all(isinstance(r, str) for r in expired):
         raise DataError("state field expired is not a list of recipients")

@@ -43,6 +43,8 @@ def setup(target: Spool, uid: int, gid: int) -> list[str]:
         changes += _make_dir(target.incoming, uid, gid, INCOMING_MODE)
         # The runner's public figures (queuestats.publish): counts and ages, for monitoring.
         changes += _make_dir(os.path.join(target.root, MONITOR_FOLDER), uid, gid, 0o755)
+        # Users' views of their own entries after pickup, found by name only (ownview.py).
+        changes += _make_dir(os.path.join(target.root, "status"), uid, gid, 0o711)
         lock = os.path.join(target.root, "agent.lock")
         fd = os.open(lock, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
         try:

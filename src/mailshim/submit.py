@@ -259,6 +259,10 @@ def submit(config: Config, sub: Submission, read: Callable[[int], bytes]) -> Out
         raise
     if target.drop:
         _tell_if_held(target, user.uid)
+        from mailshim import ownview
+
+        # Every mode (background, -odq, sealed): her mailq finds it after pickup by this.
+        ownview.note(target.root, writer.queue_id)
     try:
         return _hand_on(config, sub, user, sender, recipients, target, writer, mode, locked)
     finally:

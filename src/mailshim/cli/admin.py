@@ -343,9 +343,26 @@ def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bo
     nothing to say are left out. --json gives the raw values (epoch seconds, bytes).
     """
     shown_items: list[dict[str, object]] = []
+    if ids and not all_:
+        # A user's own entries in the system spool she may not list (queueview.own_items):
+        # by the id her mailq shows or the one her sendmail gave.
+        for item in queueview.own_items(_config(ctx)):
+            names = {item.queue_id, item.drop_id}
+            if not any(i.rstrip("!*").upper() in names for i in ids):
+                continue
+            ids = tuple(i for i in ids if i.rstrip("!*").upper() not in names)
+            if as_json:
+                shown_items.append(item.as_dict())
+            else:
+                click.echo(queueview.format_show(item, time.time()))
+        if not ids:
+            if as_json:
+                click.echo(json.dumps(queueview.json_doc("entries", shown_items), indent=2))
+            return
     for target, qid in _targets(ctx, ids, all_):
         try:
             item = queueview.Item(target, qid, target.read_envelope(qid), target.load_state(qid))
+            queueview.mark_waiting(_config(ctx), [item])
         except FileNotFoundError:
             if not as_json:
                 click.echo(f"{qid}: delivered or removed meanwhile\n")

@@ -130,6 +130,7 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
     if not force and os.environ.get("MAILSHIM_SERVED") == "units":
         _mark_units(spools)
     refuse_defaults(cfg, spools)
+    publish_config(cfg, spools)
     from mailshim import spoolindex
 
     total = sum(spoolindex.totals(s)[0] for s in spools)
@@ -176,6 +177,22 @@ def _mark_units(spools: list[spool.Spool]) -> None:
 
     for target in spools:
         serving.mark_served(target, serving.UNITS)
+
+
+def publish_config(cfg: Config, spools: list[spool.Spool]) -> None:
+    """The system file loaded and is valid: keep the runner's copy of it in each spool's
+    ``status/`` up to date, for users whose ``sendmail`` finds it broken later (issue 23)."""
+    from mailshim import paths
+
+    if cfg.broken is not None or not cfg.path:
+        return
+    if os.path.abspath(cfg.path) != paths.SYSTEM_CONFIG:
+        return
+    from mailshim import ownview
+
+    for target in spools:
+        if target.has_incoming():
+            ownview.publish_config(target.root, cfg.path)
 
 
 def refuse_defaults(cfg: Config, spools: list[spool.Spool]) -> None:

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: venv demo test tools lint typecheck unit compat fuzz bench bench-postfix bench-spooling dist \
+.PHONY: venv demo test tools lint typecheck unit compat fuzz bench bench-postfix bench-spooling bench-scale dist \
 	crash-states \
 	pypi-check clean soak \
 	real-listeners
@@ -110,6 +110,11 @@ bench: venv
 # (bench/postfix.py unpacks Debian's postfix package in a temp folder; nothing is installed).
 bench-postfix: venv
 	$(BIN)/python bench/run.py --only postfix
+
+# Issue 26: every command at 1,000, 10,000 and 100,000 queued (spools on tmpfs), with peak
+# RSS; Postfix's postqueue -p and postsuper beside it when run as root. ~15 minutes.
+bench-scale: venv
+	nice $(BIN)/python bench/scale.py $$( [ "$$(id -u)" = 0 ] && echo --postfix ) --out bench/scale-last.md
 
 # Issue 14 item 3: background-mode submissions with the listener up and down (and queue
 # mode, and the bare interpreter), interleaved; bench/spooling.py --help for the options.

@@ -157,12 +157,19 @@ delete
 hold
 release
 retry
-requeue"
+requeue
+shape"
                     fi
                     ;;
                 requeue)
                     if [[ $cur == -* ]]; then
                         _mailshim_compgen "$cur" "--all
+--sender
+--recipient
+--user
+--older-than
+--newer-than
+--dry-run
 --help"
                     else
                         _mailshim_dead_ids "$cur"
@@ -179,9 +186,19 @@ requeue"
                         _mailshim_queue_ids "$cur"
                     fi
                     ;;
+                shape) _mailshim_compgen "$cur" "--by
+--top
+--json
+--help" ;;
                 delete | hold | release | retry)
                     if [[ $cur == -* ]]; then
                         _mailshim_compgen "$cur" "--all
+--sender
+--recipient
+--user
+--older-than
+--newer-than
+--dry-run
 --help"
                     else
                         _mailshim_queue_ids "$cur"

@@ -10,7 +10,7 @@ function __mailshim_dead_ids
 end
 
 set -l __mailshim_commands config check send-test flush run daemon queue log metrics check-queue sink setup-spool retrier
-set -l __mailshim_actions list show delete hold release retry requeue
+set -l __mailshim_actions list show delete hold release retry requeue shape
 
 complete -c mailshim -f
 complete -c mailshim -s h -l help -d 'Show help'
@@ -70,12 +70,22 @@ complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a release -d 'Undo hold'
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a retry -d 'Make entries due now'
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a requeue -d 'Put dead letters back in the queue'
+complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -a shape -d 'Messages per domain and age, like qshape'
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from show delete hold release retry requeue" -l json -d 'Print JSON for scripts'
 complete -c mailshim -n "__fish_seen_subcommand_from queue; and not __fish_seen_subcommand_from $__mailshim_actions" -l dead -d 'List only the dead letters'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show delete hold release retry' -a '(__mailshim_queue_ids)' -d 'Queue id'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show delete hold release retry' -l all -d 'Every entry'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from requeue' -a '(__mailshim_dead_ids)' -d 'Dead letter id'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from requeue' -l all -d 'Every dead letter'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from delete hold release retry requeue' -l sender -x -d 'By sender address, @domain or <>'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from delete hold release retry requeue' -l recipient -x -d 'By recipient address or @domain'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from delete hold release retry requeue' -l user -x -a '(__fish_complete_users)' -d 'By submitting user'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from delete hold release retry requeue' -l older-than -x -d 'Queued at least this long (2h, 3d)'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from delete hold release retry requeue' -l newer-than -x -d 'Queued less than this long'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from delete hold release retry requeue' -s n -l dry-run -d 'Say how many would be touched'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from shape' -l by -x -a 'recipient sender' -d 'Count by'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from shape' -l top -x -d 'Only the N biggest domains'
+complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from shape' -l json -d 'Print JSON for scripts'
 complete -c mailshim -n '__fish_seen_subcommand_from queue; and __fish_seen_subcommand_from show' -l json -d 'Print JSON with the raw values'
 
 complete -c mailshim -n "__fish_seen_subcommand_from retrier; and not __fish_seen_subcommand_from install remove" -a install -d 'Run mailshim run at boot and every minute'

@@ -58,7 +58,7 @@ COMMANDS = {
     "setup-spool", "metrics", "check-queue", "retrier",
 }  # fmt: skip
 RETRIER_ACTIONS = {"install", "remove"}
-ACTIONS = {"list", "show", "delete", "hold", "release", "retry", "requeue"}
+ACTIONS = {"list", "show", "delete", "hold", "release", "retry", "requeue", "shape"}
 
 
 # --- the shells ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mailshim import fair, spool, spoolentry
+from mailshim import fair, spool, spoolentry, spoolindex
 
 
 @pytest.mark.parametrize(
@@ -41,11 +41,11 @@ def test_order_reads_the_uid_record_and_puts_unreadable_entries_first(tmp_path):
         ids.append(w.queue_id)
     broken = spoolentry.new_queue_id()
     (tmp_path / "spool" / "queue" / broken).write_bytes(b"not an entry")
-    order = fair.order(sp, sorted([*ids, broken]), quantum=1024)
+    order = list(fair.order(spoolindex.rows(sp), quantum=1024))
     assert order == [broken, ids[2], ids[0], ids[1]]
 
 
-@pytest.mark.parametrize("body_size", [0, 1000, fair.PEEK_BYTES, 20_000])
+@pytest.mark.parametrize("body_size", [0, 1000, spoolindex.PEEK_BYTES, 20_000])
 def test_an_entry_costs_its_whole_size_read_or_not(tmp_path, body_size):
     """The cost counts every byte of the file, whether one read held it all or not."""
     sp = spool.Spool(str(tmp_path / "spool"))
@@ -54,7 +54,9 @@ def test_an_entry_costs_its_whole_size_read_or_not(tmp_path, body_size):
     w.write(b"x" * body_size)
     w.commit(False)
     path = sp.path(w.queue_id)
-    assert fair._uid_and_size(path) == (7, os.path.getsize(path))
+    assert spoolindex._peek(path) == (7, os.path.getsize(path))
+    (row,) = spoolindex.rows(sp)
+    assert row[2:4] == (7, os.path.getsize(path))
 
 
 def queue(sp: spool.Spool, uid: int, size: int) -> str:
@@ -70,27 +72,27 @@ def test_turns_go_by_uid_not_by_entry_size(tmp_path):
     sp = spool.Spool(str(tmp_path / "spool"))
     sp.ensure()
     a_small, a_big, b_small = queue(sp, 1, 10), queue(sp, 1, 3000), queue(sp, 2, 10)
-    assert fair.order(sp, [a_small, a_big, b_small], quantum=10**6) == [a_small, a_big, b_small]
+    rows = list(spoolindex.rows(sp))
+    assert list(fair.order(rows, quantum=10**6)) == [a_small, a_big, b_small]
     # and with a quantum smaller than one entry, the uids alternate
-    assert fair.order(sp, [a_small, a_big, b_small], quantum=1) == [a_small, b_small, a_big]
+    assert list(fair.order(rows, quantum=1)) == [a_small, b_small, a_big]
 
 
-def test_what_was_read_is_kept_for_live_entries_and_forgotten_when_they_leave(tmp_path):
+def test_each_entrys_uid_and_size_come_from_the_index_and_leave_with_it(tmp_path):
+    """What fair.py once cached per process is the schedule index's: read once per entry
+    (when it is committed, or at a rebuild), dropped when the entry leaves."""
     one, two = spool.Spool(str(tmp_path / "one")), spool.Spool(str(tmp_path / "two"))
     for sp in (one, two):
         sp.ensure()
     ids_one = [queue(one, 1, 10), queue(one, 2, 10)]
     ids_two = [queue(two, 3, 10)]
-    fair.order(one, ids_one)
-    fair.order(two, ids_two)
-    assert {(one.queue, q) for q in ids_one} | {(two.queue, ids_two[0])} <= set(fair._known)
-    # entries in queue/ never change: a second pass trusts what the first one read
     size = os.path.getsize(one.path(ids_one[0]))
-    assert fair._known[(one.queue, ids_one[0])] == (1, size)
-    # the first entry left the queue: it is forgotten, the other spool's are kept
-    fair.order(one, ids_one[1:])
-    assert (one.queue, ids_one[0]) not in fair._known
-    assert (one.queue, ids_one[1]) in fair._known and (two.queue, ids_two[0]) in fair._known
+    assert [r[:1] + r[2:4] for r in spoolindex.rows(one)] == [
+        (ids_one[0], 1, size), (ids_one[1], 2, size),
+    ]  # fmt: skip
+    one.lock(ids_one[0]).remove()
+    assert [r[0] for r in spoolindex.rows(one)] == ids_one[1:]
+    assert [r[0] for r in spoolindex.rows(two)] == ids_two
 
 
 def test_a_symlink_or_a_fifo_in_the_queue_is_unreadable_and_never_blocks(tmp_path):
@@ -109,7 +111,7 @@ def test_a_symlink_or_a_fifo_in_the_queue_is_unreadable_and_never_blocks(tmp_pat
     old = signal.signal(signal.SIGALRM, hung)
     signal.alarm(5)
     try:
-        got = fair.order(sp, [good, link, fifo])
+        got = list(fair.order(spoolindex.rows(sp)))
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

@@ -134,29 +134,21 @@ def start(
 def _next_wake(config: Config, target: spool.Spool) -> float | None:
     """When something falls due next (epoch), or None when nothing is left to retry.
 
-    While the listener was found down less than its pause ago (``Config.down_pause``),
-    nothing is tried before the pause ends, and the agent looks again right then, whatever
-    was due: a submission during the pause pokes nobody, and it must not wait for a wake
-    time computed before it existed."""
-    from mailshim.errors import DataError
+    From the schedule index (spoolindex): nothing changed since it was written, one read of
+    its header, whatever the size of the queue. While the listener was found down less
+    than its pause ago (``Config.down_pause``), nothing is tried before the pause ends, and
+    the agent looks again right then, whatever was due: a submission during the pause pokes
+    nobody, and it must not wait for a wake time computed before it existed."""
+    from mailshim import spoolindex
 
-    soonest: float | None = None
-    for qid in target.ids():
-        try:
-            state = target.load_state(qid)
-        except (DataError, MailshimError):
-            soonest = time.time()
-            continue
-        if state.held:
-            continue
-        if soonest is None or state.next_attempt < soonest:
-            soonest = float(state.next_attempt)
+    soonest = spoolindex.soonest(target)
     if soonest is None:
         return None
     down = target.relay_down_since()
+    when = float(soonest)
     if down is not None and time.time() < down + config.down_pause:
-        soonest = down + config.down_pause
-    return max(soonest, time.time() + MIN_NAP)
+        when = down + config.down_pause
+    return max(when, time.time() + MIN_NAP)
 
 
 def serve(config: Config, target: spool.Spool, lock_fd: int) -> bool:

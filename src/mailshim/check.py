@@ -466,32 +466,39 @@ def _check_backlog(cfg: Config, report: Report) -> None:
 
     from mailshim import queueview
 
+    # One pass over the queue, holding only the figures (the queue may hold 100,000).
+    count, oldest_at, last = 0, None, None
     try:
-        items = queueview.collect(cfg)
+        for item in queueview.iter_items(cfg):
+            count += 1
+            if item.envelope is not None:
+                arrival = item.envelope.arrival
+                oldest_at = arrival if oldest_at is None else min(oldest_at, arrival)
+            st = item.state
+            if st is not None and st.last_error and (last is None or st.last_attempt > last[0]):
+                last = (st.last_attempt, st.last_error, item.queue_id)
     except MailshimError:
         return
-    if not items:
+    if not count:
         report.add(OK, "queue", "empty")
         return
     now = time.time()
-    arrivals = [i.envelope.arrival for i in items if i.envelope is not None]
-    oldest = queueview.age(now - min(arrivals)) if arrivals else "?"
-    text = f"{len(items)} message{'s' if len(items) != 1 else ''} waiting, oldest {oldest}"
+    oldest = queueview.age(now - oldest_at) if oldest_at is not None else "?"
+    text = f"{count} message{'s' if count != 1 else ''} waiting, oldest {oldest}"
     # An entry that is still here after an attempt failed: the most recent such attempt.
-    tried = [(i.state, i.queue_id) for i in items if i.state is not None and i.state.last_error]
-    if tried:
-        state, qid = max(tried, key=lambda pair: pair[0].last_attempt)
-        ago = queueview.age(now - state.last_attempt) if state.last_attempt else "?"
+    if last is not None:
+        last_attempt, last_error, qid = last
+        ago = queueview.age(now - last_attempt) if last_attempt else "?"
         report.add(
             WARNING,
             "queue",
-            f"{text}; the last attempt ({ago} ago) failed: {state.last_error}",
+            f"{text}; the last attempt ({ago} ago) failed: {last_error}",
             "make the listener take mail again (the listener lines of this check show"
             " whether it is reachable and what it refuses), then run mailshim flush;"
             f" mailshim queue show {qid} and mailshim log {qid} tell that message's story",
         )
         return
-    stale = bool(arrivals) and now - min(arrivals) > 3600
+    stale = oldest_at is not None and now - oldest_at > 3600
     report.add(
         WARNING if stale else OK,
         "queue",

@@ -22,8 +22,18 @@ from __future__ import annotations
 import os
 import time
 
-from mailshim import configload, deadletters, maillog, metrics, policy, runner, serving, spool
-from mailshim.errors import DataError, MailshimError
+from mailshim import (
+    configload,
+    deadletters,
+    maillog,
+    metrics,
+    policy,
+    runner,
+    serving,
+    spool,
+    spoolindex,
+)
+from mailshim.errors import MailshimError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,21 +49,14 @@ DEAD_EXPIRY_EVERY = 3600.0  # seconds between the daemon's looks for old dead le
 
 
 def _schedule(target: spool.Spool) -> tuple[bool, float | None]:
-    """(something is due now, when the next one falls due)."""
-    now = time.time()
-    soonest: float | None = None
-    for qid in target.ids():
-        try:
-            state = target.load_state(qid)
-        except (DataError, MailshimError):
-            return True, None
-        if state.held:
-            continue
-        if state.next_attempt <= now:
-            return True, None
-        if soonest is None or state.next_attempt < soonest:
-            soonest = float(state.next_attempt)
-    return False, soonest
+    """(something is due now, when the next one falls due), from the schedule index: one
+    header read when nothing changed since it was written."""
+    soonest = spoolindex.soonest(target)
+    if soonest is None:
+        return False, None
+    if soonest <= time.time():
+        return True, None
+    return False, float(soonest)
 
 
 class _Daemon:
@@ -131,7 +134,7 @@ class _Daemon:
                 waiting_drops = True  # look again within a second
                 continue
             try:
-                target.clean_tmp()
+                target.clean_tmp(states=spoolindex.sweep_due(target))
                 if now - self.dead_expired.get(target.root, 0.0) > DEAD_EXPIRY_EVERY:
                     self.dead_expired[target.root] = now
                     deadletters.expire(target, self.config.keep_dead, now)

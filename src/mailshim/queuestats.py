@@ -2,16 +2,15 @@
 and the public summary (``monitor/summary.json``) that lets an unprivileged monitoring user
 see those figures without reading the spool.
 
-``snapshot`` looks at names, ``stat`` results and the state files only, never at an entry's
-envelope or message; after a pass it reuses what the pass read (each entry's size from
-fair.py, held or not from ``note_state``), so it costs little more than listing the folders
-(10,000 queued: bench/metrics_cost.py, bench/RESULTS.md). The states are Postfix's queues in
-mailshim's words: ``new`` (in ``queue/``, never tried), ``deferred`` (tried, waiting for
-its next attempt), ``held`` (``mailshim queue hold``), ``dead`` (``dead/``: failed for good)
-and ``incoming`` (users' entries still in the drop folder, e.g. over their sending limit).
-An entry's age counts from its queue id, which is the time it was spooled (for an entry
-picked up from the drop folder, the pickup); a dead letter's and a drop entry's from their
-file's time.
+``snapshot`` takes ``queue/``'s figures from the schedule index (spoolindex keeps them in
+its header: one read when nothing changed since it was written) and lists ``dead/`` and
+``incoming/`` with ``stat`` results, never an entry's envelope or message. The states are
+Postfix's queues in mailshim's words: ``new`` (in ``queue/``, never tried), ``deferred``
+(tried, waiting for its next attempt), ``held`` (``mailshim queue hold``), ``dead``
+(``dead/``: failed for good) and ``incoming`` (users' entries still in the drop folder,
+e.g. over their sending limit). An entry's age counts from its queue id, which is the time
+it was spooled (for an entry picked up from the drop folder, the pickup); a dead letter's
+and a drop entry's from their file's time.
 
 The runner publishes the figures after each pass in ``monitor/summary.json`` (mode 0644, in a
 folder of mode 0755 that ``setup-spool`` makes for the runner user): counts, bytes, ages, the
@@ -21,8 +20,8 @@ change times of ``queue/`` and ``incoming/`` (which anyone may ``stat``) to tell
 arrived after the last pass.
 
 Trust: ``snapshot`` runs as the runner or root over the runner's folders; names that are not
-queue ids are skipped, links are not followed, a state file is only searched for one fixed
-byte string (the held flag as ``spoolfmt.encode_state`` writes it). ``publish`` writes through
+queue ids are skipped, links are not followed, no entry or state file is read (the index
+says which are held). ``publish`` writes through
 O_EXCL under a random temporary name and renames it into place. ``read_summary`` runs as
 anyone and parses the file strictly (it is the runner's, but a reader trusts only its shape).
 
@@ -35,7 +34,7 @@ from __future__ import annotations
 import os
 import stat
 
-from mailshim import fair, spoolfmt
+from mailshim import spoolfmt
 from mailshim.errors import NoInputError
 
 TYPE_CHECKING = False
@@ -113,26 +112,6 @@ def _scan(folder: str) -> list[tuple[str, os.stat_result]]:
     return out
 
 
-def _names(folder: str) -> set[str]:
-    try:
-        return {n for n in os.listdir(folder) if spoolfmt.valid_id(n)}
-    except OSError:
-        return set()
-
-
-def _held(path: str) -> bool:
-    try:
-        fd = os.open(path, _READ)
-    except OSError:
-        return False
-    try:
-        return HELD_BYTES in os.read(fd, 64 * 1024)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def id_time(qid: str) -> float | None:
     """When entry ``qid`` was spooled (or picked up): its first 13 characters are the
     microseconds in hex (spoolentry.new_queue_id). None for a name not made that way.
@@ -147,50 +126,19 @@ def id_time(qid: str) -> float | None:
     return usec / 1e6
 
 
-def note_state(target: Spool, qid: str, held: bool) -> None:
-    """The runner's pass read ``qid``'s state: remember whether it is held, so that the
-    snapshot after the pass need not read the state again (cleared by ``snapshot``)."""
-    _seen[(target.queue, qid)] = held
-
-
-_seen: dict[tuple[str, str], bool] = {}
-
-
 def snapshot(target: Spool, now: float) -> Snapshot:
     """The figures of ``target`` now (the caller must be able to read its folders).
 
-    What the pass in this process already learnt is not read again: each entry's size
-    (fair.py reads it to order the pass) and whether its state says held (``note_state``).
-    An entry's time is its queue id's."""
+    ``queue/``'s come from the schedule index (spoolindex: its header, when nothing changed
+    since it was written), not from listing the folder and reading states: a pass with
+    nothing due stays as cheap at 100,000 queued as at 10. An entry's time is its queue
+    id's."""
+    from mailshim import spoolindex
+
     snap = Snapshot(target.root, now)
     queues = snap.queues
-    try:
-        names = [n for n in os.listdir(target.queue) if spoolfmt.valid_id(n)]
-    except OSError:
-        names = []
-    states = _names(target.state_dir)  # names only: a stat each would double the cost
-    seen = _seen
-    for name in names:
-        size = fair.known_size(target, name)
-        when = id_time(name)
-        if size is None or when is None:
-            try:
-                st = os.lstat(os.path.join(target.queue, name))
-            except OSError:
-                continue  # delivered while we looked
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            size = st.st_size
-            when = st.st_mtime if when is None else when
-        if name not in states:
-            queues["new"].add(size, when)
-            continue
-        held = seen.get((target.queue, name))
-        if held is None:
-            held = _held(os.path.join(target.state_dir, name))
-        queues["held" if held else "deferred"].add(size, when)
-    for key in [k for k in seen if k[0] == target.queue]:
-        del seen[key]
+    for name, (count, size, oldest) in spoolindex.figures(target, now).items():
+        queues[name] = QueueStat(count, size, oldest)
     for _name, st in _scan(target.dead):
         queues["dead"].add(st.st_size, st.st_mtime)
     for _name, st in _scan(target.incoming):

@@ -16,6 +16,7 @@ Raises nothing of its own: an entry or state that cannot be read is listed as su
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import sys
@@ -27,7 +28,7 @@ from mailshim.paint import painter
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable, Iterator
 
     from mailshim.config import Config
     from mailshim.deadletters import DeadItem
@@ -147,32 +148,52 @@ class Item:
         return out
 
 
-def collect(config: Config) -> list[Item]:
-    items: list[Item] = []
+WINDOW = 1000  # entries a listing holds to size its columns; the rest stream by those widths
+
+
+def iter_items(config: Config) -> Iterator[Item]:
+    """The queued messages: what waits in drop folders and the user's own, then one spool
+    after another, each in arrival order (the schedule index's order: spoolindex), read one
+    at a time: memory does not grow with the queue."""
+    from mailshim import spoolindex
+
     known = spoolchoice.known_spools(config)
-    for target in known:
-        items.extend(_drop_items(target, mine=False))
-    items.extend(own_items(config, known))
-    for target in known:
-        for qid in target.ids():
-            try:
-                env = target.read_envelope(qid)
-                state = target.load_state(qid)
-            except FileNotFoundError:
-                continue  # delivered while we looked
-            except (DataError, OSError) as exc:
-                text = exc.message if isinstance(exc, DataError) else str(exc.strerror)
-                items.append(Item(target, qid, None, None, text))
-                continue
-            items.append(Item(target, qid, env, state))
-    mark_waiting(config, items)
-    items.sort(key=lambda i: (i.envelope.arrival if i.envelope else 0, i.queue_id))
-    return items
-
-
-def mark_waiting(config: Config, items: list[Item]) -> None:
-    """Entries never tried while their spool's listener-down mark stands wait for it."""
     marks: dict[str, float | None] = {}
+    # The drop folders' entries first (few: the runner takes them within seconds).
+    for target in known:
+        yield from _marked(config, _drop_items(target, mine=False), marks)
+    yield from _marked(config, own_items(config, known), marks)
+    for target in known:
+        for row in spoolindex.rows(target):
+            # "-": no state file when the index was read: none is looked for.
+            item = read_item(target, row[0], stateless=row[4] == "-")
+            if item is not None:
+                yield from _marked(config, [item], marks)
+
+
+def read_item(target: spool.Spool, qid: str, stateless: bool = False) -> Item | None:
+    """One entry with its state; None when it left meanwhile (delivered while we looked)."""
+    try:
+        env = target.read_envelope(qid)
+        state = spoolfmt.State() if stateless else target.load_state(qid)
+    except FileNotFoundError:
+        return None
+    except (DataError, OSError) as exc:
+        text = exc.message if isinstance(exc, DataError) else str(exc.strerror)
+        return Item(target, qid, None, None, text)
+    return Item(target, qid, env, state)
+
+
+def collect(config: Config) -> list[Item]:
+    """Every queued message (all held at once: for small queues and tests; listings stream
+    with ``iter_items``)."""
+    return list(iter_items(config))
+
+
+def _marked(
+    config: Config, items: Iterable[Item], marks: dict[str, float | None]
+) -> Iterator[Item]:
+    """``items`` with the spool's listener-down mark (``mark_waiting``), looked up once."""
     for item in items:
         root = item.spool.root
         if root not in marks:
@@ -181,6 +202,33 @@ def mark_waiting(config: Config, items: list[Item]) -> None:
         if since:
             item.down_since = since
             item.down_until = since + config.down_pause
+        yield item
+
+
+def _window(items: Iterable[Item]) -> tuple[list[Item], Iterator[Item]]:
+    """The first ``WINDOW`` items (to size columns by) and an iterator over the rest."""
+    it = iter(items)
+    return list(itertools.islice(it, WINDOW)), it
+
+
+def json_lines(key: str, items: Iterable[Item]) -> Iterator[str]:
+    """``json_doc(key, [item.as_dict(), ...])`` as text, one item at a time: the same text
+    as ``json.dumps(doc, indent=2)`` and a newline, without holding the list."""
+    import json
+
+    yield f'{{\n  "schema": {JSON_SCHEMA},\n  {json.dumps(key)}: ['
+    first = True
+    for item in items:
+        body = json.dumps(item.as_dict(), indent=2).replace("\n", "\n    ")
+        yield ("\n    " if first else ",\n    ") + body
+        first = False
+    yield "]\n}\n" if first else "\n  ]\n}\n"
+
+
+def mark_waiting(config: Config, items: list[Item]) -> None:
+    """Entries never tried while their spool's listener-down mark stands wait for it."""
+    for _ in _marked(config, items, {}):
+        pass
 
 
 def own_items(config: Config, known: list[spool.Spool] | None = None) -> list[Item]:
@@ -398,23 +446,33 @@ def format_show(item: Item, now: float) -> str:
 # --- mailq: Postfix's layout ------------------------------------------------------------
 
 
-def format_listing(items: list[Item], now: float, color: bool = False) -> str:
-    """``mailq``: a block per entry, Postfix style, with the age instead of the arrival date.
+def format_listing(items: Iterable[Item], now: float, color: bool = False) -> str:
+    """``mailq`` as one string (see ``listing_lines``)."""
+    return "".join(listing_lines(items, now, color))
+
+
+def listing_lines(items: Iterable[Item], now: float, color: bool = False) -> Iterator[str]:
+    """``mailq``: a block per entry, Postfix style, with the age instead of the arrival date;
+    text in pieces, as the entries are read (columns sized by the first ``WINDOW``).
 
     The id is followed by ``!`` when the entry is held; the last error comes in parentheses
     before the recipients, as Postfix shows it.
     """
-    if not items:
-        return "Mail queue is empty\n"
+    head, rest = _window(items)
+    if not head:
+        yield "Mail queue is empty\n"
+        return
     paint = painter(color, STYLES)
-    id_width = max(10, max(len(i.queue_id) for i in items) + 1)
-    size_width = max([8, *(len(str(i.envelope.size)) for i in items if i.envelope is not None)])
+    id_width = max(10, max(len(i.queue_id) for i in head) + 1)
+    size_width = max([8, *(len(str(i.envelope.size)) for i in head if i.envelope is not None)])
     head_id = "-Queue ID-".ljust(id_width)
     head_size = "--Size--".rjust(size_width)
-    lines = [f"{head_id} {head_size} {'-Age-':>7}  -Sender/Recipient-------"]
+    yield f"{head_id} {head_size} {'-Age-':>7}  -Sender/Recipient-------\n"
     indent = " " * (id_width + 1 + size_width + 1 + 7 + 2)
-    total = 0
-    for item in items:
+    total = count = 0
+    for item in itertools.chain(head, rest):
+        count += 1
+        lines = []
         env, st = item.envelope, item.state
         if env is None:
             cell = item.queue_id.ljust(id_width)
@@ -422,7 +480,7 @@ def format_listing(items: list[Item], now: float, color: bool = False) -> str:
                 f"{paint('id', cell)} {'?':>{size_width}} {'?':>7}  "
                 + paint("unreadable", f"(unreadable: {one_line(item.error)})")
             )
-            lines.append("")
+            yield "\n".join(lines) + "\n\n"
             continue
         total += env.size
         held = st is not None and st.held
@@ -442,11 +500,9 @@ def format_listing(items: list[Item], now: float, color: bool = False) -> str:
             lines.append(indent + paint("held", "(held: no delivery until released)"))
         for rcpt in env.recipients:
             lines.append(indent + _recipient(rcpt, st, paint))
-        lines.append("")
-    count = len(items)
+        yield "\n".join(lines) + "\n\n"
     kbytes = (total + 1023) // 1024
-    lines.append(f"-- {kbytes} Kbytes in {count} Request{'s' if count != 1 else ''}.")
-    return "\n".join(lines) + "\n"
+    yield f"-- {kbytes} Kbytes in {count} Request{'s' if count != 1 else ''}.\n"
 
 
 _logins: dict[int, str] = {}
@@ -483,33 +539,37 @@ def _recipient(rcpt: str, st: State | None, paint: Callable[[str, str], str]) ->
 
 
 def print_queue(config: Config) -> int:
-    """``mailq``: Postfix's listing, then one line about dead letters when there are any."""
+    """``mailq``: Postfix's listing, then one line about dead letters when there are any;
+    printed as the entries are read."""
     from mailshim import deadletters, ownview
 
-    items = collect(config)
+    out = sys.stdout
+    items = iter_items(config)
+    first = list(itertools.islice(items, 1))
     hidden = unseen(config)
     # Never "Mail queue is empty" about a queue this user could not read.
-    text = format_listing(items, time.time(), use_color(sys.stdout)) if items or not hidden else ""
+    if first or not hidden:
+        for piece in listing_lines(itertools.chain(first, items), time.time(), use_color(out)):
+            out.write(piece)
     for queue in hidden:
         if ownview.exists(os.path.dirname(queue)):
-            if not items:
-                text += "No message of yours is queued (by your sendmail's notes)\n"
-            text += (
+            if not first:
+                out.write("No message of yours is queued (by your sendmail's notes)\n")
+            out.write(
                 f"-- other users' messages in {queue} are private; root's mailq lists them all\n"
             )
         else:
-            text += (
+            out.write(
                 f"-- {queue} is private to the mailshim user: your messages there are not"
                 " listed; mailshim log ID follows one, root's mailq lists them all\n"
             )
     dead = deadletters.count(config)
     if dead:
-        text += (
+        out.write(
             f"-- {dead} dead letter{'s' if dead != 1 else ''} (failed for good):"
             " mailshim queue --dead lists them\n"
         )
-    text += held_lines(config)
-    sys.stdout.write(text)
+    out.write(held_lines(config))
     return 0
 
 
@@ -578,34 +638,43 @@ def format_dead(items: list[DeadItem], now: float, color: bool = False) -> str:
 # --- mailshim queue: one row per entry ------------------------------------------------
 
 
-def format_table(items: list[Item], now: float, color: bool = False) -> str:
-    """``mailshim queue``: aligned columns, one row per entry, its last error below it."""
-    if not items:
-        return "Mail queue is empty\n"
+def format_table(items: Iterable[Item], now: float, color: bool = False) -> str:
+    """``mailshim queue`` as one string (see ``table_lines``)."""
+    return "".join(table_lines(items, now, color))
+
+
+def _table_cells(item: Item, now: float) -> tuple[str, ...]:
+    env, st = item.envelope, item.state
+    if env is None:
+        return (item.queue_id, "?", "?", "?", "unreadable", "", "")
+    status = item.status
+    when = item.next_try(now)
+    if status in ("deferred", "waiting") and when:
+        status = f"{status}, next {when}"
+    rcpts = env.recipients
+    shown = one_line(rcpts[0]) + (f" +{len(rcpts) - 1}" if len(rcpts) > 1 else "") if rcpts else ""
+    return (
+        item.queue_id,
+        age(now - env.arrival),
+        human_size(env.size),
+        str(st.attempts if st is not None else 0),
+        status,
+        _sender(env, "<>"),
+        shown,
+    )
+
+
+def table_lines(items: Iterable[Item], now: float, color: bool = False) -> Iterator[str]:
+    """``mailshim queue``: aligned columns, one row per entry, its last error below it; in
+    pieces as the entries are read (columns sized by the first ``WINDOW``)."""
+    head, rest = _window(items)
+    if not head:
+        yield "Mail queue is empty\n"
+        return
     paint = painter(color, STYLES)
     header = ("ID", "AGE", "SIZE", "TRIES", "STATUS", "SENDER", "RECIPIENTS")
-    rows: list[tuple[Item, tuple[str, ...]]] = []
-    for item in items:
-        env, st = item.envelope, item.state
-        if env is None:
-            rows.append((item, (item.queue_id, "?", "?", "?", "unreadable", "", "")))
-            continue
-        status = item.status
-        when = item.next_try(now)
-        if status in ("deferred", "waiting") and when:
-            status = f"{status}, next {when}"
-        rcpts = [one_line(r) for r in env.recipients]
-        shown = rcpts[0] + (f" +{len(rcpts) - 1}" if len(rcpts) > 1 else "") if rcpts else ""
-        rows.append((item, (
-            item.queue_id,
-            age(now - env.arrival),
-            human_size(env.size),
-            str(st.attempts if st is not None else 0),
-            status,
-            _sender(env, "<>"),
-            shown,
-        )))  # fmt: skip
-    widths = [max(len(header[c]), *(len(r[c]) for _, r in rows)) for c in range(len(header))]
+    sized = [_table_cells(item, now) for item in head]
+    widths = [max(len(header[c]), *(len(r[c]) for r in sized)) for c in range(len(header))]
     right = {1, 2, 3}
 
     def line(cells: tuple[str, ...], styles: tuple[str | None, ...]) -> str:
@@ -618,14 +687,19 @@ def format_table(items: list[Item], now: float, color: bool = False) -> str:
             out.append(paint(style, padded) if style else padded)
         return "  ".join(out).rstrip()
 
-    lines = [line(header, ("dim",) * len(header))]
+    yield line(header, ("dim",) * len(header)) + "\n"
     counts: dict[str, int] = {}
-    total = 0
-    for item, cells in rows:
+    total = count = 0
+    window = len(sized)
+    for n, item in enumerate(itertools.chain(head, rest)):
+        cells = sized[n] if n < window else _table_cells(item, now)
+        if n == window - 1:
+            sized = []  # the window is printed: let it go
+        count += 1
         status = item.status
         counts[status] = counts.get(status, 0) + 1
         total += item.envelope.size if item.envelope else 0
-        lines.append(line(cells, ("id", None, None, None, status, None, None)))
+        text = line(cells, ("id", None, None, None, status, None, None)) + "\n"
         note = ""
         if item.envelope is None:
             note = f"unreadable: {one_line(item.error)}"
@@ -634,10 +708,8 @@ def format_table(items: list[Item], now: float, color: bool = False) -> str:
         elif item.state is not None and item.state.last_error:
             note = one_line(item.state.last_error)
         if note:
-            lines.append(" " * (widths[0] + 2) + paint("error", note))
+            text += " " * (widths[0] + 2) + paint("error", note) + "\n"
+        yield text
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    count = len(items)
-    lines.append("")
     size = f"{total} bytes" if total < 1000 else human_size(total)
-    lines.append(f"{count} message{'s' if count != 1 else ''}, {size}: {summary}")
-    return "\n".join(lines) + "\n"
+    yield f"\n{count} message{'s' if count != 1 else ''}, {size}: {summary}\n"

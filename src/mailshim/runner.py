@@ -36,9 +36,9 @@ from mailshim import (
     mailstats,
     metrics,
     policy,
-    queuestats,
     sendlimits,
     spool,
+    spoolindex,
 )
 from mailshim.constants import (
     DEFERRED,
@@ -52,7 +52,7 @@ from mailshim.errors import DataError, MailshimError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from mailshim.config import Config
     from mailshim.relay import RelayClient
@@ -160,6 +160,11 @@ def pickup(config: Config, target: spool.Spool) -> tuple[int, int]:
     return picked, sum(1 for p in results if p.status == "busy")
 
 
+def seen_key(qid: str) -> int:
+    """A queue id as a number (its characters are base-36 digits): a set of them is small."""
+    return int(qid, 36)
+
+
 class _Pass:
     """One sweep: the fair order, which entries are taken, and how the sweep ends. Its
     sessions share it (one event loop: no locks are needed)."""
@@ -172,7 +177,7 @@ class _Pass:
         *,
         force: bool,
         only: set[str] | None,
-        seen: set[str] | None,
+        seen: set[int] | None,
         stop: asyncio.Event | None,
     ) -> None:
         self.target = target
@@ -180,10 +185,13 @@ class _Pass:
         self.force = force
         self.only = only
         self.seen = seen
+        self.first = not seen  # the first sweep of a run (``seen`` still empty)
         self.stop = stop
         self.now = time.time()
         self.limiter = sendlimits.limiter_for(config, target) if target.has_incoming() else None
-        self.order = iter(fair.order(target, target.ids(), config.user_round_bytes))
+        # From the schedule index: the entries due (every one, forced), with their uid and
+        # size; nothing else is opened, so a pass with nothing due costs nothing per entry.
+        self.order = fair.order(self._due_rows(), config.user_round_bytes)
         self.ended = ""  # "down", "busy" or "stopped" once the pass must end early
         self.streak = 0  # consecutive throttled entries, whichever session met them
         self.answered = False  # the listener greeted a session: the others may open
@@ -193,7 +201,30 @@ class _Pass:
         self.recovered = False  # a relay took mail in this pass (see relay_recovered)
         self.relay_waiting: list[str] = []  # not due, but waiting only for the relay
         self.recovering: list[str] = []  # such entries, due since a relay took mail
+        # Rows the index flags as waiting only for their relay (not due, not held): packed
+        # ids, not opened unless a relay takes mail in this pass (then each is vetted by
+        # _wanted, which reads its state). A listener outage flags every deferred entry so.
+        self.relay_index = bytearray()
+        self.relay_at = 0
         self.gated: set[str] = set()  # counted by the sending limits, then given back
+
+    def _due_rows(self) -> Iterator[spoolindex.Row]:
+        if not self.force and self.only is None:
+            count, _live, soonest = spoolindex.totals(self.target, self.now)
+            if soonest > self.now:  # nothing due: the index's header said so
+                self.counts.skipped += count if self.first else 0
+                return
+        for row in spoolindex.rows(self.target, self.now):
+            if spoolindex.is_due(row, self.now, self.force):
+                yield row
+            elif "w" in row[4] and "h" not in row[4] and len(row[0]) == fair.ID_BYTES:
+                if self.only is None or row[0] in self.only:
+                    self.relay_index += row[0].encode("ascii")
+            elif self.first and (self.only is None or row[0] in self.only):
+                # Held or not due: known without opening it, and not remembered in ``seen``
+                # (at 100,000 deferred that set would be most of the memory); counted by the
+                # first sweep of a run only.
+                self.counts.skipped += 1
 
     async def hold(self) -> None:
         """Wait out a rate limit's pause (or until ``stop``)."""
@@ -203,12 +234,18 @@ class _Pass:
         """A relay took mail: entries deferred only for the relay's sake are due at once (those
         this pass passed over join it now, the rest are taken as the pass reaches them), while
         a recipient's own 4xx keeps its schedule (policy.due_after_recovery). The one place
-        that acts on a recovery: it costs no extra reads, since the pass reads every state."""
+        that acts on a recovery: the entries the index flags as waiting for their relay are
+        read only now (``relay_index``)."""
         if self.recovered:
             return
         self.recovered = True
         waiting, self.relay_waiting = self.relay_waiting, []
         self.recovering.extend(waiting)
+
+    def relay_left(self) -> int:
+        """Entries flagged as waiting for their relay and not looked at (once a relay took
+        mail in this pass, each is vetted as it is taken)."""
+        return (len(self.relay_index) - self.relay_at) // fair.ID_BYTES
 
     def next_entry(self) -> str | None:
         """The next entry to try, taken for good (no other session gets it); None at the end.
@@ -220,6 +257,12 @@ class _Pass:
             return self.returned.pop(0)  # already vetted: an extra session gave it back
         if self.recovering:
             return self.recovering.pop(0)
+        if self.recovered:
+            while self.relay_at < len(self.relay_index):
+                at, self.relay_at = self.relay_at, self.relay_at + fair.ID_BYTES
+                qid = self.relay_index[at : self.relay_at].decode("ascii")
+                if self._wanted(qid):
+                    return qid
         for qid in self.order:
             if self.stop is not None and self.stop.is_set():
                 self.ended = self.ended or "stopped"
@@ -232,15 +275,14 @@ class _Pass:
         if self.only is not None and qid not in self.only:
             return False
         if self.seen is not None:
-            if qid in self.seen:
+            key = seen_key(qid)
+            if key in self.seen:
                 return False
-            self.seen.add(qid)
+            self.seen.add(key)
         try:
             state = self.target.load_state(qid)
         except DataError:
             state = None  # deliver_entry quarantines the entry
-        if state is not None:
-            queuestats.note_state(self.target, qid, state.held)  # spares the metrics a read
         if state is not None and (state.held or (not self.force and state.next_attempt > self.now)):
             if policy.due_after_recovery(state):
                 if self.recovered:
@@ -260,7 +302,7 @@ async def run_pass(
     *,
     force: bool,
     only: set[str] | None = None,
-    seen: set[str] | None = None,
+    seen: set[int] | None = None,
     progress: Callable[[str, str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> str:
@@ -328,9 +370,11 @@ async def run_pass(
     for outcome in done:
         if isinstance(outcome, BaseException):
             raise outcome
-    while (run.returned or run.recovering) and not run.ended:
+    while (
+        run.returned or run.recovering or (run.recovered and run.relay_left())
+    ) and not run.ended:
         await session(0)  # what refused extra sessions gave back, or a late recovery made due
-    counts.skipped += len(run.relay_waiting) + len(run.recovering)
+    counts.skipped += len(run.relay_waiting) + len(run.recovering) + run.relay_left()
     return run.ended or "done"
 
 
@@ -517,9 +561,9 @@ def flush(
         async with pool_for(config, transcript) as pool:
             for target in spools:
                 target.check_usable()
-                target.clean_tmp()
+                target.clean_tmp(states=spoolindex.sweep_due(target))
                 deadletters.expire(target, config.keep_dead)
-                seen: set[str] = set()
+                seen: set[int] = set()  # ids as numbers: ~60 bytes each, not ~100
                 try:
                     pickup(config, target)
                     while True:
@@ -531,9 +575,10 @@ def flush(
                             break
                         picked, _ = pickup(config, target)
                         # entries outside a -qI filter are never "seen": do not wait for them
-                        left = [q for q in target.ids() if q not in seen]
-                        if only is not None:
-                            left = [q for q in left if q in only]
+                        left = any(
+                            seen_key(row[0]) not in seen and (only is None or row[0] in only)
+                            for row in spoolindex.due(target, time.time(), force)
+                        )
                         if not picked and not left:
                             break
                 finally:

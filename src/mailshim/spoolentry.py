@@ -30,7 +30,7 @@ import io
 import os
 import time
 
-from mailshim import spoolfmt
+from mailshim import spoolfmt, spoolindex
 from mailshim.errors import CantCreateError, DataError, MailshimError, from_oserror
 from mailshim.spoolfmt import Envelope, State
 from mailshim.spoolfs import (
@@ -228,6 +228,10 @@ class EntryWriter:
                 os.fsync(self.fd)
             elif sync_dir:
                 _fsync_dir(self.spool.queue)
+            if not self.drop:
+                # Due now: the schedule index learns of it before anyone is told it is safe.
+                size = len(self._enc.data) + self.size
+                spoolindex.note_added(self.spool, self.queue_id, self.envelope.uid, size)
         except OSError as exc:
             if not self._done:
                 self.abort()
@@ -365,6 +369,7 @@ class LockedEntry(_Held):
                 raise from_oserror(exc, "removing a delivered entry") from None
         if not self._stateless:
             _unlink(os.path.join(self.spool.state_dir, self.queue_id))
+        spoolindex.note_gone(self.spool, self.queue_id)
         self.release()
 
     def bury(self, folder: str, reason: str) -> str:
@@ -398,6 +403,7 @@ class LockedEntry(_Held):
             # naming its delivered recipients, would go to them again (issue 27).
             if has_state:
                 _unlink(state_path)
+            spoolindex.note_gone(self.spool, self.queue_id)
         except OSError as exc:
             raise from_oserror(exc, f"moving entry {self.queue_id} to {folder}/") from None
         finally:

@@ -19,11 +19,21 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from mailshim import maillog, paths, queueview, spool, spoolchoice, spoolentry
+from mailshim import (
+    maillog,
+    paths,
+    queueselect,
+    queueview,
+    spool,
+    spoolchoice,
+    spoolentry,
+    spoolfmt,
+)
 from mailshim.cli import queuerun, standard_fds
 from mailshim.cli.group import _config, cli
 from mailshim.errors import (
@@ -72,14 +82,25 @@ def config_cmd(ctx: click.Context, as_json: bool) -> None:
 # --- queue ----------------------------------------------------------------------------
 
 
-def _print_items(items: list[queueview.Item], as_json: bool) -> None:
+def _print_items(items: Iterable[queueview.Item], as_json: bool) -> None:
+    """Print as the entries are read (a queue of 100,000 is never held in memory)."""
     if as_json:
-        click.echo(
-            json.dumps(queueview.json_doc("entries", [i.as_dict() for i in items]), indent=2)
-        )
-        return
-    color = queueview.use_color(sys.stdout)
-    click.echo(queueview.format_table(items, time.time(), color), nl=False, color=color)
+        pieces = queueview.json_lines("entries", items)
+        color = False
+    else:
+        color = queueview.use_color(sys.stdout)
+        pieces = queueview.table_lines(items, time.time(), color)
+    for piece in pieces:
+        click.echo(piece, nl=False, color=color)
+
+
+def _queued_ids(cfg: Any) -> Iterator[str]:
+    """Every queued id, from the schedule index: no entry is opened."""
+    from mailshim import spoolindex
+
+    for target in spoolchoice.known_spools(cfg):
+        for row in spoolindex.rows(target):
+            yield row[0]
 
 
 @cli.group("queue", invoke_without_command=True)
@@ -123,12 +144,11 @@ def queue_cmd(ctx: click.Context, as_json: bool, dead: bool, ids: bool) -> None:
             text = queueview.format_dead(buried, time.time(), color)
             click.echo(text, nl=False, color=color)
         return
-    items = queueview.collect(cfg)
     if ids:
-        for item in items:
-            click.echo(item.queue_id)
+        for qid in _queued_ids(cfg):
+            click.echo(qid)
         return
-    _print_items(items, as_json)
+    _print_items(queueview.iter_items(cfg), as_json)
     if not as_json:
         buried = deadletters.collect(cfg)
         if buried:
@@ -138,36 +158,108 @@ def queue_cmd(ctx: click.Context, as_json: bool, dead: bool, ids: bool) -> None:
             click.echo(queueview.format_dead(buried, time.time(), color), nl=False, color=color)
 
 
+def _filter_options(f: Any) -> Any:
+    """--sender, --recipient, --user, --older-than, --newer-than, --dry-run."""
+    for option in reversed([
+        click.option("--sender", "senders", multiple=True, metavar="ADDR",
+                     help="Sender address, @domain, or <> (repeatable: any of them)."),
+        click.option("--recipient", "recipients", multiple=True, metavar="ADDR",
+                     help="A recipient's address or @domain (repeatable)."),
+        click.option("--user", "users", multiple=True, metavar="USER",
+                     help="Submitting user, login or uid (repeatable)."),
+        click.option("--older-than", "older", metavar="AGE", help="Queued at least AGE (2h, 3d)."),
+        click.option("--newer-than", "newer", metavar="AGE", help="Queued less than AGE."),
+        click.option("-n", "--dry-run", is_flag=True,
+                     help="Say how many entries would be touched; change nothing."),
+    ]):  # fmt: skip
+        f = option(f)
+    return f
+
+
+def _selection(
+    ids: tuple[str, ...],
+    all_: bool,
+    senders: tuple[str, ...],
+    recipients: tuple[str, ...],
+    users: tuple[str, ...],
+    older: str | None,
+    newer: str | None,
+) -> queueselect.Selection | None:
+    """The entries named by filters or ids ("-" reads ids from stdin, one per line: what
+    `mailshim queue --ids` prints); None when only ids on the command line are given."""
+    listed: list[str] | None = None
+    if "-" in ids:
+        listed = [i for i in ids if i != "-"] + [
+            line.split()[0] for line in sys.stdin if line.strip()
+        ]
+    sel = queueselect.Selection(
+        ids=listed,
+        senders=senders,
+        recipients=recipients,
+        users=[queueselect.parse_user(u) for u in users],
+        older_than=None if older is None else queueselect.parse_age("--older-than", older),
+        newer_than=None if newer is None else queueselect.parse_age("--newer-than", newer),
+    )
+    if listed is None and not sel.filtered and not all_:
+        if not ids:
+            raise UsageError("name queue ids (or - to read them from stdin), a filter, or --all")
+        return None
+    if listed is None and ids:
+        sel.ids = {i.rstrip("!*").upper() for i in ids}
+    return sel
+
+
 @queue_cmd.command(
     "requeue",
     epilog="\b\nExamples:\n  mailshim queue requeue 18F2C0A1B3D4E5F6G7H8\n"
+    "  mailshim queue requeue --recipient @example.net --dry-run\n"
+    "  mailshim queue --dead --ids | mailshim queue requeue -\n"
     "  mailshim queue requeue --all",
 )
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter.")
+@_filter_options
 @click.pass_context
-def queue_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
+def queue_requeue(
+    ctx: click.Context,
+    ids: tuple[str, ...],
+    all_: bool,
+    senders: tuple[str, ...],
+    recipients: tuple[str, ...],
+    users: tuple[str, ...],
+    older: str | None,
+    newer: str | None,
+    dry_run: bool,
+) -> None:
     """Put dead letters back in the queue with a fresh schedule (each one is logged).
 
-    Recipients that were delivered stay delivered; the others are tried again at once
-    and, if they fail again, retried and bounced as for a new message.
+    Named by id (- reads ids from stdin), chosen by filters (all must hold; the age is
+    since they were queued), or --all. Recipients that were delivered stay delivered; the
+    others are tried again at once and, if they fail again, retried and bounced as for a
+    new message.
     """
     from mailshim import deadletters
 
-    if not ids and not all_:
-        raise UsageError("name one or more dead letters' ids, or --all")
+    if not ids and not all_ and not (senders or recipients or users or older or newer):
+        raise UsageError("name one or more dead letters' ids (- reads stdin), a filter, or --all")
     cfg = _config(ctx)
-    wanted = {i.rstrip("!*").upper() for i in ids}
+    sel = _selection(ids, all_, senders, recipients, users, older, newer)
+    if sel is None:
+        sel = queueselect.Selection(ids=ids)
+    wanted = set(sel.ids or ()) if not ("-" in ids or sel.filtered) else set()
     done = 0
-    for target in spoolchoice.known_spools(cfg):
-        for qid in deadletters.ids(target):
-            if all_ or qid in wanted:
-                deadletters.requeue(target, qid)
-                wanted.discard(qid)
-                done += 1
+    for target, qid in sel.dead(spoolchoice.known_spools(cfg)):
+        wanted.discard(qid)
+        if not dry_run:
+            deadletters.requeue(target, qid)
+        done += 1
     if wanted:
         raise UsageError(f"no such dead letter: {', '.join(sorted(wanted))}")
-    click.echo(f"requeue: {done} entr{'y' if done == 1 else 'ies'}")
+    noun = f"entr{'y' if done == 1 else 'ies'}"
+    if dry_run:
+        click.echo(f"requeue: {done} {noun} would be touched (dry run: nothing changed)")
+        return
+    click.echo(f"requeue: {done} {noun}")
     if done:
         _wake_agents(cfg)
 
@@ -193,24 +285,40 @@ def _wake_agents(cfg: Config) -> None:
 @click.pass_context
 def queue_list(ctx: click.Context, as_json: bool) -> None:
     """List the queue (the same as `mailshim queue`)."""
-    _print_items(queueview.collect(_config(ctx)), as_json)
+    _print_items(queueview.iter_items(_config(ctx)), as_json)
 
 
-def _targets(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> list[tuple[spool.Spool, str]]:
+def _targets(
+    ctx: click.Context, ids: tuple[str, ...], all_: bool
+) -> Iterator[tuple[spool.Spool, str]]:
+    """The entries named (each looked up: the queue is not listed), or every one (--all,
+    streamed from the schedule index). Unknown ids are a usage error before anything is done."""
     cfg = _config(ctx)
-    found: list[tuple[spool.Spool, str]] = []
     if not ids and not all_:
         raise UsageError("name one or more queue ids, or --all")
+    spools = spoolchoice.known_spools(cfg)
+    if all_:
+        return _all_entries(spools)
     # "!" is how mailq marks a held entry: accept ids pasted from its listing.
-    wanted = {i.rstrip("!*").upper() for i in ids}
-    for target in spoolchoice.known_spools(cfg):
-        for qid in target.ids():
-            if all_ or qid in wanted:
-                found.append((target, qid))
-                wanted.discard(qid)
-    if wanted:
-        raise UsageError(f"no such queue id: {', '.join(sorted(wanted))}")
-    return found
+    found: list[tuple[spool.Spool, str]] = []
+    missing = []
+    for qid in dict.fromkeys(i.rstrip("!*").upper() for i in ids):
+        where = [t for t in spools if spoolfmt.valid_id(qid) and t.exists(qid)]
+        if where:
+            found.append((where[0], qid))
+        else:
+            missing.append(qid)
+    if missing:
+        raise UsageError(f"no such queue id: {', '.join(sorted(missing))}")
+    return iter(found)
+
+
+def _all_entries(spools: list[spool.Spool]) -> Iterator[tuple[spool.Spool, str]]:
+    from mailshim import spoolindex
+
+    for target in spools:
+        for row in spoolindex.rows(target):
+            yield target, row[0]
 
 
 def _locked(target: spool.Spool, qid: str) -> spoolentry.LockedEntry:
@@ -280,11 +388,33 @@ def queue_show(ctx: click.Context, ids: tuple[str, ...], all_: bool, as_json: bo
         click.echo(json.dumps(queueview.json_doc("entries", shown_items), indent=2))
 
 
-def _queue_action(ctx: click.Context, ids: tuple[str, ...], all_: bool, action: str) -> None:
-    done = 0
-    woken = 0
-    for target, qid in _targets(ctx, ids, all_):
-        locked = _locked(target, qid)
+def _queue_action(
+    ctx: click.Context,
+    ids: tuple[str, ...],
+    all_: bool,
+    action: str,
+    sel: queueselect.Selection | None = None,
+    dry_run: bool = False,
+) -> None:
+    """Carry out ``action`` on each entry, one at a time (flat memory), logging each change.
+    Named ids that are being delivered stop the command (75); in a selection they are left
+    as they were and counted."""
+    cfg = _config(ctx)
+    pairs = _targets(ctx, ids, all_) if sel is None else sel.queued(spoolchoice.known_spools(cfg))
+    done = busy = woken = 0
+    for target, qid in pairs:
+        if dry_run:
+            done += 1
+            continue
+        if sel is None:
+            locked = _locked(target, qid)
+        else:
+            got = target.lock(qid)
+            if got is None:
+                if target.exists(qid):
+                    busy += 1
+                continue
+            locked = got
         if action == "delete":
             locked.remove()
         else:
@@ -301,9 +431,17 @@ def _queue_action(ctx: click.Context, ids: tuple[str, ...], all_: bool, action: 
             locked.release()
         maillog.log(f"{qid}: {action} by uid {os.getuid()} (mailshim queue {action})")
         done += 1
-    click.echo(f"{action}: {done} entr{'y' if done == 1 else 'ies'}")
+    for target in spoolchoice.known_spools(cfg):
+        target.sync(force=True)
+    noun = f"entr{'y' if done == 1 else 'ies'}"
+    if dry_run:
+        click.echo(f"{action}: {done} {noun} would be touched (dry run: nothing changed)")
+        return
+    click.echo(f"{action}: {done} {noun}")
     if woken:
-        _wake_agents(_config(ctx))
+        _wake_agents(cfg)
+    if busy:
+        raise TempFailError(f"{busy} being delivered right now were left as they were; try again")
 
 
 for _name, _help in (
@@ -316,18 +454,59 @@ for _name, _help in (
     def _make(name: str) -> Any:
         @click.argument("ids", nargs=-1)
         @click.option("--all", "all_", is_flag=True, help="Every entry.")
+        @_filter_options
         @click.pass_context
-        def cmd(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
-            _queue_action(ctx, ids, all_, name)
+        def cmd(
+            ctx: click.Context,
+            ids: tuple[str, ...],
+            all_: bool,
+            senders: tuple[str, ...],
+            recipients: tuple[str, ...],
+            users: tuple[str, ...],
+            older: str | None,
+            newer: str | None,
+            dry_run: bool,
+        ) -> None:
+            sel = _selection(ids, all_, senders, recipients, users, older, newer)
+            _queue_action(ctx, ids, all_, name, sel, dry_run)
 
         return cmd
 
     queue_cmd.command(
         _name,
-        help=_help + " Each change is logged.",
+        help=_help
+        + " Entries are named by id (- reads ids from stdin), chosen by filters (all must"
+        " hold), or --all. Each change is logged.",
         epilog=f"\b\nExamples:\n  mailshim queue {_name} 18F2C0A1B3D4E5F6G7H8\n"
+        f"  mailshim queue {_name} --sender cron@example.org --older-than 1h --dry-run\n"
+        f"  mailshim queue --ids | head -100 | mailshim queue {_name} -\n"
         f"  mailshim queue {_name} --all",
     )(_make(_name))
+
+
+@queue_cmd.command(
+    "shape",
+    epilog="\b\nExamples:\n  mailshim queue shape\n  mailshim queue shape --by sender --top 10",
+)
+@click.option(
+    "--by", type=click.Choice(["recipient", "sender"]), default="recipient", show_default=True,
+    help="Count by the recipients' domains or the sender's.",
+)  # fmt: skip
+@click.option("--top", type=int, default=0, metavar="N", help="Only the N biggest domains.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document for scripts.")
+@click.pass_context
+def queue_shape(ctx: click.Context, by: str, top: int, as_json: bool) -> None:
+    """How the queue is made: messages per domain and age, like Postfix's qshape.
+
+    The first row is the total; then one row per domain, biggest first. Columns: the
+    total, then how many have waited less than 5, 10, 20 ... 1280 minutes, and longer.
+    A message counts once in each domain among its recipients still to do.
+    """
+    sh = queueselect.shape(spoolchoice.known_spools(_config(ctx)), by)
+    if as_json:
+        click.echo(json.dumps(sh.as_dict(top), indent=2))
+    else:
+        click.echo(queueselect.format_shape(sh, top), nl=False)
 
 
 # --- flush ----------------------------------------------------------------------------

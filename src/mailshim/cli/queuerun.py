@@ -131,7 +131,9 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
         _mark_units(spools)
     refuse_defaults(cfg, spools)
     publish_config(cfg, spools)
-    total = sum(len(s.ids()) for s in spools)
+    from mailshim import spoolindex
+
+    total = sum(spoolindex.totals(s)[0] for s in spools)
     # The transcript goes to stderr line by line: a bar redrawn in between would garble it.
     tty = isatty(sys.stdout) and not verbose
     progress = Progress(total, tty, tty and queueview.use_color(sys.stdout))

@@ -376,7 +376,7 @@ def test_log_from_the_journal(world, tmp_path):
     assert lines[-1].endswith(f"{BOUNCE}: to=<root@example.org>, relay=relay[127.0.0.1]:10025,"
                               " delay=1, status=sent (250 ok)")  # fmt: skip
     assert calls.read_text().split() == [
-        "-t", "mailshim", "-t", "mailshim/smtp", "--no-pager", "-o", "json"
+        "-t", "mailshim", "-t", "mailshim/smtp", "--no-pager", "-o", "json", "--all"
     ]  # fmt: skip
 
 

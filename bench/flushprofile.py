@@ -183,7 +183,7 @@ def section_cpu(b: Bench) -> None:
         )
 
 
-# The spool side of a flush without the network: what runner.run_pass and deliver_entry do
+# The spool side of a flush without the network: what runpass.run_pass and deliver_entry do
 # to each entry (order, state, lock, envelope, message read, remove), timed in a child.
 SPOOL_CODE = """
 import sys, time

@@ -580,7 +580,7 @@ def test_real_sendmail_command_lines(world, words):
 
 def test_state_file_nested_too_deep_is_a_data_error():
     # Finding F2: a damaged (or planted) state file must send the entry to corrupt/, not
-    # crash the runner: runner.run_pass() catches DataError from load_state(), nothing else.
+    # crash the runner: runpass.run_pass() catches DataError from load_state(), nothing else.
     with pytest.raises(DataError):
         spoolfmt.decode_state(b'{"format": "MAILSHIM-STATE 1", "done": ' + b"[" * 100000)
 

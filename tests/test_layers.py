@@ -84,6 +84,7 @@ LAYERS: dict[str, int] = {
     "mailshim.probe": ORCHESTRATION,
     "mailshim.queueview": ORCHESTRATION,
     "mailshim.queueselect": ORCHESTRATION,
+    "mailshim.runpass": ORCHESTRATION,
     "mailshim.runner": ORCHESTRATION,
     "mailshim.serving": ORCHESTRATION,
     "mailshim.retrier": ORCHESTRATION,

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import message_queue_id, queue_config, queue_entries, tool
-from mailshim import configload, policy, runner, spool, spoolentry, spoolfmt
+from mailshim import configload, policy, runner, runpass, spool, spoolentry, spoolfmt
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,7 @@ def queue(world, rcpts=("bob@example.org",), sender="alice@example.org", arrival
     return queue_entries(world, rcpts, sender, arrival, n)
 
 
-def flush(world) -> runner.Counts:
+def flush(world) -> runpass.Counts:
     return runner.flush(cfg(world), [sp(world)])
 
 
@@ -203,7 +203,7 @@ def test_forced_flushes_before_the_due_time_never_delay_the_schedule(fworld):
 
 
 def test_rate_limits_make_the_runner_pause_not_fail(fworld, monkeypatch):
-    monkeypatch.setattr(runner, "RATE_PAUSE", 0.6)
+    monkeypatch.setattr(runpass, "RATE_PAUSE", 0.6)
     h = fworld.listener.handler
     h.per_second = 3
     ids = queue(fworld, n=8)
@@ -224,7 +224,7 @@ def test_per_session_limit_means_a_new_connection(fworld):
 
 
 def test_back_pressure_does_not_burn_the_schedule(fworld, monkeypatch):
-    monkeypatch.setattr(runner, "RATE_RETRIES", 0)
+    monkeypatch.setattr(runpass, "RATE_RETRIES", 0)
     queue_config(fworld, queue='retry = ["300s"]')
     h = fworld.listener.handler
     h.per_second = 1

@@ -2,7 +2,7 @@
 fall due (containers, ``mailshim-daemon.service``).
 
 It polls the spool folders' change times every half second and sleeps until the next entry
-falls due; each round picks up the drop folder and runs runner.py's pass (parallel sessions,
+falls due; each round picks up the drop folder and runs runpass.py's pass (parallel sessions,
 back-pressure, policy) over what is due. While it runs it holds each spool's ``agent.lock``
 (asking a lingering agent to leave, once), so ``sendmail`` starts no agents and pokes none;
 it never delivers a spool whose lock another process still holds (an agent finishing the
@@ -29,6 +29,7 @@ from mailshim import (
     metrics,
     policy,
     runner,
+    runpass,
     serving,
     spool,
     spoolindex,
@@ -144,10 +145,10 @@ class _Daemon:
                     wake = min(wake, soonest)
                 if not due or now < self.hold_until:
                     continue
-                counts = runner.Counts()
+                counts = runpass.Counts()
                 if self.pool is None:
-                    self.pool = runner.pool_for(self.config)
-                status = await runner.run_pass(
+                    self.pool = runpass.pool_for(self.config)
+                status = await runpass.run_pass(
                     self.config, self.pool, target, counts, force=False, stop=stop
                 )
                 target.sync(force=True)
@@ -158,7 +159,7 @@ class _Daemon:
                 else:
                     wake = min(wake, time.time() + LOCKED_RECHECK)  # due, but held by others
                 if status in ("down", "busy"):
-                    delay = self.config.down_pause if status == "down" else runner.RATE_PAUSE * 5
+                    delay = self.config.down_pause if status == "down" else runpass.RATE_PAUSE * 5
                     self.hold_until = time.time() + delay
                     self.say(f"{target.root}: the listener is {status}; next pass in {delay:.0f}s")
                     await self.pool.close()
@@ -189,7 +190,7 @@ class _Daemon:
         stamps = [runner.queue_stamp(t) for t in self.spools]
         idle_since = time.monotonic()
         while not stop.is_set() and time.time() < wake:
-            await runner.sleep(min(POLL, max(0.0, wake - time.time())), stop)
+            await runpass.sleep(min(POLL, max(0.0, wake - time.time())), stop)
             if [
                 runner.queue_stamp(t) for t in self.spools
             ] != stamps and time.time() >= self.hold_until:

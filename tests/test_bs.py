@@ -48,11 +48,12 @@ def codes(stdout: bytes) -> list[int]:
 
 def spool_files(world: Env) -> list[str]:
     """Every file in the spool but its bookkeeping (the agent's lock and pid file, the
-    listener's size, the serving mark, the monitoring counters and summary): what was kept."""
+    listener's size, the serving mark, the monitoring counters and summary, the schedule
+    index): what was kept."""
     found = []
     for root, _dirs, files in os.walk(world.spool):
         skip = ("agent.lock", "agent.pid", "listener-size", "served")
-        skip += ("metrics", "metrics.lock", "summary.json")
+        skip += ("metrics", "metrics.lock", "summary.json", "index", "journal")
         found += [os.path.join(root, f) for f in files if f not in skip]
     return sorted(found)
 

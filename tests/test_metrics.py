@@ -172,6 +172,50 @@ def test_node_exporter_scrapes_the_textfile(mworld: Env, tmp_path):
     assert sample(samples, "mailshim_relay_up", spool=spool, relay="relay") == 1
 
 
+def test_two_spools_textfiles_side_by_side_share_no_series(mworld: Env, listener, tmp_path):
+    """The system spool's textfile and a user's spool's lie in one node_exporter folder: no
+    series may be in both, or the exporter drops one and logs an error at every scrape."""
+    exporter = need(NODE_EXPORTER)
+    (tmp_path / "other").mkdir()
+    other = Env(tmp_path / "other", listener)
+    texts = []
+    for w in (mworld, other):
+        queue_entries(w, rcpts=("dave@example.org",))
+        r = w.run("mailshim", ["metrics"])
+        assert r.returncode == 0, r.stderr
+        texts.append(r.stdout.decode())
+    first, second = (set(parse(t)) for t in texts)
+    assert first & second == set()
+    assert sample(parse(texts[0]), "mailshim_info", spool=str(mworld.spool), schema="1") == 1
+    folder = tmp_path / "both"
+    folder.mkdir()
+    (folder / "mailshim.prom").write_text(texts[0])
+    (folder / "mailshim-uid1000.prom").write_text(texts[1])
+    port = free_port()
+    proc = subprocess.Popen(
+        [exporter, f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
+         "--collector.textfile", f"--collector.textfile.directory={folder}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                    body = resp.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no node_exporter"
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    samples = parse(body)
+    assert sample(samples, "node_textfile_scrape_error") == 0
+    assert b"collected before" not in err, err.decode()
+    assert len([k for k in samples if k[0] == "mailshim_info"]) == 2
+
+
 def test_no_textfile_when_the_option_is_off(world: Env, tmp_path):
     queue_config(world, mode="queue")
     queue_entries(world)

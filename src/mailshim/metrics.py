@@ -82,7 +82,13 @@ def render(snaps: list[Snapshot]) -> str:
     """The Prometheus text exposition (version 0.0.4) of ``snaps``, families grouped."""
     out = _Out()
     out.family("mailshim_info", "gauge", "mailshim's version and the metrics' schema version.")
-    out.sample("mailshim_info", [("version", __version__), ("schema", str(SCHEMA))], 1)
+    info = [("version", __version__), ("schema", str(SCHEMA))]
+    # One per spool: the system spool's textfile and a user's lie side by side in
+    # node_exporter's folder, and a series twice over is dropped with an error each scrape.
+    for snap in snaps:
+        out.sample("mailshim_info", [("spool", snap.spool), *info], 1)
+    if not snaps:
+        out.sample("mailshim_info", info, 1)
     families = (
         ("mailshim_queue_length", "Entries in each queue (new, deferred, held, dead, incoming)."),
         ("mailshim_queue_size_bytes", "Bytes of the entries in each queue."),

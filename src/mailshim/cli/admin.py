@@ -128,9 +128,17 @@ def queue_cmd(ctx: click.Context, as_json: bool, dead: bool, ids: bool) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
+    try:
+        _list_queue(_config(ctx), as_json, dead, ids)
+    except BrokenPipeError as exc:
+        # `mailshim queue | head`: the reader has all it wants (click would exit 1 for it).
+        ctx.exit(queuerun.failed(exc))
+
+
+def _list_queue(cfg: Any, as_json: bool, dead: bool, ids: bool) -> None:
+    """The listing of ``mailshim queue``, streamed (see queue_cmd)."""
     from mailshim import deadletters
 
-    cfg = _config(ctx)
     if dead:
         buried = deadletters.collect(cfg)
         if ids:

@@ -111,7 +111,12 @@ def _dispatch(prog: str, inv: Invocation) -> int:
     if inv.action == "list":
         from mailshim import queueview
 
-        return queueview.print_queue(config)
+        try:
+            return queueview.print_queue(config)
+        except BrokenPipeError:
+            # `mailq | head`: the reader has all it wants; the final flush must not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            return 0
     if inv.action == "flush":
         if not configload.usable(config):
             from mailshim.errors import ConfigError

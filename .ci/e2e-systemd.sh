@@ -4,12 +4,15 @@
 # trips on, with real processes: a configuration broken before any good one, a misspelt key,
 # a broken file after a good one (the runner's last good configuration, and its published
 # copy for a user who never sent mail), a user's own mailq and queue show after pickup,
-# the units serving alone (no agent from a user's sendmail) and quiet when idle, and
-# `apt-get remove` / `purge` with a delivery agent and the daemon running.
+# the units serving alone (the timer's runs mark the spool: no agent from a user's sendmail,
+# an idle minute logs nothing; the timer stopped: `check` says so and, once the mark is
+# stale, sendmail starts agents again), and `apt-get remove` / `purge` with a delivery agent
+# and the daemon running.
 #
 # The bookworm root is built once (about 5 minutes) and cached in $E2E_ROOT; each run boots
-# it with a throw-away overlay (--volatile=overlay): a run then takes about 15 s (13.4 s
-# measured on a 2-core machine).
+# it with a throw-away overlay (--volatile=overlay). The packaged timer runs unchanged (no
+# drop-in), so a run waits for its first run (a minute after boot), an idle minute and the
+# mark's 150 s: about 4 minutes in all.
 # Needs root, debootstrap and systemd-container (installed with apt when missing).
 # Run: make e2e-systemd   (builds the .deb first)
 set -euo pipefail
@@ -79,11 +82,24 @@ cron_mail() { # cron_mail USER MARKER: what Debian's cron runs, with what it wri
   printf 'From: root (Cron Daemon)\nTo: %s\nSubject: Cron <%s@e2e> %s\n\n%s\n' "$1" "$1" "$2" "$2" |
     c runuser -u "$1" -- /usr/sbin/sendmail -FCronDaemon -i -B8BITMIME -oem "$1"
 }
-# One run of the runner as the timer and path units start it; the scenario starts it more
-# often than systemd's default start limit (5 in 10 s) allows, so the count is reset first.
+# One run of the runner as the path unit starts it (mailshim-pickup.service: it does not
+# mark the spool as served, so only the timer's own runs do that here); the scenario starts
+# it more often than systemd's default start limit (5 in 10 s) allows, so the count is reset
+# first.
 run_flush() {
-  c systemctl reset-failed mailshim-flush.service mailshim-flush.path 2>/dev/null || true
-  c systemctl start mailshim-flush.service
+  c systemctl reset-failed mailshim-pickup.service mailshim-flush.path 2>/dev/null || true
+  c systemctl start mailshim-pickup.service
+}
+# When the timer's service (only the timer starts it here) last ended a run: seconds since
+# the epoch, empty before its first.
+timer_last() { c systemctl show --timestamp=unix -P InactiveEnterTimestamp mailshim-flush.service | tr -d @; }
+timer_ran_since() { # timer_ran_since LAST: a run of the timer's service ended after LAST
+  local now
+  now=$(timer_last)
+  [ -n "$now" ] && [ "$now" != "$1" ] && ! c systemctl is-active --quiet mailshim-flush.service
+}
+mark_age() { # seconds since the `served` mark's last refresh
+  echo $(($(c date +%s) - $(c stat -c %Y /var/spool/mailshim/served)))
 }
 spooled() { c sh -c 'ls /var/spool/mailshim/incoming /var/spool/mailshim/queue | grep -c "^[0-9A-Z]\{8,\}$"'; }
 
@@ -119,11 +135,11 @@ cron_mail alice E2E-BROKEN-FIRST || fail "sendmail failed with a broken configur
 c mailq | grep -q "alice@" || { c mailq; fail "mailq does not list alice's message"; }
 run_flush # exits 78, a success for the unit (SuccessExitStatus)
 wait_for 20 "the runner's line about the mail that waits" \
-  c sh -c 'journalctl -u mailshim-flush.service --no-pager | grep -q "message(s) wait in /var/spool/mailshim"'
+  c sh -c 'journalctl -u "mailshim*" --no-pager | grep -q "message(s) wait in /var/spool/mailshim"'
 c mailshim check >/tmp/e2e-check.txt 2>&1 && fail "check passed a broken file"
 grep -q "line 6" /tmp/e2e-check.txt || { cat /tmp/e2e-check.txt; fail "check does not name the line"; }
 sink_has E2E-BROKEN-FIRST && fail "delivered with the built-in defaults"
-echo "queued: $(spooled) message(s); the runner: $(c journalctl -u mailshim-flush.service --no-pager -o cat | grep -m1 'wait in')"
+echo "queued: $(spooled) message(s); the runner: $(c journalctl -u 'mailshim*' --no-pager -o cat | grep -m1 'wait in')"
 
 say "1b. the file fixed: the next run delivers it"
 good_config
@@ -151,7 +167,7 @@ run_flush
 wait_for 60 "delivery with the last good configuration" sink_has E2E-LAST-GOOD
 wait_for 60 "alice's delivery with her last good configuration" sink_has E2E-ALICE-LAST-GOOD
 wait_for 20 "the runner's line about the last good configuration" \
-  c sh -c 'journalctl -u mailshim-flush.service --no-pager | grep -q "using the last configuration from this file"'
+  c sh -c 'journalctl -u "mailshim*" --no-pager | grep -q "using the last configuration from this file"'
 c sh -c "grep -rl E2E-ALICE-LAST-GOOD /tmp/sink/ | xargs grep -q '^X-Sink-Rcpt-To: <alice@e2e.example.org>'" ||
   fail "alice's mail not addressed with her last good configuration's domain"
 c sh -c "grep -rl E2E-LAST-GOOD /tmp/sink/ | xargs grep -q '^X-Sink-Rcpt-To: <bob@e2e.example.org>'" ||
@@ -175,15 +191,14 @@ echo "$theirs" | grep -q "no such queue id" || fail "alice sees $qid: $theirs"
 as alice mailq 2>&1 | grep -q -e "carol@" -e "$qid" && fail "alice's mailq shows carol's message"
 as alice ls /var/spool/mailshim/status >/dev/null 2>&1 && fail "alice can list status/"
 
-say "5. the units serve the spool: a user's sendmail leaves no agent; an idle host is quiet"
-# The timer's runs refresh the units' mark (`served`); runs the path unit starts do not. What
-# the timer's service runs, run here directly: in this container neither a manual start
-# after a path-triggered run nor two minutes of waiting for the timer refreshed it (to be
-# looked into: TRIGGER_UNIT kept across activations, OnUnitInactiveSec pushed back).
-c runuser -u mailshim -- env MAILSHIM_SERVED=units MAILSHIM_CACHE_DIR=/var/cache/mailshim \
-  /usr/bin/mailshim run >/dev/null
-c grep -qx units /var/spool/mailshim/served || fail "a units' run did not mark the spool as served"
-cron_mail alice E2E-NO-AGENT # the listener is still down
+say "5. the timer's runs mark the spool: a user's sendmail leaves no agent beside the units"
+# Nothing is marked by hand: the timer (OnBootSec=1min, then a minute after each of its runs)
+# starts mailshim-flush.service, whose runs refresh `served`; the path unit's runs do not.
+last=$(timer_last)
+wait_for 90 "a run of the timer" timer_ran_since "$last"
+c grep -qx units /var/spool/mailshim/served || fail "the timer's run did not mark the spool as served"
+echo "the timer's run marked the spool $(mark_age) s ago"
+cron_mail alice E2E-NO-AGENT # the listener is still down: the path unit's run defers it
 sleep 3
 c pgrep -u alice -f 'mailshim.agent' && fail "alice's sendmail left an agent beside the units"
 c systemd-run -q --unit=e2e-sink2 /usr/bin/mailshim sink --port 10025 --dir /tmp/sink --quiet
@@ -193,21 +208,47 @@ c runuser -u mailshim -- env MAILSHIM_CACHE_DIR=/var/cache/mailshim /usr/bin/mai
 wait_for 60 "alice's mail, left to the units" sink_has E2E-NO-AGENT
 wait_for 60 "carol's deferred mail" sink_has E2E-CAROL-DEFERRED
 [ "$(as carol mailq)" != "${out}" ] || fail "carol's mailq did not change after delivery"
-c test -z "$(ls /var/spool/mailshim/status | grep -v config.toml)" || fail "views left in status/"
-cursor=$(c journalctl -n0 --show-cursor -o cat | sed -n 's/^-- cursor: //p')
-for _ in 1 2 3; do run_flush; done
-idle=$(c journalctl -u 'mailshim*' --after-cursor="$cursor" --no-pager -o cat | grep -c . || true)
-echo "journal lines for three idle runs: $idle"
-[ "$idle" -eq 0 ] || { c journalctl -u 'mailshim*' --after-cursor="$cursor" --no-pager; fail "idle runs log"; }
+views=$(c sh -c 'ls -A /var/spool/mailshim/status | grep -vx config.toml' || true)
+[ -z "$views" ] || fail "views left in status/: $views"
 
-say "3. apt-get remove stops the units, the daemon and every delivery agent"
-c systemctl stop e2e-sink2 2>/dev/null || c systemctl stop e2e-sink 2>/dev/null || true
-# Nothing serves the spool now (units stopped, their mark aged), so alice's sendmail starts a
-# delivery agent, which lingers to retry while the listener is down.
-c systemctl stop mailshim-flush.timer mailshim-flush.path
-c touch -d '10 minutes ago' /var/spool/mailshim/served
+say "5b. an idle minute with the units serving writes nothing to the journal"
+wait_for 20 "the path unit's runs after the flush" c sh -c '! systemctl is-active --quiet mailshim-pickup.service'
+sleep 2
+cursor=$(c journalctl -n0 --show-cursor -o cat | sed -n 's/^-- cursor: //p')
+last=$(timer_last)
+idle_from=$SECONDS
+wait_for 90 "the timer's run in the idle minute" timer_ran_since "$last"
+sleep $((60 - (SECONDS - idle_from) > 0 ? 60 - (SECONDS - idle_from) : 0))
+idle=$(c journalctl -u 'mailshim*' --after-cursor="$cursor" --no-pager -o cat | grep -c . || true)
+echo "journal lines in $((SECONDS - idle_from)) idle seconds (a timer run included): $idle"
+all=$(c journalctl --after-cursor="$cursor" --no-pager -o cat | grep -c . || true)
+crons=$(c journalctl --after-cursor="$cursor" --no-pager -o cat -t CRON | grep -c . || true)
+echo "the whole journal meanwhile: $all line(s), $crons of them cron's (/etc/cron.d/mailshim)"
+[ "$idle" -eq 0 ] || { c journalctl -u 'mailshim*' --after-cursor="$cursor" --no-pager; fail "an idle host logs"; }
+
+say "5c. the timer stopped: check says so, and once the mark is stale sendmail starts agents"
+c systemctl stop e2e-sink2
+c systemctl stop mailshim-flush.timer # the path unit stays: new mail still starts runs
+c mailshim check >/tmp/e2e-check.txt 2>&1 || true
+grep -q "mailshim-flush.timer is enabled but inactive" /tmp/e2e-check.txt ||
+  { cat /tmp/e2e-check.txt; fail "check does not say that the stopped timer retries nothing"; }
+grep "mailshim-flush.timer is enabled" /tmp/e2e-check.txt
+grep -q "retried by mailshim-flush.timer" /tmp/e2e-check.txt &&
+  { cat /tmp/e2e-check.txt; fail "check counts the stopped timer as a retrier"; }
+# The path unit's runs (this submission starts one) must not refresh the mark.
+cron_mail bob E2E-TIMER-STOPPED
+wait_for 20 "the path unit's run" c sh -c '! systemctl is-active --quiet mailshim-pickup.service'
+stale=$((150 - $(mark_age) + 3))
+echo "waiting ${stale} s for the mark to go stale (150 s after the timer's last run)"
+sleep "$stale"
+[ "$(mark_age)" -ge 150 ] || fail "the mark was refreshed with the timer stopped"
+# Nothing serves the spool's retries now, so alice's sendmail starts a delivery agent, which
+# lingers to retry while the listener is down.
 cron_mail alice E2E-AGENT-LEFT
 wait_for 30 "alice's lingering delivery agent" c pgrep -u alice -f 'mailshim.agent'
+
+say "3. apt-get remove stops the units, the daemon and every delivery agent"
+c systemctl stop mailshim-flush.path
 c systemctl start mailshim-daemon.service
 wait_for 30 "the daemon" c systemctl is-active --quiet mailshim-daemon.service
 before=$(c pgrep -fc 'mailshim' || true)

@@ -101,7 +101,8 @@ man-lint:
 	mandoc -Tlint -W all man/*.[1-8]
 
 # The .deb under a real systemd: a debootstrap'd bookworm (built once, cached in
-# /var/cache/mailshim-e2e) booted with systemd-nspawn; about two minutes a run. Needs root.
+# /var/cache/mailshim-e2e) booted with systemd-nspawn; about 5 minutes a run (it waits for
+# the real timer and for the served mark to go stale). Needs root.
 .PHONY: e2e-systemd
 e2e-systemd: deb
 	bash .ci/e2e-systemd.sh

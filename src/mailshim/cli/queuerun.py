@@ -167,12 +167,12 @@ def run_queue(cfg: Config, verbose: bool, force: bool) -> None:
 
 
 def _mark_units(spools: list[spool.Spool]) -> None:
-    """Started by mailshim-flush.service (``MAILSHIM_SERVED=units``): the units serve these
-    spools, so ``sendmail`` leaves delivery to them (serving.served). Only the timer's runs
+    """Started by mailshim-flush.service (``MAILSHIM_SERVED=units``), which only the timer
+    starts: the units serve these spools, so ``sendmail`` leaves delivery to them
+    (serving.served). The path unit starts mailshim-pickup.service, whose runs do not
     refresh the mark: with the timer stopped it goes stale and agents start again, even
-    while the path unit still runs on new mail."""
-    if os.environ.get("TRIGGER_UNIT", "").endswith(".path"):
-        return
+    while the path unit still runs on new mail. (Not told apart by ``TRIGGER_UNIT``:
+    systemd 252 keeps the first trigger's for every later run.)"""
     from mailshim import serving
 
     for target in spools:

@@ -46,7 +46,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from scripted import TOKEN, UNREACHABLE, ScriptedListener
+from scripted import RELAY_FAILED, TOKEN, ScriptedListener
 
 BIN = Path(sys.executable).parent
 # roles; the real users are named per process (mshm<pid>r, ...a, ...b): two runs at once (the
@@ -644,13 +644,15 @@ class World:
                 msg.prompt_by = None
 
     def _check_failover(self, a) -> None:  # type: ignore[no-untyped-def]
-        """Mail reaches the backup only while the primary cannot be reached, or within its
-        relay-down mark (the pause) plus a relay timeout after that."""
+        """Mail reaches the backup only while the primary fails as a whole (unreachable, or a
+        4xx at MAIL or after the dot, a 421: relay.py's relay-down mark) or within that mark
+        (the pause) plus a relay timeout after that; never for back-pressure (`452 4.4.5`)
+        or a recipient's 4xx at RCPT (issue 22 item 9)."""
         window = self.setup.pause + RELAY_TIMEOUT + 2.0
         hist = self.listener.history(self.ports[0])
         for i, (since, behaviour) in enumerate(hist):
             until = hist[i + 1][0] if i + 1 < len(hist) else float("inf")
-            if behaviour in UNREACHABLE and since <= a.when and a.when <= until + window:
+            if behaviour in RELAY_FAILED and since <= a.when and a.when <= until + window:
                 return
         self.fail(
             f"{a.token} went to the backup relay while the primary could be reached "
@@ -1207,6 +1209,7 @@ class Outcome:
         self.messages = len(world.messages)
         self.accepted = sum(1 for m in world.messages.values() if m.accepted)
         self.arrived = len(world.listener.mail())
+        self.backup = sum(1 for a in world.listener.mail() if a.port in world.ports[1:])
         self.kills = world.kills
         self.seconds = 0.0
 

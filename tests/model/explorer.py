@@ -901,6 +901,10 @@ class World:
             if m:
                 listed[m.group(1)] = m.group(2) == "!"
         for qid, (token, held) in before.items():
+            if own and token in self.pickup_window:
+                # a runner killed in pickup left a second copy (window 4); her view (named by
+                # the drop id) follows the copy the next pickup made: one of the two is listed
+                continue
             if qid in after and qid not in listed:
                 self.fail(f"mailq as {who} does not list {qid} ({token}), there before and after")
             elif not own and qid in after and held and after[qid][1] and not listed.get(qid):
@@ -985,7 +989,7 @@ class World:
         self.log(f"  settle: every port up; waiting up to {bound:.0f}s")
         while time.monotonic() - up < bound:
             self.wait(0.2)
-            if not self.missing():
+            if not self.missing() and not self.left_queued():
                 break
         self.wait(0.5)
         self.settled = time.monotonic() - up
@@ -1015,6 +1019,16 @@ class World:
             return "a drop-folder entry holding only refusals: only a runner bounces it"
         return None
 
+    def known_bug(self, msg: Message) -> str | None:
+        """The product bug (found, not fixed) a message left behind is an instance of."""
+        queued = self.entries("queue").get(msg.token)
+        if self.setup.agent_only and self.setup.system and msg.who != "root" and queued:
+            # a user's drop entry taken into queue/ by a hand-run `mailshim run` or `flush`,
+            # which deferred it: her drop agent no longer sees it and no agent of the spool
+            # was started for it (test_model.py, seed 670648166)
+            return "run-strands"
+        return None
+
     def _refused_only(self, token: str) -> bool:
         from mailshim import spoolfmt
         from mailshim.errors import DataError
@@ -1028,6 +1042,18 @@ class World:
         except (OSError, ValueError, DataError):
             return False
         return bool(env.recipients) and set(env.recipients) <= set(env.failed)
+
+    def left_queued(self) -> list[Message]:
+        """Messages that must not stay in queue/ and still do (one that arrived may still be
+        queued: a listener that stored it and answered 421, window 7, gets it again)."""
+        out = []
+        for token, (_who, _root, _qid, held) in self.entries("queue").items():
+            msg = self.messages.get(token)
+            if msg is None or msg.needs_runner or msg.held_since is not None or held:
+                continue
+            if msg.accepted and msg.deleted_at is None and not self.excused(msg):
+                out.append(msg)
+        return out
 
     def missing(self) -> list[Message]:
         got = {a.token for a in self.listener.mail()}
@@ -1045,7 +1071,8 @@ class World:
                 continue
             self.fail(
                 f"{msg} was accepted but has not arrived {self.settled:.0f}s after every port "
-                f"came up ({where}; {self.setup})"
+                f"came up ({where}; {self.setup})",
+                known=self.known_bug(msg),
             )
         for token, n in counts.items():
             if n < 2:
@@ -1067,7 +1094,9 @@ class World:
             if msg is None or msg.needs_runner or msg.held_since is not None:
                 continue
             if msg.accepted and not held and msg.deleted_at is None and not self.excused(msg):
-                self.fail(f"{msg} is still queued as {qid} after settling, not held")
+                self.fail(
+                    f"{msg} is still queued as {qid} after settling, not held", self.known_bug(msg)
+                )
         self._check_lingering()
         for k in range(len(self.mailq_views())):
             self.do_mailq(k)

@@ -26,7 +26,7 @@ import time
 
 import explorer
 import pytest
-from explorer import ALICE, Setup
+from explorer import ALICE, BOB, Setup
 
 pytestmark = [
     pytest.mark.root,
@@ -218,6 +218,30 @@ def test_seed_720986380_failover_agent_keeps_the_backups_slot(users):
     idle connection to the backup (concurrency 1) and its two new entries wait for the slot
     for ever."""
     check(explorer.run(720986380, users, count=STEPS))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=KnownBug,
+    reason="found by the soak (seed 670648166), not fixed: a hand-run `mailshim run` on a "
+    "system spool with no runner leaves the users' entries it deferred to nobody",
+)
+def test_seed_670648166_a_hand_run_takes_drop_entries_from_their_agents(users):
+    """Found by the soak, seed 670648166 (agents only, no cron, no retrier), made an explicit
+    sequence: bob's mail waits in the drop folder for the listener and his drop agent retries
+    it; the administrator runs `mailshim run`, which takes it into queue/ and defers it. Bob's
+    agent no longer sees it (it left incoming/), and the run starts no agent of the spool for
+    what it deferred: once the listener is back it waits for root's next submission."""
+    steps = [
+        ("listen", 0, "down"),
+        ("submit", BOB, "odb"),
+        ("await",),
+        ("sleep", 0.3),
+        ("run", 0),
+        ("sleep", 2),
+        ("listen", 0, "up"),
+    ]
+    check(explorer.run("seed670648166", users, steps, Setup("agents")))
 
 
 # --- the soak: fresh seeds for as long as asked ---------------------------------------------

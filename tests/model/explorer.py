@@ -75,6 +75,7 @@ BOUNDS = {  # the longest each program may run
 }
 TERM_BOUND = RELAY_TIMEOUT * 2 + 4.0  # SIGTERM'd agent or daemon: the entry in flight, then out
 MARKER = "MAILSHIM_MODEL_RUN"
+SERVED_FRESH = 150.0  # how long `sendmail` believes a `served` mark (serving.py)
 RCPT = "rcpt@example.org"
 
 
@@ -692,11 +693,8 @@ class World:
         if (
             self._listener_up()
             and mode in ("odb", "t", "bs")
-            and self.setup.kind
-            in (
-                "agents",
-                "peruser",
-            )
+            and self.setup.kind in ("agents", "peruser")
+            and not self.stale_served(time.monotonic())
         ):
             msg.prompt_by = time.monotonic() + self.setup.pause + self.setup.first_step + MARGIN
             if self.setup.limits and who != "root":
@@ -830,6 +828,8 @@ class World:
     def do_reboot(self) -> None:
         """Every process of the install dies at once; then what the install starts at boot."""
         self.pickup_window |= self.incoming_tokens()
+        if self.daemon is not None and self.setup.kind != "daemon":
+            self.events.append((time.monotonic(), "kill-daemon"))  # its `served` mark stays
         for _ in range(3):
             for pid, _cmd in self.ours():
                 with contextlib.suppress(OSError):
@@ -1015,6 +1015,8 @@ class World:
             return None
         if self.since(msg.submitted, "reboot", "kill-agent", "kill-drop-agent"):
             return "no retrier installed and its agent died: it waits for the next submission"
+        if self.stale_served(msg.submitted) and msg.who != "root":
+            return "the daemon was killed and its `served` mark left no agent to start"
         if self._refused_only(msg.token):
             return "a drop-folder entry holding only refusals: only a runner bounces it"
         return None
@@ -1028,6 +1030,15 @@ class World:
             # was started for it (test_model.py, seed 670648166)
             return "run-strands"
         return None
+
+    def stale_served(self, when: float) -> bool:
+        """A daemon started by hand was killed less than SERVED_FRESH before ``when``: its
+        `served` mark, which only a clean stop empties, still tells `sendmail` that a daemon
+        serves the spool, so a user's `sendmail` starts no agent (docs/spool.md, "The
+        `served` mark"), and nothing restarts that daemon on this install."""
+        return self.setup.kind == "agents" and any(
+            e == "kill-daemon" and t <= when < t + SERVED_FRESH for t, e in self.events
+        )
 
     def _refused_only(self, token: str) -> bool:
         from mailshim import spoolfmt

@@ -18,12 +18,16 @@ Invariants (each failure names the seed and the step):
   deleted, held nor bounced has arrived exactly once; a duplicate only in a window of
   docs/spool.md section 5: the last message stored on a connection that ended without QUIT
   (windows 1, 2), a drop-folder entry that was in incoming/ when a runner was killed
-  (window 4), or a message the listener stored and then answered 421 (window 7);
+  (window 4), or a message the listener stored and then answered 421 (window 7); where only
+  the agents retry (no retrier), what README "Who retries" leaves waiting (`World.excused`)
+  may be missing;
 - nothing arrives after a `mailshim queue hold` or `delete` of it returned (until released);
-- `mailq` lists every entry that was in queue/ both before and after it ran, with `!` when held
-  throughout, and nothing that was in neither;
-- with failover relays, mail reaches the backup only while the primary cannot be reached (down,
-  421 at connect, mute) or within the relay-down mark after that (issue 22 item 9);
+- `mailq` lists every entry that was in queue/ (queue id) or incoming/ (drop id) both before
+  and after it ran, root's with `!` when held throughout, and nothing that was in neither; a
+  user's listing of the system spool holds her own messages only;
+- with failover relays, mail reaches the backup only while the primary fails as a whole
+  (unreachable, a 4xx at MAIL or after the dot, a 421) or within the relay-down mark after
+  that, never for back-pressure (issue 22 item 9);
 - a background submission made while the listener is up, on an install whose agent is the
   retrier, arrives within the listener-down pause plus the first step plus `MARGIN` (item 4).
 """

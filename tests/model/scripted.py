@@ -42,6 +42,9 @@ UNREACHABLE = ("down", "connect4xx", "mute")
 # (relay.py), so other mail, and a deferred message's next attempt, may go to the next relay
 # meanwhile; only the same attempt must not (issue 22 item 9: test_model.py checks that)
 RELAY_FAILED = (*UNREACHABLE, "mail4xx", "dot4xx", "stored4xx", "mid421")
+# and those after which a recipient moves on to the next relay in the same attempt: its own
+# temporary reply at RCPT (relay.py: "recipients with a temporary reply move on")
+FAILS_OVER = (*RELAY_FAILED, "rcpt4xx")
 SLOW_REPLY = 0.15  # seconds before each reply in "slow"
 
 

@@ -199,3 +199,32 @@ def test_a_primary_at_its_connection_limit_lowers_the_sessions_and_does_not_fail
         assert "refused" in log and "session(s) from now on" in log
     finally:
         backup.stop()
+
+
+# -- a hold between the pass's look at an entry and its lock (the model test, seed 2) --------
+
+
+def test_an_entry_held_while_the_pass_waits_for_the_relay_is_not_sent(fworld):
+    # A pass looks at each entry's state before it takes the entry's lock; those that wait
+    # only for the relay are looked at first and sent once a relay takes mail. A `mailshim
+    # queue hold` in between finds the lock free and returns: the entry must stay held.
+    (old,) = deferred_at_an_outage(fworld, 1)
+    fworld.listener.handler.data_delay = 2.0  # the new one's final dot: time to hold the old
+    (new,) = queue_entries(fworld)
+    run = subprocess.Popen(
+        [tool("mailshim"), "run"], env=fworld.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and fworld.listener.handler.data_started < 1:
+            time.sleep(0.02)
+        assert fworld.listener.handler.data_started == 1  # the new one is in flight
+        hold = fworld.run("mailshim", ["queue", "hold", old])
+        assert hold.returncode == 0 and b"hold: 1 entry" in hold.stdout, hold.stderr
+        _out, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+        run.wait()
+    assert run.returncode == 0, err
+    assert delivered(fworld) == Counter([new])
+    assert fworld.queued() == [old] and state_of(fworld, old).held

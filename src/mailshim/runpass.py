@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from mailshim.relay import RelayClient
     from mailshim.reply import Reply
     from mailshim.sessions import Pool
+    from mailshim.spoolentry import LockedEntry
 
 RATE_PAUSE = 1.0  # seconds to wait after a rate-limit reply before trying the entry again
 RATE_RETRIES = 2  # in-pass retries of one entry after rate limiting
@@ -446,6 +447,14 @@ def _spool_wide(target: spool.Spool) -> None:
 _MADE_WAY = "made-way"  # _attempt_with_pauses: the entry went back to the pass (SlotBusy)
 
 
+def _held_meanwhile(locked: LockedEntry) -> bool:
+    """Whether the locked entry is held now (its state read again under the lock)."""
+    try:
+        return locked.state().held
+    except DataError:
+        return False  # deliver_entry quarantines it
+
+
 async def _attempt_with_pauses(
     config: Config, pool: Pool, client: RelayClient, run: _Pass, qid: str, index: int = 0
 ) -> tuple[str, dict[str, Reply]]:
@@ -464,6 +473,12 @@ async def _attempt_with_pauses(
             maillog.log(f"{qid}: moved to corrupt/: {exc.message}", error=True)
             return QUARANTINED, {}
         if locked is None:
+            counts.skipped += 1
+            return "", {}
+        if _held_meanwhile(locked):
+            # The pass vetted it without the lock; a `mailshim queue hold` that took the lock
+            # since then must hold: nothing held goes out (the model test's seed 2).
+            locked.release()
             counts.skipped += 1
             return "", {}
         # Counted against its owner's sending limit under the lock this attempt keeps.

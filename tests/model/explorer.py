@@ -18,12 +18,16 @@ Invariants (each failure names the seed and the step):
   deleted, held nor bounced has arrived exactly once; a duplicate only in a window of
   docs/spool.md section 5: the last message stored on a connection that ended without QUIT
   (windows 1, 2), a drop-folder entry that was in incoming/ when a runner was killed
-  (window 4), or a message the listener stored and then answered 421 (window 7);
+  (window 4), or a message the listener stored and then answered 421 (window 7); where only
+  the agents retry (no retrier), what README "Who retries" leaves waiting (`World.excused`)
+  may be missing;
 - nothing arrives after a `mailshim queue hold` or `delete` of it returned (until released);
-- `mailq` lists every entry that was in queue/ both before and after it ran, with `!` when held
-  throughout, and nothing that was in neither;
-- with failover relays, mail reaches the backup only while the primary cannot be reached (down,
-  421 at connect, mute) or within the relay-down mark after that (issue 22 item 9);
+- `mailq` lists every entry that was in queue/ (queue id) or incoming/ (drop id) both before
+  and after it ran, root's with `!` when held throughout, and nothing that was in neither; a
+  user's listing of the system spool holds her own messages only;
+- with failover relays, mail reaches the backup only while the primary fails as a whole
+  (unreachable, a 4xx at MAIL or after the dot, a 421), a recipient's 4xx at RCPT moves it
+  on, or within the relay-down mark after that; never for back-pressure (issue 22 item 9);
 - a background submission made while the listener is up, on an install whose agent is the
   retrier, arrives within the listener-down pause plus the first step plus `MARGIN` (item 4).
 """
@@ -46,13 +50,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from scripted import TOKEN, UNREACHABLE, ScriptedListener
+from scripted import FAILS_OVER, TOKEN, ScriptedListener
 
 BIN = Path(sys.executable).parent
 # roles; the real users are named per process (mshm<pid>r, ...a, ...b): two runs at once (the
 # suite and a soak) must not delete each other's users
 RUNNER, ALICE, BOB = "runner", "alice", "bob"
 USER_NAME = re.compile(r"^mshm([0-9]+)[rab]$")
+QUEUE_ID = re.compile(r"[0-9A-Z]{20}")  # queue and drop ids (spoolfmt.valid_id)
 KINDS = ("timer", "daemon", "agents", "peruser")
 RELAYS = ("one", "failover", "lmtp")
 MODES = ("odb", "odi", "odq", "v", "bs", "bs-odi", "t")
@@ -74,6 +79,7 @@ BOUNDS = {  # the longest each program may run
 }
 TERM_BOUND = RELAY_TIMEOUT * 2 + 4.0  # SIGTERM'd agent or daemon: the entry in flight, then out
 MARKER = "MAILSHIM_MODEL_RUN"
+SERVED_FRESH = 150.0  # how long `sendmail` believes a `served` mark (serving.py)
 RCPT = "rcpt@example.org"
 
 
@@ -96,9 +102,14 @@ class Violation(AssertionError):
 
 class Setup:
     """What one seed runs on. ``kind``: timer (the packaged units: a `mailshim run` every
-    TIMER seconds as the runner user, root's agent, users' drop agents), daemon (`mailshim
-    daemon` as the runner user), agents (system spool, nothing but the agents: units not
-    enabled, no cron), peruser (no system spool: each user's own spool and agent)."""
+    TIMER seconds as the runner user, refreshing the spool's `served` mark so that `sendmail`
+    starts no agent), daemon (`mailshim daemon` as the runner user), agents (system spool,
+    nothing but the agents: units not enabled), peruser (no system spool: each user's own
+    spool and agent). ``retrier`` (agents, peruser): `mailshim retrier install --cron` was
+    run as README "Who retries" tells such installs (peruser: by each user for her own
+    spool; agents: by the runner user, as /etc/cron.d/mailshim would run it): the crontab's
+    `@reboot` line runs at a reboot and its every-minute line every TIMER seconds. Without
+    it, mail whose agent died waits for the next submission (documented, not a failure)."""
 
     def __init__(
         self,
@@ -107,8 +118,11 @@ class Setup:
         limits: bool = False,
         retry: tuple[str, ...] = ("1s", "2s"),
         pause: float = PAUSE,
+        retrier: bool = False,
     ) -> None:
         assert kind in KINDS and relays in RELAYS
+        assert not retrier or kind in ("agents", "peruser"), "only installs with no runner"
+        self.retrier = retrier
         self.kind = kind
         self.relays = relays
         self.limits = limits
@@ -118,6 +132,12 @@ class Setup:
     @property
     def system(self) -> bool:
         return self.kind != "peruser"
+
+    @property
+    def agent_only(self) -> bool:
+        """Nothing but the agents retries: mail whose agent died waits for a submission,
+        and only a runner bounces or takes `-odq` mail."""
+        return self.kind in ("agents", "peruser") and not self.retrier
 
     @property
     def longest_step(self) -> float:
@@ -130,7 +150,7 @@ class Setup:
     def __repr__(self) -> str:
         return (
             f"Setup(kind={self.kind!r}, relays={self.relays!r}, limits={self.limits}, "
-            f"retry={self.retry!r}, pause={self.pause})"
+            f"retry={self.retry!r}, pause={self.pause}, retrier={self.retrier})"
         )
 
 
@@ -181,6 +201,8 @@ def real_users() -> Iterator[dict[str, User]]:
                 if os.stat(f"/proc/{pid}").st_uid in uids:
                     os.kill(pid, signal.SIGKILL)
         for name in names.values():
+            if shutil.which("crontab"):
+                subprocess.run(["crontab", "-r", "-u", name], capture_output=True)
             subprocess.run(["userdel", name], capture_output=True)
             subprocess.run(["groupdel", name], capture_output=True)
 
@@ -256,6 +278,7 @@ class World:
         self.daemon: Proc | None = None
         self.termed_agents: dict[int, float] = {}  # pid -> when a daemon started (item 6)
         self.stopping = False
+        self._drop_ids: set[str] = set()  # drop ids seen in incoming/ (mailq's tolerance)
         ports = [free_port()] + ([free_port()] if setup.relays == "failover" else [])
         self.ports = ports
         self.listener = ScriptedListener(ports, lmtp=setup.relays == "lmtp")
@@ -272,6 +295,47 @@ class World:
             self.start_daemon()
         if setup.kind == "timer":
             self.next_timer = time.monotonic()
+        self.cron: list[tuple[User, str, str]] = []  # (whose crontab, @reboot | minute, command)
+        self.next_cron = float("inf")
+        if setup.retrier:
+            self._install_retriers()
+
+    def _install_retriers(self) -> None:
+        """`mailshim retrier install --cron` as README "Who retries" tells an install with no
+        runner (each user for her own spool; on the system spool its runner user, as the
+        packages' /etc/cron.d/mailshim runs `mailshim run`), then the lines it wrote, read
+        back with `crontab -l`, are what the model's cron plays."""
+        roles = (RUNNER,) if self.setup.system else (ALICE, BOB)
+        for role in roles:
+            user = self.users[role]
+            r = self.mailshim(user, "retrier", "install", "--cron")
+            assert r.returncode == 0, r.stderr.decode()
+            listing = subprocess.run(
+                ["crontab", "-l", "-u", user.name], capture_output=True, text=True, check=True
+            )
+            for line in listing.stdout.splitlines():
+                if line.startswith("@reboot "):
+                    self.cron.append((user, "@reboot", line.split(" ", 1)[1]))
+                elif line.startswith("* * * * * "):
+                    self.cron.append((user, "minute", line[len("* * * * * ") :]))
+            assert {(u, w) for u, w, _c in self.cron} >= {(user, "@reboot"), (user, "minute")}, (
+                listing.stdout
+            )
+        self.next_cron = time.monotonic() + TIMER
+
+    def cron_job(self, user: User, command: str) -> None:
+        """One line of a crontab, run as cron runs it: `/bin/sh -c` as its user, with cron's
+        environment (HOME from the account, a bare PATH; nothing of the shell that installed
+        it: the line itself must carry what `mailshim run` needs)."""
+        env = {
+            "HOME": str(user.home),  # the account's home, as this model's users have it
+            "LOGNAME": user.name,
+            "SHELL": "/bin/sh",
+            "PATH": "/usr/bin:/bin",
+            "MAILSHIM_NO_SYSLOG": "1",
+            MARKER: self.run_id,
+        }
+        self.spawn(user.role, ["/bin/sh", "-c", command], "run", env=env).step = -1
 
     # --- configuration ------------------------------------------------------------------
 
@@ -339,7 +403,13 @@ class World:
         )
 
     def spawn(
-        self, who: str, argv: list[str], role: str, data: bytes = b"", msg: Message | None = None
+        self,
+        who: str,
+        argv: list[str],
+        role: str,
+        data: bytes = b"",
+        msg: Message | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         user = self.user(who)
         popen = subprocess.Popen(
@@ -347,7 +417,7 @@ class World:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=self.env(user),
+            env=env or self.env(user),
             cwd="/",
             **self._kw(user),  # type: ignore[arg-type]
         )
@@ -457,9 +527,9 @@ class World:
     def role_of(cmd: str) -> str:
         if "mailshim.agent" in cmd:
             return "drop-agent" if "--incoming" in cmd else "agent"
-        for word in ("daemon", "flush", "run", "queue", "check"):
-            if f"mailshim {word}" in cmd:
-                return word
+        found = re.search(r"/mailshim(?: -C \S+)? (daemon|flush|run|queue|check|retrier)\b", cmd)
+        if found:
+            return found.group(1)
         if "sendmail" in cmd or "mailq" in cmd:
             return "sendmail"
         return "other"
@@ -477,11 +547,9 @@ class World:
                     proc.termed = None
                     proc.popen.kill()
                 elif proc.bound is not None and now - proc.started > proc.bound:
-                    hang = proc.role in ("run", "flush") and self.setup.relays == "failover"
                     self.fail(
                         f"{proc.role} started at step {proc.step} still runs after "
-                        f"{proc.bound:.0f}s: {proc.popen.args}",
-                        known="item 1" if hang else None,
+                        f"{proc.bound:.0f}s: {proc.popen.args}"
                     )
                     proc.bound = None
                     proc.popen.kill()
@@ -500,18 +568,28 @@ class World:
             if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
                 del self.termed_agents[pid]
             elif now - since > TERM_BOUND:
-                self.fail(
-                    f"agent {pid} still runs {TERM_BOUND}s after a daemon started", known="item 6"
-                )
+                self.fail(f"agent {pid} still runs {TERM_BOUND}s after a daemon started")
                 del self.termed_agents[pid]
         if self.restart_daemon_at is not None and now >= self.restart_daemon_at:
             self.restart_daemon_at = None
             if self.daemon is None and not self.stopping:
                 self.start_daemon()
+        self._timers(now)
+
+    def _timers(self, now: float) -> None:
+        """The units' timer (kind timer) and the crontab's every-minute line (a retrier)."""
         if self.setup.kind == "timer" and now >= self.next_timer:
             if not any(p.role == "run" and p.step == -1 for p in self.procs):
-                self.spawn(RUNNER, [tool("mailshim"), "run"], "run").step = -1
+                # as mailshim-flush.service starts it: the run refreshes the `served` mark,
+                # and while the mark is fresh `sendmail` starts no agent
+                env = {**self.env(self.users[RUNNER]), "MAILSHIM_SERVED": "units"}
+                self.spawn(RUNNER, [tool("mailshim"), "run"], "run", env=env).step = -1
             self.next_timer = now + TIMER
+        if now >= self.next_cron:
+            for user, when, command in self.cron:
+                if when == "minute":
+                    self.cron_job(user, command)
+            self.next_cron = now + TIMER
 
     def _settle_submission(self, proc: Proc, rc: int) -> None:
         msg = proc.msg
@@ -555,8 +633,7 @@ class World:
             if msg.prompt_by is not None and a.when > msg.prompt_by:
                 self.fail(
                     f"{msg} arrived {a.when - msg.submitted:.1f}s after submission with the "
-                    f"listener up: later than the pause plus the first step",
-                    known="item 4",
+                    f"listener up: later than the pause plus the first step"
                 )
             msg.prompt_by = None
             if len(self.ports) == 2 and a.port == self.ports[1]:
@@ -568,24 +645,24 @@ class World:
                 if not any(a.token == msg.token for a in self.listener.mail()):
                     self.fail(
                         f"{msg} not arrived {now - msg.submitted:.1f}s after a submission with "
-                        f"the listener up: later than the pause plus the first step",
-                        known="item 4",
+                        f"the listener up: later than the pause plus the first step"
                     )
                 msg.prompt_by = None
 
     def _check_failover(self, a) -> None:  # type: ignore[no-untyped-def]
-        """Mail reaches the backup only while the primary cannot be reached, or within its
-        relay-down mark (the pause) plus a relay timeout after that."""
+        """Mail reaches the backup only while the primary fails as a whole (unreachable, or a
+        4xx at MAIL or after the dot, a 421: relay.py's relay-down mark), or a recipient's own
+        4xx at RCPT moves it on (relay.py), or within the mark (the pause) plus a relay
+        timeout after that; never for back-pressure (`452 4.4.5`, issue 22 item 9)."""
         window = self.setup.pause + RELAY_TIMEOUT + 2.0
         hist = self.listener.history(self.ports[0])
         for i, (since, behaviour) in enumerate(hist):
             until = hist[i + 1][0] if i + 1 < len(hist) else float("inf")
-            if behaviour in UNREACHABLE and since <= a.when and a.when <= until + window:
+            if behaviour in FAILS_OVER and since <= a.when and a.when <= until + window:
                 return
         self.fail(
             f"{a.token} went to the backup relay while the primary could be reached "
-            f"(primary was {self.listener.behaviour(self.ports[0])})",
-            known="item 9",
+            f"(primary was {self.listener.behaviour(self.ports[0])})"
         )
 
     # --- steps --------------------------------------------------------------------------
@@ -621,16 +698,13 @@ class World:
         if (
             self._listener_up()
             and mode in ("odb", "t", "bs")
-            and self.setup.kind
-            in (
-                "agents",
-                "peruser",
-            )
+            and self.setup.kind in ("agents", "peruser")
+            and not self.stale_served(time.monotonic())
         ):
             msg.prompt_by = time.monotonic() + self.setup.pause + self.setup.first_step + MARGIN
             if self.setup.limits and who != "root":
                 msg.prompt_by += LIMIT_WINDOW
-        msg.needs_runner = mode == "odq" and self.setup.kind in ("agents", "peruser")
+        msg.needs_runner = mode == "odq" and self.setup.agent_only
         self.spawn(who, argv, "sendmail", data, msg)
 
     def _listener_up(self) -> bool:
@@ -660,8 +734,13 @@ class World:
         self.spawn(who, [tool("mailshim"), what], what)
 
     def do_check(self, k: int = 0) -> None:
+        """`mailshim check`; every other time a background submission right behind it (issue
+        22 item 5: check looks at `agent.lock` while that `sendmail` decides whether an agent
+        runs: the mail must not be left to nobody)."""
         who = "root" if self.setup.system else (ALICE, BOB)[k % 2]
         self.spawn(who, [tool("mailshim"), "check"], "check")
+        if k % 2 == 0:
+            self.do_submit(who, "odb")
 
     def start_daemon(self) -> None:
         before = [pid for pid, cmd in self.ours() if self.role_of(cmd) == "agent"]
@@ -754,6 +833,8 @@ class World:
     def do_reboot(self) -> None:
         """Every process of the install dies at once; then what the install starts at boot."""
         self.pickup_window |= self.incoming_tokens()
+        if self.daemon is not None and self.setup.kind != "daemon":
+            self.events.append((time.monotonic(), "kill-daemon"))  # its `served` mark stays
         for _ in range(3):
             for pid, _cmd in self.ours():
                 with contextlib.suppress(OSError):
@@ -769,11 +850,45 @@ class World:
             self.start_daemon()
         if self.setup.kind == "timer":
             self.next_timer = time.monotonic() + TIMER
+        for user, when, command in self.cron:
+            if when == "@reboot":
+                self.cron_job(user, command)
+        if self.cron:
+            self.next_cron = time.monotonic() + TIMER
+
+    def mailq_views(self) -> list[tuple[str, Path]]:
+        """(who runs `mailq`, spool): root on the system spool and each user for her own
+        messages in it (her drop-folder entries, then their views in status/); on per-user
+        spools each user on hers."""
+        if self.setup.system:
+            return [("root", self.spool), (ALICE, self.spool), (BOB, self.spool)]
+        return self.spools()
+
+    def listable(self, root: Path, who: str | None) -> dict[str, tuple[str, bool]]:
+        """id -> (token, held) of what `mailq` must list in ``root``: queue/ under queue ids,
+        incoming/ under drop ids; ``who``: only her own messages."""
+        out: dict[str, tuple[str, bool]] = {}
+        for folder in ("queue", "incoming"):
+            for token, (_a, where, qid, held) in self.entries(folder).items():
+                msg = self.messages.get(token)
+                theirs = who is None or (msg is not None and msg.who == who)
+                if QUEUE_ID.fullmatch(qid) and where == root and theirs:
+                    out[qid] = (token, held)
+                    if folder == "incoming":
+                        self._drop_ids.add(qid)
+        return out
 
     def do_mailq(self, k: int) -> None:
-        """`mailq` agrees with the spool: it lists what was queued before and after it ran."""
-        who, root = self.spools()[k % len(self.spools())]
-        before = self.entries("queue")
+        """`mailq` agrees with the spool: it lists what was queued (in queue/ or, for root and
+        its submitter, in incoming/) before and after it ran, and nothing that was in
+        neither; a user's listing of the system spool holds her own messages only."""
+        views = self.mailq_views()
+        who, root = views[k % len(views)]
+        own = who != "root" and self.setup.system
+        mine = who if own else None
+        busy = any(p.msg is not None for p in self.procs)
+        before = self.listable(root, mine)
+        others_before = self.listable(root, None) if own else {}
         user = self.user(who)
         r = subprocess.run(
             [tool("mailq")],
@@ -783,32 +898,71 @@ class World:
             timeout=BOUNDS["mailq"],
             **self._kw(user),  # type: ignore[arg-type]
         )
-        after = self.entries("queue")
+        after = self.listable(root, mine)
         if r.returncode != 0:
             self.fail(f"mailq as {who} exited {r.returncode}: {r.stderr.decode().strip()}")
             return
         listed = {}
         for line in r.stdout.decode().splitlines():
-            m = re.match(r"^([0-9A-Z]{10,})(!?)\s", line)
+            m = re.match(r"^([0-9A-Z]{20})(!?)\s", line)
             if m:
                 listed[m.group(1)] = m.group(2) == "!"
-        ids_before = {e[2]: e[3] for e in before.values() if e[1] == root}
-        ids_after = {e[2]: e[3] for e in after.values() if e[1] == root}
-        for qid, held in ids_before.items():
-            if qid in ids_after and qid not in listed:
-                self.fail(f"mailq as {who} does not list {qid}, queued before and after it")
-            elif qid in ids_after and held and ids_after[qid] and not listed.get(qid):
+        for qid, (token, held) in before.items():
+            if own and token in self.pickup_window:
+                # a runner killed in pickup left a second copy (window 4); her view (named by
+                # the drop id) follows the copy the next pickup made: one of the two is listed
+                continue
+            if qid in after and qid not in listed:
+                self.fail(f"mailq as {who} does not list {qid} ({token}), there before and after")
+            elif not own and qid in after and held and after[qid][1] and not listed.get(qid):
+                # her view's state is the runner's last publication: root's alone is exact
                 self.fail(f"mailq as {who} does not mark {qid} held (held before and after)")
-        every = set(ids_before) | set(ids_after)
-        extra = [q for q in listed if q not in every and not self._queued_meanwhile(root, q)]
+        every = set(before) | set(after)
+        if own:
+            theirs = {
+                q: t
+                for q, (t, _h) in {**others_before, **self.listable(root, None)}.items()
+                if q not in every
+            }
+            if stolen := [f"{q} ({theirs[q]})" for q in listed if q in theirs]:
+                self.fail(f"mailq as {who} lists another user's entries: {stolen}")
+                return
+        extra = [
+            q
+            for q in listed
+            if q not in every
+            and not self._queued_meanwhile(root, q)
+            and not (own and q in self._view_ids(root))
+            # a drop entry made, picked up and sent while mailq ran leaves no trace
+            and not busy
+        ]
+        # a drop entry picked up and sent while mailq ran: listed under its new queue id
+        picked = [q for q in before if q not in after and self._was_dropped(root, q)]
+        if len(extra) <= len(picked):
+            extra = []
         if extra:
-            self.fail(f"mailq as {who} lists {extra}, in queue/ neither before nor after")
+            self.fail(f"mailq as {who} lists {extra}, in queue/ nor incoming/ before or after")
 
     @staticmethod
     def _queued_meanwhile(root: Path, qid: str) -> bool:
         # an entry made and delivered while mailq ran (a bounce, a picked-up drop entry, one
         # without a token) leaves no trace; only an id never seen in queue/ or dead/ counts
         return (root / "dead" / qid).exists() or (root / "state" / qid).exists()
+
+    def _was_dropped(self, root: Path, qid: str) -> bool:
+        return qid in getattr(self, "_drop_ids", set())
+
+    @staticmethod
+    def _view_ids(root: Path) -> set[str]:
+        """Queue ids the views in status/ name: a view outlives its entry when a SIGKILL or a
+        reboot came between the two removals (ownview.py: not durable, only late)."""
+        out = set()
+        with contextlib.suppress(OSError):
+            for name in os.listdir(root / "status"):
+                with contextlib.suppress(OSError, ValueError):
+                    head = (root / "status" / name).read_bytes().split(b"\n", 1)[0]
+                    out.add(str(json.loads(head).get("id")))
+        return out
 
     def do_await(self) -> None:
         """Until every submission started so far has ended (explicit sequences)."""
@@ -842,12 +996,14 @@ class World:
             bound += TIMER
         if self.setup.kind == "daemon":
             bound += RESTART
+        if self.setup.retrier:
+            bound += TIMER
         if self.setup.limits:
             bound += LIMIT_WINDOW
         self.log(f"  settle: every port up; waiting up to {bound:.0f}s")
         while time.monotonic() - up < bound:
             self.wait(0.2)
-            if not self.missing():
+            if not self.missing() and not self.left_queued():
                 break
         self.wait(0.5)
         self.settled = time.monotonic() - up
@@ -864,28 +1020,65 @@ class World:
             and not m.needs_runner
         ]
 
-    def stranded(self, msg: Message) -> str | None:
-        """The issue item a missing message is an instance of, when it is one already filed:
-        on an install whose only retrier is the agent, an agent killed (item 7), held mail
-        released with no agent to wake (item 3), an interactive deferral handed to nobody
-        (item 2); with a failover pair, a pass that never ends (item 1: its agent or runner is
-        still there, holding a connection to the backup and its slot)."""
-        runs = any(
-            self.role_of(cmd) in ("agent", "drop-agent", "run", "flush", "daemon")
-            for _pid, cmd in self.ours()
-        )
-        if runs and (self.setup.relays == "failover" or self.overdue(msg.token) > MARGIN):
-            # alive, yet its entry is long overdue: a pass waiting for a session slot
-            return "item 1"
-        if self.setup.kind not in ("agents", "peruser"):
+    def excused(self, msg: Message) -> str | None:
+        """Why a message that did not arrive is what README "Who retries" promises for this
+        install, or None (a violation). Only where nothing but the agents retries: after the
+        agent died, mail waits for the next submission; a drop-folder entry holding only
+        refusals waits for a runner to bounce it."""
+        if not self.setup.agent_only:
             return None
         if self.since(msg.submitted, "reboot", "kill-agent", "kill-drop-agent"):
-            return "item 7"
-        if self.since(msg.submitted, "release", "release-all", "hold-all", "retry"):
-            return "item 3"
-        if msg.mode in ("odi", "v", "bs-odi"):
-            return "item 2"
+            return "no retrier installed and its agent died: it waits for the next submission"
+        if self.stale_served(msg.submitted) and msg.who != "root":
+            return "the daemon was killed and its `served` mark left no agent to start"
+        if self._refused_only(msg.token):
+            return "a drop-folder entry holding only refusals: only a runner bounces it"
         return None
+
+    def known_bug(self, msg: Message) -> str | None:
+        """The product bug (found, not fixed) a message left behind is an instance of."""
+        queued = self.entries("queue").get(msg.token)
+        if self.setup.agent_only and self.setup.system and msg.who != "root" and queued:
+            # a user's drop entry taken into queue/ by a hand-run `mailshim run` or `flush`,
+            # which deferred it: her drop agent no longer sees it and no agent of the spool
+            # was started for it (test_model.py, seed 670648166)
+            return "run-strands"
+        return None
+
+    def stale_served(self, when: float) -> bool:
+        """A daemon started by hand was killed less than SERVED_FRESH before ``when``: its
+        `served` mark, which only a clean stop empties, still tells `sendmail` that a daemon
+        serves the spool, so a user's `sendmail` starts no agent (docs/spool.md, "The
+        `served` mark"), and nothing restarts that daemon on this install."""
+        return self.setup.kind == "agents" and any(
+            e == "kill-daemon" and t <= when < t + SERVED_FRESH for t, e in self.events
+        )
+
+    def _refused_only(self, token: str) -> bool:
+        from mailshim import spoolfmt
+        from mailshim.errors import DataError
+
+        entry = self.entries("incoming").get(token)
+        if entry is None:
+            return False
+        try:
+            with open(entry[1] / "incoming" / entry[2], "rb") as f:
+                env, _ = spoolfmt.decode_envelope(f)
+        except (OSError, ValueError, DataError):
+            return False
+        return bool(env.recipients) and set(env.recipients) <= set(env.failed)
+
+    def left_queued(self) -> list[Message]:
+        """Messages that must not stay in queue/ and still do (one that arrived may still be
+        queued: a listener that stored it and answered 421, window 7, gets it again)."""
+        out = []
+        for token, (_who, _root, _qid, held) in self.entries("queue").items():
+            msg = self.messages.get(token)
+            if msg is None or msg.needs_runner or msg.held_since is not None or held:
+                continue
+            if msg.accepted and msg.deleted_at is None and not self.excused(msg):
+                out.append(msg)
+        return out
 
     def missing(self) -> list[Message]:
         got = {a.token for a in self.listener.mail()}
@@ -898,10 +1091,13 @@ class World:
         for msg in self.missing():
             queued = self.entries("queue").get(msg.token)
             where = f"still queued as {queued[2]}" if queued else "not in queue/"
+            if why := self.excused(msg):
+                self.log(f"  {msg} not arrived ({where}), as documented: {why}")
+                continue
             self.fail(
                 f"{msg} was accepted but has not arrived {self.settled:.0f}s after every port "
                 f"came up ({where}; {self.setup})",
-                known=self.stranded(msg),
+                known=self.known_bug(msg),
             )
         for token, n in counts.items():
             if n < 2:
@@ -922,13 +1118,13 @@ class World:
             msg = self.messages.get(token)
             if msg is None or msg.needs_runner or msg.held_since is not None:
                 continue
-            if msg.accepted and not held and msg.deleted_at is None:
+            if msg.accepted and not held and msg.deleted_at is None and not self.excused(msg):
                 self.fail(
-                    f"{msg} is still queued as {qid} after settling, not held", self.stranded(msg)
+                    f"{msg} is still queued as {qid} after settling, not held", self.known_bug(msg)
                 )
         self._check_lingering()
-        for who, _root in self.spools():
-            self.do_mailq([w for w, _ in self.spools()].index(who))
+        for k in range(len(self.mailq_views())):
+            self.do_mailq(k)
 
     def _check_lingering(self) -> None:
         """Once nothing is left to retry, agents leave within the linger time; the daemon
@@ -952,13 +1148,8 @@ class World:
             if not left:
                 return
             time.sleep(0.2)
-        # with a failover pair, a pass that never ends keeps its agent (issue 22 item 1: "the
-        # agent then hangs holding agent.lock with SIGTERM blocked")
-        known = "item 1" if self.setup.relays == "failover" else None
         for pid, cmd in left:
-            self.fail(
-                f"{self.role_of(cmd)} {pid} outlives its bound with nothing to retry: {cmd}", known
-            )
+            self.fail(f"{self.role_of(cmd)} {pid} outlives its bound with nothing to retry: {cmd}")
 
     def close(self) -> None:
         for _ in range(3):
@@ -971,6 +1162,8 @@ class World:
                 proc.popen.kill()
             proc.popen.wait(10)
         self.listener.close()
+        for user in {u.name for u, _w, _c in self.cron}:
+            subprocess.run(["crontab", "-r", "-u", user], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -985,11 +1178,14 @@ def _zombie(pid: int) -> bool:
 # --- the sequence a seed stands for ---------------------------------------------------------
 
 
-def setup_for(rng: random.Random) -> Setup:
+def setup_for(rng: random.Random, seed: int | str) -> Setup:
     kind = rng.choice(KINDS)
     relays = rng.choice(RELAYS)
     limits = rng.random() < 0.25
-    return Setup(kind, relays, limits)
+    # drawn apart, so that a seed found before the retrier was modelled keeps its steps
+    retrier = kind in ("agents", "peruser") and random.Random(f"retrier {seed}").random() < 0.6
+    retrier = retrier and shutil.which("crontab") is not None
+    return Setup(kind, relays, limits, retrier=retrier)
 
 
 STEP_WEIGHTS = (
@@ -1067,6 +1263,7 @@ class Outcome:
         self.messages = len(world.messages)
         self.accepted = sum(1 for m in world.messages.values() if m.accepted)
         self.arrived = len(world.listener.mail())
+        self.backup = sum(1 for a in world.listener.mail() if a.port in world.ports[1:])
         self.kills = world.kills
         self.seconds = 0.0
 
@@ -1082,7 +1279,7 @@ def run(
     """Play a seed (or an explicit sequence on an explicit set-up) and check it."""
     started = time.monotonic()
     rng = random.Random(seed)
-    setup = setup or setup_for(rng)
+    setup = setup or setup_for(rng, seed)
     if steps is None:
         steps = steps_for(rng, count)
     log(f"seed {seed}: {setup}")

@@ -37,6 +37,14 @@ BEHAVIOURS = (
 # behaviours under which a client cannot even get a session going: the only ones after
 # which a failover client may go to the next relay (issue 22 item 9)
 UNREACHABLE = ("down", "connect4xx", "mute")
+# behaviours whose replies fail the relay as a whole (a 4xx at MAIL or after the dot that is
+# not back-pressure, a 421 mid-session): the client skips it for its relay-down mark
+# (relay.py), so other mail, and a deferred message's next attempt, may go to the next relay
+# meanwhile; only the same attempt must not (issue 22 item 9: test_model.py checks that)
+RELAY_FAILED = (*UNREACHABLE, "mail4xx", "dot4xx", "stored4xx", "mid421")
+# and those after which a recipient moves on to the next relay in the same attempt: its own
+# temporary reply at RCPT (relay.py: "recipients with a temporary reply move on")
+FAILS_OVER = (*RELAY_FAILED, "rcpt4xx")
 SLOW_REPLY = 0.15  # seconds before each reply in "slow"
 
 

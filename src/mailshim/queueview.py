@@ -164,11 +164,15 @@ def iter_items(config: Config) -> Iterator[Item]:
         yield from _marked(config, _drop_items(target, mine=False), marks)
     yield from _marked(config, own_items(config, known), marks)
     for target in known:
+        since = target.relay_down_since()
+        until = since + config.down_pause if since else 0.0
         for row in spoolindex.rows(target):
             # "-": no state file when the index was read: none is looked for.
             item = read_item(target, row[0], stateless=row[4] == "-")
             if item is not None:
-                yield from _marked(config, [item], marks)
+                if since:  # as _marked does, looked up once per spool
+                    item.down_since, item.down_until = since, until
+                yield item
 
 
 def read_item(target: spool.Spool, qid: str, stateless: bool = False) -> Item | None:

@@ -301,3 +301,23 @@ def test_mail_that_waits_for_an_unreachable_listener_is_not_listed_as_new(tmp_pa
     r = world.sendmail("-i", "c@example.org", input=b"Subject: 3\n\nbody\n")
     rows = json.loads(world.run("mailshim", ["queue", "--json"]).stdout)["entries"]
     assert [row["status"] for row in rows] == ["new"]
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(_json_values, st.sampled_from(["", "    "]))
+def test_the_json_listing_writes_what_json_with_an_indent_writes(value, indent):
+    """``queue --json`` writes each item with indented_json (json's C encoder for the text):
+    the same text as ``json.dumps(value, indent=2)``, every line after the first indented."""
+    assert queueview.indented_json(value, indent) == json.dumps(value, indent=2).replace(
+        "\n", "\n" + indent
+    )

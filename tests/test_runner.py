@@ -417,3 +417,19 @@ def test_one_entry_that_cannot_be_finished_does_not_pause_the_daemon(fworld):
             _, err = daemon.communicate(timeout=30)
     assert daemon.returncode == 0 and b"Traceback" not in err
     assert b"next pass in" not in err
+
+
+def test_the_taken_table_holds_every_id_it_was_given_and_no_other():
+    """A run's memory of the entries it looked at (runpass.Taken, a packed table that grows
+    as it fills): exact, however many ids, for ids of the same microsecond too."""
+    taken = runpass.Taken()
+    given = [spoolentry.new_queue_id() for _ in range(5000)]
+    same_usec = [given[0][:13] + tail for tail in ("AAAAAAA", "AAAAAAB", "ZZZZZZZ")]
+    for qid in given + same_usec:
+        taken.add(qid)
+    taken.add(given[7])  # again: counted once
+    assert len(taken) == len(given) + len(same_usec)
+    assert all(qid in taken for qid in given + same_usec)
+    others = [spoolentry.new_queue_id() for _ in range(5000)] + [given[0][:13] + "AAAAAAC"]
+    assert not any(qid in taken for qid in others)
+    assert len(taken.table) < 64 * len(taken)  # packed: not a Python object per id

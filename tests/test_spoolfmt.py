@@ -76,6 +76,70 @@ def test_patched_size_and_body_type_read_back():
 def test_anything_but_the_exact_records_is_refused(mutate):
     with pytest.raises(DataError):
         spoolfmt.decode_envelope(io.BytesIO(mutate(entry())))
+    with pytest.raises(DataError):  # the listings' decoder of a head read at once
+        spoolfmt.decode_envelope_head(mutate(entry()))
+
+
+def _decoded(decode, raw: bytes) -> object:
+    try:
+        env = decode(raw)
+    except DataError as exc:
+        return ("refused", exc.message)
+    return (env.queue_id, env.sender, env.recipients, env.arrival, env.uid, env.eightbit,
+            env.size, env.failed)  # fmt: skip
+
+
+def _slow(raw: bytes) -> Envelope:
+    return spoolfmt.decode_envelope(io.BytesIO(raw))[0]
+
+
+# What an edit puts in: the bytes and words the record reader looks for.
+_PIECES = [b"\r", b"\x00", b"\n", b"\n\n", b" ", b"x", b"\t", b"failed ", b"rcpt ", b"9", b"\xff"]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 400),
+            st.integers(0, 3),
+            st.lists(st.sampled_from(_PIECES), max_size=2).map(b"".join) | st.binary(max_size=2),
+        ),
+        max_size=4,
+    ),
+    st.sampled_from([1, 2]),
+)
+def test_the_head_decoder_takes_and_refuses_exactly_what_the_record_reader_does(edits, version):
+    """decode_envelope_head (listings: one split) against decode_envelope (a readline per
+    record): the same envelope or the same refusal, for entries damaged byte by byte."""
+    raw = entry(recipients=["b@example.org", "c@example.org", "d@\xe9xample.org"])
+    if version == 2:
+        raw = raw.replace(b"ENTRY 1", b"ENTRY 2").replace(
+            b"\n\n", b"\nfailed c@example.org\t550 no\n\n", 1
+        )
+    data = bytearray(raw)
+    for at, cut, insert in edits:
+        at = min(at, len(data))
+        data[at : at + cut] = insert
+    assert _decoded(spoolfmt.decode_envelope_head, bytes(data)) == _decoded(_slow, bytes(data))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # a record just under the limit of the record reader, at it, and over it
+        entry().replace(b"rcpt c@example.org", b"rcpt " + b"x" * 4090),
+        entry().replace(b"rcpt c@example.org", b"rcpt " + b"x" * 4091),
+        entry().replace(b"rcpt c@example.org", b"rcpt " + b"x" * 5000),
+        entry(sender=""),
+        entry().replace(b"sender a", b"sender \ra"),
+        entry().replace(b"rcpt c@", b"rcpt \x00c@"),
+        entry().replace(b"rcpt c@example.org", b"rcpt "),
+        entry(uid=0, arrival=0, size=0),
+        entry()[: entry().index(b"\n\n") + 1],  # no blank line: truncated
+    ],
+)
+def test_the_head_decoder_agrees_at_the_edges(raw):
+    assert _decoded(spoolfmt.decode_envelope_head, raw) == _decoded(_slow, raw)
 
 
 def test_fields_that_would_break_the_format_are_refused():

@@ -79,6 +79,46 @@ def test_a_run_with_nothing_due_opens_no_entry_and_no_state(world):
     assert world.listener.messages == []
 
 
+def spool_bytes_read(world, *args: str) -> tuple[dict[str, int], object]:
+    """Bytes ``mailshim ARGS`` read (read, pread64) from each file under the spool, by its
+    path relative to the spool (strace -y names the file behind each descriptor)."""
+    log = world.tmp / "strace-read.log"
+    r = subprocess.run(
+        [STRACE, "-f", "-qq", "-y", "-e", "trace=read,pread64", "-o", str(log), tool_path(),
+         *args],
+        capture_output=True, env=world.env, timeout=120,
+    )  # fmt: skip
+    pattern = re.compile(
+        r"(?:read|pread64)\(\d+<" + re.escape(str(world.spool)) + r"/([^>]*)>.*\) = (\d+)$"
+    )
+    got: dict[str, int] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        m = pattern.search(line)
+        if m:
+            got[m.group(1)] = got.get(m.group(1), 0) + int(m.group(2))
+    return got, r
+
+
+@needs_strace
+def test_a_run_with_nothing_due_reads_the_same_bytes_whatever_the_queue(world):
+    """Goal 3: nothing due, a run reads the index's header (and trailer), not its rows: the
+    same bytes with 10 entries queued as with 1,500 (an index of ~60 KB)."""
+    read: list[dict[str, int]] = []
+    for n in (10, 1490):
+        defer(world, queue_entries(world, n=n), time.time() + 3600)
+        r = subprocess.run([tool_path(), "run"], capture_output=True, env=world.env, timeout=120)
+        assert r.returncode == 0, r.stderr  # the journal of the new entries folded in
+        got, r = spool_bytes_read(world, "run")
+        assert r.returncode == 0, r.stderr
+        assert not [p for p in got if re.fullmatch(r"(queue|state)/[0-9A-Z]{20}", p)], got
+        read.append({p: b for p, b in got.items() if p.startswith("state/schedule/")})
+    size = index_file(world).stat().st_size
+    assert size > 1500 * 30
+    assert read[0] == read[1]
+    assert 0 < read[1]["state/schedule/index"] < 4096
+    assert world.listener.messages == []
+
+
 @needs_strace
 def test_a_run_opens_only_the_due_entries(world):
     ids = queue_entries(world, n=40)

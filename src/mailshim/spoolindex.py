@@ -304,9 +304,13 @@ def _open_index(sp: IndexedSpool) -> tuple[BinaryIO, _Header] | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _Broken
-        head = _parse_header(f.readline(HEADER_BYTES + 1))
+        # The header alone (a fixed width): a caller that wants only it (a pass with nothing
+        # due, a wake) reads no row; one that wants the rows reads on from there.
+        line = os.pread(fd, HEADER_BYTES + 1, 0)
+        head = _parse_header(line) if line.endswith(b"\n") else None
         if head is None:
             raise _Broken
+        f.seek(len(line))
         # Whole: the trailer names the count of the header (a truncated file has none).
         tail = os.pread(fd, 64, max(0, st.st_size - 64))
         if not tail.endswith(f"\nend {head.count}\n".encode()):
@@ -522,7 +526,12 @@ def is_due(row: Row, now: float, force: bool = False) -> bool:
 
 
 def due(sp: IndexedSpool, now: float, force: bool = False) -> Iterator[Row]:
-    """The rows ``is_due`` selects."""
+    """The rows ``is_due`` selects. Not forced and nothing due by the header's soonest time:
+    no row is read (the cost of a pass with nothing due does not grow with the queue)."""
+    if not force:
+        _, live, best = totals(sp, now)
+        if live == 0 or best > now:
+            return
     for row in rows(sp, now):
         if is_due(row, now, force):
             yield row

@@ -13,12 +13,13 @@ grown, or rebuilds the index when it has grown too long to merge in flat memory.
 The index is never the only copy of anything: the entries and their state files are the
 truth, the pass still reads an entry's state before it tries it, and the index is rebuilt
 from them (``rebuild``) whenever it is missing, truncated or unparsable, older than
-``REBUILD_AFTER``, or ``queue/`` changed in a way no journal line accounts for (an entry
-added or removed by hand, or by a release without the index). ``state/``'s own time is not
-compared: other files live there (the monitoring counters, the agent's pid), rewritten at
-each pass; a state file changed by hand is seen at the next rebuild, and a pass reads the
-state of every entry it tries. A change to ``queue/`` behind the API's back in the same clock
-tick as a journalled one is also seen at the latest by the next rebuild.
+``REBUILD_AFTER``, written in another boot (a power cut can keep a change and lose its
+journal line, which is not fsynced), or ``queue/`` changed in a way no journal line accounts
+for (an entry added or removed by hand, or by a release without the index). ``state/``'s
+own time is not compared: other files live there (the monitoring counters, the agent's pid),
+rewritten at each pass; a state file changed by hand is seen at the next rebuild, and a pass
+reads the state of every entry it tries. A change to ``queue/`` behind the API's back in the
+same clock tick as a journalled one is also seen at the latest by the next rebuild.
 
 Trust: runs as the runner (root or the spool's owner) and as root's or the owner's
 ``sendmail`` (the journal); the system spool's ``state/`` is the runner's, 0700, and the
@@ -69,7 +70,8 @@ FOLDER = "schedule"  # state/schedule/: a folder of its own, so writing the inde
 INDEX = "index"
 JOURNAL = "journal"
 SWEPT = "swept"
-MAGIC = "MAILSHIM-SCHEDULE 1"
+MAGIC = "MAILSHIM-SCHEDULE 2"  # 2: the header names the boot it was written in
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 REBUILD_AFTER = 3600  # seconds: an index older than this is rebuilt from the entries
 SWEEP_EVERY = 3600  # seconds between the runners' looks at every name in state/ (sweep_due)
 COMPACT_LINES = 2048  # journal lines beyond which a reader folds them into the index
@@ -223,7 +225,7 @@ class Figures:
 
 
 class _Header:
-    __slots__ = ("built", "count", "figures", "live", "q", "s", "soonest")
+    __slots__ = ("boot", "built", "count", "figures", "live", "q", "s", "soonest")
 
     def __init__(self) -> None:
         self.built = 0
@@ -233,18 +235,20 @@ class _Header:
         self.s = 0
         self.soonest = 0  # the soonest due time of a row that is not held; NEVER when none
         self.figures = Figures()
+        self.boot = "-"
 
 
 def _parse_header(line: bytes) -> _Header | None:
     words = line.decode("ascii", "replace").split()
-    if len(words) != 8 + 3 * len(CLASSES) or " ".join(words[:2]) != MAGIC:
+    if len(words) != 9 + 3 * len(CLASSES) or " ".join(words[:2]) != MAGIC:
         return None
     head = _Header()
     try:
-        numbers = [int(w) for w in words[2:]]
+        numbers = [int(w) for w in words[2:-1]]
     except ValueError:
         return None
     head.built, head.count, head.live, head.q, head.s, head.soonest = numbers[:6]
+    head.boot = words[-1]
     for i, name in enumerate(CLASSES):
         head.figures.table[name] = numbers[6 + 3 * i : 9 + 3 * i]
     return head
@@ -335,10 +339,29 @@ def _read_journal(sp: IndexedSpool) -> _Journal:
     return journal
 
 
+_boot: list[str] = []
+
+
+def this_boot() -> str:
+    """The kernel's id of this boot ("-" where there is none): an index written in another
+    boot is rebuilt. The journal is appended after the change it records and not fsynced,
+    so a power cut can keep an entry's link into ``queue/`` and lose its line; the folder's
+    time then tells it only when the two fell in different clock ticks (issue 27)."""
+    if not _boot:
+        try:
+            with open(BOOT_ID, "rb") as f:
+                _boot.append(f.read(64).decode("ascii", "replace").strip().replace("-", "") or "-")
+        except OSError:
+            _boot.append("-")
+    return _boot[0]
+
+
 def _fresh(sp: IndexedSpool, head: _Header, journal: _Journal, now: float) -> bool:
     """The index and its journal account for every change to the folders."""
     if journal.too_long:
         return False
+    if head.boot != this_boot():
+        return False  # a power cut may have kept a change and lost its journal line
     if not 0 <= now - head.built < REBUILD_AFTER:
         return False
     recorded = journal.last if journal.last is not None else (head.q, head.s)
@@ -660,7 +683,9 @@ def _write(
                     best = min(best, when)
             out.write(f"end {count}\n".encode())
             out.flush()
-            head = f"{MAGIC} {int(now)} {count} {live} {q} {s} {best} {figures.words()}"
+            head = (
+                f"{MAGIC} {int(now)} {count} {live} {q} {s} {best} {figures.words()} {this_boot()}"
+            )
             os.pwrite(fd, head.encode().ljust(HEADER_BYTES) + b"\n", 0)
             os.fsync(fd)
         os.rename(tmp, INDEX, src_dir_fd=folder, dst_dir_fd=folder)

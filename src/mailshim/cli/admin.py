@@ -410,6 +410,9 @@ def _queue_action(
     cfg = _config(ctx)
     pairs = _targets(ctx, ids, all_) if sel is None else sel.queued(spoolchoice.known_spools(cfg))
     done = busy = woken = 0
+    # The spools the entries came from: a deletion's fsync of queue/ is owed by the object
+    # that removed the names (another Spool for the same folder has nothing to sync).
+    touched: dict[str, spool.Spool] = {}
     for target, qid in pairs:
         if dry_run:
             done += 1
@@ -424,6 +427,7 @@ def _queue_action(
                 continue
             locked = got
         if action == "delete":
+            touched[target.root] = target
             locked.remove()
         else:
             state = locked.state()
@@ -439,7 +443,7 @@ def _queue_action(
             locked.release()
         maillog.log(f"{qid}: {action} by uid {os.getuid()} (mailshim queue {action})")
         done += 1
-    for target in spoolchoice.known_spools(cfg):
+    for target in touched.values():
         target.sync(force=True)
     noun = f"entr{'y' if done == 1 else 'ies'}"
     if dry_run:

@@ -52,8 +52,10 @@ def spool_files(world: Env) -> list[str]:
     index): what was kept."""
     found = []
     for root, _dirs, files in os.walk(world.spool):
+        if os.path.basename(root) == "schedule":
+            continue  # the index, its journal and a rewrite's temp file
         skip = ("agent.lock", "agent.pid", "listener-size", "served")
-        skip += ("metrics", "metrics.lock", "summary.json", "index", "journal")
+        skip += ("metrics", "metrics.lock", "summary.json")
         found += [os.path.join(root, f) for f in files if f not in skip]
     return sorted(found)
 

@@ -87,9 +87,15 @@ def test_what_was_read_is_kept_for_live_entries_and_forgotten_when_they_leave(tm
     # entries in queue/ never change: a second pass trusts what the first one read
     size = os.path.getsize(one.path(ids_one[0]))
     assert fair._known[(one.queue, ids_one[0])] == (1, size)
+    # what queue statistics ask for: the size this process read, not the uid; by spool
+    assert fair.known_size(one, ids_one[0]) == size and size > 10
+    assert fair.known_size(two, ids_two[0]) == os.path.getsize(two.path(ids_two[0]))
+    assert fair.known_size(two, ids_one[0]) is None  # read in the other spool only
+    assert fair.known_size(one, spool.new_queue_id()) is None  # never read here
     # the first entry left the queue: it is forgotten, the other spool's are kept
     fair.order(one, ids_one[1:])
     assert (one.queue, ids_one[0]) not in fair._known
+    assert fair.known_size(one, ids_one[0]) is None
     assert (one.queue, ids_one[1]) in fair._known and (two.queue, ids_two[0]) in fair._known
 
 

@@ -14,6 +14,7 @@ from mailshim.address import (
     is_8bit_address,
     parse_address_list,
     qualify,
+    shown,
     split_address,
     unquote_local,
 )
@@ -911,3 +912,38 @@ def test_find_unqualified_points_at_the_end_of_each_bare_name():
     assert find_unqualified('"x y"') == [5]
     assert find_unqualified("<root>, bin") == [5, 11]
     assert find_unqualified("a@b") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("<a@b.example", "unterminated '<'"),
+        ("<@x.example a@b.example>", "source route without ':'"),
+        ("a@", "empty domain"),
+        ("a@b.", "domain ends with '.'"),
+        ("@b.example", "empty local part"),
+        ("a@b.example>", "unexpected '>'"),
+        ("a@b.example:", "unexpected ':'"),
+        ("foo bar", "words without '@' or '<>'"),
+        ("a\x01@b.example", "control character or invalid UTF-8 in an address"),
+    ],
+)
+def test_a_header_address_list_error_says_what_is_wrong(text, why):
+    """The reason is what the sender reads to fix the header: each problem its own words."""
+    with pytest.raises(DataError) as info:
+        parse_address_list(text)
+    assert info.value.message == f"cannot parse address list ({why}): {shown(text)}"
+
+
+@pytest.mark.parametrize(
+    ("addr", "why"),
+    [
+        ("a\x01@b.example", "bad local part"),
+        ('"a\x01"@b.example', "control character or invalid UTF-8"),
+        ("@b.example", "empty local part"),
+    ],
+)
+def test_an_envelope_address_error_says_what_is_wrong(addr, why):
+    with pytest.raises(DataError) as info:
+        check_envelope_address(addr)
+    assert info.value.message == f"invalid address: {shown(addr)} ({why})"

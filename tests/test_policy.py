@@ -441,3 +441,40 @@ def test_an_attempt_without_back_pressure_returns_none_and_keeps_the_throttle_co
         st.throttled = 2
         assert policy.record(st, replies, NOW) is None
         assert st.throttled == 2 and st.attempts == 0
+
+
+# --- waiting for the relay, not for the recipient (relay_wait, due_after_recovery) -------------
+
+
+@pytest.mark.parametrize(
+    ("replies", "relay_level", "waits"),
+    [
+        ({A: DOWN}, {A}, True),  # the relay refused the connection: only the relay is awaited
+        ({A: DOWN, B: DOWN}, {A, B}, True),
+        ({A: OK, B: DOWN}, {B}, True),  # one delivered, the other waits for the relay
+        ({A: LATER, B: DOWN}, {B}, False),  # A's own 4xx keeps the schedule for the entry
+        ({A: LATER}, set(), False),  # greylisting-like 4xx of the recipient
+        ({A: OK}, set(), False),  # nothing deferred: nothing waits
+        ({A: OK}, {A}, False),
+        ({A: NO}, {A}, False),  # a permanent failure is no wait at all
+        ({A: RATE}, {A}, False),  # back-pressure keeps its own short pause
+    ],
+)
+def test_relay_wait_only_when_every_deferral_is_the_relays(replies, relay_level, waits):
+    st = state()
+    policy.record(st, replies, NOW, relay_level=frozenset(relay_level))
+    assert st.relay_wait is waits
+    assert policy.due_after_recovery(st) is waits
+
+
+def test_a_later_attempt_clears_relay_wait_and_held_entries_never_go_early():
+    st = state()
+    policy.record(st, {A: DOWN}, NOW, relay_level=frozenset({A}))
+    assert st.relay_wait is True and policy.due_after_recovery(st) is True
+    st.held = True
+    assert policy.due_after_recovery(st) is False  # held by the administrator: stays
+    st.held = False
+    policy.record(st, {A: LATER}, NOW + 60)  # now the recipient's own deferral
+    assert st.relay_wait is False and policy.due_after_recovery(st) is False
+    st.relay_wait, st.held = False, True
+    assert policy.due_after_recovery(st) is False

@@ -6,8 +6,12 @@ tests/test_sealed_users.py.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import resource
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -312,11 +316,15 @@ def test_at_limit_lists_who_is_held_or_used_up(tmp_path):
     now = 1_800_000_000
     folder = tmp_path / "limits"
     lim = limiter(folder, messages=3, recipients=10)
-    lim._write(101, Usage(now, 3, 3))  # used up its messages
-    lim._write(102, Usage(now, 2, 3))  # one message left
-    lim._write(103, Usage(now, 1, 9, True))  # held for its recipients
-    lim._write(104, Usage(now - H, 3, 3, True))  # that window is over
-    lim._write(0, Usage(now, 3, 3, True))  # exempt
+    folder.mkdir(mode=0o700)
+    for uid, usage in (
+        (101, Usage(now, 3, 3)),  # used up its messages
+        (102, Usage(now, 2, 3)),  # one message left
+        (103, Usage(now, 1, 9, True)),  # held for its recipients
+        (104, Usage(now - H, 3, 3, True)),  # that window is over
+        (0, Usage(now, 3, 3, True)),  # exempt
+    ):
+        (folder / str(uid)).write_bytes(usage.encode())
     (folder / "notes").write_text("x")
     assert lim.at_limit(now + 1) == [(101, Usage(now, 3, 3)), (103, Usage(now, 1, 9, True))]
     assert limiter(tmp_path / "none").at_limit(now) == []
@@ -408,14 +416,24 @@ def queued(target: spool.Spool, uid: int) -> str:
     return w.queue_id
 
 
+def gate(lim: sendlimits.Limiter, target: spool.Spool, qid: str, now: float) -> bool:
+    """The runner's call: ``gate`` under the entry's lock, released after."""
+    locked = target.lock(qid)
+    assert locked is not None
+    try:
+        return sendlimits.gate(lim, locked, now)
+    finally:
+        locked.release()
+
+
 def test_gate_counts_first_attempts_and_holds_what_is_over(tmp_path):
     target = spool.Spool(str(tmp_path / "spool"))
     target.ensure()
     lim = limiter(tmp_path / "limits", messages=1, window=600)
     now = 1_800_000_000
     first, second = queued(target, 4242), queued(target, 4242)
-    assert sendlimits.gate(lim, target, first, now)
-    assert not sendlimits.gate(lim, target, second, now + 1)
+    assert gate(lim, target, first, now)
+    assert not gate(lim, target, second, now + 1)
     state = target.load_state(second)
     assert state.next_attempt == now + 600
     assert state.last_error == lim.why(4242, Usage(now, 1, 1, True), now + 600)
@@ -428,25 +446,210 @@ def test_gate_counts_first_attempts_and_holds_what_is_over(tmp_path):
     st.first_attempt = now - 5
     locked.save_state(st)
     locked.release()
-    assert sendlimits.gate(lim, target, tried, now + 2)
+    assert gate(lim, target, tried, now + 2)
 
 
-def test_gate_lets_the_attempt_deal_with_a_busy_or_damaged_entry(tmp_path):
+def test_gate_lets_the_attempt_deal_with_a_damaged_entry(tmp_path):
     target = spool.Spool(str(tmp_path / "spool"))
     target.ensure()
     lim = limiter(tmp_path / "limits", messages=1)
     now = 1_800_000_000
-    assert sendlimits.gate(lim, target, queued(target, 4242), now)  # uses the one message
-    busy = queued(target, 4242)
-    holder = target.lock(busy)
-    assert holder is not None
-    try:
-        assert sendlimits.gate(lim, target, busy, now)  # busy: skipped by the attempt too
-    finally:
-        holder.release()
-    broken = spool.new_queue_id()
-    (tmp_path / "spool" / "queue" / broken).write_bytes(b"not an entry")
-    assert sendlimits.gate(lim, target, broken, now)  # the attempt quarantines it
+    assert gate(lim, target, queued(target, 4242), now)  # uses the one message
     bad_state = queued(target, 4242)
     (tmp_path / "spool" / "state" / bad_state).write_bytes(b"not json")
-    assert sendlimits.gate(lim, target, bad_state, now)
+    assert gate(lim, target, bad_state, now)  # the attempt quarantines it
+
+
+# --- what the administrator reads: warnings in the journal ---------------------------------
+
+
+@pytest.fixture
+def journal(tmp_path, monkeypatch):
+    """A real datagram socket standing in for journald; ``lines()`` -> [(priority, message)]
+    of the entries sent to it so far (priority 4 is a warning, 5 a notice)."""
+    path = str(tmp_path / "journal.socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    monkeypatch.setenv("MAILSHIM_JOURNAL_SOCKET", path)
+    monkeypatch.delenv("MAILSHIM_NO_SYSLOG", raising=False)
+    got: list[tuple[str, str]] = []
+
+    def lines() -> list[tuple[str, str]]:
+        while True:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                return got
+            fields = dict(f.split("=", 1) for f in data.decode().splitlines() if "=" in f)
+            got.append((fields["PRIORITY"], fields["MESSAGE"]))
+
+    yield lines
+    sock.close()
+
+
+def test_the_first_refusal_of_a_window_is_a_warning_naming_the_entry(tmp_path, journal):
+    target = spool.Spool(str(tmp_path / "spool"))
+    target.ensure()
+    lim = limiter(tmp_path / "limits", messages=1)
+    now = 1_800_000_000
+    first, second, third = (queued(target, 4242) for _ in range(3))
+    assert gate(lim, target, first, now) and journal() == []
+    assert not gate(lim, target, second, now)
+    assert not gate(lim, target, third, now)  # one line per user per window
+    why = target.load_state(second).last_error
+    assert journal() == [("4", f"{second}: {why}; more of its mail waits")]
+
+
+def test_a_counter_folder_that_cannot_be_made_is_a_warning_and_the_message_goes(tmp_path, journal):
+    folder = tmp_path / "limits"
+    folder.write_text("not a folder")
+    verdict = limiter(folder, messages=1).admit(4242, 1, 1_800_000_000)
+    assert verdict.ok is True
+    [(priority, line)] = journal()
+    assert priority == "4" and line == f"limits: {folder / '4242'}: Not a directory; not counted"
+
+
+def test_a_counter_that_cannot_be_written_is_a_warning_and_the_message_goes(tmp_path, journal):
+    """A full disk or a file-size limit: the count is lost, never the message."""
+    lim = limiter(tmp_path / "limits", messages=1)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, old[1]))  # Python ignores SIGXFSZ: EFBIG
+    try:
+        verdict = lim.admit(4242, 1, 1_800_000_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+    assert verdict.ok is True
+    path = tmp_path / "limits" / "4242"
+    assert journal() == [("4", f"limits: {path}: File too large; not counted")]
+    assert path.read_bytes() == b""  # made, never written: the next message counts from zero
+    assert lim.admit(4242, 1, 1_800_000_000).ok and not lim.admit(4242, 1, 1_800_000_001).ok
+
+
+# --- a counter another runner holds (the daemon and a flush at once) ----------------------------
+
+
+def hold(path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def release_after(fd: int, seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, fcntl.flock, (fd, fcntl.LOCK_UN))
+    timer.start()
+    return timer
+
+
+def test_a_counter_another_runner_holds_for_a_moment_is_waited_for_and_counted(tmp_path):
+    lim = limiter(tmp_path / "limits", messages=5)
+    now = 1_800_000_000
+    assert lim.admit(4242, 1, now).ok
+    fd = hold(tmp_path / "limits" / "4242")
+    try:
+        timer = release_after(fd, 0.3)  # well within LOCK_WAIT (5 s)
+        assert lim.admit(4242, 1, now).ok
+        timer.join()
+    finally:
+        os.close(fd)
+    assert lim.usage(4242) == Usage(now, 2, 2)  # not lost: both messages counted
+
+
+def test_a_counter_that_stays_locked_is_waited_for_once_and_logged_once(
+    tmp_path, journal, monkeypatch
+):
+    """The runner account holding a counter's flock must not stall root's pass per message:
+    the message goes uncounted, one warning, and the next ones do not wait again."""
+    lim = limiter(tmp_path / "limits", messages=5)
+    now = 1_800_000_000
+    path = tmp_path / "limits" / "4242"
+    assert lim.admit(4242, 1, now).ok
+    stuck = ("4", f"limits: {path} stays locked; not counted")
+    fd = hold(path)
+    try:
+        monkeypatch.setattr(sendlimits, "LOCK_WAIT", 0.2)
+        for _ in range(3):
+            assert lim.admit(4242, 1, now).ok is True
+        assert lim.usage(4242) == Usage(now, 1, 1)  # nothing written while another holds it
+        assert journal() == [stuck]
+        # known to be held: not waited for, even when the holder lets go a moment later
+        monkeypatch.setattr(sendlimits, "LOCK_WAIT", 5.0)
+        timer = release_after(fd, 2.0)
+        assert lim.admit(4242, 1, now).ok
+        assert lim.usage(4242) == Usage(now, 1, 1)
+        timer.join()
+        # free again: counted, and forgotten as stuck, so a new hold is waited for and logged
+        assert lim.admit(4242, 1, now).ok and lim.usage(4242) == Usage(now, 2, 2)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        monkeypatch.setattr(sendlimits, "LOCK_WAIT", 0.2)
+        assert lim.admit(4242, 1, now).ok
+        assert journal() == [stuck, stuck]
+    finally:
+        os.close(fd)
+
+
+# --- counters and folders that are not what they should be -----------------------------------
+
+
+def test_a_hardlinked_counter_is_not_used(tmp_path, journal):
+    """A link to another file (a planted record, or a file of the runner's elsewhere) would
+    let whoever made it set someone's count."""
+    folder = tmp_path / "limits"
+    folder.mkdir(mode=0o700)
+    planted = Usage(1_800_000_000, 2, 2, True).encode()
+    (tmp_path / "elsewhere").write_bytes(planted)
+    os.link(tmp_path / "elsewhere", folder / "4242")
+    lim = limiter(folder, messages=2)
+    assert lim.usage(4242) == Usage()
+    assert lim.admit(4242, 1, 1_800_000_000).ok
+    assert (tmp_path / "elsewhere").read_bytes() == planted
+    assert journal() == [
+        ("4", f"limits: {folder / '4242'}: not a plain file with one link; not counted")
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file away")
+def test_a_counter_of_another_account_is_not_used(tmp_path, journal):
+    folder = tmp_path / "limits"
+    folder.mkdir(mode=0o700)
+    (folder / "4242").write_bytes(Usage(1_800_000_000, 2, 2, True).encode())
+    os.chown(folder / "4242", 4242, 4242)  # the counted user's own, say
+    lim = limiter(folder, messages=2)
+    assert lim.usage(4242) == Usage() and lim.at_limit(1_800_000_001) == []
+    assert lim.admit(4242, 1, 1_800_000_000).ok
+    assert journal() == [
+        ("4", f"limits: {folder / '4242'}: a file another account owns; not counted")
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file away")
+def test_root_keeps_counting_in_the_counters_it_gave_the_runner_user(tmp_path):
+    lim = sendlimits.Limiter(str(tmp_path / "limits"), 2, 0, H, frozenset({0}), (4343, 4444))
+    now = 1_800_000_000
+    assert lim.admit(4242, 1, now).ok and lim.admit(4242, 1, now).ok
+    assert (tmp_path / "limits" / "4242").stat().st_uid == 4343
+    assert lim.usage(4242) == Usage(now, 2, 2)
+    assert not lim.admit(4242, 1, now).ok
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder away")
+@pytest.mark.parametrize("owner", [None, (4343, 4444)])
+def test_a_limits_folder_another_account_controls_is_not_used(tmp_path, journal, owner):
+    """uid 1 (daemon) stands for any account that is neither root nor the spool's owner."""
+    folder = tmp_path / "limits"
+    folder.mkdir(mode=0o700)
+    (folder / "4242").write_bytes(Usage(1_800_000_000, 2, 2, True).encode())
+    os.chown(folder, 1, 1)
+    lim = sendlimits.Limiter(str(folder), 2, 0, H, frozenset({0}), owner)
+    assert lim.usage(4242) == Usage() and lim.at_limit(1_800_000_001) == []
+    assert lim.admit(4242, 1, 1_800_000_000).ok
+    why = "a folder another account controls"
+    assert journal() == [("4", f"limits: {folder / '4242'}: {why}; not counted")]
+
+
+def test_reading_the_counters_never_makes_the_folder(tmp_path):
+    """``mailshim check`` and ``mailq`` read the counters: they must not create state/limits
+    (as root, with the wrong owner) where the runner has not counted anything yet."""
+    lim = limiter(tmp_path / "limits")
+    assert lim.usage(4242) == Usage() and lim.at_limit(1_800_000_000) == []
+    assert not (tmp_path / "limits").exists()

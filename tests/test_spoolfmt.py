@@ -15,6 +15,7 @@ from mailshim.reply import Reply
 from mailshim.spoolfmt import Envelope, LineEnds, State
 
 QID = "0645F1A2B3C4DK3J9QXA"
+VIEW = "0645F1A2B3C5AK3J9QXB"  # another valid id: a drop entry's status/ view
 
 
 def entry(**kw) -> bytes:
@@ -181,7 +182,7 @@ def test_state_round_trip_with_every_field():
     state.attempts, state.throttled, state.first_attempt = 3, 2, 10
     state.last_attempt, state.next_attempt = 20, 30
     state.held, state.warned, state.last_error = True, True, "451 4.3.0 later"
-    state.bounce_id = QID
+    state.bounce_id, state.relay_wait, state.view = QID, True, VIEW
     state.done = {"a@x": Reply(250, "2.0.0 ok")}
     state.failed = {"b@x": Reply(550, "no")}
     state.pending = {"c@x": Reply(0, "timed out", kind="timeout")}
@@ -496,8 +497,9 @@ def test_the_state_file_is_one_line_of_sorted_ascii_json():
     assert set(data) == {
         "format", "attempts", "throttled", "first_attempt", "last_attempt", "next_attempt",
         "requeued", "held", "warned", "reported", "last_error", "bounce_id", "done", "failed",
-        "pending", "expired",
+        "pending", "expired", "relay_wait", "view",
     }  # fmt: skip
+    assert data["relay_wait"] is False and data["view"] == ""
     back = spoolfmt.decode_state(raw)
     assert back.expired == ["a@x", "b@x"] and back.reported and back.requeued == 9
 
@@ -526,6 +528,12 @@ def test_a_damaged_reply_names_its_field():
     raw = b'{"format": "MAILSHIM-STATE 2", "pending": {"a": {"code": 700, "text": ""}}}'
     with pytest.raises(DataError, match="state field pending: a reply's code is 0 or 200-599"):
         spoolfmt.decode_state(raw)
+
+
+def test_a_state_without_a_view_has_none_and_a_valid_one_is_kept():
+    assert spoolfmt.decode_state(b'{"format": "MAILSHIM-STATE 2"}').view == ""
+    raw = b'{"format": "MAILSHIM-STATE 2", "view": "%s"}' % VIEW.encode()
+    assert spoolfmt.decode_state(raw).view == VIEW
 
 
 def test_zero_is_a_valid_counter_and_an_empty_bounce_id_means_none():
@@ -748,6 +756,12 @@ def test_peek_uid_says_what_is_wrong():
             b'{"format": "MAILSHIM-STATE 2", "expired": [1]}',
             "state field expired is not a list of recipients",
         ),
+        # the view names a file in status/: only a queue id, never a path
+        (
+            b'{"format": "MAILSHIM-STATE 2", "view": "../../etc/x"}',
+            "state field view is not a queue id",
+        ),
+        (b'{"format": "MAILSHIM-STATE 2", "view": 5}', "state field view is not a queue id"),
     ],
 )
 def test_what_is_wrong_with_a_state_is_said(raw, message):

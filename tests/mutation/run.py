@@ -16,12 +16,16 @@ matches is not shown again; an entry that no longer matches anything is reported
 
 `--check` fails (exit 1) when a module scores below tests/mutation/scores.json; `--record` writes
 the scores measured now into that file, each with a digest of what it depends on (the module, the
-mailshim modules it imports, its test file, conftest.py, this runner, its equivalent entries);
-`--changed` measures only the modules whose digest differs (what CI runs: the scores are
-deterministic, so an unchanged module cannot have dropped).
+mailshim modules it imports, its test file, conftest.py, this runner's measurement settings, its
+equivalent entries); `--changed` measures only the modules whose digest differs (what CI runs:
+the scores are deterministic, so an unchanged module cannot have dropped); `--list` says which
+those are and why, and measures nothing.
+
+Any module with a tests/test_<module>.py can be measured (`--modules config`); the default is
+the pure modules and the configuration modules carved out of config.py (DEFAULT).
 
 Usage: python tests/mutation/run.py [--modules argv,fair] [--max-children 2] [--budget SECONDS]
-       [--check] [--record] [--changed] [--keep]
+       [--check] [--record] [--changed] [--list] [--keep]
 """
 
 from __future__ import annotations
@@ -44,6 +48,15 @@ ROOT = HERE.parents[1]
 EQUIVALENT = HERE / "equivalent.txt"
 SCORES = HERE / "scores.json"
 PURE = ("argv", "policy", "spoolfmt", "reply", "sendlimits", "address", "fair")
+# What `make mutation` and CI measure: the pure modules (issue 28: each at 90 % or more).
+# config and configload (carved by the split) are measured with MODULES=config,configload;
+# their recorded scores are low (their behaviour is tested through subprocesses, which the
+# mutated copy does not reach), so CI does not hold every change to them to those figures.
+DEFAULT = PURE
+# Bump when a change to this runner can change a score (what counts as killed, how mutmut is
+# set up, the score's formula): the digests then differ and every module is measured again.
+# Other changes (reports, options) leave the recorded scores standing.
+MEASUREMENT = 1
 
 # mutmut's exit codes (mutmut/stats.py status_by_exit_code), grouped the way the score reads them.
 KILLED = {1, 3, 36, 24, -24, 152, 255, 37, -11, -9}  # killed, timeout, type check, segfault
@@ -258,7 +271,7 @@ def table(results: list[Result]) -> None:
 
 def stale_entries(results: list[Result]) -> list[str]:
     """Listed equivalents of the measured modules that matched no survivor this run."""
-    measured = {r.module for r in results if not r.capped}
+    measured = {r.module for r in results if not r.capped and not r.error}
     seen = {(r.module, key) for r in results for key in r.equivalent}
     return [
         f"{module} {key}"
@@ -267,14 +280,24 @@ def stale_entries(results: list[Result]) -> list[str]:
     ]
 
 
+def measurement(module: str) -> str:
+    """This runner's part of a score's inputs: its settings, not its text (a new option or
+    report line must not send CI measuring every module again for 40 minutes)."""
+    pin = [
+        line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("MUTMUT =")
+    ]
+    verdicts = sorted(map(str, KILLED | NOT_RUN)), sorted(SURVIVED.items())
+    return f"{MEASUREMENT}\n{pin}\n{verdicts}\n{CONFTEST_TAIL}{mutmut_section(module)}"
+
+
 def inputs_digest(module: str) -> str:
     """What a module's score depends on: the module, the modules it imports from mailshim,
-    its test file, the shared fixtures, this runner and the module's equivalent entries.
-    Scores are deterministic (derandomized hypothesis), so the same inputs give the same
-    score; ``--changed`` measures only the modules whose inputs differ from the record."""
+    its test file, the shared fixtures, this runner's settings and the module's equivalent
+    entries. Scores are deterministic (derandomized hypothesis), so the same inputs give the
+    same score; ``--changed`` measures only the modules whose inputs differ from the record."""
     src = ROOT / "src" / "mailshim"
     files = [src / f"{module}.py", ROOT / "tests" / f"test_{module}.py"]
-    files += [ROOT / "tests" / "conftest.py", Path(__file__)]
+    files += [ROOT / "tests" / "conftest.py"]
     text = files[0].read_text()
     for line in text.splitlines():
         words = line.replace(",", " ").split()
@@ -285,7 +308,7 @@ def inputs_digest(module: str) -> str:
         else:
             continue
         files += [src / f"{n}.py" for n in names if (src / f"{n}.py").exists()]
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(measurement(module).encode())
     for path in sorted(set(files)):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     for (mod, key), why in sorted(read_equivalent().items()):
@@ -299,6 +322,8 @@ def settle(
 ) -> int:
     """Record the scores and/or compare them with the record; the exit status."""
     if record:
+        # read again: a run of other modules may have recorded theirs since this one started
+        recorded = json.loads(SCORES.read_text()) if SCORES.exists() else {}
         for r in results:
             if not r.error and not r.capped:
                 recorded[r.module] = {"score": round(r.score, 1), "inputs": inputs_digest(r.module)}
@@ -326,7 +351,9 @@ def settle(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--modules", default=",".join(PURE), help="comma-separated; default: all pure modules"
+        "--modules",
+        default=",".join(DEFAULT),
+        help=f"comma-separated; default: {','.join(DEFAULT)}",
     )
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--budget", type=float, help="seconds per module, then score what ran")
@@ -338,6 +365,11 @@ def main() -> int:
         action="store_true",
         help=f"only the modules whose inputs changed since {SCORES.name} was recorded",
     )
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="say which modules --changed would measure, and why; measure nothing",
+    )
     args = parser.parse_args()
     modules = [m.strip() for m in args.modules.replace(" ", ",").split(",") if m.strip()]
     for module in modules:
@@ -347,6 +379,15 @@ def main() -> int:
             parser.error(f"no test file tests/test_{module}.py for {module}")
 
     recorded = json.loads(SCORES.read_text()) if SCORES.exists() else {}
+    if args.list:
+        for module in modules:
+            if module not in recorded:
+                print(f"{module}: measured (no recorded score)")
+            elif recorded[module].get("inputs") != inputs_digest(module):
+                print(f"{module}: measured (changed since its {recorded[module]['score']} %)")
+            else:
+                print(f"{module}: unchanged ({recorded[module]['score']} %)")
+        return 0
     if args.changed:
         same = [m for m in modules if recorded.get(m, {}).get("inputs") == inputs_digest(m)]
         for module in same:

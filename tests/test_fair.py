@@ -116,3 +116,39 @@ def test_a_symlink_or_a_fifo_in_the_queue_is_unreadable_and_never_blocks(tmp_pat
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert got == [link, fifo, good]
+
+
+def _row(qid: str, uid: int, size: int, flags: str = "") -> tuple[str, int, int, int, str]:
+    return (qid, 0, uid, size, flags)
+
+
+def test_rows_that_cannot_be_read_come_first_and_root_takes_its_turn():
+    """An index row flagged unreadable ("x"), with no uid (-1) or with an id of the wrong
+    length goes first (the pass quarantines it); root's mail (uid 0) is ordinary mail."""
+    good = [f"{n:020d}" for n in range(4)]
+    rows = [
+        _row(good[0], 0, 100),  # root: a lane like any other
+        _row(good[1], 1000, 100, "x"),  # flagged unreadable, uid known
+        _row(good[2], -1, 100),  # no uid, not flagged
+        _row("SHORT", 1000, 100),  # not a queue id
+        _row(good[3], 1000, 100),
+    ]
+    assert list(fair.order(rows)) == [good[1], good[2], "SHORT", good[0], good[3]]
+
+
+def test_cost_is_the_size_and_a_big_entry_still_goes():
+    """Deficit round-robin in bytes: with 1 byte of credit a round, a 1-byte entry goes each
+    round and a 2-byte one every other round; an entry over 2 GiB is capped, not refused."""
+    a1, a2, b1 = "A" * 20, "B" * 20, "C" * 20
+    assert list(fair.order([_row(a1, 1, 1), _row(a2, 1, 1), _row(b1, 2, 2)], quantum=1)) == [
+        a1, a2, b1,
+    ]  # fmt: skip
+    huge = 3 * 2**30  # over 2**31: kept in an unsigned 4-byte cost
+    assert list(fair.order([_row(a1, 1, huge), _row(b1, 2, 10)])) == [b1, a1]
+
+
+def test_round_robin_keeps_ids_of_any_length_and_free_entries_go_at_once():
+    """The table's helper pads ids to one width and takes the padding off again; an entry
+    that costs nothing goes in the same turn as the one before it."""
+    assert fair.round_robin([("a", 1, 1), ("bbb", 2, 1)], 1) == ["a", "bbb"]
+    assert fair.round_robin([("a1", 1, 0), ("a2", 1, 0), ("b1", 2, 1)], 1) == ["a1", "a2", "b1"]

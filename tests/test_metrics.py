@@ -60,6 +60,30 @@ def sample(samples, name: str, **labels: str) -> float:
     return found[0]
 
 
+def scrape(exporter: str, folder) -> tuple[str, bytes]:
+    """Start a real node_exporter on ``folder``'s textfiles, scrape it once: (body, stderr)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [exporter, f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
+         "--collector.textfile", f"--collector.textfile.directory={folder}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                    body = resp.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no node_exporter"
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    return body, err
+
+
 def mixed_traffic(world: Env) -> None:
     """Three entries: one delivered, one refused for good (bounced), one deferred."""
     world.listener.handler.rcpt_replies = {
@@ -144,25 +168,7 @@ def test_node_exporter_scrapes_the_textfile(mworld: Env, tmp_path):
     prom = mworld.textfile / "mailshim.prom"  # type: ignore[attr-defined]
     assert stat.S_IMODE(prom.stat().st_mode) == 0o644
     assert sorted(os.listdir(mworld.textfile)) == ["mailshim.prom"]  # no temp file left
-    port = free_port()
-    proc = subprocess.Popen(
-        [exporter, f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
-         "--collector.textfile", f"--collector.textfile.directory={mworld.textfile}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                    body = resp.read().decode()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "no node_exporter"
-                time.sleep(0.1)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    body, _err = scrape(exporter, mworld.textfile)  # type: ignore[attr-defined]
     samples = parse(body)
     assert sample(samples, "node_textfile_scrape_error") == 0
     spool = str(mworld.spool)
@@ -191,25 +197,7 @@ def test_two_spools_textfiles_side_by_side_share_no_series(mworld: Env, listener
     folder.mkdir()
     (folder / "mailshim.prom").write_text(texts[0])
     (folder / "mailshim-uid1000.prom").write_text(texts[1])
-    port = free_port()
-    proc = subprocess.Popen(
-        [exporter, f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
-         "--collector.textfile", f"--collector.textfile.directory={folder}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                    body = resp.read().decode()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "no node_exporter"
-                time.sleep(0.1)
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
+    body, err = scrape(exporter, folder)
     samples = parse(body)
     assert sample(samples, "node_textfile_scrape_error") == 0
     assert b"collected before" not in err, err.decode()

@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 SCHEMA = 1
 TEXTFILE = "mailshim.prom"
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _said: dict[str, str] = {}  # what after_pass last logged per spool: logged again only on change
 
 
@@ -165,28 +163,9 @@ def textfile_name(config: Config, target: Spool) -> str:
 
 def write_textfile(folder: str, name: str, text: str) -> str:
     """Put ``text`` in ``folder/name`` (temp + rename, mode 0644); "" or why it was not."""
-    path = os.path.join(folder, name)
-    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}"  # not *.prom: the collector skips it
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
-    except OSError as exc:
-        return f"{folder}: {exc.strerror}"
-    try:
-        try:
-            os.fchmod(fd, 0o644)
-            data = text.encode()
-            while data:
-                data = data[os.write(fd, data) :]
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        return f"{path}: {exc.strerror}"
-    return ""
+    from mailshim import paths
+
+    return paths.publish_file(os.path.join(folder, name), text.encode(), 0o644)
 
 
 def collect(target: Spool, now: float, counters: Counters | None = None) -> Snapshot:

@@ -83,6 +83,35 @@ def fqdn() -> str:
     return _fqdn
 
 
+def publish_file(path: str, data: bytes, mode: int) -> str:
+    """Put ``data`` at ``path`` whole for other accounts to read (a metrics textfile, the
+    monitoring summary): a fresh temp name with 64 random bits beside it (O_EXCL, never
+    following a link; not ``*.prom``, which node_exporter would read half-written), ``mode``
+    set whatever the umask, renamed over ``path``. "" or the reason it was not written, with
+    nothing left behind."""
+    tmp = f"{path}.{os.urandom(8).hex()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode)
+    except OSError as exc:
+        return f"{os.path.dirname(path)}: {exc.strerror}"
+    try:
+        try:
+            os.fchmod(fd, mode)
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return f"{path}: {exc.strerror}"
+    return ""
+
+
 def replace_file(path: str, data: bytes, mode: int) -> bool:
     """Put ``data`` at ``path`` whole: written to a fresh ``<path>.<pid>.tmp`` (O_EXCL,
     never following a link) and renamed over ``path``. False, with nothing left behind,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import stat
 
-from mailshim import spoolfmt
+from mailshim import paths, spoolfmt
 from mailshim.errors import NoInputError
 
 TYPE_CHECKING = False
@@ -186,26 +186,8 @@ def publish(target: Spool, snap: Snapshot) -> str:
     if not stat.S_ISDIR(st.st_mode):
         return f"{folder} is not a folder"
     data = json.dumps(summary_json(snap), sort_keys=True).encode() + b"\n"
-    path = os.path.join(folder, SUMMARY)
-    tmp = f"{path}.{os.urandom(8).hex()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
-    except OSError as exc:
-        return f"{folder}: {exc.strerror}"
-    try:
-        try:
-            os.fchmod(fd, 0o644)  # whatever the umask: the monitoring user reads it
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        return f"{path}: {exc.strerror}"
-    return ""
+    # the monitoring user reads it, whatever the umask
+    return paths.publish_file(os.path.join(folder, SUMMARY), data, 0o644)
 
 
 class Summary:

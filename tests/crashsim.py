@@ -77,13 +77,13 @@ META = {
 NAMES = {"create", "mkdir", "symlink", "link", "unlink", "rmdir", "rename"}
 
 
-@dataclass
 class Unmodelled(Exception):
     """A workload made a call the crash model does not cover (a copy_file_range, a
     fallocate, a mknod inside its folder): the trace cannot be turned into crash states, and
     the test fails naming the call rather than check states that miss what it did."""
 
 
+@dataclass
 class Op:
     kind: str  # create mkdir symlink link unlink rmdir rename write trunc chmod chown fsync
     ino: int
